@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch pinned first: the CPU wheel comes from the local folder, no CUDA download.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]' torch==2.13.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow -n 2 --dist loadgroup
+
+demo: $(STAMP)
+	$(BIN)/python -m distill run recipes/toyworld.yaml
+	$(BIN)/python -m distill run recipes/toyworld_lora4.yaml
+	$(BIN)/python -m distill run recipes/toyworld_pruned.yaml
+	$(BIN)/python -m distill eval recipes/toyworld.yaml
+
+clean:
+	rm -rf $(VENV) outputs
