@@ -1,0 +1,61 @@
+"""Student section of a recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+LORA_TARGETS = [
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ffn.net.0.proj", "ffn.net.2",
+]
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    name: str
+    """Folder name under `<output_dir>/students/`; also the key in the eval report."""
+    kind: Literal["lora", "pruned", "full", "causal"]
+    """`lora`: peft adapter on the teacher's transformer; `pruned`: a copy with `keep_blocks` only;
+    `full`: a full copy fine-tuned; `causal`: block-causal Wan with a KV cache."""
+    init: str | None = None
+    """A `WanTransformer3DModel` folder to start from; None copies the teacher's (high-noise) transformer."""
+    keep_blocks: list[int] | None = None
+    """Pruned students: teacher block indices to copy, in order (BK-SDM style). None keeps all."""
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """peft target modules (suffixes inside each Wan block)."""
+    experts: int = 1
+    """Timestep experts: one LoRA / pruned student per σ interval; 1 means a single student."""
+    expert_boundaries: list[float] = field(default_factory=list)
+    """σ boundaries between experts, descending, `experts - 1` values in (0, 1); expert 0 serves σ above the
+    first boundary (high noise), as Wan2.2's `transformer` does above `boundary_ratio`."""
+    denoising_steps: list[int] = field(default_factory=list)
+    """Few-step students: explicit timesteps, e.g. [1000, 750, 500, 250]. Empty: the teacher's sampler."""
+    warp_denoising_steps: bool = True
+    """Warp `denoising_steps` through the teacher's shift (Self-Forcing's warp_denoising_step)."""
+    guidance_scale: float = 1.0
+    """CFG used when sampling the student (1.0: none, the usual for distilled few-step students)."""
+    num_inference_steps: int | None = None
+    """Multi-step students without `denoising_steps`: sampler steps (None: the teacher's)."""
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name: must be a plain folder name, got {self.name!r}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank: must be >= 1, got {self.lora_rank}")
+        if self.experts < 1:
+            raise ValueError(f"experts: must be >= 1, got {self.experts}")
+        b = self.expert_boundaries
+        if len(b) != self.experts - 1:
+            raise ValueError(f"expert_boundaries: {self.experts} experts need {self.experts - 1} boundaries, got {b}")
+        if any(not 0.0 < x < 1.0 for x in b) or sorted(b, reverse=True) != b or len(set(b)) != len(b):
+            raise ValueError(f"expert_boundaries: must be strictly descending values in (0, 1), got {b}")
+        if any(not 0 < t <= 1000 for t in self.denoising_steps):
+            raise ValueError(f"denoising_steps: timesteps must lie in (0, 1000], got {self.denoising_steps}")
+        if sorted(self.denoising_steps, reverse=True) != self.denoising_steps:
+            raise ValueError(f"denoising_steps: must be descending, got {self.denoising_steps}")
+        if self.keep_blocks is not None and (not self.keep_blocks or min(self.keep_blocks) < 0):
+            raise ValueError(f"keep_blocks: must be a non-empty list of block indices >= 0, got {self.keep_blocks}")

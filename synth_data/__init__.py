@@ -1,0 +1,1 @@
+"""Prompts -> teacher samples -> dataset: the synthetic data stage."""
