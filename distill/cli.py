@@ -1,0 +1,114 @@
+"""`python -m distill STAGE RECIPE.yaml [dotted.key=value ...] [--dry-run]` (frozen; also under
+`accelerate launch -m distill ...`). A new option is a recipe key, never a flag."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from distill.config import Recipe, load_recipe
+from distill.recipe_loader import RecipeError
+
+logger = logging.getLogger("distill")
+
+STAGES = ("compose", "generate", "push", "train", "export", "eval", "run")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("recipe", help="a recipe YAML, e.g. recipes/toyworld.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. data.num_prompts=8")
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe, print it resolved, and exit")
+    return p.parse_args(argv)
+
+
+def stage_compose(recipe: Recipe) -> None:
+    from synth_data.compose_stage import compose_stage
+
+    compose_stage(recipe)
+
+
+def stage_generate(recipe: Recipe) -> None:
+    from distill.accel import make_accelerator
+    from synth_data.generate import generate
+
+    generate(recipe, make_accelerator())
+
+
+def stage_push(recipe: Recipe) -> None:
+    from synth_data.push import push
+
+    logger.info("pushed to %s", push(recipe))
+
+
+def stage_train(recipe: Recipe) -> None:
+    from distill.accel import make_accelerator
+    from distill.trainer import train
+
+    _need_student(recipe, "train")
+    train(recipe, make_accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+    ))
+
+
+def stage_export(recipe: Recipe) -> None:
+    from distill.export_stage import export_stage
+
+    _need_student(recipe, "export")
+    export_stage(recipe)
+
+
+def stage_eval(recipe: Recipe) -> None:
+    from distill.eval import evaluate
+
+    evaluate(recipe)
+
+
+def _need_student(recipe: Recipe, stage: str) -> None:
+    if recipe.student is None:
+        raise RecipeError(f"{recipe.source}: `{stage}` needs a student recipe (with `student` and `method` sections)")
+
+
+def stage_run(recipe: Recipe) -> None:
+    """Chain the stages; each one skips itself when its outputs are already complete."""
+    from synth_data.generate import is_complete
+
+    stage_compose(recipe)
+    if is_complete(recipe.out / "dataset"):
+        logger.info("generate: %s is complete, skipping", recipe.out / "dataset")
+    else:
+        stage_generate(recipe)
+    if recipe.student is not None:
+        if (recipe.student_dir() / "final" / "COMPLETE").exists():
+            logger.info("train: %s is complete, skipping", recipe.student_dir() / "final")
+        else:
+            stage_train(recipe)
+        stage_export(recipe)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Log on rank 0 only (accelerate sets RANK for every process it launches).
+    rank0 = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(recipe.to_yaml(), end="")
+        return 0
+    stage = globals()[f"stage_{args.stage}"]
+    try:
+        stage(recipe)
+    except (RecipeError, ValueError, FileNotFoundError) as e:
+        logger.debug("stage failed", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,523 @@
+"""Seeded, balanced prompt composer: vocabulary YAML -> `prompts.jsonl` rows.
+
+A vocabulary gives each slot (subject, clothing, props, action, background, ...) a list of values
+with optional weights, plus `str.format` templates, exclusions and a negative prompt:
+
+    name: wan
+    slots:
+      subject: [an elderly woman, a toddler]
+      clothing:
+        - {value: a yellow raincoat, weight: 2.0}
+        - a red knitted scarf
+    templates:
+      - "{subject} wearing {clothing}"
+    exclusions:
+      - {subject: a toddler, clothing: a yellow raincoat}
+    negative_prompt: "blurry, low quality"
+
+`compose` turns it into rows `{"index": i, "prompt": str, "slots": {slot: value}, "seed": s_i}`.
+Rows depend only on (vocabulary, n, seed), never on the process count, and
+`s_i = derive_seed(seed, i)`, so generation can split indices across any number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import string
+import tempfile
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+MODES = ("balanced", "random")
+ROW_KEYS = ("index", "prompt", "slots", "seed")
+_TOP_LEVEL_KEYS = ("name", "slots", "templates", "exclusions", "negative_prompt")
+_SEED_MASK = (1 << 63) - 1
+_MAX_BALANCE_ROUNDS = 40
+_MAX_REJECTIONS = 10_000
+
+
+@dataclass(kw_only=True)
+class Vocabulary:
+    """A slot grammar for prompts. Checked on construction; errors start with `source`."""
+
+    name: str
+    """Short name, e.g. `wan` or `toyworld`."""
+    slots: dict[str, list[str]]
+    """Ordered slot -> distinct values. Slot names must be Python identifiers (template fields)."""
+    weights: dict[str, list[float]] = field(default_factory=dict)
+    """Slot -> one weight > 0 per value; a slot left out gets uniform weights (filled in here)."""
+    templates: list[str]
+    """`str.format` templates; every template uses every slot. The first letter is capitalised."""
+    exclusions: list[dict[str, str]] = field(default_factory=list)
+    """Partial assignments {slot: value, ...} that never occur together in one prompt."""
+    negative_prompt: str = ""
+    """Negative prompt the teacher uses with classifier-free guidance."""
+    source: str = "<vocabulary>"
+    """Where it came from (the YAML path); prefixes every error message."""
+
+    def __post_init__(self) -> None:
+        where = self.source
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"{where}: name: expected a non-empty string, got {self.name!r}")
+        if not isinstance(self.slots, dict) or not self.slots:
+            raise ValueError(f"{where}: slots: no slots; give at least one slot with values")
+        for slot, values in self.slots.items():
+            _check_slot(where, slot, values)
+        for slot in self.weights:
+            if slot not in self.slots:
+                raise ValueError(f"{where}: weights.{slot}: unknown slot; slots are {', '.join(self.slots)}")
+        for slot, values in self.slots.items():
+            weights = self.weights.setdefault(slot, [1.0] * len(values))
+            if len(weights) != len(values):
+                raise ValueError(f"{where}: weights.{slot}: {len(weights)} weights for {len(values)} values")
+            for value, w in zip(values, weights):
+                _check_weight(f"{where}: slots.{slot}: {value!r}", w)
+        if not isinstance(self.templates, list) or not self.templates:
+            raise ValueError(f"{where}: templates: no templates; give at least one, e.g. \"{{subject}} ...\"")
+        for i, template in enumerate(self.templates):
+            _check_template(f"{where}: templates[{i}]", template, list(self.slots))
+        if not isinstance(self.exclusions, list):
+            raise ValueError(f"{where}: exclusions: expected a list of {{slot: value}} mappings")
+        for i, excl in enumerate(self.exclusions):
+            _check_exclusion(f"{where}: exclusions[{i}]", excl, self.slots)
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"{where}: negative_prompt: expected a string, got {self.negative_prompt!r}")
+        for slot, values in self.slots.items():
+            for value in values:
+                if not _has_completion(self.slots, self.exclusions, {slot: value}):
+                    raise ValueError(
+                        f"{where}: exclusions: slot {slot!r} value {value!r} can never be used; "
+                        "remove or narrow an exclusion"
+                    )
+
+
+def _check_slot(where: str, slot: object, values: object) -> None:
+    if not isinstance(slot, str) or not slot.isidentifier():
+        raise ValueError(f"{where}: slots.{slot}: slot names must be identifiers (letters, digits, _)")
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{where}: slots.{slot}: no values; give at least one")
+    seen = set()
+    for value in values:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}: slots.{slot}: expected non-empty strings, got {value!r}")
+        if value in seen:
+            raise ValueError(f"{where}: slots.{slot}: duplicate value {value!r}; list each value once")
+        seen.add(value)
+
+
+def _check_weight(where: str, weight: object) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ValueError(f"{where}: weight must be a number > 0, got {weight!r}")
+    if not math.isfinite(weight) or weight <= 0:
+        raise ValueError(f"{where}: weight must be > 0, got {weight!r}")
+
+
+def _check_template(where: str, template: object, slots: list[str]) -> None:
+    if not isinstance(template, str):
+        raise ValueError(f"{where}: expected a string, got {template!r}")
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"{where}: bad braces ({err}); use {{slot}} fields, {{{{ }}}} for a literal brace") from None
+    used = set()
+    for _, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if name not in slots:
+            raise ValueError(f"{where}: unknown slot {{{name}}}; slots are {', '.join(slots)}")
+        if spec or conversion:
+            raise ValueError(f"{where}: field {{{name}}} has a conversion or format spec; write plain {{{name}}}")
+        used.add(name)
+    missing = [s for s in slots if s not in used]
+    if missing:
+        raise ValueError(f"{where}: missing slot {{{missing[0]}}}; every template must use every slot")
+
+
+def _check_exclusion(where: str, excl: object, slots: dict[str, list[str]]) -> None:
+    if not isinstance(excl, dict) or not excl:
+        raise ValueError(f"{where}: expected a non-empty {{slot: value}} mapping, got {excl!r}")
+    for slot, value in excl.items():
+        if slot not in slots:
+            raise ValueError(f"{where}: unknown slot {slot!r}; slots are {', '.join(slots)}")
+        if value not in slots[slot]:
+            raise ValueError(f"{where}: {slot}: unknown value {value!r}; copy it exactly from slots.{slot}")
+
+
+def _has_completion(slots: dict[str, list[str]], exclusions: list[dict[str, str]], partial: dict) -> bool:
+    """Backtracking search: can `partial` be extended to a full assignment that breaks no exclusion?"""
+
+    def violates(assign: dict) -> bool:
+        return any(all(assign.get(s) == v for s, v in e.items()) for e in exclusions)
+
+    if violates(partial):
+        return False
+    free = [s for s in slots if s not in partial]
+    if not free:
+        return True
+    slot = free[0]
+    return any(_has_completion(slots, exclusions, {**partial, slot: v}) for v in slots[slot])
+
+
+def load_vocabulary(path: str | os.PathLike) -> Vocabulary:
+    """Read and check a vocabulary YAML (format in the module docstring)."""
+    where = str(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{where}: vocabulary file not found; pass the path of a vocabulary YAML, "
+            "e.g. synth_data/vocab/wan.yaml"
+        )
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping with keys {', '.join(_TOP_LEVEL_KEYS)}")
+    for key in raw:
+        if key not in _TOP_LEVEL_KEYS:
+            raise ValueError(f"{where}: {key}: unknown key; allowed keys are {', '.join(_TOP_LEVEL_KEYS)}")
+    for key in ("name", "slots", "templates"):
+        if key not in raw:
+            raise ValueError(f"{where}: {key}: missing required key")
+    if not isinstance(raw["slots"], dict) or not raw["slots"]:
+        raise ValueError(f"{where}: slots: expected a mapping slot -> list of values")
+    slots: dict[str, list[str]] = {}
+    weights: dict[str, list[float]] = {}
+    for slot, items in raw["slots"].items():
+        if not isinstance(items, list) or not items:
+            raise ValueError(f"{where}: slots.{slot}: no values; give at least one")
+        slots[slot], weights[slot] = [], []
+        for item in items:
+            value, weight = item, 1.0
+            if isinstance(item, dict):
+                unknown = set(item) - {"value", "weight"}
+                if unknown or "value" not in item:
+                    raise ValueError(
+                        f"{where}: slots.{slot}: item {item!r} must be a string or {{value: str, weight: float}}"
+                    )
+                value, weight = item["value"], item.get("weight", 1.0)
+            slots[slot].append(value)
+            weights[slot].append(weight)
+    exclusions = raw.get("exclusions") or []
+    return Vocabulary(
+        name=raw["name"],
+        slots=slots,
+        weights=weights,
+        templates=raw["templates"],
+        exclusions=exclusions,
+        negative_prompt=raw.get("negative_prompt", ""),
+        source=where,
+    )
+
+
+def derive_seed(global_seed: int, index: int) -> int:
+    """Per-sample seed: first 8 bytes (big-endian) of sha256(f"{global_seed}:{index}"), masked to 63 bits.
+
+    Stable across Python versions, platforms and process counts; fits int64 and
+    `torch.Generator.manual_seed`.
+    """
+    for key, v in (("global_seed", global_seed), ("index", index)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"derive_seed: {key} must be an int, got {v!r}")
+    digest = hashlib.sha256(f"{global_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & _SEED_MASK
+
+
+def compose(vocab: Vocabulary, num_prompts: int, seed: int, mode: str = "balanced") -> list[dict]:
+    """Compose `num_prompts` rows `{index, prompt, slots, seed}`, deterministic from (vocab, n, seed).
+
+    `balanced`: every slot value occurs within ±1 of n·w/Σw times (uniform weights: floor or ceil
+    of n/k), value pairs across slots are spread evenly, templates are balanced, exclusions hold.
+    `random`: i.i.d. weighted draws; excluded combinations are redrawn.
+    """
+    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
+        raise ValueError(f"data.num_prompts: must be an int >= 1, got {num_prompts!r}")
+    if mode not in MODES:
+        raise ValueError(f"data.mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    rng = random.Random(derive_seed(seed, -1 if mode == "balanced" else -2))
+    slots = list(vocab.slots)
+    if mode == "balanced":
+        cols, template_col = _compose_balanced(vocab, num_prompts, rng)
+    else:
+        cols, template_col = _compose_random(vocab, num_prompts, rng)
+    rows = []
+    for i in range(num_prompts):
+        assign = {s: vocab.slots[s][cols[k][i]] for k, s in enumerate(slots)}
+        prompt = vocab.templates[template_col[i]].format(**assign)
+        rows.append({"index": i, "prompt": prompt[:1].upper() + prompt[1:], "slots": assign,
+                     "seed": derive_seed(seed, i)})
+    return rows
+
+
+def _balanced_counts(n: int, weights: list[float], rng: random.Random) -> list[int]:
+    """Largest-remainder apportionment of n over weights; ties broken by a seeded shuffle."""
+    total = sum(weights)
+    quotas = [n * w / total for w in weights]
+    counts = [math.floor(q) for q in quotas]
+    order = list(range(len(weights)))
+    rng.shuffle(order)
+    order.sort(key=lambda j: counts[j] - quotas[j])  # stable: largest remainder first
+    for j in order[: n - sum(counts)]:
+        counts[j] += 1
+    return counts
+
+
+def _balanced_column(n: int, weights: list[float], rng: random.Random) -> list[int]:
+    counts = _balanced_counts(n, weights, rng)
+    col = [j for j, c in enumerate(counts) for _ in range(c)]
+    rng.shuffle(col)
+    return col
+
+
+def _exclusion_index(vocab: Vocabulary) -> dict[tuple[int, int], list[tuple[tuple[int, int], ...]]]:
+    """(slot index, value index) -> the exclusions containing it, each as ((slot, value), ...)."""
+    slots = list(vocab.slots)
+    index: dict[tuple[int, int], list] = {}
+    for excl in vocab.exclusions:
+        items = tuple((slots.index(s), vocab.slots[s].index(v)) for s, v in excl.items())
+        for item in items:
+            index.setdefault(item, []).append(items)
+    return index
+
+
+def _compose_balanced(vocab: Vocabulary, n: int, rng: random.Random) -> tuple[list[list[int]], list[int]]:
+    slot_names = list(vocab.slots)
+    cols = [_balanced_column(n, vocab.weights[s], rng) for s in slot_names]
+    template_col = _balanced_column(n, [1.0] * len(vocab.templates), rng)
+    excl = _exclusion_index(vocab)
+
+    def ok(r: int, s: int, v: int) -> bool:  # would row r be free of exclusions with slot s set to v?
+        return all(any(cols[t][r] != u for t, u in e if t != s) for e in excl.get((s, v), ()))
+
+    _repair_exclusions(cols, excl, ok, rng, vocab)
+    _balance_pairs(cols, [len(vocab.slots[s]) for s in slot_names], ok, rng)
+    return cols, template_col
+
+
+def _repair_exclusions(cols, excl, ok, rng: random.Random, vocab: Vocabulary) -> None:
+    """Swap values within a column until no row matches an exclusion; counts are unchanged."""
+    n = len(cols[0])
+    for r in range(n):
+        while True:
+            broken = next((e for s, c in enumerate(cols) for e in excl.get((s, c[r]), ()) if not ok(r, s, c[r])), None)
+            if broken is None:
+                break
+            for s, _ in sorted(broken, key=lambda _: rng.random()):
+                col, start = cols[s], rng.randrange(n)
+                j = next((j for j in (*range(start, n), *range(start)) if col[j] != col[r]
+                          and ok(r, s, col[j]) and ok(j, s, col[r])), None)
+                if j is not None:
+                    col[r], col[j] = col[j], col[r]
+                    break
+            else:
+                names = list(vocab.slots)
+                combo = {names[s]: vocab.slots[names[s]][v] for s, v in broken}
+                raise ValueError(
+                    f"{vocab.source}: exclusions: cannot place {n} balanced prompts without {combo}; "
+                    "relax exclusions or weights, or use data.mode=random"
+                )
+
+
+def _balance_pairs(cols: list[list[int]], sizes: list[int], ok, rng: random.Random) -> None:
+    """Seeded greedy swap pass that evens out the counts of value pairs across slots.
+
+    Objective: Σ over slot pairs (s, t) and value pairs (x, u) of (C[x, u] - E[x, u])², where C
+    counts rows with s=x and t=u and E = count_s(x)·count_t(u)/n. A move swaps two rows' values
+    inside one column, so per-value counts never change. For rows i, j with s-values x, y and
+    t-values p != q, swapping changes the objective by 4 + 2(D[y,p] + D[x,q] - D[x,p] - D[y,q]),
+    D = C - E; improving moves that keep exclusions are applied. Stops when a round finds none.
+    """
+    n, k = len(cols[0]), len(cols)
+    if k < 2 or n < 2:
+        return
+    counts = [[0] * m for m in sizes]
+    for s, c in enumerate(cols):
+        for v in c:
+            counts[s][v] += 1
+    dev = {}  # (s, t) -> D as nested lists, both orientations, kept in sync
+    for s, t in combinations(range(k), 2):
+        d = [[-counts[s][x] * counts[t][u] / n for u in range(sizes[t])] for x in range(sizes[s])]
+        for x, u in zip(cols[s], cols[t]):
+            d[x][u] += 1
+        dev[s, t] = d
+        dev[t, s] = [list(row) for row in zip(*d)]
+    others = [[(t, dev[s, t], dev[t, s], cols[t]) for t in range(k) if t != s] for s in range(k)]
+    for _ in tqdm(range(_MAX_BALANCE_ROUNDS), desc="balancing prompt pairs", leave=False, disable=n < 20_000):
+        moves = 0
+        for s in rng.sample(range(k), k):
+            col, other = cols[s], others[s]
+            for i in rng.sample(range(n), n):
+                j = rng.randrange(n)
+                x, y = col[i], col[j]
+                if x == y:
+                    continue
+                delta = 0.0
+                for _, d, _, ct in other:
+                    p, q = ct[i], ct[j]
+                    if p != q:
+                        dx, dy = d[x], d[y]
+                        delta += 4 + 2 * (dy[p] + dx[q] - dx[p] - dy[q])
+                if delta >= -1e-9 or not (ok(i, s, y) and ok(j, s, x)):
+                    continue
+                col[i], col[j] = y, x
+                moves += 1
+                for _, d, dt, ct in other:
+                    p, q = ct[i], ct[j]
+                    if p != q:
+                        d[x][p] -= 1; d[y][q] -= 1; d[y][p] += 1; d[x][q] += 1  # noqa: E702
+                        dt[p][x] -= 1; dt[q][y] -= 1; dt[p][y] += 1; dt[q][x] += 1  # noqa: E702
+        if moves == 0:
+            break
+
+
+def _compose_random(vocab: Vocabulary, n: int, rng: random.Random) -> tuple[list[list[int]], list[int]]:
+    slot_names = list(vocab.slots)
+    cum = []
+    for s in slot_names:
+        acc, c = 0.0, []
+        for w in vocab.weights[s]:
+            acc += w
+            c.append(acc)
+        cum.append(c)
+    excl = _exclusion_index(vocab)
+    cols: list[list[int]] = [[] for _ in slot_names]
+    template_col = []
+    for i in range(n):
+        for _ in range(_MAX_REJECTIONS):
+            draw = [rng.choices(range(len(c)), cum_weights=c)[0] for c in cum]
+            if not any(all(draw[t] == u for t, u in e) for s, v in enumerate(draw) for e in excl.get((s, v), ())):
+                break
+        else:
+            raise ValueError(f"{vocab.source}: exclusions: rejected {_MAX_REJECTIONS} random draws; relax exclusions")
+        for s, v in enumerate(draw):
+            cols[s].append(v)
+        template_col.append(rng.randrange(len(vocab.templates)))
+    return cols, template_col
+
+
+def _check_row(row: object, expected_index: int) -> str | None:
+    """What is wrong with one prompt row, or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    missing = [key for key in ROW_KEYS if key not in row]
+    if missing:
+        return f"missing key {missing[0]!r}; rows need {', '.join(ROW_KEYS)}"
+    unknown = [key for key in row if key not in ROW_KEYS]
+    if unknown:
+        return f"unknown key {unknown[0]!r}; rows have only {', '.join(ROW_KEYS)}"
+    index, prompt, slots, seed = (row[key] for key in ROW_KEYS)
+    if isinstance(index, bool) or not isinstance(index, int):
+        return f"index: expected an int, got {index!r}"
+    if index != expected_index:
+        return f"index: expected {expected_index} (indices count up from 0 without gaps), got {index}"
+    if not isinstance(prompt, str) or not prompt.strip():
+        return f"prompt: expected a non-empty string, got {prompt!r}"
+    if not isinstance(slots, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in slots.items()):
+        return f"slots: expected a mapping of strings to strings, got {slots!r}"
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _SEED_MASK:
+        return f"seed: expected an int in [0, 2**63), got {seed!r}"
+    return None
+
+
+def write_prompts(rows: list[dict], path: str | os.PathLike) -> None:
+    """Write rows as JSON lines atomically (temp file in the same folder, then `os.replace`)."""
+    path = Path(path)
+    for i, row in enumerate(rows):
+        problem = _check_row(row, i)
+        if problem:
+            raise ValueError(f"rows[{i}]: {problem}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({key: row[key] for key in ROW_KEYS}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_prompts(path: str | os.PathLike) -> list[dict]:
+    """Read and check a prompts JSONL file; errors are `ValueError("<path>:<line>: <what>")`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: prompts file not found; run `python -m distill compose RECIPE.yaml` first")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({err.msg}); one JSON object per line") from None
+            problem = _check_row(row, len(rows))
+            if problem:
+                raise ValueError(f"{path}:{lineno}: {problem}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}:1: no prompts; the file is empty")
+    return rows
+
+
+def coverage(rows: list[dict], vocab: Vocabulary) -> dict:
+    """Per-slot value counts (min/max/spread) and pair coverage for every pair of slots.
+
+    A value pair is "allowed" unless a two-slot exclusion forbids it; `fraction` is the share of
+    allowed pairs that occur at least once, `min`/`max` are counts over allowed pairs.
+    """
+    slot_names = list(vocab.slots)
+    idx = {s: {v: j for j, v in enumerate(vocab.slots[s])} for s in slot_names}
+    table = []
+    for i, row in enumerate(rows):
+        slots = row["slots"]
+        if set(slots) != set(slot_names):
+            raise ValueError(f"rows[{i}].slots: has {sorted(slots)}, vocabulary {vocab.name!r} has {slot_names}")
+        for s in slot_names:
+            if slots[s] not in idx[s]:
+                raise ValueError(f"rows[{i}].slots.{s}: {slots[s]!r} is not in vocabulary {vocab.name!r}")
+        table.append([idx[s][slots[s]] for s in slot_names])
+    out: dict = {"num_prompts": len(rows), "slots": {}, "pairs": {}}
+    for k, s in enumerate(slot_names):
+        counts = [0] * len(vocab.slots[s])
+        for r in table:
+            counts[r[k]] += 1
+        out["slots"][s] = {
+            "counts": dict(zip(vocab.slots[s], counts)),
+            "min": min(counts), "max": max(counts), "spread": max(counts) - min(counts),
+            "unused": counts.count(0),
+        }
+    for (a, s), (b, t) in combinations(enumerate(slot_names), 2):
+        forbidden = {(e[s], e[t]) for e in vocab.exclusions if set(e) == {s, t}}
+        pair_counts = {(x, u): 0 for x in vocab.slots[s] for u in vocab.slots[t] if (x, u) not in forbidden}
+        for r in table:
+            pair_counts[vocab.slots[s][r[a]], vocab.slots[t][r[b]]] += 1
+        values = list(pair_counts.values())
+        covered = sum(1 for c in values if c > 0)
+        out["pairs"][f"{s}|{t}"] = {
+            "allowed": len(values), "covered": covered, "fraction": covered / len(values),
+            "min": min(values), "max": max(values), "spread": max(values) - min(values),
+        }
+    return out
+
+
+def format_coverage(cov: dict) -> str:
+    """A short human-readable table of `coverage()` output."""
+    lines = [f"coverage of {cov['num_prompts']} prompts", f"{'slot':<24}{'values':>7}{'min':>6}{'max':>6}{'spread':>8}"]
+    for s, c in cov["slots"].items():
+        lines.append(f"{s:<24}{len(c['counts']):>7}{c['min']:>6}{c['max']:>6}{c['spread']:>8}")
+    lines.append(f"{'slot pair':<24}{'covered':>16}{'min':>6}{'max':>6}")
+    for p, c in cov["pairs"].items():
+        frac = f"{c['covered']}/{c['allowed']} {100 * c['fraction']:5.1f}%"
+        lines.append(f"{p:<24}{frac:>16}{c['min']:>6}{c['max']:>6}")
+    return "\n".join(lines)
