@@ -1,0 +1,144 @@
+"""Recipes: typed loading, dotted-key errors, one `base:` level, overrides, the CLI's --dry-run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.cli import main
+from distill.config import Recipe, load_recipe
+from distill.recipe_loader import RecipeError
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+MINIMAL = {
+    "output_dir": "out",
+    "data": {"vocabulary": "synth_data/vocab/wan.yaml", "num_prompts": 4},
+    "teacher": {"pretrained": "some/folder"},
+}
+
+
+def write(tmp_path: Path, name: str, data: dict) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    assert recipe.output_dir and recipe.data.num_prompts >= 1 and recipe.teacher.pretrained
+    # The resolved recipe is plain YAML that loads back to the same recipe.
+    assert yaml.safe_load(recipe.to_yaml()) == recipe.to_dict()
+
+
+def test_at_least_the_issue_recipes_ship():
+    names = {p.name for p in RECIPES}
+    assert {"wan21_t2v_1.3b_synth.yaml", "wan22_t2v_a14b_synth.yaml"} <= names
+
+
+def test_wan_recipes_carry_the_documented_settings():
+    r = load_recipe(ROOT / "recipes/wan21_t2v_1.3b_synth.yaml")
+    t = r.teacher
+    assert (t.pretrained, t.height, t.width, t.num_frames, t.num_inference_steps, t.guidance_scale, t.shift) == (
+        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 480, 832, 81, 50, 5.0, 3.0)
+    r = load_recipe(ROOT / "recipes/wan22_t2v_a14b_synth.yaml")
+    assert r.teacher.pretrained == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    assert (r.teacher.dtype, r.teacher.offload) == ("bfloat16", "group")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.num_promptz=3", "data.num_promptz: unknown key (did you mean data.num_prompts?)"),
+        ("data.num_prompts=high", "data.num_prompts: expected int, got 'high'"),
+        ("data.num_prompts=0", "data.num_prompts: must be >= 1, got 0"),
+        ("teacher.dtype=fp8", "teacher.dtype: expected one of"),
+        ("teacher.shift=-1", "teacher.shift: must be > 0"),
+        ("train.max_steps=1.5", "train.max_steps: expected int, got 1.5"),
+        ("bogus=1", "bogus: unknown key"),
+        ("data=3", "data: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_dotted_key(tmp_path, override, message):
+    path = write(tmp_path, "r.yaml", MINIMAL)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, [override])
+    assert message in str(e.value)
+    assert str(path) in str(e.value)
+
+
+def test_missing_required_key_is_named(tmp_path):
+    data = {**MINIMAL, "teacher": {}}
+    with pytest.raises(RecipeError, match=r"teacher.pretrained: required key is missing"):
+        load_recipe(write(tmp_path, "r.yaml", data))
+
+
+def test_base_inheritance_is_one_level(tmp_path):
+    write(tmp_path, "base.yaml", MINIMAL)
+    child = write(tmp_path, "child.yaml", {"base": "base.yaml", "data": {"num_prompts": 9}})
+    r = load_recipe(child, ["data.seed=7"])
+    assert (r.data.num_prompts, r.data.seed, r.teacher.pretrained) == (9, 7, "some/folder")
+    assert r.data.vocabulary == MINIMAL["data"]["vocabulary"]  # deep-merged, not replaced
+    write(tmp_path, "grandchild.yaml", {"base": "child.yaml"})
+    with pytest.raises(RecipeError, match="only one level"):
+        load_recipe(tmp_path / "grandchild.yaml")
+
+
+def test_student_needs_method(tmp_path):
+    data = {**MINIMAL, "student": {"name": "s", "kind": "lora"}}
+    with pytest.raises(RecipeError, match="student/method"):
+        load_recipe(write(tmp_path, "r.yaml", data))
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_dry_run_prints_resolved_recipe(tmp_path, capsys):
+    path = write(tmp_path, "r.yaml", MINIMAL)
+    assert main(["compose", str(path), "data.seed=3", "--dry-run"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["seed"] == 3 and printed["data"]["mode"] == "balanced"
+    assert printed["teacher"]["guidance_scale"] == 5.0
+
+
+def test_cli_reports_bad_key_without_traceback(tmp_path):
+    path = write(tmp_path, "r.yaml", MINIMAL)
+    proc = subprocess.run([sys.executable, "-m", "distill", "compose", str(path), "data.num_promptz=3"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "data.num_promptz: unknown key (did you mean data.num_prompts?)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_compose_stage_writes_prompts_and_coverage(tmp_path):
+    from synth_data.composer import read_prompts
+
+    data = {**MINIMAL, "output_dir": str(tmp_path / "out"), "data": {**MINIMAL["data"], "num_prompts": 25}}
+    path = write(tmp_path, "r.yaml", data)
+    assert main(["compose", str(path)]) == 0
+    rows = read_prompts(tmp_path / "out/prompts.jsonl")
+    cov = yaml.safe_load((tmp_path / "out/coverage.json").read_text())
+    assert len(rows) == 25 and cov["num_prompts"] == 25
+    assert all(c["spread"] <= 1 for c in cov["slots"].values())
+    before = (tmp_path / "out/prompts.jsonl").stat().st_mtime_ns
+    assert main(["compose", str(path)]) == 0  # up to date: not rewritten
+    assert (tmp_path / "out/prompts.jsonl").stat().st_mtime_ns == before
+    # Once a dataset exists, a different prompt set is an error instead of a silent mix.
+    (tmp_path / "out/dataset").mkdir()
+    assert main(["compose", str(path), "data.num_prompts=26"]) == 2
+    assert len(read_prompts(tmp_path / "out/prompts.jsonl")) == 25
+
+
+def test_compose_missing_vocabulary_is_named(tmp_path, capsys):
+    data = {**MINIMAL, "output_dir": str(tmp_path / "out"), "data": {"vocabulary": "nope.yaml", "num_prompts": 3}}
+    assert main(["compose", str(write(tmp_path, "r.yaml", data))]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
