@@ -2,16 +2,17 @@
 
 Per frame:
 1. background colour = the frame's per-channel median (the object covers < 20% of the frame);
-2. every pixel gets the nearest of [that background, the prop white, the 4 clothing colours];
-3. the subject mask (pixels labelled with any clothing colour) and the prop mask (pixels
-   labelled white) are matched against the renderer's own shape templates at every position of
-   the torus: IoU(shift) = I / (|mask| + |template| - I), with the overlap I from one circular
+2. prop mask = pixels whose weakest channel is over halfway from the background to white;
+   every other pixel gets the nearest of [that background, the 4 clothing colours];
+3. the subject mask (pixels labelled with any clothing colour) and the prop mask are matched
+   against the renderer's own shape templates at every position of the torus:
+   IoU(shift) = I / (|mask| + |template| - I), with the overlap I from one circular
    cross-correlation by FFT, so shapes split across an edge match like any other.
 
-Per time segment: background = nearest prototype to the median frame colour; clothing = most
-frequent clothing label; subject / prop = the template with the highest summed best-IoU; action
-= the direction closest to the median wrapped frame-to-frame displacement of the best subject
-template's position.
+Per time segment: background = nearest prototype to the median frame colour; subject / prop =
+the template with the highest summed best-IoU; clothing = most frequent clothing label inside
+the best subject template at its best position; action = the direction closest to the median
+wrapped frame-to-frame displacement of that template's position.
 
 Accuracy is ~100% on rendered clips and chance (25%) on noise, when labels are balanced.
 """
@@ -83,7 +84,9 @@ def _frame_features(video: np.ndarray) -> dict[str, np.ndarray]:
     whiteness = pixels.min(-1)
     prop = whiteness > (background.min(-1)[:, None, None] + min(PROP_RGB)) / 2  # [F, H, W]
     palette = np.concatenate([background[:, None], np.broadcast_to(_CLOTHING_RGB, (f, len(CLOTHING), 3))], axis=1)
-    labels = ((pixels[:, :, :, None, :] - palette[:, None, None]) ** 2).sum(-1).argmin(-1)  # [F, H, W]: 0 = bg
+    # Nearest palette colour; |pixel|^2 is the same for every candidate, so it is left out.
+    score = (palette**2).sum(-1)[:, None, :] - 2 * pixels.reshape(f, h * w, 3) @ palette.transpose(0, 2, 1)
+    labels = score.argmin(-1).reshape(f, h, w)  # 0 = background, 1.. = CLOTHING
     labels[prop] = 0
     subject_templates, prop_templates = _templates(h, w)
     subject_iou, subject_pos = _best_iou((labels > 0).astype(np.float32), subject_templates)
