@@ -45,6 +45,7 @@ _TOP_LEVEL_KEYS = ("name", "slots", "templates", "exclusions", "negative_prompt"
 _SEED_MASK = (1 << 63) - 1
 _MAX_BALANCE_ROUNDS = 40
 _MAX_REJECTIONS = 10_000
+_BAD_ROW_TRIES = 64
 
 
 @dataclass(kw_only=True)
@@ -84,7 +85,7 @@ class Vocabulary:
             for value, w in zip(values, weights):
                 _check_weight(f"{where}: slots.{slot}: {value!r}", w)
         if not isinstance(self.templates, list) or not self.templates:
-            raise ValueError(f"{where}: templates: no templates; give at least one, e.g. \"{{subject}} ...\"")
+            raise ValueError(f"{where}: templates: expected a non-empty list of strings, e.g. [\"{{subject}} ...\"]")
         for i, template in enumerate(self.templates):
             _check_template(f"{where}: templates[{i}]", template, list(self.slots))
         if not isinstance(self.exclusions, list):
@@ -273,6 +274,7 @@ def _balanced_counts(n: int, weights: list[float], rng: random.Random) -> list[i
 
 
 def _balanced_column(n: int, weights: list[float], rng: random.Random) -> list[int]:
+    """A shuffled column with `_balanced_counts` occurrences of each value."""
     counts = _balanced_counts(n, weights, rng)
     col = [j for j, c in enumerate(counts) for _ in range(c)]
     rng.shuffle(col)
@@ -291,17 +293,51 @@ def _exclusion_index(vocab: Vocabulary) -> dict[tuple[int, int], list[tuple[tupl
 
 
 def _compose_balanced(vocab: Vocabulary, n: int, rng: random.Random) -> tuple[list[list[int]], list[int]]:
+    """1. exact per-value counts; 2. greedy row-by-row construction; 3. exclusion repair; 4. swap pass."""
     slot_names = list(vocab.slots)
-    cols = [_balanced_column(n, vocab.weights[s], rng) for s in slot_names]
-    template_col = _balanced_column(n, [1.0] * len(vocab.templates), rng)
+    targets = [_balanced_counts(n, vocab.weights[s], rng) for s in slot_names]
     excl = _exclusion_index(vocab)
+    cols = _construct_rows(targets, n, excl, rng)
+    template_col = _balanced_column(n, [1.0] * len(vocab.templates), rng)
 
     def ok(r: int, s: int, v: int) -> bool:  # would row r be free of exclusions with slot s set to v?
         return all(any(cols[t][r] != u for t, u in e if t != s) for e in excl.get((s, v), ()))
 
     _repair_exclusions(cols, excl, ok, rng, vocab)
-    _balance_pairs(cols, [len(vocab.slots[s]) for s in slot_names], ok, rng)
+    _balance_pairs(cols, [len(t) for t in targets], ok, rng)
     return cols, template_col
+
+
+def _construct_rows(targets: list[list[int]], n: int, excl: dict, rng: random.Random) -> list[list[int]]:
+    """Fill rows one by one; each slot (in a seeded order) takes, among values with count left, the one
+    whose pairs with the row's already-chosen values are most under-represented so far.
+
+    Uses exactly `targets[s][v]` rows per value. Excluded values are a last resort (repaired later).
+    """
+    k, sizes = len(targets), [len(t) for t in targets]
+    left = [list(t) for t in targets]
+    pair_counts = {(s, t): [[0] * sizes[t] for _ in range(sizes[s])] for s in range(k) for t in range(k) if s != t}
+    cols = [[0] * n for _ in range(k)]
+    for i in tqdm(range(n), desc="composing prompts", leave=False, disable=n < 20_000):
+        frac = (i + 1) / (n * n)  # expected pair count so far = targets_s[v] * targets_t[u] * frac
+        done: dict[int, int] = {}
+        for s in rng.sample(range(k), k):
+            m, start, best, best_v = sizes[s], rng.randrange(sizes[s]), math.inf, -1
+            for v in (*range(start, m), *range(start)):
+                if not left[s][v]:
+                    continue
+                score = sum(pair_counts[s, t][v][u] - frac * targets[s][v] * targets[t][u] for t, u in done.items())
+                if any(all(t == s or done.get(t) == u for t, u in e) for e in excl.get((s, v), ())):
+                    score += 1e9
+                if score < best:
+                    best, best_v = score, v
+            cols[s][i] = best_v
+            left[s][best_v] -= 1
+            for t, u in done.items():
+                pair_counts[s, t][best_v][u] += 1
+                pair_counts[t, s][u][best_v] += 1
+            done[s] = best_v
+    return cols
 
 
 def _repair_exclusions(cols, excl, ok, rng: random.Random, vocab: Vocabulary) -> None:
@@ -335,7 +371,9 @@ def _balance_pairs(cols: list[list[int]], sizes: list[int], ok, rng: random.Rand
     counts rows with s=x and t=u and E = count_s(x)·count_t(u)/n. A move swaps two rows' values
     inside one column, so per-value counts never change. For rows i, j with s-values x, y and
     t-values p != q, swapping changes the objective by 4 + 2(D[y,p] + D[x,q] - D[x,p] - D[y,q]),
-    D = C - E; improving moves that keep exclusions are applied. Stops when a round finds none.
+    D = C - E. Each round visits every (column, row) in seeded order and proposes a random partner
+    row (up to `_BAD_ROW_TRIES` partners for a row in a cell more than 1 over its expected count);
+    the first improving swap that keeps exclusions is applied. Stops when a round finds none.
     """
     n, k = len(cols[0]), len(cols)
     if k < 2 or n < 2:
@@ -357,25 +395,30 @@ def _balance_pairs(cols: list[list[int]], sizes: list[int], ok, rng: random.Rand
         for s in rng.sample(range(k), k):
             col, other = cols[s], others[s]
             for i in rng.sample(range(n), n):
-                j = rng.randrange(n)
-                x, y = col[i], col[j]
-                if x == y:
-                    continue
-                delta = 0.0
-                for _, d, _, ct in other:
-                    p, q = ct[i], ct[j]
-                    if p != q:
-                        dx, dy = d[x], d[y]
-                        delta += 4 + 2 * (dy[p] + dx[q] - dx[p] - dy[q])
-                if delta >= -1e-9 or not (ok(i, s, y) and ok(j, s, x)):
-                    continue
-                col[i], col[j] = y, x
-                moves += 1
-                for _, d, dt, ct in other:
-                    p, q = ct[i], ct[j]
-                    if p != q:
-                        d[x][p] -= 1; d[y][q] -= 1; d[y][p] += 1; d[x][q] += 1  # noqa: E702
-                        dt[p][x] -= 1; dt[q][y] -= 1; dt[p][y] += 1; dt[q][x] += 1  # noqa: E702
+                x = col[i]
+                # rows sitting in an over-full pair cell get more swap candidates
+                tries = _BAD_ROW_TRIES if any(d[x][ct[i]] > 1 for _, d, _, ct in other) else 1
+                for _ in range(tries):
+                    j = rng.randrange(n)
+                    y = col[j]
+                    if x == y:
+                        continue
+                    delta = 0.0
+                    for _, d, _, ct in other:
+                        p, q = ct[i], ct[j]
+                        if p != q:
+                            dx, dy = d[x], d[y]
+                            delta += 4 + 2 * (dy[p] + dx[q] - dx[p] - dy[q])
+                    if delta >= -1e-9 or not (ok(i, s, y) and ok(j, s, x)):
+                        continue
+                    col[i], col[j] = y, x
+                    moves += 1
+                    for _, d, dt, ct in other:
+                        p, q = ct[i], ct[j]
+                        if p != q:
+                            d[x][p] -= 1; d[y][q] -= 1; d[y][p] += 1; d[x][q] += 1  # noqa: E702
+                            dt[p][x] -= 1; dt[q][y] -= 1; dt[p][y] += 1; dt[q][x] += 1  # noqa: E702
+                    break
         if moves == 0:
             break
 
