@@ -57,5 +57,13 @@ class StudentConfig:
             raise ValueError(f"denoising_steps: timesteps must lie in (0, 1000], got {self.denoising_steps}")
         if sorted(self.denoising_steps, reverse=True) != self.denoising_steps:
             raise ValueError(f"denoising_steps: must be descending, got {self.denoising_steps}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha: must be > 0, got {self.lora_alpha}")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules: must name at least one module suffix, e.g. attn1.to_q")
+        if self.keep_blocks is not None and self.kind != "pruned":
+            raise ValueError(f"keep_blocks: only used by kind=pruned, got kind={self.kind}")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps: must be >= 1 or null, got {self.num_inference_steps}")
         if self.keep_blocks is not None and (not self.keep_blocks or min(self.keep_blocks) < 0):
             raise ValueError(f"keep_blocks: must be a non-empty list of block indices >= 0, got {self.keep_blocks}")

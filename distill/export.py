@@ -1,0 +1,281 @@
+"""Export stage (DESIGN.md §8): write a trained student in the formats of `recipe.export.formats`.
+
+Under `<output_dir>/students/<name>/export/`:
+    diffusers/   pytorch_lora_weights.safetensors  (WanPipeline.save_lora_weights; keys
+                 `transformer.blocks.0.attn1.to_q.lora_A.weight`); N experts: expert_<i>/ + experts.json
+    comfyui/     <name>.safetensors  Wan-native keys `diffusion_model.blocks.0.self_attn.q.lora_down.weight`,
+                 `.lora_up.weight`, `.alpha`; N experts: <name>_expert_<i>.safetensors + experts.json
+    transformer/ save_pretrained of the (LoRA-fused) student transformer; N experts: expert_<i>/
+    pipeline/    a complete WanPipeline folder; 2 experts map to transformer / transformer_2 with
+                 boundary_ratio (Wan2.2's layout)
+Each folder gets a model card README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from huggingface_hub import ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from distill.config import Recipe
+from students.experts import expert_name
+from students.lora import fused_transformer, lora_state_dict
+from students.sampling import student_sampling_mode, student_sigmas
+from students.student import Student
+
+logger = logging.getLogger(__name__)
+
+LORA_FORMATS = ("diffusers_lora", "comfyui_lora")
+EXPERTS_JSON = "experts.json"
+# diffusers module suffix inside a Wan block -> Wan-native (ComfyUI / original checkpoint) name.
+COMFY_NAMES = {
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
+    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+}
+_LORA_KEY = re.compile(r"^blocks\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+_SECRET = re.compile(r"token|secret|password", re.IGNORECASE)
+
+
+def export_student(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, out_dir: Path,
+                   eval_report: dict | None = None) -> dict[str, Path]:
+    """Write every format of `recipe.export.formats` under `out_dir`; returns {format: path written}."""
+    formats = list(dict.fromkeys(recipe.export.formats))
+    _check_formats(formats, student)
+    out_dir = Path(out_dir)
+    writers = {"diffusers_lora": export_diffusers_lora, "comfyui_lora": export_comfyui_lora,
+               "transformer": export_transformer, "pipeline": export_pipeline}
+    written = {}
+    for fmt in tqdm(formats, desc=f"export {student.cfg.name}", disable=len(formats) < 2):
+        folder = out_dir / _FOLDERS[fmt]
+        written[fmt] = writers[fmt](recipe, student, teacher_pipe, folder)
+        (folder / "README.md").write_text(model_card(recipe, student, fmt, eval_report))
+        logger.info("export %s: wrote %s", fmt, written[fmt])
+    return written
+
+
+_FOLDERS = {"diffusers_lora": "diffusers", "comfyui_lora": "comfyui", "transformer": "transformer",
+            "pipeline": "pipeline"}
+
+
+def _check_formats(formats: list[str], student: Student) -> None:
+    lora = [f for f in formats if f in LORA_FORMATS]
+    if lora and not student.is_lora:
+        raise ValueError(
+            f"export.formats: {lora} need a LoRA student, but student.kind={student.cfg.kind}; "
+            "export it as 'transformer' or 'pipeline' instead"
+        )
+    if "pipeline" in formats and student.num_experts > 2:
+        raise ValueError(
+            f"export.formats: 'pipeline' holds at most 2 experts (WanPipeline's transformer / transformer_2), "
+            f"but student.experts={student.num_experts}; export 'transformer' or the LoRA formats instead"
+        )
+    if "comfyui_lora" in formats:
+        bad = [m for m in student.cfg.lora_target_modules if m not in COMFY_NAMES]
+        if bad:
+            raise ValueError(
+                f"export.formats: comfyui_lora cannot name student.lora_target_modules {bad}; "
+                f"supported: {sorted(COMFY_NAMES)}"
+            )
+
+
+def _write_experts_json(folder: Path, student: Student, files: list[str]) -> None:
+    meta = {"boundaries": student.boundaries, "experts": files,
+            "rule": "expert i serves boundaries[i-1] > sigma >= boundaries[i] "
+                    "(sigma = t/1000; expert 0: highest noise)"}
+    (folder / EXPERTS_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _expert_dirs(folder: Path, student: Student) -> list[Path]:
+    return [folder] if student.num_experts == 1 else [folder / expert_name(i) for i in range(student.num_experts)]
+
+
+# ---- formats ----------------------------------------------------------------------------------------------
+def export_diffusers_lora(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, folder: Path) -> Path:
+    """`pytorch_lora_weights.safetensors` via `WanPipeline.save_lora_weights`, with the adapter's LoraConfig."""
+    dirs = _expert_dirs(folder, student)
+    for i, d in enumerate(dirs):
+        name = student.adapter_names[i]
+        layers = {k: v.detach().contiguous() for k, v in lora_state_dict(student.transformer, name).items()}
+        WanPipeline.save_lora_weights(
+            d, transformer_lora_layers=layers,
+            transformer_lora_adapter_metadata=student.transformer.peft_config[name].to_dict(),
+        )
+    if student.num_experts > 1:
+        _write_experts_json(folder, student, [f"{d.name}/pytorch_lora_weights.safetensors" for d in dirs])
+    return folder
+
+
+def comfyui_state_dict(lora_sd: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft keys `blocks.{i}.attn1.to_q.lora_A.weight` → `diffusion_model.blocks.{i}.self_attn.q.lora_down.weight`
+    (lora_B → lora_up) plus a scalar `.alpha` per module: the layout diffusers' non-diffusers Wan converter reads."""
+    out = {}
+    for key, value in lora_sd.items():
+        m = _LORA_KEY.match(key)
+        if m is None or m.group(2) not in COMFY_NAMES:
+            raise ValueError(f"export.formats: comfyui_lora has no Wan-native name for LoRA weight {key!r}")
+        block, module, ab = m.groups()
+        base = f"diffusion_model.blocks.{block}.{COMFY_NAMES[module]}"
+        out[f"{base}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"] = value.detach().contiguous()
+        out[f"{base}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def export_comfyui_lora(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    name = student.cfg.name
+    files = [f"{name}.safetensors"] if student.num_experts == 1 else [
+        f"{name}_{expert_name(i)}.safetensors" for i in range(student.num_experts)
+    ]
+    for i, fname in enumerate(files):
+        sd = comfyui_state_dict(lora_state_dict(student.transformer, student.adapter_names[i]), student.cfg.lora_alpha)
+        save_file(sd, str(folder / fname), metadata={"format": "pt"})
+    if student.num_experts > 1:
+        _write_experts_json(folder, student, files)
+    return folder / files[0] if student.num_experts == 1 else folder
+
+
+def student_transformers(student: Student) -> list[WanTransformer3DModel]:
+    """One plain transformer per expert (LoRA: a fused copy; pruned / full: the expert itself)."""
+    if student.is_lora:
+        return [fused_transformer(student.transformer, n) for n in student.adapter_names]
+    return list(student.experts)
+
+
+def export_transformer(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, folder: Path) -> Path:
+    dirs = _expert_dirs(folder, student)
+    for d, transformer in zip(dirs, student_transformers(student)):
+        transformer.save_pretrained(d)
+    if student.num_experts > 1:
+        _write_experts_json(folder, student, [d.name for d in dirs])
+    return folder
+
+
+def student_scheduler(recipe: Recipe) -> FlowMatchEulerDiscreteScheduler:
+    """The Euler flow scheduler at the teacher's shift; stochastic (x0 then fresh noise) for few-step students."""
+    assert recipe.student is not None
+    return FlowMatchEulerDiscreteScheduler(
+        shift=recipe.teacher.shift, stochastic_sampling=student_sampling_mode(recipe.student) == "renoise"
+    )
+
+
+def export_pipeline(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, folder: Path) -> Path:
+    """A WanPipeline folder: the teacher's tokenizer, text encoder and VAE with the student transformer(s)."""
+    transformers = student_transformers(student)
+    pipe = WanPipeline(
+        tokenizer=teacher_pipe.tokenizer, text_encoder=teacher_pipe.text_encoder, vae=teacher_pipe.vae,
+        scheduler=student_scheduler(recipe), transformer=transformers[0],
+        transformer_2=transformers[1] if len(transformers) == 2 else None,
+        boundary_ratio=student.boundaries[0] if len(transformers) == 2 else None,
+        expand_timesteps=teacher_pipe.config.expand_timesteps,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# ---- model card ---------------------------------------------------------------------------------------------
+def _base_model(recipe: Recipe) -> str | None:
+    """`export.base_model`, else `teacher.pretrained` when it is a Hub id (a local folder is not a valid card field)."""
+    name = recipe.export.base_model or recipe.teacher.pretrained
+    if Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _scrub(obj):
+    if isinstance(obj, dict):
+        return {k: _scrub(v) for k, v in obj.items() if not _SECRET.search(str(k))}
+    if isinstance(obj, list):
+        return [_scrub(v) for v in obj]
+    return obj
+
+
+def model_card(recipe: Recipe, student: Student, fmt: str, eval_report: dict | None) -> str:
+    """README.md with YAML front matter (library_name, base_model, tags, pipeline_tag), the recipe, eval numbers
+    and a usage snippet for `fmt`."""
+    cfg = student.cfg
+    base = _base_model(recipe)
+    tags = ["distillation", *(["lora"] if student.is_lora else []), "text-to-video", "wan", "diffusers"]
+    if cfg.experts > 1:
+        tags.append("timestep-experts")
+    data = ModelCardData(library_name="diffusers", base_model=base, tags=tags, pipeline_tag="text-to-video")
+    mode = student_sampling_mode(cfg)
+    sigmas = student_sigmas(cfg, recipe.teacher.shift, recipe.teacher.num_inference_steps)
+    steps = len(sigmas) if mode == "renoise" else len(sigmas) - 1
+    method = recipe.method.name if recipe.method is not None else "?"
+    lines = [
+        "---", data.to_yaml(), "---", "",
+        f"# {cfg.name}", "",
+        f"A `{cfg.kind}` student distilled with `{method}` from `{base or recipe.teacher.pretrained}` by the "
+        "wan-distill toolkit.",
+        f"Sampling: {steps} steps ({mode}: " + (
+            "x0 prediction then fresh noise at each step" if mode == "renoise" else "Euler flow steps"
+        ) + f"), guidance_scale {cfg.guidance_scale}, shift {recipe.teacher.shift}; "
+        f"σ = {[round(s, 4) for s in sigmas]}.",
+    ]
+    if cfg.experts > 1:
+        lines.append(f"Timestep experts: {cfg.experts}, σ boundaries {cfg.expert_boundaries} (expert 0 = highest "
+                     "noise; σ >= boundary goes to the higher-noise expert, as Wan2.2's boundary_ratio); "
+                     "see experts.json.")
+    if mode == "renoise" and steps > 1:
+        lines.append("Note: `WanPipeline` places its own timesteps for `num_inference_steps`; the exact σ above "
+                     "are those of `students.sampling.sample_student` in wan-distill.")
+    lines += ["", "## Usage", "", _usage(recipe, fmt, base, steps), ""]
+    if eval_report:
+        lines += ["## Evaluation", "", "```json", json.dumps(_scrub(eval_report), indent=2, default=str), "```", ""]
+    lines += ["## Recipe", "", "```yaml", yaml.safe_dump(_scrub(recipe.to_dict()), sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _usage(recipe: Recipe, fmt: str, base: str | None, steps: int) -> str:
+    assert recipe.student is not None
+    cfg = recipe.student
+    base = base or "<the teacher's WanPipeline folder>"
+    call = f'video = pipe("a prompt", num_inference_steps={steps}, guidance_scale={cfg.guidance_scale}).frames[0]'
+    stochastic = ", stochastic_sampling=True" if student_sampling_mode(cfg) == "renoise" else ""
+    scheduler = [f"pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift={recipe.teacher.shift}{stochastic})"]
+    if fmt == "diffusers_lora":
+        sub = "" if cfg.experts == 1 else ', subfolder="expert_0"'
+        note = [] if cfg.experts == 1 else ["# one adapter per σ interval (expert_0: highest noise), see experts.json"]
+        return "\n".join([
+            "```python", "import torch", "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline", "",
+            *note,
+            f'pipe = WanPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
+            f'pipe.load_lora_weights("path/to/export/diffusers"{sub})', *scheduler, call, "```",
+        ])
+    if fmt == "comfyui_lora":
+        return (f"Copy `{cfg.name}*.safetensors` to `ComfyUI/models/loras/` and apply it to the Wan model with a "
+                "`LoraLoaderModelOnly` node (strength 1.0)"
+                + (", one file per expert (high-noise expert_0 first)." if cfg.experts > 1 else ".")
+                + f" Sample with {steps} steps, CFG {cfg.guidance_scale}, shift {recipe.teacher.shift}.")
+    if fmt == "transformer":
+        sub = "" if cfg.experts == 1 else ', subfolder="expert_0"'
+        return "\n".join([
+            "```python", "import torch",
+            "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel", "",
+            f'transformer = WanTransformer3DModel.from_pretrained("path/to/export/transformer"{sub}, '
+            "torch_dtype=torch.bfloat16)",
+            f'pipe = WanPipeline.from_pretrained("{base}", transformer=transformer, torch_dtype=torch.bfloat16)',
+            *scheduler, call, "```",
+        ])
+    return "\n".join([
+        "```python", "import torch", "from diffusers import WanPipeline", "",
+        'pipe = WanPipeline.from_pretrained("path/to/export/pipeline", torch_dtype=torch.bfloat16).to("cuda")',
+        call, "```",
+    ])

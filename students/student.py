@@ -1,0 +1,295 @@
+"""The student object: one interface over LoRA / pruned / full students and their timestep experts.
+
+    student = build_student(cfg, teacher.transformer_for(1000.0))   # the high-noise transformer
+    v = student(x, t, encoder_hidden_states)    # x [B, C, F, H, W], t [B] = 1000·σ, v = ε - x0
+    with student.teacher_mode(): ...            # LoRA: adapters off, the shared base IS the teacher
+
+Saved layout (`save_pretrained`): `student.json` (the StudentConfig + block counts) and one
+`expert_<i>/` folder per expert: LoRA → `adapter_model.safetensors` + `adapter_config.json` (peft
+layout, keys `blocks.0.attn1.to_q.lora_A.weight`); pruned / full → a `WanTransformer3DModel` folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from diffusers import WanTransformer3DModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from distill.recipe_loader import build, to_dict
+from students.config import StudentConfig
+from students.experts import copied_experts, expert_index_of_timestep, expert_name, lora_experts
+from students.lora import (
+    active_adapter, adapters_disabled, load_lora_state_dict, lora_parameters, lora_state_dict, set_active_adapter,
+)
+from students.pruned import assert_same_architecture, block_count
+
+logger = logging.getLogger(__name__)
+
+STUDENT_JSON = "student.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
+# Keys of StudentConfig that change the weights' layout: a saved folder must agree on all of them.
+WEIGHT_KEYS = ("kind", "keep_blocks", "lora_rank", "lora_alpha", "lora_target_modules", "experts", "expert_boundaries")
+
+
+class Student(nn.Module):
+    """A trainable student: `forward(x, t, encoder_hidden_states) -> v`, routed to its timestep experts.
+
+    LoRA: `transformer` is the (shared) base with adapters `expert_0..`; pruned / full: `experts` holds
+    one transformer per expert. Build with `build_student` or `Student.from_pretrained`.
+    """
+
+    def __init__(self, cfg: StudentConfig, *, transformer: WanTransformer3DModel | None = None,
+                 experts: list[WanTransformer3DModel] | None = None, teacher_num_layers: int,
+                 shares_teacher: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.teacher_num_layers = teacher_num_layers
+        """Blocks of the transformer the student was built from (checked when loading saved weights)."""
+        self.shares_teacher = shares_teacher
+        """LoRA only: the base is the teacher's own module, so `teacher_mode()` gives the teacher."""
+        if cfg.kind == "lora":
+            assert transformer is not None and experts is None
+            self.transformer = transformer
+            self.adapter_names = [expert_name(i) for i in range(cfg.experts)]
+        else:
+            assert experts is not None and len(experts) == cfg.experts
+            self.experts = nn.ModuleList(experts)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.cfg.kind == "lora"
+
+    @property
+    def num_experts(self) -> int:
+        return self.cfg.experts
+
+    @property
+    def boundaries(self) -> list[float]:
+        return list(self.cfg.expert_boundaries)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformers()[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformers()[0].device
+
+    def expert_module(self, i: int) -> WanTransformer3DModel:
+        """The transformer serving expert i (LoRA: the shared base with adapter `expert_i` activated)."""
+        if self.is_lora:
+            if active_adapter(self.transformer) != self.adapter_names[i]:
+                set_active_adapter(self.transformer, self.adapter_names[i])
+            return self.transformer
+        return self.experts[i]
+
+    def transformers(self) -> list[WanTransformer3DModel]:
+        """The distinct transformer modules (LoRA: one shared; otherwise one per expert)."""
+        return [self.transformer] if self.is_lora else list(self.experts)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """v = ε - x0 for latents x [B, C, F, H, W] at timesteps t [B] (= 1000·σ), text embeds [B, L, D].
+
+        Each sample goes to the expert of its σ (see `students/experts.py`); a batch spanning several
+        experts is split and re-assembled in order. Inputs are cast to the transformer's dtype and v is
+        returned in x's dtype.
+        """
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if self.num_experts == 1:
+            return self._call(0, x, t, encoder_hidden_states)
+        if t.ndim != 1:
+            raise ValueError(f"timestep experts route one t per sample; got t of shape {tuple(t.shape)}")
+        idx = expert_index_of_timestep(t, self.boundaries)
+        parts, order = [], []
+        for e in torch.unique(idx).tolist():
+            rows = (idx == e).nonzero(as_tuple=True)[0]
+            parts.append(self._call(e, x[rows], t[rows], encoder_hidden_states[rows]))
+            order.append(rows)
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+    def _call(self, i: int, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor:
+        module = self.expert_module(i)
+        dtype = module.dtype
+        v = module(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=ehs.to(dtype), return_dict=False)[0]
+        return v.to(x.dtype)
+
+    @contextlib.contextmanager
+    def teacher_mode(self) -> Iterator[None]:
+        """LoRA students sharing the teacher's module: disable the adapters (the base is the teacher)."""
+        if not (self.is_lora and self.shares_teacher):
+            raise ValueError(f"student.kind={self.cfg.kind}: teacher_mode needs a LoRA student on the teacher's module")
+        with adapters_disabled(self.transformer):
+            yield
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """LoRA: every expert's adapter weights; pruned / full: all weights of every expert."""
+        if self.is_lora:
+            return [p for name in self.adapter_names for p in lora_parameters(self.transformer, name)]
+        return [p for m in self.experts for p in m.parameters()]
+
+    def modules_to_save(self) -> dict[str, nn.Module]:
+        """Sub-modules owning the trainable weights, by name (`expert_<i>` or, for LoRA, `transformer`).
+
+        For LoRA the module is the shared base: save only `trainable_state_dict()` from it.
+        """
+        if self.is_lora:
+            return {"transformer": self.transformer}
+        return {expert_name(i): m for i, m in enumerate(self.experts)}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's own weights, keys `expert_<i>.<key>` (LoRA keys as in peft, no adapter name)."""
+        out = {}
+        for i in range(self.num_experts):
+            if self.is_lora:
+                sd = lora_state_dict(self.transformer, self.adapter_names[i])
+            else:
+                sd = self.experts[i].state_dict()
+            out.update({f"{expert_name(i)}.{k}": v for k, v in sd.items()})
+        return out
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], where: str = "state dict") -> None:
+        """Inverse of `trainable_state_dict` (strict)."""
+        for i in range(self.num_experts):
+            prefix = f"{expert_name(i)}."
+            sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if self.is_lora:
+                load_lora_state_dict(self.transformer, sd, self.adapter_names[i], f"{where} [{expert_name(i)}]")
+            else:
+                self.experts[i].load_state_dict(sd, strict=True)
+
+    def enable_gradient_checkpointing(self) -> None:
+        for m in self.transformers():
+            m.enable_gradient_checkpointing()
+
+    # ---- saving / loading ------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `student.json` and one `expert_<i>/` folder per expert (see the module docstring)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for i in range(self.num_experts):
+            sub = directory / expert_name(i)
+            if self.is_lora:
+                sub.mkdir(parents=True, exist_ok=True)
+                state = lora_state_dict(self.transformer, self.adapter_names[i])
+                state = {k: v.detach().contiguous() for k, v in state.items()}
+                save_file(state, str(sub / LORA_WEIGHTS))
+                self.transformer.peft_config[self.adapter_names[i]].save_pretrained(str(sub))
+            else:
+                self.experts[i].save_pretrained(sub)
+        meta = {"config": to_dict(self.cfg), "teacher_num_layers": self.teacher_num_layers,
+                "student_num_layers": block_count(self.transformers()[0])}
+        (directory / STUDENT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    def load_weights(self, directory: str | Path) -> None:
+        """Load a saved student's weights into this one, in place (keeps optimizer references valid)."""
+        directory = Path(directory)
+        saved_cfg, meta = read_student_json(directory)
+        check_compatible(directory, saved_cfg, self.cfg)
+        if meta["teacher_num_layers"] != self.teacher_num_layers:
+            raise ValueError(
+                f"{directory}: saved for a teacher with {meta['teacher_num_layers']} blocks, this teacher has "
+                f"{self.teacher_num_layers} blocks; use the same teacher.pretrained as when it was trained"
+            )
+        for i in range(self.num_experts):
+            sub = directory / expert_name(i)
+            if self.is_lora:
+                state = load_file(str(sub / LORA_WEIGHTS))
+                load_lora_state_dict(self.transformer, state, self.adapter_names[i], str(sub))
+            else:
+                loaded = WanTransformer3DModel.from_pretrained(sub)
+                if block_count(loaded) != block_count(self.experts[i]):
+                    raise ValueError(
+                        f"{sub}: has {block_count(loaded)} blocks, "
+                        f"student.keep_blocks gives {block_count(self.experts[i])}"
+                    )
+                assert_same_architecture(loaded, self.experts[i], str(sub))
+                self.experts[i].load_state_dict(loaded.state_dict(), strict=True)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, base_transformer: WanTransformer3DModel,
+                        cfg: StudentConfig | None = None) -> Student:
+        """Rebuild a saved student. LoRA: adapters are injected into `base_transformer` (as `build_student`
+        does); pruned / full: the saved expert folders are loaded (onto `base_transformer`'s device).
+
+        `cfg` (the recipe's `student` section) must agree with the folder on every weight-layout key
+        (kind, keep_blocks, lora_rank, ...); the returned student uses `cfg` (else the saved one).
+        """
+        directory = Path(directory)
+        saved_cfg, meta = read_student_json(directory)
+        if cfg is not None:
+            check_compatible(directory, saved_cfg, cfg)
+        cfg = cfg or saved_cfg
+        if cfg.kind == "lora":
+            student = build_student(cfg, base_transformer)
+            student.load_weights(directory)
+            return student
+        if cfg.kind not in ("pruned", "full"):
+            raise ValueError(f"student.kind={cfg.kind}: not available yet")
+        device = next(base_transformer.parameters()).device
+        experts = []
+        for i in range(cfg.experts):
+            sub = directory / expert_name(i)
+            m = WanTransformer3DModel.from_pretrained(sub).to(device)
+            want = len(cfg.keep_blocks) if cfg.kind == "pruned" and cfg.keep_blocks else meta["teacher_num_layers"]
+            if block_count(m) != want:
+                raise ValueError(f"{sub}: has {block_count(m)} blocks, student.keep_blocks / the teacher give {want}")
+            experts.append(m.requires_grad_(True))
+        return cls(cfg, experts=experts, teacher_num_layers=meta["teacher_num_layers"])
+
+
+def read_student_json(directory: Path) -> tuple[StudentConfig, dict]:
+    path = directory / STUDENT_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; expected a folder written by Student.save_pretrained")
+    meta = json.loads(path.read_text())
+    return build(StudentConfig, meta["config"], "student"), meta
+
+
+def check_compatible(directory: Path, saved: StudentConfig, wanted: StudentConfig) -> None:
+    """Fail fast, naming the key, when a saved student's weight layout differs from the recipe's."""
+    for key in WEIGHT_KEYS:
+        a, b = getattr(saved, key), getattr(wanted, key)
+        if key in ("lora_rank", "lora_alpha", "lora_target_modules") and saved.kind != "lora":
+            continue
+        if key == "keep_blocks" and saved.kind != "pruned":
+            continue
+        if a != b:
+            raise ValueError(f"{directory}: student.{key}: the folder was saved with {a!r}, the recipe has {b!r}")
+
+
+def build_student(cfg: StudentConfig, base_transformer: WanTransformer3DModel) -> Student:
+    """Build the student of `cfg` from the teacher's (high-noise) transformer.
+
+    LoRA: adapters are injected INTO `base_transformer` (shared with the teacher). pruned / full: copies
+    (one per expert). `cfg.init` loads that `WanTransformer3DModel` folder as the source instead (for LoRA
+    it becomes the base, no longer shared with the teacher); `keep_blocks` then indexes its blocks.
+    """
+    if cfg.kind == "causal":
+        raise ValueError("student.kind=causal: not available yet")
+    source = base_transformer
+    if cfg.init is not None:
+        ref = next(base_transformer.parameters())
+        source = WanTransformer3DModel.from_pretrained(cfg.init, torch_dtype=ref.dtype).to(ref.device)
+        logger.info("student %s: initialised from %s", cfg.name, cfg.init)
+    if cfg.kind == "lora":
+        lora_experts(source, cfg)
+        return Student(cfg, transformer=source, teacher_num_layers=block_count(source),
+                       shares_teacher=source is base_transformer)
+    if cfg.kind in ("pruned", "full"):
+        experts = copied_experts(source, cfg)
+        for m in experts:
+            m.requires_grad_(True)
+        return Student(cfg, experts=experts, teacher_num_layers=block_count(source))
+    raise ValueError(f"student.kind: unknown kind {cfg.kind!r}")

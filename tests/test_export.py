@@ -1,0 +1,171 @@
+"""Export: every format is read back by its real client (WanPipeline / load_lora_weights) and must
+reproduce the in-memory student."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from diffusers import WanPipeline, WanTransformer3DModel
+from safetensors.torch import load_file
+
+from distill.config import Recipe
+from distill.export import export_student
+from distill.recipe_loader import build
+from students.lora import merged_state_dict
+from students.sampling import sample_student, student_sampling_mode, student_sigmas
+from students.student import build_student
+
+HUB_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+def recipe_for(tmp_path, pipeline_dir, formats, **student):
+    return build(Recipe, {
+        "output_dir": str(tmp_path / "out"),
+        "data": {"vocabulary": "synth_data/vocab/wan.yaml", "num_prompts": 2},
+        "teacher": {"pretrained": str(pipeline_dir), "dtype": "float32", "shift": 3.0, "num_inference_steps": 4},
+        "student": {"name": "tiny_student", "kind": "lora", "lora_rank": 4, "lora_alpha": 8.0, **student},
+        "method": {"name": "kd"},
+        "export": {"formats": formats, "base_model": HUB_ID},
+    })
+
+
+def trained_student(recipe, pipe, seed=0):
+    """A student whose LoRA weights (A and B) are random, i.e. far from the zero init."""
+    student = build_student(recipe.student, pipe.transformer)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return student
+
+
+def inputs(t):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(len(t), 4, 2, 4, 4, generator=g), torch.tensor(t), torch.randn(len(t), 6, 32, generator=g)
+
+
+@torch.no_grad()
+def run(transformer, x, t, ehs):
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=ehs, return_dict=False)[0]
+
+
+def front_matter(readme):
+    text = readme.read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1]), text
+
+
+def test_diffusers_and_comfyui_lora_reproduce_the_student(tmp_path, tiny_pipeline_dir):
+    recipe = recipe_for(tmp_path, tiny_pipeline_dir, ["diffusers_lora", "comfyui_lora"])
+    pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
+    student = trained_student(recipe, pipe)
+    out = export_student(recipe, student, pipe, recipe.student_dir() / "export", eval_report={"accuracy": 0.8125})
+    x, t, ehs = inputs([900.0, 250.0])
+    with torch.no_grad():
+        want = student(x, t, ehs)
+
+    # diffusers: keys through WanPipeline.save_lora_weights; a FRESH pipeline's load_lora_weights reproduces v.
+    lora_file = out["diffusers_lora"] / "pytorch_lora_weights.safetensors"
+    assert "transformer.blocks.0.attn1.to_q.lora_A.weight" in load_file(lora_file)
+    fresh = WanPipeline.from_pretrained(tiny_pipeline_dir)
+    fresh.load_lora_weights(out["diffusers_lora"])
+    assert (run(fresh.transformer, x, t, ehs) - want).abs().max() <= 1e-5
+
+    # ComfyUI: Wan-native names + alpha, read back through diffusers' non-diffusers Wan converter, then fused.
+    comfy = load_file(out["comfyui_lora"])
+    assert out["comfyui_lora"].name == "tiny_student.safetensors"
+    assert comfy["diffusion_model.blocks.1.cross_attn.o.alpha"].item() == 8.0
+    assert comfy["diffusion_model.blocks.0.ffn.0.lora_down.weight"].shape == (4, 24)
+    assert comfy["diffusion_model.blocks.0.self_attn.q.lora_up.weight"].shape == (24, 4)
+    assert len(comfy) == 2 * 10 * 3  # blocks x modules x (down, up, alpha)
+    fresh = WanPipeline.from_pretrained(tiny_pipeline_dir)
+    fresh.load_lora_weights(out["comfyui_lora"].parent, weight_name=out["comfyui_lora"].name)
+    fresh.fuse_lora()
+    fused = {k.replace(".base_layer.", "."): v for k, v in fresh.transformer.state_dict().items() if ".lora_" not in k}
+    merged = merged_state_dict(student.transformer, "expert_0")
+    assert max((fused[k] - v).abs().max().item() for k, v in merged.items()) <= 1e-5
+    assert (run(fresh.transformer, x, t, ehs) - want).abs().max() <= 1e-5
+
+    meta, text = front_matter(out["diffusers_lora"] / "README.md")
+    assert meta["library_name"] == "diffusers" and meta["base_model"] == HUB_ID
+    assert {"distillation", "lora", "text-to-video"} <= set(meta["tags"]) and meta["pipeline_tag"] == "text-to-video"
+    assert "load_lora_weights" in text and "0.8125" in text and "lora_rank: 4" in text
+    assert "LoraLoaderModelOnly" in (out["comfyui_lora"].parent / "README.md").read_text()
+
+
+def test_lora_experts_export_per_expert_and_as_a_wan22_pipeline(tmp_path, tiny_pipeline_dir):
+    recipe = recipe_for(tmp_path, tiny_pipeline_dir, ["diffusers_lora", "comfyui_lora", "pipeline"],
+                        experts=2, expert_boundaries=[0.7], num_inference_steps=4)
+    pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
+    student = trained_student(recipe, pipe, seed=2)
+    out = export_student(recipe, student, pipe, recipe.student_dir() / "export")
+
+    # One diffusers LoRA per expert; each reproduces the student inside its own σ interval.
+    assert json.loads((out["diffusers_lora"] / "experts.json").read_text())["boundaries"] == [0.7]
+    for i, t in enumerate([[950.0, 700.0], [699.0, 100.0]]):
+        x, tt, ehs = inputs(t)
+        fresh = WanPipeline.from_pretrained(tiny_pipeline_dir)
+        fresh.load_lora_weights(out["diffusers_lora"] / f"expert_{i}")
+        with torch.no_grad():
+            assert (run(fresh.transformer, x, tt, ehs) - student(x, tt, ehs)).abs().max() <= 1e-5
+    assert sorted(p.name for p in out["comfyui_lora"].glob("*.safetensors")) == [
+        "tiny_student_expert_0.safetensors", "tiny_student_expert_1.safetensors"]
+
+    # The pipeline folder has Wan2.2's layout and samples exactly like the student (Euler, 4 steps).
+    loaded = WanPipeline.from_pretrained(out["pipeline"])
+    assert loaded.transformer_2 is not None and loaded.config.boundary_ratio == 0.7
+    sigmas = student_sigmas(recipe.student, recipe.teacher.shift, recipe.teacher.num_inference_steps)
+    assert student_sampling_mode(recipe.student) == "euler" and len(sigmas) == 5
+    assert min(sigmas[:-1]) < 0.7 < max(sigmas[:-1])  # both experts take part
+    noise = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    ehs = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = loaded(prompt_embeds=ehs, height=32, width=32, num_frames=5, num_inference_steps=4,
+                     guidance_scale=1.0, latents=noise.clone(), output_type="latent").frames
+        want = sample_student(student, ehs, None, noise, sigmas, mode="euler")
+    assert (got - want).abs().max() <= 1e-5
+    meta, _ = front_matter(out["pipeline"] / "README.md")
+    assert "timestep-experts" in meta["tags"]
+
+
+def test_pruned_student_exports_transformer_and_pipeline(tmp_path, tiny_pipeline_dir):
+    recipe = recipe_for(tmp_path, tiny_pipeline_dir, ["transformer", "pipeline"], kind="pruned", keep_blocks=[1],
+                        denoising_steps=[1000])
+    pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
+    student = build_student(recipe.student, pipe.transformer)
+    with torch.no_grad():
+        student.experts[0].proj_out.bias.add_(0.25)
+    out = export_student(recipe, student, pipe, recipe.student_dir() / "export")
+    x, t, ehs = inputs([800.0])
+    reloaded = WanTransformer3DModel.from_pretrained(out["transformer"])
+    assert reloaded.config.num_layers == 1
+    with torch.no_grad():
+        assert (run(reloaded, x, t, ehs) - student(x, t, ehs)).abs().max() <= 1e-6
+    meta, _ = front_matter(out["transformer"] / "README.md")
+    assert "lora" not in meta["tags"] and "distillation" in meta["tags"]
+    # A one-step (renoise) student: the pipeline's stochastic Euler scheduler returns x0 = x - σ·v.
+    loaded = WanPipeline.from_pretrained(out["pipeline"])
+    assert loaded.scheduler.config.stochastic_sampling
+    noise = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = loaded(prompt_embeds=ehs[:1], height=32, width=32, num_frames=5, num_inference_steps=1,
+                     guidance_scale=1.0, latents=noise.clone(), output_type="latent").frames
+        want = sample_student(student, ehs[:1], None, noise, student_sigmas(recipe.student, 3.0, 4))
+    assert (got - want).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r"export\.formats.*LoRA student"):
+        export_student(recipe_for(tmp_path, tiny_pipeline_dir, ["transformer", "comfyui_lora"], kind="pruned",
+                                  keep_blocks=[1]), student, pipe, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_pipeline_format_refuses_more_than_two_experts(tmp_path, tiny_pipeline_dir):
+    recipe = recipe_for(tmp_path, tiny_pipeline_dir, ["diffusers_lora", "pipeline"], experts=3,
+                        expert_boundaries=[0.8, 0.4])
+    pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
+    student = build_student(recipe.student, pipe.transformer)
+    with pytest.raises(ValueError, match=r"export\.formats: 'pipeline' holds at most 2 experts"):
+        export_student(recipe, student, pipe, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
