@@ -35,11 +35,15 @@ class TeacherConfig:
     """None uses the vocabulary's negative prompt."""
     cfg_batch: bool = True
     """Run the conditional and unconditional branches in one batched forward (faster, ~2x activation memory)."""
+    encode_cache_size: int = 1024
+    """Prompts whose text embeddings are kept (LRU, in CPU memory: ~4 MB each for Wan in bf16) so repeated
+    prompts and the shared negative prompt are encoded once."""
 
     def __post_init__(self):
         if not self.pretrained:
             raise ValueError("pretrained: give a Hub id or a local WanPipeline folder")
-        for key in ("height", "width", "num_frames", "num_inference_steps", "max_sequence_length"):
+        for key in ("height", "width", "num_frames", "num_inference_steps", "max_sequence_length",
+                    "encode_cache_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.guidance_scale < 0:
