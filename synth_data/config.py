@@ -28,9 +28,13 @@ class DataConfig:
     the final clean latents are always appended as the last entry. Empty: no trajectory."""
     fps: int = 16
     """Frame rate written into the mp4s."""
+    video_crf: int = 18
+    """x264 constant rate factor of the mp4s (libx264, yuv420p): 0 is the best quality, 51 the worst; 18 is
+    visually near-lossless. Training reads `latents`/`trajectory`, so this only affects the `video` column."""
     hub_repo_id: str | None = None
     """Dataset repo for `push` (e.g. `me/wan21-synth`). The token comes from HF_TOKEN or the CLI login."""
     hub_private: bool = True
+    """Create the Hub repo as private; an existing repo keeps its visibility."""
 
     def __post_init__(self):
         if self.num_prompts < 1:
@@ -38,5 +42,7 @@ class DataConfig:
         for key in ("batch_size", "shard_size", "fps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.video_crf <= 51:
+            raise ValueError(f"video_crf: must be in [0, 51] (x264's range), got {self.video_crf}")
         if any(s < 0 for s in self.trajectory_steps) or sorted(set(self.trajectory_steps)) != self.trajectory_steps:
             raise ValueError(f"trajectory_steps: must be increasing step indices >= 0, got {self.trajectory_steps}")

@@ -1,0 +1,263 @@
+"""The `generate` stage: `<output_dir>/prompts.jsonl` -> teacher samples -> `<output_dir>/dataset/`.
+
+Layout and columns: `synth_data.dataset`. How the work is cut, so that any number of processes and any
+number of interruptions give the same bytes:
+  1. Sample i's noise is `randn(latent_shape, generator=torch.Generator("cpu").manual_seed(seed_i))`, float32,
+     with seed_i = derive_seed(data.seed, i) from prompts.jsonl.
+  2. Shards of `data.shard_size` consecutive indices are split across processes (accelerate). Inside a shard,
+     batches of `data.batch_size` sit at fixed positions, so a batch's contents (hence its numerics) never
+     depend on the process count or on what an earlier run finished.
+  3. Each finished sample is written at once as a one-row part file in `dataset/.work/` (atomic: temp file
+     in the same folder, then os.replace); a shard is assembled from its parts once all exist. A rerun
+     after any crash (SIGKILL included) redoes only unfinished batches.
+  4. Rank 0 writes README.md, removes `.work/` and writes COMPLETE last.
+
+`dataset/generation.json` is the fingerprint: the `data` and `teacher` sections minus NOT_FINGERPRINTED,
+the resolved negative prompt and the sha256 of prompts.jsonl. Resuming with another fingerprint fails.
+`data.batch_size` and `teacher.cfg_batch` are fingerprinted: batched and unbatched forwards differ in the
+last bits, and the dataset promises to be exactly reproducible from its recorded config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from distill.config import Recipe, resolve_path
+from synth_data.composer import format_coverage, load_vocabulary, read_prompts
+from synth_data.dataset import (
+    build_features, dataset_card, encode_video, features_of, read_parquet, rows_per_row_group, shard_name,
+    write_parquet, write_text_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Bumped when the dataset layout changes; part of the fingerprint."""
+WORK_DIR = ".work"
+NOT_FINGERPRINTED = frozenset({
+    "data.vocabulary",  # its effect is fingerprinted: prompts.sha256 and teacher.negative_prompt (resolved)
+    "data.hub_repo_id", "data.hub_private",  # push only
+    "teacher.offload", "teacher.encode_cache_size",  # memory placement / caching: same numbers
+})
+
+
+def is_complete(dataset_dir: str | Path) -> bool:
+    """Whether `generate` finished this dataset folder (its COMPLETE marker exists)."""
+    return (Path(dataset_dir) / "COMPLETE").is_file()
+
+
+def sample_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The initial noise of one sample: float32 randn from a CPU generator seeded with the row's seed."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+# ---- fingerprint ----------------------------------------------------------------------------------
+def fingerprint(recipe: Recipe, prompts_path: Path, negative_prompt: str) -> dict:
+    """The generation-affecting config as flat dotted keys (JSON-normalised), see the module docstring."""
+    sections = recipe.to_dict()
+    fp = {"format_version": FORMAT_VERSION,
+          "prompts.sha256": hashlib.sha256(prompts_path.read_bytes()).hexdigest()}
+    for section in ("data", "teacher"):
+        for key, value in sections[section].items():
+            if f"{section}.{key}" not in NOT_FINGERPRINTED:
+                fp[f"{section}.{key}"] = value
+    fp["teacher.negative_prompt"] = negative_prompt
+    return json.loads(json.dumps(dict(sorted(fp.items()))))
+
+
+_ABSENT = object()
+
+
+def _show(value) -> str:
+    text = "(absent)" if value is _ABSENT else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_fingerprint(dataset_dir: Path, fp: dict) -> None:
+    """Raise ValueError naming the changed keys when `dataset_dir` was generated with another fingerprint."""
+    path = dataset_dir / "generation.json"
+    if not path.is_file():
+        if any(dataset_dir.rglob("*.parquet")):
+            raise ValueError(
+                f"{dataset_dir}: has parquet files but no generation.json, so they can't be checked against this "
+                "config; use another output_dir or delete it"
+            )
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    changed = [f"{k}: {_show(old.get(k, _ABSENT))} -> {_show(fp.get(k, _ABSENT))}"
+               for k in sorted(set(old) | set(fp)) if old.get(k, _ABSENT) != fp.get(k, _ABSENT)]
+    if changed:
+        raise ValueError(
+            f"{dataset_dir} was generated with another config ({'; '.join(changed)}); "
+            "use another output_dir or delete it"
+        )
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    recipe: Recipe
+    dataset_dir: Path
+    rows: list[dict]
+    slot_names: list[str]
+    negative_prompt: str
+    vocab_name: str
+    num_shards: int
+
+    def shard_path(self, shard: int) -> Path:
+        return self.dataset_dir / shard_name(shard, self.num_shards)
+
+    def shard_rows(self, shard: int) -> list[dict]:
+        size = self.recipe.data.shard_size
+        return self.rows[shard * size: (shard + 1) * size]
+
+    def part_path(self, index: int) -> Path:
+        return self.dataset_dir / WORK_DIR / f"part-{index:09d}.parquet"
+
+
+def generate(recipe: Recipe, accelerator: Accelerator) -> Path:
+    """Render every prompt of `<output_dir>/prompts.jsonl` with the teacher into `<output_dir>/dataset/`.
+
+    Resumes an interrupted run (byte-identical result); returns at once when the folder is complete.
+    Raises ValueError when the folder was generated with another config (see `fingerprint`).
+    """
+    accelerator.wait_for_everyone()  # `compose` writes prompts.jsonl on rank 0 only
+    job, fp = _prepare(recipe)
+    check_fingerprint(job.dataset_dir, fp)
+    if is_complete(job.dataset_dir):
+        logger.info("generate: %s is complete, nothing to do", job.dataset_dir)
+        return job.dataset_dir
+    pending = [s for s in range(job.num_shards) if not job.shard_path(s).is_file()]
+    accelerator.wait_for_everyone()  # everyone listed `pending` before anyone writes
+    if accelerator.is_main_process:
+        for stray in job.dataset_dir.rglob(".*.tmp"):  # temp files of a killed run
+            stray.unlink()
+        if not (job.dataset_dir / "generation.json").is_file():
+            write_text_atomic(job.dataset_dir / "generation.json", json.dumps(fp, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    with accelerator.split_between_processes(pending) as mine:
+        logger.info("generate: process %d of %d renders shards %s", accelerator.process_index,
+                    accelerator.num_processes, mine)
+        if mine:
+            _render_shards(job, mine, accelerator)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _finalize(job)
+    accelerator.wait_for_everyone()
+    return job.dataset_dir
+
+
+def _prepare(recipe: Recipe) -> tuple[_Job, dict]:
+    """Read and check the prompts and cross-section settings; no teacher needed yet."""
+    data, teacher = recipe.data, recipe.teacher
+    prompts_path = recipe.out / "prompts.jsonl"
+    if not prompts_path.is_file():
+        raise FileNotFoundError(f"{prompts_path}: not found; run `python -m distill compose RECIPE` first")
+    rows = read_prompts(prompts_path)
+    slot_names = list(rows[0]["slots"])
+    for line, row in enumerate(rows, start=1):
+        if not row["slots"] or set(row["slots"]) != set(slot_names):
+            raise ValueError(
+                f"{prompts_path}:{line}: slots: has {sorted(row['slots'])}, line 1 has {sorted(slot_names)}; "
+                "every row needs the same non-empty slots (rerun `python -m distill compose RECIPE`)"
+            )
+    bad = [s for s in data.trajectory_steps if s >= teacher.num_inference_steps]
+    if bad:
+        raise ValueError(
+            f"data.trajectory_steps: {bad} out of range for teacher.num_inference_steps={teacher.num_inference_steps}; "
+            f"use step indices in [0, {teacher.num_inference_steps - 1}] (the clean latents are always appended)"
+        )
+    vocab = load_vocabulary(resolve_path(data.vocabulary))
+    negative = teacher.negative_prompt if teacher.negative_prompt is not None else vocab.negative_prompt
+    num_shards = -(-len(rows) // data.shard_size)
+    job = _Job(recipe=recipe, dataset_dir=recipe.out / "dataset", rows=rows, slot_names=slot_names,
+               negative_prompt=negative, vocab_name=vocab.name, num_shards=num_shards)
+    return job, fingerprint(recipe, prompts_path, negative)
+
+
+def _render_shards(job: _Job, shards: list[int], accelerator: Accelerator) -> None:
+    """Render this process's shards batch by batch; parts first, then each shard from its parts."""
+    from teachers.wan import WanTeacher  # heavy import, only on processes with work
+
+    data = job.recipe.data
+    teacher = WanTeacher.from_config(job.recipe.teacher, accelerator.device)
+    cfg = teacher.cfg
+    shape = teacher.latent_shape(cfg.num_frames, cfg.height, cfg.width)
+    num_traj = len(data.trajectory_steps) + 1 if data.trajectory_steps else 0
+    features = build_features(job.slot_names, shape, data.save_latents, num_traj)
+    group = rows_per_row_group(features, data.shard_size)
+    todo = sum(not job.part_path(r["index"]).is_file() for s in shards for r in job.shard_rows(s))
+    bar = tqdm(total=todo, desc="generate", unit="sample", disable=not accelerator.is_main_process)
+    for shard in shards:
+        rows = job.shard_rows(shard)
+        for start in range(0, len(rows), data.batch_size):
+            batch = rows[start: start + data.batch_size]
+            missing = {r["index"] for r in batch if not job.part_path(r["index"]).is_file()}
+            if not missing:
+                continue
+            for row, sample in zip(batch, _render_batch(teacher, batch, job, shape)):
+                if row["index"] in missing:
+                    write_parquet(job.part_path(row["index"]), {k: [v] for k, v in sample.items()}, features, group)
+            bar.update(len(missing))
+        parts = [job.part_path(r["index"]) for r in rows]
+        table = pa.concat_tables([read_parquet(p) for p in parts])
+        write_parquet(job.shard_path(shard), table, features, group)
+        for p in parts:
+            p.unlink()
+        logger.debug("generate: wrote %s", job.shard_path(shard))
+    bar.close()
+
+
+def _render_batch(teacher, batch: list[dict], job: _Job, shape: tuple[int, ...]) -> list[dict]:
+    """One teacher call (CFG batched by the teacher) for a batch of prompt rows -> one dict per sample."""
+    data, steps = job.recipe.data, teacher.cfg.num_inference_steps
+    noise = torch.stack([sample_noise(r["seed"], shape) for r in batch])
+    cond = teacher.encode([r["prompt"] for r in batch], job.negative_prompt)
+    save_at = [*data.trajectory_steps, steps] if data.trajectory_steps else []
+    out = teacher.sample(cond, noise, save_at=save_at)
+    samples = []
+    for i, row in enumerate(batch):
+        frames = teacher.to_uint8(teacher.decode(out.latents[i: i + 1]))[0]  # one at a time: VAE memory
+        sample = {
+            "index": row["index"], "caption": row["prompt"], "slots": row["slots"], "seed": row["seed"],
+            "video": {"bytes": encode_video(frames, data.fps, data.video_crf), "path": None},
+        }
+        if data.save_latents:
+            sample["latents"] = out.latents[i].float().cpu().numpy()
+        if save_at:
+            sample["trajectory"] = out.trajectory[i].float().cpu().numpy()
+            sample["trajectory_sigmas"] = out.sigmas[save_at].float().cpu().tolist()
+        samples.append(sample)
+    return samples
+
+
+def _finalize(job: _Job) -> None:
+    """Rank 0, after every process finished: check the shards, write README.md, drop .work/, write COMPLETE."""
+    recipe, dataset_dir = job.recipe, job.dataset_dir
+    paths = [job.shard_path(s) for s in range(job.num_shards)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"{missing[0]}: missing after generation (a process failed?); rerun generate to finish it")
+    coverage_path = recipe.out / "coverage.json"
+    coverage_text = (format_coverage(json.loads(coverage_path.read_text(encoding="utf-8")))
+                     if coverage_path.is_file() else None)
+    card = dataset_card(
+        recipe=recipe, features=features_of(paths[0]), num_examples=len(job.rows),
+        num_bytes=sum(p.stat().st_size for p in paths), vocab_name=job.vocab_name,
+        negative_prompt=job.negative_prompt, coverage_text=coverage_text,
+    )
+    write_text_atomic(dataset_dir / "README.md", card)
+    shutil.rmtree(dataset_dir / WORK_DIR, ignore_errors=True)
+    marker = {"num_examples": len(job.rows), "num_shards": job.num_shards}
+    write_text_atomic(dataset_dir / "COMPLETE", json.dumps(marker, sort_keys=True) + "\n")
+    logger.info("generate: %s is complete (%d samples in %d shards)", dataset_dir, len(job.rows), job.num_shards)

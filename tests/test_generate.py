@@ -1,0 +1,254 @@
+"""The generate stage on the tiny teacher: dataset contents, byte-identical resume after SIGKILL, fingerprint
+errors, clean failure, and 2 gloo processes giving the same bytes as 1."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from distill.accel import make_accelerator
+from distill.config import load_recipe
+from synth_data.compose_stage import compose_stage
+from synth_data.composer import read_prompts
+from synth_data.dataset import build_features, decode_video, load_local
+from synth_data.generate import generate, is_complete, sample_noise
+
+VENV_BIN = Path(sys.executable).parent
+VOCAB = {
+    "name": "tinyvocab",
+    "slots": {"color": ["red", "green", "blue"], "thing": ["cat", "dog", "circle", "square"]},
+    "templates": ["a {color} {thing} moving left", "the {thing} beside a {color} square"],
+    "negative_prompt": "blurry noise",
+}
+
+
+def make_project(root: Path, pipeline_dir: Path, **data) -> Path:
+    """A recipe with relative paths (output_dir `out`, vocabulary `vocab.yaml`) and its composed prompts."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.yaml").write_text(yaml.safe_dump(VOCAB))
+    recipe = {
+        "output_dir": "out",
+        "data": {"vocabulary": "vocab.yaml", "num_prompts": 6, "batch_size": 2, "shard_size": 4,
+                 "trajectory_steps": [0, 1], **data},
+        "teacher": {"pretrained": str(pipeline_dir), "dtype": "float32", "height": 16, "width": 16,
+                    "num_frames": 5, "num_inference_steps": 2, "guidance_scale": 5.0, "max_sequence_length": 16},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with contextlib.chdir(root):
+        compose_stage(load_recipe("recipe.yaml"))
+    return root
+
+
+def run_generate(root: Path, *overrides: str) -> Path:
+    with contextlib.chdir(root):
+        return root / generate(load_recipe("recipe.yaml", overrides), make_accelerator())
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under `folder` (hidden ones included)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_pipeline_dir):
+    """One uninterrupted single-process run; every other run must reproduce its bytes."""
+    root = make_project(tmp_path_factory.mktemp("ref"), tiny_pipeline_dir)
+    run_generate(root)
+    return root
+
+
+def test_end_to_end_dataset(reference, tiny_pipeline_dir, tmp_path, monkeypatch):
+    ds_dir = reference / "out" / "dataset"
+    prompts = read_prompts(reference / "out" / "prompts.jsonl")
+    assert is_complete(ds_dir)
+    assert sorted(tree(ds_dir)) == ["COMPLETE", "README.md", "data/train-00000-of-00002.parquet",
+                                    "data/train-00001-of-00002.parquet", "generation.json"]
+    ds = load_local(ds_dir, cache_dir=str(tmp_path / "cache"))
+    assert ds.column_names == ["index", "caption", "slots", "seed", "video", "latents", "trajectory",
+                               "trajectory_sigmas"]
+    cols = ds[:]
+    assert cols["index"] == list(range(6))
+    assert cols["caption"] == [r["prompt"] for r in prompts]
+    assert cols["slots"] == [r["slots"] for r in prompts]
+    assert cols["seed"] == [r["seed"] for r in prompts]
+    arr = ds.with_format("numpy")[:]
+    latents, traj = arr["latents"], arr["trajectory"]
+    assert latents.shape == (6, 4, 2, 2, 2) and latents.dtype == np.float32
+    assert traj.shape == (6, 3, 4, 2, 2, 2) and traj.dtype == np.float32
+    np.testing.assert_array_equal(traj[:, -1], latents)  # the clean latents close the trajectory
+    for i, row in enumerate(prompts):  # the state before step 0 is the seeded noise
+        np.testing.assert_array_equal(traj[i, 0], sample_noise(row["seed"], (4, 2, 2, 2)).numpy())
+    sigmas = arr["trajectory_sigmas"]
+    assert sigmas.shape == (6, 3) and sigmas[0, 0] == 1.0 and sigmas[0, -1] == 0.0 and 0 < sigmas[0, 1] < 1
+
+    # Same numbers as querying the teacher directly on the first batch.
+    from teachers.wan import WanTeacher
+
+    with contextlib.chdir(reference):
+        recipe = load_recipe("recipe.yaml")
+    teacher = WanTeacher.from_config(recipe.teacher, "cpu")
+    noise = torch.stack([sample_noise(r["seed"], (4, 2, 2, 2)) for r in prompts[:2]])
+    out = teacher.sample(teacher.encode([r["prompt"] for r in prompts[:2]], "blurry noise"), noise)
+    np.testing.assert_array_equal(latents[:2], out.latents.numpy())
+    frames = teacher.to_uint8(teacher.decode(out.latents[:1]))[0]
+    decoded = decode_video(ds[0]["video"])
+    assert decoded.shape == (5, 16, 16, 3) and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - frames).mean() < 12  # lossy H.264 of the teacher's frames
+
+    # `datasets.load_dataset(folder)` restores every feature from the card/parquet metadata.
+    import datasets
+
+    plain = datasets.load_dataset(str(ds_dir), split="train", cache_dir=str(tmp_path / "cache2"))
+    assert plain.features == build_features(["color", "thing"], (4, 2, 2, 2), True, 3)
+
+    card = (ds_dir / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"}]
+    assert front["dataset_info"]["splits"][0]["num_examples"] == 6
+    assert front["task_categories"] == ["text-to-video"]
+    for text in (str(tiny_pipeline_dir), "2 steps", "CFG 5.0", "flow shift 3.0", "5 frames of 16x16",
+                 "tinyvocab", "vocab.yaml", "'blurry noise'", "color|thing"):
+        assert text in card, text
+    regen = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert regen["data"] == recipe.to_dict()["data"] and regen["teacher"] == recipe.to_dict()["teacher"]
+    assert json.loads((ds_dir / "COMPLETE").read_text()) == {"num_examples": 6, "num_shards": 2}
+
+    # A complete folder is returned as is, and a run killed after its last shard only finalizes: no teacher.
+    before = tree(ds_dir)
+    monkeypatch.setattr(WanTeacher, "from_config", lambda *a, **k: pytest.fail("teacher loaded"))
+    run_generate(reference)
+    assert tree(ds_dir) == before
+    (ds_dir / "COMPLETE").unlink()
+    (ds_dir / "README.md").unlink()
+    run_generate(reference)
+    assert tree(ds_dir) == before
+
+
+SLOW_GENERATE = """
+import time, torch
+torch.set_num_threads(1)
+from teachers.wan import WanTeacher
+from distill.accel import make_accelerator
+from distill.config import load_recipe
+from synth_data.generate import generate
+sample = WanTeacher.sample
+def slow_sample(self, *a, **k):
+    time.sleep(0.5)
+    return sample(self, *a, **k)
+WanTeacher.sample = slow_sample
+generate(load_recipe("recipe.yaml"), make_accelerator())
+"""
+
+
+def test_resume_after_sigkill_is_byte_identical(reference, tiny_pipeline_dir, tmp_path, monkeypatch):
+    root = make_project(tmp_path / "killed", tiny_pipeline_dir)
+    ds_dir = root / "out" / "dataset"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_GENERATE], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while not list(ds_dir.glob(".work/part-*.parquet")):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "no part file appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not is_complete(ds_dir)
+    done = {int(p.stem.split("-")[1]) for p in ds_dir.glob(".work/part-*.parquet")}
+    for shard in ds_dir.glob("data/train-*.parquet"):  # train-0000s-of-00002: indices 4s .. 4s+3
+        done |= set(range(6)[int(shard.name[6:11]) * 4:][:4])
+    assert 0 < len(done) < 6
+    expected_calls = sum(not {i, i + 1} <= done for i in (0, 2, 4))  # batches (0,1), (2,3), (4,5)
+
+    from teachers.wan import WanTeacher
+
+    calls = []
+    sample = WanTeacher.sample
+    monkeypatch.setattr(WanTeacher, "sample", lambda self, cond, *a, **k: calls.append(len(cond)) or
+                        sample(self, cond, *a, **k))
+    run_generate(root)
+    assert len(calls) == expected_calls  # finished samples are not redone
+    assert tree(ds_dir) == tree(reference / "out" / "dataset")
+
+
+def test_fingerprint_mismatch_names_the_changed_key(reference):
+    ds_dir = reference / "out" / "dataset"
+    before = tree(ds_dir)
+    with pytest.raises(ValueError, match=r"dataset was generated with another config "
+                                         r"\(teacher.num_inference_steps: 2 -> 3\); use another output_dir"):
+        run_generate(reference, "teacher.num_inference_steps=3")
+    with pytest.raises(ValueError, match=r"data.video_crf: 18 -> 20; teacher.guidance_scale: 5.0 -> 4.0"):
+        run_generate(reference, "teacher.guidance_scale=4.0", "data.video_crf=20")
+    run_generate(reference, "data.hub_repo_id=me/x", "teacher.encode_cache_size=4")  # not fingerprinted
+    assert tree(ds_dir) == before
+
+
+def test_bad_inputs_fail_before_writing(tmp_path, tiny_pipeline_dir):
+    root = make_project(tmp_path / "bad", tiny_pipeline_dir)
+    with pytest.raises(ValueError, match=r"data.trajectory_steps: \[2\] out of range .*num_inference_steps=2"):
+        run_generate(root, "data.trajectory_steps=[0,2]")
+    prompts = root / "out" / "prompts.jsonl"
+    lines = prompts.read_text().splitlines()
+    lines[2] = lines[2].replace('"seed": ', '"seed": "x", "oops": ')
+    prompts.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"out/prompts.jsonl:3: "):
+        run_generate(root)
+    prompts.unlink()
+    with pytest.raises(FileNotFoundError, match=r"run `python -m distill compose RECIPE` first"):
+        run_generate(root)
+    assert not (root / "out" / "dataset").exists()
+
+
+def test_error_mid_run_keeps_finished_samples_and_no_partial_files(reference, tiny_pipeline_dir, tmp_path,
+                                                                   monkeypatch):
+    from teachers.wan import WanTeacher
+
+    root = make_project(tmp_path / "crash", tiny_pipeline_dir)
+    ds_dir = root / "out" / "dataset"
+    sample, calls = WanTeacher.sample, []
+
+    def failing_sample(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return sample(self, *a, **k)
+
+    monkeypatch.setattr(WanTeacher, "sample", failing_sample)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_generate(root)
+    assert sorted(tree(ds_dir)) == [".work/part-000000000.parquet", ".work/part-000000001.parquet",
+                                    "generation.json"]
+    monkeypatch.setattr(WanTeacher, "sample", sample)
+    run_generate(root)
+    assert tree(ds_dir) == tree(reference / "out" / "dataset")
+
+
+@pytest.mark.xdist_group("multiproc")
+def test_two_processes_give_the_same_bytes(reference, tiny_pipeline_dir, tmp_path):
+    root = make_project(tmp_path / "multi", tiny_pipeline_dir)
+    with socket.socket() as s:  # a free port, so parallel test sessions don't collide on 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "synth_data._generate_cli", "recipe.yaml"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "process 0 of 2 renders shards [0]" in res.stderr, res.stderr[-3000:]
+    assert "process 1 of 2 renders shards [1]" in res.stderr, res.stderr[-3000:]
+    assert tree(root / "out" / "dataset") == tree(reference / "out" / "dataset")
