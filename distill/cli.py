@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     stage = globals()[f"stage_{args.stage}"]
     try:
         stage(recipe)
-    except (RecipeError, ValueError, FileNotFoundError) as e:
+    except (RecipeError, ValueError, FileNotFoundError, RuntimeError) as e:
         logger.debug("stage failed", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
         return 2

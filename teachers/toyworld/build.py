@@ -1,0 +1,62 @@
+"""Build the *untrained* toy-world teacher folder that `recipes/toyworld_teacher.yaml` trains.
+
+    python -m teachers.toyworld.build outputs/toyworld_teacher/init
+
+The tokenizer covers every word of the toy vocabulary (slot values, templates, negative prompt). The
+transformer's shape is fixed here (TRANSFORMER) so that the shipped weights and this script agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import logging
+from pathlib import Path
+
+from synth_data.composer import load_vocabulary
+from teachers.tiny import words_of
+from teachers.toyworld.pipeline import build_toy_pipeline, save_toy_pipeline
+
+logger = logging.getLogger(__name__)
+
+VOCABULARY = Path(__file__).resolve().parents[2] / "synth_data" / "vocab" / "toyworld.yaml"
+
+TEXT_DIM = 48  # >= the vocabulary + special tokens, so word embeddings are exactly orthogonal
+TRANSFORMER = dict(
+    patch_size=(3, 4, 4),  # 3 frames x 4x4 px per token: 192 tokens for a 9-frame 32x32 clip
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=3,
+    out_channels=3,
+    text_dim=TEXT_DIM,
+    freq_dim=64,
+    ffn_dim=384,
+    num_layers=6,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=256,
+)
+
+
+def toy_words(vocab_path: Path = VOCABULARY) -> list[str]:
+    vocab = load_vocabulary(vocab_path)
+    templates = [re.sub(r"\{[a-z_]+\}", " ", t) for t in vocab.templates]  # placeholders are not words
+    texts = [v for values in vocab.slots.values() for v in values] + templates
+    return words_of(texts + [vocab.negative_prompt or ""])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, help="folder for the WanPipeline")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    pipe = build_toy_pipeline(toy_words(), transformer_kwargs=TRANSFORMER, text_dim=TEXT_DIM, seed=args.seed)
+    save_toy_pipeline(pipe, args.out)
+    n = sum(p.numel() for p in pipe.transformer.parameters())
+    logger.info("toy teacher (untrained, %.2fM transformer params) written to %s", n / 1e6, args.out)
+
+
+if __name__ == "__main__":
+    main()
