@@ -10,6 +10,7 @@ import sys
 
 from distill.config import Recipe, load_recipe
 from distill.recipe_loader import RecipeError
+from synth_data.push import PushError
 
 logger = logging.getLogger("distill")
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     stage = globals()[f"stage_{args.stage}"]
     try:
         stage(recipe)
-    except (RecipeError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (RecipeError, ValueError, FileNotFoundError, PushError) as e:
         logger.debug("stage failed", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
         return 2

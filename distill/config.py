@@ -18,7 +18,10 @@ from typing import Literal
 
 import yaml
 
+from distill.flow_matching import FlowMatching
+from distill.kd import KD
 from distill.recipe_loader import RecipeError, build, deep_merge, parse_override, read_yaml, set_dotted, to_dict
+from distill.trajectory import Trajectory
 from students.config import StudentConfig
 from synth_data.config import DataConfig
 from teachers.config import TeacherConfig
@@ -30,8 +33,19 @@ METHODS = ("flow_matching", "kd", "trajectory", "ode_regression", "dmd", "self_f
 
 @dataclass(kw_only=True)
 class MethodConfig:
+    """`name` picks the algorithm; its own sub-section (e.g. `method.kd.layer_map`) holds its settings.
+
+    Sub-sections of the other algorithms may be left out (defaults) and are ignored.
+    """
+
     name: Literal["flow_matching", "kd", "trajectory", "ode_regression", "dmd", "self_forcing"]
     """The algorithm (one file each in `distill/`)."""
+    flow_matching: FlowMatching.Config = field(default_factory=FlowMatching.Config)
+    """`distill/flow_matching.py`: shift, weighting, cfg_dropout."""
+    kd: KD.Config = field(default_factory=KD.Config)
+    """`distill/kd.py`: output_weight, feature_weight, data_weight, layer_map, guidance_scale, shift, weighting."""
+    trajectory: Trajectory.Config = field(default_factory=Trajectory.Config)
+    """`distill/trajectory.py`: max_sigma_gap."""
 
 
 @dataclass(kw_only=True)
@@ -57,7 +71,12 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     """`latest`, a `checkpoint-<step>` path, or None to start fresh."""
     seed: int = 0
+    """Seeds the student's initialisation and every sample's random stream: derive_seed(seed, sample index)."""
+    data_source: Literal["dataset", "toyworld"] = "dataset"
+    """`dataset`: the generated teacher samples in `<output_dir>/dataset/`; `toyworld`: clips rendered on the fly
+    from `data.vocabulary` (toy-world slots) and encoded with the teacher's VAE (trains the toy teacher)."""
     log_with: Literal["tensorboard", "none"] = "tensorboard"
+    """Tracker (through accelerate) writing to `<output_dir>/students/<name>/logs/`."""
     log_every: int = 10
     dataloader_num_workers: int = 0
 
@@ -88,19 +107,40 @@ class ExportConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     num_prompts: int = 64
-    """Fresh prompts drawn for the eval (never the training prompts)."""
+    """Fresh prompts composed for the eval from `data.vocabulary` with `seed` (never prompts.jsonl's rows);
+    report.json's `train_overlap` says how many of their slot combinations the training prompts also hold."""
     seed: int = 1234
-    """Seed for the eval prompts and noise."""
+    """Seed of the eval prompts and of prompt i's noise, `derive_seed(seed, i)` (shared by teacher and students).
+    Must differ from `data.seed`, else the eval would reuse the training noise."""
+    prompt_mode: Literal["balanced", "random"] = "balanced"
+    """Composer mode of the eval prompts: `balanced` keeps every slot value's count within ±1 of uniform, so
+    per-attribute chance is exactly 1/k for num_prompts divisible by k; `random` draws i.i.d."""
     batch_size: int = 8
+    """Videos per sampler call (teacher and students alike); the first batch also serves as the warm-up."""
+    grader: Literal["auto", "toyworld", "none"] = "auto"
+    """`toyworld`: the toy world's oracle (teachers/toyworld/oracle.py) reads the slots back; `auto` uses it when
+    every slot and value of the vocabulary is the toy world's, else `none`; `none`: timings only, accuracy null."""
+    students: list[str] | None = None
+    """Student names under `<output_dir>/students/` to grade; None grades every finished one (with final/COMPLETE)."""
+    use_ema: bool = True
+    """Grade a student's `final_ema/` weights when its run kept an EMA (else `final/`)."""
     long_rollout_factor: int = 10
     """Causal students: roll out this many times the training length for the drift curve."""
     num_previews: int = 4
-    """Prompts rendered as mp4 + GIF previews for the teacher and every student."""
+    """First prompts rendered as mp4 + GIF previews for the teacher and every student (at most num_prompts;
+    0: none)."""
+    preview_size: int = 128
+    """Previews are upscaled with nearest-neighbour by an integer factor until their shorter side is at least
+    this many pixels (toy-world frames are 32 px); Wan's 480p frames stay as they are."""
 
     def __post_init__(self):
-        for key in ("num_prompts", "batch_size", "long_rollout_factor"):
+        for key in ("num_prompts", "batch_size", "long_rollout_factor", "preview_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.num_previews < 0:
+            raise ValueError(f"num_previews: must be >= 0, got {self.num_previews}")
+        if self.students is not None and (not self.students or len(set(self.students)) != len(self.students)):
+            raise ValueError(f"students: must be null or a non-empty list of distinct names, got {self.students}")
 
 
 @dataclass(kw_only=True)
