@@ -1,0 +1,377 @@
+"""The `eval` stage: grade the teacher and every finished student on fresh prompts, time them, write a report.
+
+    python -m distill eval RECIPE.yaml [output_dir=DIR] [eval.seed=S] [eval.num_prompts=N]
+
+1. Prompts: `compose(vocabulary, eval.num_prompts, eval.seed, eval.prompt_mode)`, a fresh draw that never
+   reads prompts.jsonl; prompt i's noise is `randn(latent_shape)` from a CPU generator seeded with
+   `derive_seed(eval.seed, i)`, the same tensor for the teacher and every student (as in `generate`).
+2. Models: the teacher (its recipe's steps, CFG and shift), then each student in
+   `<output_dir>/students/<name>/final/` that holds a `COMPLETE` marker (its `final_ema/` weights when present
+   and `eval.use_ema`), sampled with its own `denoising_steps` / guidance (`students.sampling`). Renoising
+   students draw their fresh noise from per-prompt generators seeded with `derive_seed(seed_i, 1)`, so results
+   do not depend on `eval.batch_size`.
+3. Timing: one warm-up batch per model (its results are discarded), then `time.perf_counter` around the
+   sampler and around the VAE decode of every batch (the device is synchronised first). Text encoding and
+   grading are not timed; both are shared. `seconds_per_video` = (sampling + decode) / num_prompts and
+   `speedup` = teacher seconds_per_video / student seconds_per_video.
+4. Grading: the toy world's oracle (`teachers.toyworld.oracle.grade`) when the vocabulary is the toy world's
+   (`eval.grader`). No oracle exists for other vocabularies (real Wan prompts): accuracy is then null, never
+   estimated, and only timings are reported.
+5. Output, written to `<output_dir>/eval.tmp/` and then swapped in as `<output_dir>/eval/`, so a finished
+   eval folder is always complete and holds no stale files: report.json, report.md, prompts.jsonl,
+   accuracy.png (graded runs), drift.png (when a causal student has a long rollout), first_frames.png,
+   compare.mp4 and preview_<model>.mp4/.gif for the first `eval.num_previews` prompts.
+
+report.json:
+    {"num_prompts": N, "seed": S, "prompt_mode", "vocabulary", "grader": "toyworld" | null, "device",
+     "train_overlap": fraction | null, "num_previews",
+     "teacher": {"nfe", "steps", "guidance_scale", "shift", "accuracy": {"all", <slot>...} | null,
+                 "seconds_per_video", "sample_seconds_per_video", "decode_seconds_per_video"},
+     "students": {<name>: {"nfe", "causal", "kind", "weights", "steps", "guidance_scale", "accuracy",
+                           "seconds_per_video", "sample_seconds_per_video", "decode_seconds_per_video",
+                           "speedup", "long_rollout" (causal students only)}}}
+NFE counts transformer forward passes per video: steps × 2 where CFG runs (guidance != 1), else × 1.
+
+Runs on the main process only (other processes of an `accelerate launch` return at once): timings need a
+quiet device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distill import report as rep
+from distill.config import Recipe, resolve_path
+from distill.recipe_loader import RecipeError
+from synth_data.composer import Vocabulary, compose, derive_seed, load_vocabulary, read_prompts, write_prompts
+from synth_data.generate import sample_noise
+
+logger = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+
+
+# ---- prompts, noise and grading ---------------------------------------------------------------
+def eval_prompts(recipe: Recipe) -> list[dict]:
+    """The eval's prompt rows `{index, prompt, slots, seed}`: composed from `data.vocabulary` with `eval.seed`."""
+    if recipe.eval.seed == recipe.data.seed:
+        raise RecipeError(
+            f"{recipe.source}: eval.seed: equals data.seed ({recipe.data.seed}), so the eval would reuse the "
+            "training noise; set eval.seed to another value"
+        )
+    vocab = load_vocabulary(resolve_path(recipe.data.vocabulary))
+    return compose(vocab, recipe.eval.num_prompts, recipe.eval.seed, recipe.eval.prompt_mode)
+
+
+def oracle_applies(vocab: Vocabulary) -> bool:
+    """True when the vocabulary's slots are the toy world's and all its values are ones the renderer draws."""
+    from teachers.toyworld.render import SLOTS, VALUES
+
+    return set(vocab.slots) == set(SLOTS) and all(set(vocab.slots[s]) <= set(VALUES[s]) for s in SLOTS)
+
+
+def choose_grader(recipe: Recipe, vocab: Vocabulary) -> str | None:
+    """"toyworld" or None (see `EvalConfig.grader`); checks the frame size up front when grading."""
+    want = recipe.eval.grader
+    if want == "none":
+        return None
+    if not oracle_applies(vocab):
+        if want == "toyworld":
+            raise RecipeError(
+                f"{recipe.source}: eval.grader: 'toyworld' needs the toy world's slots and values, but "
+                f"{vocab.source} is vocabulary {vocab.name!r}; use eval.grader=auto or none"
+            )
+        logger.info("eval: vocabulary %r has no oracle; reporting timings only (accuracy null)", vocab.name)
+        return None
+    from teachers.toyworld.render import check_size
+
+    cfg = recipe.teacher
+    check_size(cfg.height, cfg.width)
+    if cfg.num_frames < 2:
+        raise RecipeError(f"{recipe.source}: teacher.num_frames: the oracle reads motion from >= 2 frames, got 1")
+    return "toyworld"
+
+
+def train_overlap(recipe: Recipe, rows: list[dict]) -> float | None:
+    """Share of eval prompts whose slot combination also occurs in `<output_dir>/prompts.jsonl` (None if absent)."""
+    path = recipe.out / "prompts.jsonl"
+    if not path.is_file():
+        return None
+    seen = {tuple(sorted(r["slots"].items())) for r in read_prompts(path)}
+    return sum(tuple(sorted(r["slots"].items())) in seen for r in rows) / len(rows)
+
+
+@dataclass
+class _Grades:
+    """Running, size-weighted means of the oracle's per-batch accuracies (exact: every video has one segment)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, result: dict, n: int) -> None:
+        for k, v in result["accuracy"].items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * n
+        self.count += n
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.count for k, v in self.sums.items()}
+
+
+# ---- running one model ------------------------------------------------------------------------
+Sampler = Callable[[object, torch.Tensor, list[dict]], torch.Tensor]
+"""(cond, noise [B, C, F, H, W] on the device, prompt rows) -> latents [B, C, F, H, W]."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Run:
+    sample_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    previews: list[np.ndarray] = field(default_factory=list)
+    grades: _Grades = field(default_factory=_Grades)
+
+
+def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], shape: tuple[int, ...],
+              negative: str | None, grader: str | None, num_previews: int) -> _Run:
+    """Sample, decode, time and grade one model over all batches (after one untimed warm-up batch)."""
+    device = teacher.device
+
+    def one(rows: list[dict]) -> tuple[np.ndarray, float, float]:
+        cond = teacher.encode([r["prompt"] for r in rows], negative)  # shared, not timed
+        noise = torch.stack([sample_noise(r["seed"], shape) for r in rows]).to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        latents = sampler(cond, noise, rows)
+        _sync(device)
+        t1 = time.perf_counter()
+        # One video at a time, as `generate` does: the VAE decode of long clips is memory-bound.
+        frames = np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + 1])) for i in range(len(rows))])
+        _sync(device)
+        return frames, t1 - t0, time.perf_counter() - t1
+
+    one(batches[0])  # warm-up: kernels, allocator and caches
+    run = _Run()
+    for rows in tqdm(batches, desc=f"eval {name}", unit="batch", leave=False):
+        frames, ts, td = one(rows)
+        run.sample_seconds += ts
+        run.decode_seconds += td
+        run.previews.extend(frames[: num_previews - len(run.previews)])
+        if grader == "toyworld":
+            from teachers.toyworld.oracle import grade
+
+            run.grades.add(grade(frames, [r["slots"] for r in rows]), len(rows))
+    return run
+
+
+def _timing(run: _Run, n: int, grader: str | None) -> dict:
+    return {
+        "accuracy": run.grades.means() if grader else None,
+        "seconds_per_video": (run.sample_seconds + run.decode_seconds) / n,
+        "sample_seconds_per_video": run.sample_seconds / n,
+        "decode_seconds_per_video": run.decode_seconds / n,
+    }
+
+
+def teacher_nfe(teacher) -> int:
+    """Transformer calls per video: 2 per step where CFG runs (w != 1), else 1 (two experts: per-expert w)."""
+    cfg = teacher.cfg
+    scheduler = teacher.make_scheduler()
+    scheduler.set_timesteps(cfg.num_inference_steps)
+    low_w = cfg.guidance_scale_2 if cfg.guidance_scale_2 is not None else cfg.guidance_scale
+    nfe = 0
+    for t in scheduler.timesteps.tolist():
+        w = cfg.guidance_scale if teacher.boundary is None or t >= teacher.boundary else low_w
+        nfe += 2 if w != 1 else 1
+    return nfe
+
+
+# ---- students ---------------------------------------------------------------------------------
+def find_students(recipe: Recipe) -> list[tuple[str, Path]]:
+    """(name, weights folder) of each student to grade, sorted by name (see `EvalConfig.students`)."""
+    root = recipe.out / "students"
+    finished = sorted(p.parent.parent.name for p in root.glob(f"*/final/{COMPLETE}")) if root.is_dir() else []
+    names = finished
+    if recipe.eval.students is not None:
+        missing = [n for n in recipe.eval.students if n not in finished]
+        if missing:
+            raise FileNotFoundError(
+                f"eval.students: {missing[0]!r} has no finished run ({root / missing[0] / 'final' / COMPLETE} is "
+                f"missing); finished students: {finished or 'none'}; train it first or drop it from eval.students"
+            )
+        names = sorted(recipe.eval.students)
+    if "teacher" in names:
+        raise ValueError(f"{root / 'teacher'}: a student may not be named 'teacher' (the eval's name for the teacher); "
+                         "rename the folder and its student.name")
+    out = []
+    for name in names:
+        ema = root / name / "final_ema"
+        out.append((name, ema if recipe.eval.use_ema and ema.is_dir() else root / name / "final"))
+    return out
+
+
+def _student_sampler(student, teacher) -> tuple[Sampler, dict]:
+    from students.sampling import sample_student, student_sampling_mode, student_sigmas
+
+    cfg = student.cfg
+    sigmas = student_sigmas(cfg, teacher.cfg.shift, teacher.cfg.num_inference_steps)
+    mode = student_sampling_mode(cfg)
+    steps = len(sigmas) if mode == "renoise" else len(sigmas) - 1
+
+    def sampler(cond, noise, rows):
+        generators = [torch.Generator("cpu").manual_seed(derive_seed(r["seed"], 1)) for r in rows]
+        return sample_student(student, cond.prompt_embeds, cond.negative_embeds, noise, sigmas,
+                              guidance=cfg.guidance_scale, generator=generators, mode=mode)
+
+    info = {"nfe": steps * (2 if cfg.guidance_scale != 1 else 1), "steps": steps,
+            "guidance_scale": cfg.guidance_scale}
+    return torch.no_grad()(sampler), info
+
+
+def long_rollout(student, teacher, recipe: Recipe) -> dict | None:
+    """Hook for causal students: roll out `eval.long_rollout_factor` × the training length chunk by chunk and
+    grade each training-length segment (`grade(..., num_segments=factor)["segment_accuracy"]`), returning
+    {"num_frames", "segment_accuracy": [...]} for `report.plot_drift`.
+
+    Needs the causal KV-cache rollout (DESIGN.md §5c), which students/ does not offer yet: returns None.
+    """
+    logger.warning("eval: student %s is causal but the long-rollout sampler is not available yet; "
+                   "long_rollout is null", student.cfg.name)
+    return None
+
+
+def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) -> tuple[dict, _Run]:
+    from students.student import Student, read_student_json
+
+    saved_cfg, _ = read_student_json(folder)
+    base = teacher.transformer_for(float(teacher.num_train_timesteps))
+    student = Student.from_pretrained(folder, base_transformer=base)
+    if not student.is_lora:  # LoRA shares the teacher's module; copies run in the teacher's dtype too
+        student.to(dtype=base.dtype)
+    student.eval()
+    try:
+        sampler, info = _student_sampler(student, teacher)
+        negative = ctx["negative"] if student.cfg.guidance_scale != 1 else None
+        run = run_model(name, sampler, teacher, ctx["batches"], ctx["shape"], negative, ctx["grader"],
+                        ctx["num_previews"])
+        entry = {"nfe": info["nfe"], "causal": saved_cfg.kind == "causal", "kind": saved_cfg.kind,
+                 "weights": folder.name, "steps": info["steps"], "guidance_scale": info["guidance_scale"],
+                 **_timing(run, ctx["n"], ctx["grader"])}
+        if entry["causal"]:
+            entry["long_rollout"] = long_rollout(student, teacher, recipe)
+    finally:
+        if student.is_lora and student.shares_teacher:  # give the teacher its module back, adapters removed
+            base.delete_adapters(student.adapter_names)
+        del student
+        if teacher.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return entry, run
+
+
+# ---- the stage --------------------------------------------------------------------------------
+def evaluate(recipe: Recipe) -> dict:
+    """Grade and time the teacher and every finished student; write `<output_dir>/eval/`. Returns report.json's dict."""
+    from distill.accel import make_accelerator
+    from teachers.wan import WanTeacher
+
+    accelerator = make_accelerator()
+    if not accelerator.is_main_process:
+        return {}
+    cfg = recipe.eval
+    rows = eval_prompts(recipe)
+    vocab = load_vocabulary(resolve_path(recipe.data.vocabulary))
+    grader = choose_grader(recipe, vocab)
+    students = find_students(recipe)
+    logger.info("eval: %d prompts (seed %d), teacher + %d student(s): %s", len(rows), cfg.seed, len(students),
+                ", ".join(n for n, _ in students) or "none")
+    teacher = WanTeacher.from_config(recipe.teacher, accelerator.device)
+    tcfg = teacher.cfg
+    negative = tcfg.negative_prompt if tcfg.negative_prompt is not None else vocab.negative_prompt
+    num_previews = min(cfg.num_previews, len(rows))
+    ctx = {"batches": [rows[i: i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)],
+           "shape": teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width), "negative": negative,
+           "grader": grader, "num_previews": num_previews, "n": len(rows)}
+
+    # 1. the teacher, before any LoRA student borrows its transformer
+    nfe = teacher_nfe(teacher)
+    uses_cfg = nfe > tcfg.num_inference_steps
+    runs = {"teacher": run_model("teacher", lambda cond, noise, _rows: teacher.sample(cond, noise).latents, teacher,
+                                 ctx["batches"], ctx["shape"], negative if uses_cfg else None, grader, num_previews)}
+    report = {
+        "num_prompts": len(rows), "seed": cfg.seed, "prompt_mode": cfg.prompt_mode, "vocabulary": vocab.name,
+        "grader": grader, "device": str(teacher.device), "train_overlap": train_overlap(recipe, rows),
+        "num_previews": num_previews,
+        "teacher": {"nfe": nfe, "steps": tcfg.num_inference_steps, "guidance_scale": tcfg.guidance_scale,
+                    "shift": tcfg.shift, **_timing(runs["teacher"], len(rows), grader)},
+        "students": {},
+    }
+    # 2. every student, on the same prompts and noise
+    for name, folder in tqdm(students, desc="eval students", unit="student", disable=not students):
+        entry, runs[name] = eval_student(name, folder, teacher, recipe, ctx)
+        entry["speedup"] = report["teacher"]["seconds_per_video"] / entry["seconds_per_video"]
+        report["students"][name] = entry
+    # 3. files
+    write_outputs(recipe, report, rows, {m: r.previews for m, r in runs.items()})
+    logger.info("eval: %s\n%s", recipe.out / "eval", rep.summary_table(report))
+    return report
+
+
+def write_outputs(recipe: Recipe, report: dict, rows: list[dict], previews: dict[str, list[np.ndarray]]) -> Path:
+    """Write everything to `<output_dir>/eval.tmp/`, then swap it in as `<output_dir>/eval/`."""
+    final, tmp = recipe.out / "eval", recipe.out / "eval.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_prompts(rows, tmp / "prompts.jsonl")
+    files: dict[str, str] = {}
+    if report["grader"] is not None:
+        accuracy = {"teacher": report["teacher"]["accuracy"]}
+        accuracy.update({n: s["accuracy"] for n, s in report["students"].items()})
+        files["accuracy"] = rep.plot_accuracy(accuracy, tmp / "accuracy.png").name
+    drift = {n: s["long_rollout"] for n, s in report["students"].items() if s.get("long_rollout")}
+    if drift:
+        files["drift"] = rep.plot_drift(drift, tmp / "drift.png").name
+    preview_files = _write_previews(tmp, previews, rows, recipe, files) if report["num_previews"] else {}
+    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / "report.md").write_text(rep.markdown_report(report, files, preview_files))
+    old = recipe.out / "eval.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_previews(folder: Path, previews: dict[str, list[np.ndarray]], rows: list[dict], recipe: Recipe,
+                    files: dict[str, str]) -> dict[str, dict[str, str]]:
+    """preview_<model>.mp4/.gif (the preview prompts side by side), compare.mp4 (one row per model) and
+    first_frames.png; returns model -> {"mp4", "gif"} file names."""
+    fps = recipe.data.fps
+    first = next(iter(previews.values()))[0]
+    factor = rep.upscale_factor(first.shape[1], first.shape[2], recipe.eval.preview_size)
+    big = {m: [rep.upscale_nearest(v, factor) for v in vids] for m, vids in previews.items()}
+    out = {}
+    for model, videos in tqdm(big.items(), desc="eval previews", unit="model", leave=False):
+        grid = rep.tile([videos])
+        stem = "preview_teacher" if model == "teacher" else f"preview_student_{model}"
+        rep.write_mp4(folder / f"{stem}.mp4", grid, fps)
+        rep.write_gif(folder / f"{stem}.gif", grid, fps)
+        out[model] = {"mp4": f"{stem}.mp4", "gif": f"{stem}.gif"}
+    files["compare"] = rep.write_mp4(folder / "compare.mp4", rep.tile(list(big.values())), fps).name
+    prompts = [r["prompt"] for r in rows[: len(previews["teacher"])]]
+    files["first_frames"] = rep.plot_first_frames({m: [v[0] for v in vids] for m, vids in previews.items()},
+                                                  prompts, folder / "first_frames.png").name
+    return out

@@ -1,0 +1,267 @@
+"""The eval stage end to end on a tiny random WanPipeline with the toy world's vocabulary (CPU, fp32).
+
+Students: a pruned 4-step student, a LoRA student whose adapters are zero and which samples exactly like the
+teacher (so it must score exactly the teacher's accuracy), a perturbed 2-step LoRA student (a second LoRA on
+the same shared base), and an unfinished run without COMPLETE that must be ignored.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import av
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from distill import report as rep
+from distill.cli import main
+from distill.config import PROJECT_ROOT, load_recipe
+from distill.eval import eval_prompts, evaluate
+from distill.recipe_loader import RecipeError
+
+TOY_VOCAB = str(PROJECT_ROOT / "synth_data/vocab/toyworld.yaml")
+WAN_VOCAB = str(PROJECT_ROOT / "synth_data/vocab/wan.yaml")
+SLOT_KEYS = {"all", "subject", "clothing", "props", "action", "background"}
+N, SEED, FRAMES, SIZE, STEPS, CFG = 8, 7, 9, 32, 4, 3.0
+
+
+def write_recipe(path, out, pipe_dir, vocab=TOY_VOCAB, **eval_kw):
+    recipe = {
+        "output_dir": str(out),
+        "data": {"vocabulary": vocab, "num_prompts": 8, "seed": 0},
+        "teacher": {"pretrained": str(pipe_dir), "dtype": "float32", "height": SIZE, "width": SIZE,
+                    "num_frames": FRAMES, "num_inference_steps": STEPS, "guidance_scale": CFG, "shift": 3.0,
+                    "max_sequence_length": 32},
+        "eval": {"num_prompts": N, "seed": SEED, "batch_size": 4, "num_previews": 2, **eval_kw},
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def save_student(out, cfg_kw, base, perturb=False, complete=True):
+    from students.config import StudentConfig
+    from students.student import build_student
+
+    cfg = StudentConfig(**cfg_kw)
+    student = build_student(cfg, base)
+    if perturb:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in student.trainable_parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    final = out / "students" / cfg.name / "final"
+    student.save_pretrained(final)
+    if complete:
+        (final / "COMPLETE").write_text("done\n")
+    if student.is_lora:
+        base.delete_adapters(student.adapter_names)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from diffusers import WanTransformer3DModel
+
+    from synth_data.composer import load_vocabulary
+    from teachers.tiny import tiny_pipeline, words_of
+
+    root = tmp_path_factory.mktemp("eval")
+    vocab = load_vocabulary(TOY_VOCAB)
+    words = words_of([v for vals in vocab.slots.values() for v in vals] + vocab.templates + [vocab.negative_prompt])
+    pipe_dir = root / "pipeline"
+    tiny_pipeline(words).save_pretrained(pipe_dir)
+    out = root / "out"
+    base = WanTransformer3DModel.from_pretrained(pipe_dir / "transformer")
+    save_student(out, dict(name="pruned4", kind="pruned", keep_blocks=[0], denoising_steps=[1000, 750, 500, 250]), base)
+    save_student(out, dict(name="as_teacher", kind="lora", lora_rank=2, num_inference_steps=STEPS,
+                           guidance_scale=CFG), base)
+    save_student(out, dict(name="lora2", kind="lora", lora_rank=2, denoising_steps=[1000, 500]), base, perturb=True)
+    save_student(out, dict(name="unfinished", kind="pruned", keep_blocks=[1]), base, complete=False)
+    recipe_path = write_recipe(root / "recipe.yaml", out, pipe_dir)
+    assert main(["eval", str(recipe_path)]) == 0  # through the frozen CLI
+    first = root / "first_eval"
+    shutil.copytree(out / "eval", first)
+    return {"root": root, "out": out, "pipe_dir": pipe_dir, "recipe": recipe_path, "first": first,
+            "report": json.loads((first / "report.json").read_text())}
+
+
+def test_report_schema(setup):
+    report = setup["report"]
+    assert report["num_prompts"] == N and report["seed"] == SEED and report["grader"] == "toyworld"
+    assert set(report) >= {"num_prompts", "seed", "teacher", "students"}
+    teacher = report["teacher"]
+    assert teacher["nfe"] == STEPS * 2  # CFG on
+    assert set(teacher["accuracy"]) == SLOT_KEYS
+    assert isinstance(teacher["seconds_per_video"], float) and teacher["seconds_per_video"] > 0
+    assert set(report["students"]) == {"pruned4", "as_teacher", "lora2"}  # `unfinished` has no COMPLETE
+    nfe = {"pruned4": 4, "as_teacher": STEPS * 2, "lora2": 2}
+    for name, s in report["students"].items():
+        assert s["nfe"] == nfe[name] and isinstance(s["nfe"], int)
+        assert s["causal"] is False and "long_rollout" not in s
+        assert set(s["accuracy"]) == SLOT_KEYS
+        assert all(isinstance(v, float) and 0 <= v <= 1 for v in s["accuracy"].values())
+        assert isinstance(s["speedup"], float) and s["speedup"] > 0
+        assert s["speedup"] == pytest.approx(teacher["seconds_per_video"] / s["seconds_per_video"])
+        assert s["seconds_per_video"] == pytest.approx(s["sample_seconds_per_video"] + s["decode_seconds_per_video"])
+    assert report["students"]["lora2"]["weights"] == "final"
+    assert report["train_overlap"] is None  # no prompts.jsonl in this output_dir
+
+
+def test_random_teacher_is_near_chance(setup):
+    acc = setup["report"]["teacher"]["accuracy"]
+    for slot in SLOT_KEYS - {"all"}:
+        assert acc[slot] < 0.6, (slot, acc)
+    assert acc["all"] <= min(acc[s] for s in SLOT_KEYS - {"all"})
+
+
+def test_same_prompts_and_noise_for_teacher_and_students(setup):
+    """The zero-LoRA student samples with the teacher's Euler steps, CFG and noise: same videos, same scores."""
+    report, first = setup["report"], setup["first"]
+    assert report["students"]["as_teacher"]["accuracy"] == report["teacher"]["accuracy"]
+    teacher, twin, other = (decode(first / f).astype(int) for f in (
+        "preview_teacher.mp4", "preview_student_as_teacher.mp4", "preview_student_lora2.mp4"))
+    assert np.abs(teacher - twin).mean() < 1  # lossy mp4: compare means
+    assert np.abs(teacher - other).mean() > 5  # a different model draws other videos
+
+
+def decode(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_files_are_written_and_decodable(setup):
+    first = setup["first"]
+    for name in ("report.md", "accuracy.png", "first_frames.png", "compare.mp4", "prompts.jsonl"):
+        assert (first / name).stat().st_size > 0, name
+    assert not (first / "drift.png").exists()  # no causal student
+    for png in ("accuracy.png", "first_frames.png"):
+        with Image.open(first / png) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    for model in ("teacher", "student_pruned4", "student_as_teacher", "student_lora2"):
+        video = decode(first / f"preview_{model}.mp4")
+        # 2 previews side by side, 32 px upscaled 4x to 128 px, a 2-px grey gap
+        assert video.shape == (FRAMES, 128, 2 * 128 + rep.GAP, 3)
+        assert np.abs(video[:, :, 128:130].astype(int) - rep.GAP_VALUE).mean() < 8  # lossy chroma
+        with Image.open(first / f"preview_{model}.gif") as gif:
+            assert gif.n_frames >= 1 and gif.size == (2 * 128 + rep.GAP, 128)
+    assert decode(first / "compare.mp4").shape == (FRAMES, 4 * 128 + 3 * rep.GAP, 2 * 128 + rep.GAP, 3)
+    md = (first / "report.md").read_text()
+    for needle in ("| teacher | 8 |", "| pruned4 | 4 |", "| lora2 | 2 |", "](accuracy.png)", "(preview_teacher.mp4)",
+                   "(preview_student_lora2.gif)", "(first_frames.png)", "acc subject"):
+        assert needle in md, needle
+    rows = [json.loads(line) for line in (first / "prompts.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in eval_prompts(load_recipe(setup["recipe"]))]
+
+
+def test_rerun_is_identical_and_other_seed_changes_prompts(setup):
+    report = evaluate(load_recipe(setup["recipe"]))
+    first, again = setup["report"], report
+    assert again["teacher"]["accuracy"] == first["teacher"]["accuracy"]
+    for name in first["students"]:
+        assert again["students"][name]["accuracy"] == first["students"][name]["accuracy"]
+    # GIF bytes are a deterministic function of the frames; libx264 mp4 bytes are not always (see distill/report.py)
+    for f in ("prompts.jsonl", "preview_teacher.gif", "preview_student_pruned4.gif", "preview_student_lora2.gif"):
+        assert (setup["out"] / "eval" / f).read_bytes() == (setup["first"] / f).read_bytes(), f
+    assert not (setup["out"] / "eval.tmp").exists() and not (setup["out"] / "eval.old").exists()
+    base = [r["prompt"] for r in eval_prompts(load_recipe(setup["recipe"]))]
+    other = [r["prompt"] for r in eval_prompts(load_recipe(setup["recipe"], [f"eval.seed={SEED + 1}"]))]
+    assert other != base and len(other) == len(base) == N
+    assert eval_prompts(load_recipe(setup["recipe"], ["eval.num_prompts=4"]))[0]["seed"] != 0
+    with pytest.raises(RecipeError, match="eval.seed: equals data.seed"):
+        eval_prompts(load_recipe(setup["recipe"], ["eval.seed=0"]))
+
+
+def test_vocabulary_without_oracle_reports_null_accuracy(setup, tmp_path):
+    path = write_recipe(tmp_path / "wan.yaml", tmp_path / "out", setup["pipe_dir"], vocab=WAN_VOCAB,
+                        num_prompts=2, batch_size=2, num_previews=1)
+    report = evaluate(load_recipe(path))
+    assert report["grader"] is None and report["teacher"]["accuracy"] is None and report["students"] == {}
+    assert report["teacher"]["seconds_per_video"] > 0
+    assert "n/a" in (tmp_path / "out/eval/report.md").read_text()
+    assert not (tmp_path / "out/eval/accuracy.png").exists()
+    with pytest.raises(RecipeError, match="eval.grader"):
+        evaluate(load_recipe(path, ["eval.grader=toyworld"]))
+
+
+def test_eval_config_errors_name_the_key(setup):
+    with pytest.raises(RecipeError, match="eval.num_previews: must be >= 0"):
+        load_recipe(setup["recipe"], ["eval.num_previews=-1"])
+    with pytest.raises(RecipeError, match="eval.prompt_mode"):
+        load_recipe(setup["recipe"], ["eval.prompt_mode=fancy"])
+    with pytest.raises(FileNotFoundError, match="eval.students: 'unfinished'"):
+        evaluate(load_recipe(setup["recipe"], ["eval.students=[unfinished]"]))
+
+
+def test_find_students_prefers_ema(setup, tmp_path):
+    from distill.eval import find_students
+
+    for folder in ("a/final", "a/final_ema", "b/final", "c/final_ema"):
+        (tmp_path / "students" / folder).mkdir(parents=True)
+    (tmp_path / "students/a/final/COMPLETE").touch()
+    (tmp_path / "students/c/final_ema/COMPLETE").touch()  # the marker lives in final/ only
+    recipe = load_recipe(setup["recipe"], [f"output_dir={tmp_path}"])
+    assert find_students(recipe) == [("a", tmp_path / "students/a/final_ema")]
+    recipe = load_recipe(setup["recipe"], [f"output_dir={tmp_path}", "eval.use_ema=false"])
+    assert find_students(recipe) == [("a", tmp_path / "students/a/final")]
+
+
+def test_long_rollout_hook_writes_drift_plot(setup, tmp_path):
+    from distill.eval import write_outputs
+
+    recipe = load_recipe(setup["recipe"], [f"output_dir={tmp_path}"])
+    acc = dict.fromkeys(SLOT_KEYS, 0.5)
+    timing = {"seconds_per_video": 1.0, "accuracy": acc}
+    report = {"num_prompts": 2, "seed": SEED, "prompt_mode": "balanced", "vocabulary": "toyworld",
+              "grader": "toyworld", "device": "cpu", "train_overlap": 0.5, "num_previews": 1,
+              "teacher": {"nfe": 8, **timing},
+              "students": {"causal4": {"nfe": 4, "causal": True, "speedup": 2.0, **timing,
+                                       "long_rollout": {"num_frames": 90, "segment_accuracy": [0.9, 0.6, 0.3]}}}}
+    video = np.random.default_rng(0).integers(0, 255, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
+    rows = eval_prompts(recipe)[:2]
+    folder = write_outputs(recipe, report, rows, {"teacher": [video], "causal4": [video]})
+    md = (folder / "report.md").read_text()
+    assert "](drift.png)" in md and "50% of their slot combinations" in md and "| causal4 | 4 |" in md
+    with Image.open(folder / "drift.png") as im:
+        assert im.size[0] > 100
+    assert json.loads((folder / "report.json").read_text()) == report
+
+
+def test_drift_plot_and_helpers(tmp_path):
+    path = rep.plot_drift({"causal": {"num_frames": 90, "segment_accuracy": [0.9, 0.7, 0.4]}}, tmp_path / "d.png")
+    with Image.open(path) as im:
+        assert im.size[0] > 100
+    video = np.arange(3 * 5 * 7 * 3, dtype=np.uint8).reshape(3, 5, 7, 3)
+    big = rep.upscale_nearest(video, 3)
+    assert big.shape == (3, 16, 22, 3)  # 15x21 padded to even
+    assert (big[:, 3:6, 6:9] == video[:, 1:2, 2:3]).all() and (big[:, 15] == big[:, 14]).all()
+    assert rep.upscale_factor(32, 32, 128) == 4 and rep.upscale_factor(480, 832, 128) == 1
+    mp4 = rep.write_mp4(tmp_path / "v.mp4", big, fps=8)
+    assert decode(mp4).shape == big.shape
+    with io.BytesIO(rep.write_gif(tmp_path / "v.gif", big, fps=8).read_bytes()) as f, Image.open(f) as gif:
+        assert gif.size == (22, 16)
+
+
+def test_warm_up_batch_is_not_timed():
+    import time
+    from types import SimpleNamespace
+
+    from distill.eval import run_model
+
+    calls = []
+
+    def sampler(cond, noise, rows):
+        time.sleep(0.3 if not calls else 0.01)  # a slow first call (compilation, caches) must not count
+        calls.append(len(rows))
+        return noise
+
+    teacher = SimpleNamespace(device=torch.device("cpu"), encode=lambda prompts, negative: None,
+                              decode=lambda latents: latents,
+                              to_uint8=lambda v: np.zeros((len(v), 2, 4, 4, 3), np.uint8))
+    rows = [{"prompt": "p", "seed": i, "slots": {}} for i in range(5)]
+    run = run_model("fake", sampler, teacher, [rows[:2], rows[2:4], rows[4:]], (1, 1, 1, 1), None, None, 3)
+    assert calls == [2, 2, 2, 1]  # warm-up on the first batch, then every batch once
+    assert 0.03 <= run.sample_seconds < 0.25 and len(run.previews) == 3
