@@ -1,0 +1,243 @@
+"""Training batches for every method: stored teacher samples (`dataset`) or freshly rendered toy-world clips
+(`toyworld`), with one random stream per sample so a run does not depend on the process count.
+
+Determinism (the contract the trainer tests):
+    G = train.batch_size · num_processes · train.gradient_accumulation_steps samples per optimizer step;
+    step s uses the global sample indices [s·G, (s+1)·G); rank r takes the contiguous slice
+    [s·G + r·b·A, s·G + (r+1)·b·A) and micro-batch a of it [.. + a·b, .. + (a+1)·b).
+    Every random draw of sample g (which dataset row, then the algorithm's σ, noise, CFG dropout, ...)
+    comes from ONE `torch.Generator` seeded with `derive_seed(train.seed, g)`, in a fixed order.
+Hence 2 processes × batch b see exactly the samples and draws of 1 process × batch 2b.
+
+Tensors: latents x0 [B, C, F, H, W] float32; trajectory [B, S, C, F, H, W] float32 (the teacher's states at
+`data.trajectory_steps`, then its clean endpoint last); text embeddings [B, L, D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from synth_data.composer import derive_seed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One micro-batch on the training device."""
+
+    x0: torch.Tensor
+    """Clean latents [B, C, F, H, W] float32 (the teacher's stored samples, or encoded rendered clips)."""
+    cond: object
+    """`teachers.wan.Cond`: `prompt_embeds` [B, L, D] and `negative_embeds` [B, L, D] (the negative prompt)."""
+    generators: list[torch.Generator]
+    """One CPU generator per sample, seeded with derive_seed(train.seed, index), already past the data draws."""
+    indices: list[int]
+    """Global sample indices."""
+    captions: list[str]
+    trajectory: torch.Tensor | None = None
+    """[B, S, C, F, H, W]: stored teacher ODE states, the clean endpoint last (dataset source only)."""
+    trajectory_sigmas: torch.Tensor | None = None
+    """[B, S]: σ of each stored state (the last is 0)."""
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+
+def randn_per_sample(generators: list[torch.Generator], shape: tuple[int, ...], device, dtype=torch.float32):
+    """[B, *shape] standard normal; row j drawn from generators[j] on the CPU (device-independent values)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device=device, dtype=dtype)
+
+
+def rand_per_sample(generators: list[torch.Generator], device=None) -> torch.Tensor:
+    """[B] uniform in [0, 1); entry j drawn from generators[j]."""
+    return torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
+
+
+def randint_per_sample(generators: list[torch.Generator], high: int) -> list[int]:
+    """One integer in [0, high) per sample."""
+    return [int(torch.randint(high, (1,), generator=g)) for g in generators]
+
+
+def sample_indices(step: int, micro: int, *, batch_size: int, grad_accum: int, num_processes: int,
+                   rank: int) -> list[int]:
+    """Global sample indices of micro-batch `micro` of optimizer step `step` on `rank` (module docstring)."""
+    per_step = batch_size * grad_accum * num_processes
+    start = step * per_step + rank * batch_size * grad_accum + micro * batch_size
+    return list(range(start, start + batch_size))
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, index))
+
+
+class StoredSamples(torch.utils.data.Dataset):
+    """Sample g -> a row of the generated dataset, chosen with replacement by sample g's generator.
+
+    Rows come from `synth_data.dataset.load_local(<output_dir>/dataset)`; the `video` column is never decoded.
+    """
+
+    def __init__(self, folder: Path, seed: int, need_trajectory: bool):
+        from synth_data.dataset import load_local
+        from synth_data.generate import is_complete
+
+        if not folder.is_dir() or not any(folder.iterdir()):
+            raise FileNotFoundError(
+                f"{folder}: no generated dataset here; run `python -m distill generate RECIPE` first "
+                "(or set train.data_source: toyworld to train on freshly rendered clips)"
+            )
+        if not is_complete(folder):
+            raise FileNotFoundError(f"{folder}: the dataset is incomplete (no COMPLETE marker); finish it with "
+                                    "`python -m distill generate RECIPE`")
+        ds = load_local(folder)
+        if len(ds) == 0:
+            raise FileNotFoundError(f"{folder}: the dataset has no rows; run `python -m distill generate RECIPE`")
+        has = set(ds.column_names)
+        if need_trajectory and "trajectory" not in has:
+            raise ValueError(f"{folder}: the dataset has no `trajectory` column; set data.trajectory_steps "
+                             "(e.g. to the student's denoising steps) and regenerate it")
+        if "latents" not in has and "trajectory" not in has:
+            raise ValueError(f"{folder}: the dataset has no `latents` column; set data.save_latents: true and "
+                             "regenerate it")
+        self.x0_column = "latents" if "latents" in has else "trajectory"
+        tensors = [self.x0_column] + (["trajectory", "trajectory_sigmas"] if need_trajectory else [])
+        tensors = list(dict.fromkeys(tensors))
+        self.rows = ds.select_columns(["caption", *tensors]).with_format("torch", columns=tensors,
+                                                                           output_all_columns=True)
+        self.seed = seed
+        self.need_trajectory = need_trajectory
+
+    def __len__(self) -> int:  # only used by DataLoader bookkeeping; indices are unbounded global sample ids
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        g = sample_generator(self.seed, index)
+        row = self.rows[int(torch.randint(len(self.rows), (1,), generator=g))]
+        x0 = row["latents"] if self.x0_column == "latents" else row["trajectory"][-1]
+        item = {"index": index, "rng_state": g.get_state(), "caption": row["caption"], "x0": x0.float()}
+        if self.need_trajectory:
+            item["trajectory"] = row["trajectory"].float()
+            item["trajectory_sigmas"] = row["trajectory_sigmas"].float()
+        return item
+
+
+class RenderedSamples(torch.utils.data.Dataset):
+    """Sample g of step s = g // G -> prompt g mod G of compose(vocabulary, G, derive_seed(seed, -(s+1))),
+    rendered by the toy-world renderer with the prompt row's seed. Pixels [3, F, H, W] in [-1, 1].
+
+    The compose seed uses negative indices so it never coincides with a sample's own seed derive_seed(seed, g≥0).
+    """
+
+    def __init__(self, vocabulary, per_step: int, seed: int, mode: str, num_frames: int, height: int, width: int):
+        self.vocabulary, self.per_step, self.seed, self.mode = vocabulary, per_step, seed, mode
+        self.shape = (num_frames, height, width)
+
+    def __len__(self) -> int:
+        return self.per_step
+
+    @lru_cache(maxsize=2)
+    def _rows(self, step: int) -> list[dict]:
+        from synth_data.composer import compose
+
+        return compose(self.vocabulary, self.per_step, derive_seed(self.seed, -(step + 1)), self.mode)
+
+    def __getitem__(self, index: int) -> dict:
+        from teachers.toyworld.render import render_batch
+
+        row = self._rows(index // self.per_step)[index % self.per_step]
+        frames = render_batch([row["slots"]], *self.shape, seeds=[row["seed"]])[0]  # uint8 [F, H, W, 3]
+        video = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+        return {"index": index, "rng_state": sample_generator(self.seed, index).get_state(),
+                "caption": row["prompt"], "video": video}
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches of global indices, from `start_step` to `max_steps`."""
+
+    def __init__(self, start_step: int, max_steps: int, **shape):
+        self.start_step, self.max_steps, self.shape = start_step, max_steps, shape
+
+    def __iter__(self):
+        for step in range(self.start_step, self.max_steps):
+            for micro in range(self.shape["grad_accum"]):
+                yield sample_indices(step, micro, **self.shape)
+
+    def __len__(self) -> int:
+        return (self.max_steps - self.start_step) * self.shape["grad_accum"]
+
+
+def _collate(items: list[dict]) -> dict:
+    out = {"index": [it["index"] for it in items], "rng_state": [it["rng_state"] for it in items],
+           "caption": [it["caption"] for it in items]}
+    for key in ("x0", "trajectory", "trajectory_sigmas", "video"):
+        if key in items[0]:
+            out[key] = torch.stack([it[key] for it in items])
+    return out
+
+
+def negative_prompt(recipe) -> str:
+    """The teacher's negative prompt: `teacher.negative_prompt`, else the vocabulary's."""
+    if recipe.teacher.negative_prompt is not None:
+        return recipe.teacher.negative_prompt
+    from distill.config import resolve_path
+    from synth_data.composer import load_vocabulary
+
+    return load_vocabulary(resolve_path(recipe.data.vocabulary)).negative_prompt
+
+
+def training_batches(recipe, teacher, *, start_step: int, num_processes: int, rank: int,
+                     need_trajectory: bool = False) -> Iterator[Batch]:
+    """This rank's micro-batches from optimizer step `start_step` on, as `Batch`es on the teacher's device.
+
+    `train.data_source: dataset` reads `<output_dir>/dataset/`; `toyworld` renders clips on the fly at the
+    teacher's num_frames/height/width and encodes them with the teacher's VAE.
+    """
+    tc = recipe.train
+    shape = dict(batch_size=tc.batch_size, grad_accum=tc.gradient_accumulation_steps,
+                 num_processes=num_processes, rank=rank)
+    if tc.data_source == "dataset":
+        source = StoredSamples(recipe.out / "dataset", tc.seed, need_trajectory)
+    else:
+        if need_trajectory:
+            raise ValueError(f"train.data_source: toyworld has no teacher trajectories; method "
+                             f"{recipe.method.name!r} needs train.data_source: dataset")
+        from distill.config import resolve_path
+        from synth_data.composer import load_vocabulary
+
+        t = teacher.cfg
+        per_step = tc.batch_size * tc.gradient_accumulation_steps * num_processes
+        source = RenderedSamples(load_vocabulary(resolve_path(recipe.data.vocabulary)), per_step, tc.seed,
+                                 recipe.data.mode, t.num_frames, t.height, t.width)
+    loader = torch.utils.data.DataLoader(
+        source, batch_sampler=_StepSampler(start_step, tc.max_steps, **shape), collate_fn=_collate,
+        num_workers=tc.dataloader_num_workers,
+    )
+    negative = negative_prompt(recipe)
+    for raw in loader:
+        yield _to_batch(raw, teacher, negative)
+
+
+def _to_batch(raw: dict, teacher, negative: str) -> Batch:
+    # Rendered clips are encoded as one batch (10x faster than clip by clip on CPU); batched convolutions may round
+    # differently from per-clip ones, so across process counts these latents agree to float precision, not bits.
+    x0 = raw["x0"] if "x0" in raw else teacher.encode_video(raw["video"])
+    generators = [torch.Generator().set_state(s) for s in raw["rng_state"]]
+    trajectory, sigmas = raw.get("trajectory"), raw.get("trajectory_sigmas")
+    return Batch(
+        x0=x0.to(teacher.device, torch.float32), cond=teacher.encode(raw["caption"], negative),
+        generators=generators, indices=raw["index"], captions=raw["caption"],
+        trajectory=None if trajectory is None else trajectory.to(teacher.device, torch.float32),
+        trajectory_sigmas=None if sigmas is None else sigmas.to(teacher.device, torch.float32),
+    )
+
+
+def unconditional(cond):
+    """The negative-prompt conditioning of a `Cond` as its own `Cond` (prompt_embeds = negative_embeds)."""
+    return dataclasses.replace(cond, prompt_embeds=cond.negative_embeds, negative_embeds=None)

@@ -1,0 +1,94 @@
+"""Flow matching: the plain denoising loss (rectified flow; Lipman et al. 2023, Esser et al. 2024 §2).
+
+    x_σ = (1 - σ)·x0 + σ·ε,    v* = ε - x0,    L = E_{σ, ε} ‖ v_θ(x_σ, 1000·σ, c) - v* ‖²
+
+σ = shift(u), u ~ U(0, 1) or logit-normal (`distill.flow.sample_training_sigmas`), the same shift the
+sampler uses. With `cfg_dropout` p, c is replaced by the negative-prompt embedding with probability p
+so the model learns v(x, t, ∅) too and supports classifier-free guidance. It trains the toy teacher from
+scratch and fine-tunes LoRA students on data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from distill.data import Batch, rand_per_sample
+from distill.flow import add_noise, sample_training_sigmas, timestep, velocity_target
+
+Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""`model(x [B, C, F, H, W], t [B] = 1000·σ, encoder_hidden_states [B, L, D]) -> v [B, C, F, H, W]`."""
+
+
+def flow_matching_loss(model: Model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                       embeds: torch.Tensor) -> torch.Tensor:
+    """L = mean ‖ model(x_σ, 1000σ, c) - (ε - x0) ‖² with x_σ = (1-σ)·x0 + σ·ε.
+
+    x0, noise: [B, C, F, H, W]; sigma: [B]; embeds: [B, L, D]. Returns a float32 scalar (mean over every
+    element, so equal-size batches average exactly like their union).
+    """
+    x_t = add_noise(x0, noise, sigma)
+    v = model(x_t, timestep(sigma), embeds)
+    return F.mse_loss(v.float(), velocity_target(x0, noise).float())
+
+
+def draw_sigma_noise(generators: list[torch.Generator], x0: torch.Tensor, shift: float, weighting: str):
+    """Per sample, from its own generator and in this order: σ [B] (shifted), then ε [B, C, F, H, W]."""
+    sigma, noise = [], []
+    for g in generators:
+        sigma.append(sample_training_sigmas((1,), shift, generator=g, weighting=weighting))
+        noise.append(torch.randn(x0.shape[1:], generator=g))
+    return torch.cat(sigma).to(x0.device), torch.stack(noise).to(x0.device, x0.dtype)
+
+
+def drop_condition(generators: list[torch.Generator], cond, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings [B, L, D] where row j is the negative embedding when u_j < p. Returns (embeds, dropped [B])."""
+    u = rand_per_sample(generators, cond.prompt_embeds.device)
+    dropped = u < p
+    if p > 0 and cond.negative_embeds is None:
+        raise ValueError("method.flow_matching.cfg_dropout: needs the negative-prompt embedding; encode with one")
+    if not bool(dropped.any()):
+        return cond.prompt_embeds, dropped
+    embeds = torch.where(dropped.view(-1, 1, 1), cond.negative_embeds, cond.prompt_embeds)
+    return embeds, dropped
+
+
+class FlowMatching:
+    """Denoising loss on the batch's clean latents (stored teacher samples or encoded rendered clips)."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        shift: float | None = None
+        """σ shift for training noise levels; None uses `teacher.shift` (the sampler's)."""
+        weighting: Literal["uniform", "logit_normal"] = "uniform"
+        """Distribution of u before the shift: U(0, 1) or sigmoid(N(0, 1)) (SD3's logit-normal)."""
+        cfg_dropout: float = 0.0
+        """Probability of training on the negative-prompt embedding instead of the caption (CFG support)."""
+
+        def __post_init__(self):
+            if self.shift is not None and self.shift <= 0:
+                raise ValueError(f"shift: must be > 0 or null, got {self.shift}")
+            if not 0.0 <= self.cfg_dropout < 1.0:
+                raise ValueError(f"cfg_dropout: must be in [0, 1), got {self.cfg_dropout}")
+
+    def __init__(self, config: FlowMatching.Config, *, student: Model, teacher_shift: float):
+        self.config = config
+        self.student = student
+        self.shift = teacher_shift if config.shift is None else config.shift
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = self.config
+        # 1. draw σ and ε per sample (then the CFG-dropout coin), from the sample's own generator
+        sigma, noise = draw_sigma_noise(batch.generators, batch.x0, self.shift, c.weighting)
+        embeds, dropped = drop_condition(batch.generators, batch.cond, c.cfg_dropout)
+        # 2. regress the student's velocity at x_σ onto ε - x0
+        loss = flow_matching_loss(self.student, batch.x0, noise, sigma, embeds)
+        return loss, {"loss/flow_matching": loss.detach(), "sigma/mean": sigma.mean(),
+                      "cfg_dropped": dropped.float().mean()}
+
+
+__all__ = ["FlowMatching", "flow_matching_loss", "draw_sigma_noise", "drop_condition"]

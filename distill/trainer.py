@@ -1,0 +1,402 @@
+"""The `train` stage: ONE accelerate loop for every method.
+
+    teacher = WanTeacher.from_config(recipe.teacher)            frozen, shared by every method
+    student = build_student(recipe.student, teacher.pipe.transformer)
+    algorithm = match recipe.method.name                       flow_matching | kd | trajectory
+    for step: for micro-batch in accumulate: loss, logs = algorithm.loss(batch); backward
+              clip, optimizer, LR scheduler, EMA; checkpoint-<step>/; log
+
+Outputs under `<output_dir>/students/<student.name>/`:
+    checkpoint-<step>/   accelerate state (student trainable weights, optimizer, LR scheduler, EMA, RNG per rank)
+                         + training_state.json (step, data position, fingerprint), written last
+    final/               Student.save_pretrained + training_state.json + COMPLETE (written last)
+    final_ema/           the EMA weights (train.ema)
+    logs/train/          tensorboard
+
+Data order and randomness are fixed by the global sample index (`distill.data`), so a resumed run equals an
+uninterrupted one and N processes × batch b equal 1 process × batch N·b.
+Run alone with `accelerate launch -m distill.trainer RECIPE.yaml [dotted.key=value ...]` (the CLI's
+`python -m distill train` does the same).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from distill.config import Recipe
+from distill.recipe_loader import to_dict
+
+logger = logging.getLogger(__name__)
+
+TRAINING_STATE = "training_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+STUDENT_WEIGHTS = "student_trainable.safetensors"
+COMPLETE = "COMPLETE"
+STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps")
+"""Student keys that only change sampling: a checkpoint resumes under a recipe that changed them."""
+TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "ema", "seed", "data_source")
+
+
+def accelerator_kwargs(recipe: Recipe) -> dict:
+    """What `make_accelerator(**...)` needs from the recipe."""
+    return {"mixed_precision": recipe.train.mixed_precision,
+            "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps}
+
+
+def is_complete(recipe: Recipe) -> bool:
+    return (recipe.student_dir() / "final" / COMPLETE).is_file()
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+def fingerprint(recipe: Recipe, num_processes: int) -> dict:
+    """Dotted keys a checkpoint must agree on to resume: student layout, method, teacher, training shape."""
+    fp = {"teacher.pretrained": recipe.teacher.pretrained}
+    fp.update({f"student.{k}": v for k, v in to_dict(recipe.student).items() if k not in STUDENT_NOT_FINGERPRINTED})
+    name = recipe.method.name
+    fp["method.name"] = name
+    sub = to_dict(recipe.method).get(name)
+    if isinstance(sub, dict):
+        fp.update({f"method.{name}.{k}": v for k, v in sub.items()})
+    fp.update({f"train.{k}": getattr(recipe.train, k) for k in TRAIN_FINGERPRINTED})
+    fp["num_processes"] = num_processes
+    return json.loads(json.dumps(fp))  # JSON-normalised (int dict keys -> str), as read back from disk
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def list_checkpoints(student_dir: Path) -> list[Path]:
+    """Finished `checkpoint-<step>/` folders (with training_state.json, written last), oldest first."""
+    found = [p for p in student_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name) and (p / TRAINING_STATE).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def resolve_checkpoint(recipe: Recipe) -> Path | None:
+    """The checkpoint `train.resume_from_checkpoint` names (`latest` or a path), or None."""
+    want, student_dir = recipe.train.resume_from_checkpoint, recipe.student_dir()
+    if want is None:
+        found = list_checkpoints(student_dir)
+        if found:  # a fresh run would interleave its checkpoints with the old run's (and prune the wrong ones)
+            raise ValueError(
+                f"train.resume_from_checkpoint: null, but {student_dir} already has {found[-1].name} from an earlier "
+                "run; set it to `latest` to continue, or delete that folder (or pick a new student.name) to start over"
+            )
+        return None
+    if want == "latest":
+        found = list_checkpoints(student_dir)
+        if not found:
+            raise FileNotFoundError(
+                f"train.resume_from_checkpoint: latest: no finished checkpoint-<step>/ in {student_dir}; "
+                "train without it first (set it to null)"
+            )
+        return found[-1]
+    path = Path(want)
+    if not (path / TRAINING_STATE).is_file():
+        raise FileNotFoundError(
+            f"train.resume_from_checkpoint: {path} is not a finished checkpoint (no {TRAINING_STATE}); "
+            f"give a checkpoint-<step>/ folder from {student_dir} or `latest`"
+        )
+    return path
+
+
+def check_checkpoint(path: Path, expected: dict) -> dict:
+    """Read a checkpoint's training_state.json; fail fast, naming the keys, if it came from another recipe."""
+    state = json.loads((path / TRAINING_STATE).read_text())
+    saved = state["fingerprint"]
+    unset = "<unset>"
+    diff = [k for k in dict.fromkeys([*saved, *expected]) if saved.get(k, unset) != expected.get(k, unset)]
+    if diff:
+        shown = "; ".join(f"{k}: checkpoint has {saved.get(k, unset)!r}, recipe has {expected.get(k, unset)!r}"
+                          for k in diff[:4])
+        raise ValueError(
+            f"train.resume_from_checkpoint: {path} was written by another recipe ({shown}); resume with the "
+            "recipe that wrote it, or set train.resume_from_checkpoint: null and a new student.name"
+        )
+    return state
+
+
+def _write_state(path: Path, step: int, samples_per_step: int, fp: dict) -> None:
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+    state = {"step": step, "data_position": step * samples_per_step, "samples_per_step": samples_per_step,
+             "fingerprint": fp, "fingerprint_sha256": digest}
+    tmp = path / f".{TRAINING_STATE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, path / TRAINING_STATE)
+
+
+def _prune(student_dir: Path, limit: int | None) -> None:
+    if limit is None:
+        return
+    for old in list_checkpoints(student_dir)[:-limit]:
+        shutil.rmtree(old)
+        logger.info("removed %s (train.checkpoints_total_limit=%d)", old, limit)
+
+
+def _register_student_hooks(accelerator: Accelerator) -> None:
+    """Checkpoint only the student's trainable weights (a LoRA student's base is the teacher's, reloaded anyway)."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for i, model in enumerate(models):
+                state = accelerator.unwrap_model(model).trainable_state_dict()
+                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                          str(Path(output_dir) / f"{i}_{STUDENT_WEIGHTS}"))
+        weights.clear()  # nothing else: accelerate would write the whole module (teacher base included)
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(list(models)):
+            path = Path(input_dir) / f"{i}_{STUDENT_WEIGHTS}"
+            accelerator.unwrap_model(model).load_trainable_state_dict(load_file(str(path)), where=str(path))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ---- building ----------------------------------------------------------------------------------------
+def build_algorithm(recipe: Recipe, teacher, student, unwrapped):
+    """The method's loss object. `student` is the prepared (maybe DDP) module; `unwrapped` the `Student`."""
+    method = recipe.method
+    match method.name:
+        case "flow_matching":
+            from distill.flow_matching import FlowMatching
+
+            return FlowMatching(method.flow_matching, student=student, teacher_shift=teacher.cfg.shift)
+        case "kd":
+            from distill.kd import KD
+
+            blocks = unwrapped.transformers()[0].blocks if unwrapped.num_experts == 1 else None
+            return KD(method.kd, student=student, teacher=teacher, student_blocks=blocks)
+        case "trajectory":
+            from distill.trajectory import Trajectory
+            from students.sampling import student_sigmas
+
+            sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
+            return Trajectory(method.trajectory, student=student, student_sigmas=sigmas)
+        case _:
+            raise ValueError(f"method.name: {method.name!r} is not trained by distill.trainer; use one of "
+                             "flow_matching, kd, trajectory")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+    tc = recipe.train
+    if tc.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("train.optimizer: adamw8bit needs bitsandbytes (CUDA only: pip install "
+                             "'wan-distill[gpu]'); or set train.optimizer: adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+
+
+def _check_accelerator(accelerator: Accelerator, recipe: Recipe) -> None:
+    tc = recipe.train
+    if accelerator.gradient_accumulation_steps != tc.gradient_accumulation_steps:
+        raise ValueError(
+            f"train.gradient_accumulation_steps: the Accelerator has {accelerator.gradient_accumulation_steps}, the "
+            f"recipe {tc.gradient_accumulation_steps}; build it with make_accelerator(**accelerator_kwargs(recipe))"
+        )
+    if str(accelerator.mixed_precision) != tc.mixed_precision:
+        raise ValueError(
+            f"train.mixed_precision: the Accelerator has {accelerator.mixed_precision!r}, the recipe "
+            f"{tc.mixed_precision!r}; build it with make_accelerator(**accelerator_kwargs(recipe))"
+        )
+
+
+def _start_trackers(accelerator: Accelerator, recipe: Recipe) -> None:
+    if recipe.train.log_with == "none":
+        return
+    if not accelerator.log_with:  # built without trackers: add ours, writing into the student's folder
+        from accelerate.tracking import TensorBoardTracker
+
+        accelerator.log_with.append(TensorBoardTracker("train", recipe.student_dir() / "logs"))
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", recipe.to_dict())
+    accelerator.init_trackers("train", config=flat)
+
+
+def _save_final(recipe: Recipe, student, ema, step: int, samples_per_step: int, fp: dict) -> Path:
+    final = recipe.student_dir() / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    student.save_pretrained(final)
+    if ema is not None:
+        params = student.trainable_parameters()
+        ema.store(params)
+        ema.copy_to(params)
+        ema_dir = recipe.student_dir() / "final_ema"
+        if ema_dir.exists():
+            shutil.rmtree(ema_dir)
+        student.save_pretrained(ema_dir)
+        ema.restore(params)
+    _write_state(final, step, samples_per_step, fp)
+    (final / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
+    return final
+
+
+def _optimization(recipe: Recipe, accelerator: Accelerator, student):
+    """(trainable params in fp32, optimizer, LR scheduler, EMA or None); EMA registered for checkpointing."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel, cast_training_params
+
+    tc, world = recipe.train, accelerator.num_processes
+    cast_training_params(student, torch.float32)  # trainable weights in fp32 under mixed precision
+    params = student.trainable_parameters()
+    optimizer = make_optimizer(params, recipe)
+    lr_scheduler = get_scheduler(  # accelerate steps a prepared scheduler once per process: scale like diffusers
+        tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps * world,
+        num_training_steps=tc.max_steps * world,
+    )
+    ema = EMAModel(params, decay=tc.ema_decay) if tc.ema else None
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if recipe.student.experts > 1 and accelerator.ddp_handler is None:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # each sample runs one expert, so DDP must expect parameters without gradients in a step
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return params, optimizer, lr_scheduler, ema
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
+    """Train `recipe.student` with `recipe.method`; returns `<output_dir>/students/<name>/final/`."""
+    from distill.accel import make_accelerator
+    from distill.data import training_batches
+    from students.student import build_student
+    from teachers.wan import WanTeacher
+
+    if recipe.student is None or recipe.method is None:
+        raise ValueError(f"{recipe.source}: train needs a student recipe (with `student` and `method` sections)")
+    accelerator = accelerator or make_accelerator(**accelerator_kwargs(recipe))
+    _check_accelerator(accelerator, recipe)
+    tc, student_dir = recipe.train, recipe.student_dir()
+    world = accelerator.num_processes
+    samples_per_step = tc.batch_size * world * tc.gradient_accumulation_steps
+    fp = fingerprint(recipe, world)
+    resume = resolve_checkpoint(recipe)
+    start_step = check_checkpoint(resume, fp)["step"] if resume is not None else 0  # fail fast, before any model
+
+    set_seed(tc.seed)  # the student's initialisation (LoRA A) is the same on every rank and run
+    teacher = WanTeacher.from_config(recipe.teacher, accelerator.device)
+    student = build_student(recipe.student, teacher.pipe.transformer)
+    if tc.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    params, optimizer, lr_scheduler, ema = _optimization(recipe, accelerator, student)
+    model, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    _register_student_hooks(accelerator)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        logger.info("resumed from %s at step %d", resume, start_step)
+    algorithm = build_algorithm(recipe, teacher, model, student)
+    batches = training_batches(recipe, teacher, start_step=start_step, num_processes=world,
+                               rank=accelerator.process_index, need_trajectory=recipe.method.name == "trajectory")
+    if accelerator.is_main_process:
+        student_dir.mkdir(parents=True, exist_ok=True)
+    _start_trackers(accelerator, recipe)
+
+    bar = tqdm(total=tc.max_steps, initial=start_step, desc=f"train {recipe.student.name}", unit="step",
+               disable=not accelerator.is_local_main_process)
+    for step in range(start_step, tc.max_steps):
+        t0 = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(tc.gradient_accumulation_steps):
+            # 1. the micro-batch: clean latents, text embeddings, one random stream per sample
+            batch = next(batches)
+            with accelerator.accumulate(model):
+                # 2. the method's loss (its own numbered steps: draw σ/ε, teacher and student forwards)
+                loss, logs = algorithm.loss(batch)
+                # 3. backward; accelerate scales by 1/gradient_accumulation_steps and syncs on the last micro-batch
+                accelerator.backward(loss)
+                # 4. clip and update once per optimizer step (the prepared optimizer skips non-sync micro-batches)
+                if accelerator.sync_gradients and tc.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / tc.gradient_accumulation_steps
+        assert accelerator.sync_gradients, "gradient accumulation out of step with the optimizer steps"
+        # 5. EMA of the trainable weights
+        if ema is not None:
+            ema.step(params)
+        done, step_time = step + 1, time.perf_counter() - t0
+        bar.update(1)
+        # 6. checkpoint-<step>/ (every rank writes its RNG state; rank 0 the rest, training_state.json last)
+        if done % tc.checkpointing_steps == 0 or done == tc.max_steps:
+            _checkpoint(accelerator, student_dir / f"{CHECKPOINT_PREFIX}{done}", done, samples_per_step, fp, tc)
+        # 7. logs: the algorithm's dict plus lr and step time
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            values = {k: float(v) for k, v in sums.items()}
+            values.update({"lr": lr_scheduler.get_last_lr()[0], "time/step_s": step_time})
+            if torch.cuda.is_available():
+                values["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            accelerator.log(values, step=done)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.startswith("loss")})
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    final = student_dir / "final"
+    if accelerator.is_main_process:
+        final = _save_final(recipe, student, ema, tc.max_steps, samples_per_step, fp)
+        logger.info("train: wrote %s", final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def _checkpoint(accelerator: Accelerator, path: Path, step: int, samples_per_step: int, fp: dict, tc) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and path.exists():
+        shutil.rmtree(path)  # a stale folder from an abandoned run at the same step
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_state(path, step, samples_per_step, fp)
+        _prune(path.parent, tc.checkpoints_total_limit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`accelerate launch -m distill.trainer RECIPE.yaml [dotted.key=value ...]`."""
+    from distill.accel import make_accelerator
+    from distill.config import load_recipe
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m distill.trainer RECIPE.yaml [dotted.key=value ...]", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    recipe = load_recipe(args[0], args[1:])
+    train(recipe, make_accelerator(**accelerator_kwargs(recipe)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
