@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -n 2 --dist loadgroup
