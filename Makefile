@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow install clean toy-teacher
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,14 @@ demo: $(STAMP)
 	$(BIN)/python -m distill run recipes/toyworld_lora4.yaml
 	$(BIN)/python -m distill run recipes/toyworld_pruned.yaml
 	$(BIN)/python -m distill eval recipes/toyworld.yaml
+
+# One-off: (re)train the toy teacher shipped in teachers/toyworld/pipeline (hours on 2 CPU cores; join
+# several runs with `make toy-teacher RESUME=train.resume_from_checkpoint=latest`).
+toy-teacher: $(STAMP)
+	test -f outputs/toyworld_teacher/init/model_index.json || $(BIN)/python -m teachers.toyworld.build outputs/toyworld_teacher/init
+	$(BIN)/python -m distill train recipes/toyworld_teacher.yaml $(RESUME)
+	$(BIN)/python -m distill export recipes/toyworld_teacher.yaml
+	rm -rf teachers/toyworld/pipeline && cp -r outputs/toyworld_teacher/students/teacher/export/pipeline teachers/toyworld/pipeline
 
 clean:
 	rm -rf $(VENV) outputs
