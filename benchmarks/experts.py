@@ -1,0 +1,176 @@
+"""Timestep experts: N = 1, 2, 4 LoRA experts at equal training steps and equal sampling steps (toy world).
+
+    python benchmarks/experts.py [--teacher DIR] [--steps 300] [--prompts 48] [--eval-prompts 64]
+                                 [--out outputs/bench_experts]
+
+1. Data, once: `python -m distill run recipes/toyworld.yaml` (prompts -> teacher ODE trajectories).
+2. Three students from recipes/toyworld_lora4.yaml (4 steps, denoising_steps [1000, 750, 500, 250], warped
+   σ ≈ 1.0, 0.9, 0.75, 0.5), trained for the same `train.max_steps`: one LoRA (N=1), two experts split at
+   σ = 0.8 (N=2), four split at 0.95 / 0.8 / 0.6 (N=4: one expert per sampling σ).
+3. Eval on fresh prompts (`eval.seed`, not the training prompts), the same noise for every model
+   (`distill.eval`'s prompts, noise and per-prompt renoise streams):
+   - fidelity_mse: mean squared error in latent space between each student's 4-step sample and the teacher's
+     own ODE sample (its default steps + CFG) from the same noise: distillation quality, whatever the
+     teacher's own quality;
+   - accuracy: the toy-world oracle on the decoded videos (all-attribute and per attribute);
+   - trainable_params: the student's LoRA parameters (all experts).
+   `undistilled_4step` is a reference: the teacher's weights sampled with the students' 4-step schedule.
+
+`--teacher` defaults to teachers/toyworld/pipeline when it exists, else an UNTRAINED toy pipeline is built
+into OUT/init (the JSON's `teacher.trained` says which). Prints one JSON line and appends a row to
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.results import append_result  # noqa: E402
+from distill import cli  # noqa: E402
+from distill.config import Recipe, load_recipe  # noqa: E402
+
+logger = logging.getLogger("benchmarks.experts")
+
+DATA_RECIPE = ROOT / "recipes" / "toyworld.yaml"
+STUDENT_RECIPE = ROOT / "recipes" / "toyworld_lora4.yaml"
+SHIPPED_TEACHER = ROOT / "teachers" / "toyworld" / "pipeline"
+BOUNDARIES = {1: [], 2: [0.8], 4: [0.95, 0.8, 0.6]}
+"""σ boundaries per expert count; with N=4 each expert owns exactly one of the 4 sampling σ's."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="WanPipeline folder (default: teachers/toyworld/pipeline, else an untrained toy pipeline)")
+    p.add_argument("--steps", type=int, default=300, help="train.max_steps of every student")
+    p.add_argument("--prompts", type=int, default=48, help="data.num_prompts (training prompts)")
+    p.add_argument("--eval-prompts", type=int, default=64, help="eval.num_prompts (fresh prompts)")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_experts")
+    args = p.parse_args(argv)
+    for key in ("steps", "prompts", "eval_prompts"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(args, key)}")
+    return args
+
+
+def resolve_teacher(arg: Path | None, out: Path) -> tuple[Path, bool]:
+    """(pipeline folder, trained?): --teacher, else the shipped toy teacher, else an untrained one in OUT/init."""
+    if arg is not None:
+        return arg, arg.resolve() == SHIPPED_TEACHER.resolve()
+    if (SHIPPED_TEACHER / "model_index.json").is_file():
+        return SHIPPED_TEACHER, True
+    init = out / "init"
+    if not (init / "model_index.json").is_file():
+        from teachers.toyworld.build import main as build
+
+        logger.warning("%s not found: building an UNTRAINED toy teacher in %s", SHIPPED_TEACHER, init)
+        build([str(init)])
+    return init, False
+
+
+def _cli(stage: str, recipe: Path, overrides: list[str]) -> None:
+    rc = cli.main([stage, str(recipe), *overrides])
+    if rc != 0:
+        raise SystemExit(f"benchmarks/experts.py: `python -m distill {stage} {recipe.name}` failed (exit {rc}); "
+                         f"see the error above")
+
+
+def student_overrides(n: int, steps: int) -> list[str]:
+    return [f"student.name=experts{n}", f"student.experts={n}",
+            f"student.expert_boundaries={json.dumps(BOUNDARIES[n])}", f"train.max_steps={steps}"]
+
+
+def train_students(common: list[str], steps: int) -> None:
+    """Train experts1/2/4 (skipping a finished run of the same length)."""
+    for n in BOUNDARIES:
+        overrides = common + student_overrides(n, steps)
+        final = load_recipe(STUDENT_RECIPE, overrides).student_dir() / "final" / "COMPLETE"
+        if final.is_file() and json.loads(final.read_text())["step"] == steps:
+            logger.info("experts%d: %s is complete, skipping", n, final)
+            continue
+        _cli("train", STUDENT_RECIPE, overrides)
+
+
+# ---- evaluation --------------------------------------------------------------------------------------
+def _decode(teacher, latents: torch.Tensor) -> np.ndarray:
+    return np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + 1])) for i in range(len(latents))])
+
+
+def _score(latents: torch.Tensor, reference: torch.Tensor, videos: np.ndarray, slots: list[dict]) -> dict:
+    from teachers.toyworld.oracle import grade
+
+    mse = float(((latents.float() - reference.float()) ** 2).mean())
+    return {"fidelity_mse": mse, "accuracy": grade(videos, slots)["accuracy"]}
+
+
+@torch.no_grad()
+def evaluate(recipe: Recipe) -> dict:
+    """Teacher, the undistilled 4-step reference and every student on the eval prompts; see the docstring."""
+    from distill.eval import _student_sampler, eval_prompts, find_students, train_overlap
+    from students.sampling import sample_student, student_sigmas
+    from students.student import Student
+    from synth_data.composer import load_vocabulary
+    from synth_data.generate import sample_noise
+    from teachers.toyworld.oracle import grade
+    from teachers.wan import WanTeacher
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = WanTeacher.from_config(recipe.teacher, device)
+    tcfg = teacher.cfg
+    rows = eval_prompts(recipe)
+    slots = [r["slots"] for r in rows]
+    negative = tcfg.negative_prompt or load_vocabulary(ROOT / recipe.data.vocabulary).negative_prompt
+    shape = teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width)
+    batches = [rows[i: i + recipe.eval.batch_size] for i in range(0, len(rows), recipe.eval.batch_size)]
+    conds = [teacher.encode([r["prompt"] for r in b], negative) for b in batches]
+    noises = [torch.stack([sample_noise(r["seed"], shape) for r in b]).to(device) for b in batches]
+
+    def run(sampler) -> tuple[torch.Tensor, np.ndarray]:
+        latents = torch.cat([sampler(c, x, b) for c, x, b in zip(conds, noises, batches)])
+        return latents, _decode(teacher, latents)
+
+    # 1. the teacher's own ODE samples: the fidelity reference
+    ref, videos = run(lambda c, x, _b: teacher.sample(c, x).latents)
+    out = {"teacher": {"accuracy": grade(videos, slots)["accuracy"], "steps": tcfg.num_inference_steps,
+                       "guidance_scale": tcfg.guidance_scale},
+           "eval_prompts": len(rows), "train_overlap": train_overlap(recipe, rows), "students": {}}
+    # 2. reference: the teacher's weights on the students' 4-step renoise schedule, no CFG
+    sigmas = student_sigmas(recipe.student, tcfg.shift, tcfg.num_inference_steps)
+    base = teacher.transformer_for(float(teacher.num_train_timesteps))
+
+    def undistilled(c, x, _b):
+        v = lambda xs, ts, e: base(hidden_states=xs, timestep=ts, encoder_hidden_states=e, return_dict=False)[0]
+        gens = [torch.Generator("cpu").manual_seed(0) for _ in _b]
+        return sample_student(v, c.prompt_embeds, None, x, sigmas, generator=gens)
+
+    out["undistilled_4step"] = _score(*run(undistilled), ref, slots) if False else _score_run(run, undistilled, ref,
+                                                                                              slots)
+    # 3. the students, on the same prompts, noise and renoise streams as `distill eval`
+    for name, folder in find_students(recipe):
+        student = Student.from_pretrained(folder, base_transformer=base).eval()
+        try:
+            sampler, _info = _student_sampler(student, teacher)
+            entry = _score_run(run, sampler, ref, slots)
+            entry["trainable_params"] = sum(p.numel() for p in student.trainable_parameters())
+            entry["sigmas"] = sigmas
+            out["students"][name] = entry
+        finally:  # LoRA students borrow the teacher's module: give it back without adapters
+            base.delete_adapters(student.adapter_names)
+    return out
+
+
+def _score_run(run, sampler, ref: torch.Tensor, slots: list[dict]) -> dict:
+    latents, videos = run(sampler)
+    return _score(latents, ref, videos, slots)
