@@ -40,6 +40,18 @@ class StudentConfig:
     """CFG used when sampling the student (1.0: none, the usual for distilled few-step students)."""
     num_inference_steps: int | None = None
     """Multi-step students without `denoising_steps`: sampler steps (None: the teacher's)."""
+    frames_per_block: int = 3
+    """Causal students: latent frames per chunk (the block-causal mask's block and the rollout's step);
+    a multiple of the transformer's temporal patch size p_t."""
+    local_window: int | None = None
+    """Causal students: latent frames of self-attention context a chunk sees, its own frames and the `sink`
+    included (the KV cache holds at most this many); None = all earlier frames. A multiple of p_t."""
+    sink: int = 0
+    """Causal students: latent frames at the start of the video that stay visible (never evicted from the
+    cache) when `local_window` is set. A multiple of p_t."""
+    context_noise: int = 0
+    """Causal students: timestep t in [0, 1000] (σ = t/1000) at which each finished chunk is re-run to write
+    the KV cache (Self-Forcing's context_noise; 0 = the clean output)."""
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -65,5 +77,20 @@ class StudentConfig:
             raise ValueError(f"keep_blocks: only used by kind=pruned, got kind={self.kind}")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps: must be >= 1 or null, got {self.num_inference_steps}")
+        if self.frames_per_block < 1:
+            raise ValueError(f"frames_per_block: must be >= 1, got {self.frames_per_block}")
+        if self.sink < 0:
+            raise ValueError(f"sink: must be >= 0, got {self.sink}")
+        if self.sink and self.local_window is None:
+            raise ValueError(f"sink: {self.sink} needs a local_window (without one every frame stays visible)")
+        if self.local_window is not None and self.local_window < self.frames_per_block + self.sink:
+            raise ValueError(
+                f"local_window: must be >= frames_per_block + sink = {self.frames_per_block + self.sink} so a chunk "
+                f"sees itself and the sink, got {self.local_window}"
+            )
+        if not 0 <= self.context_noise <= 1000:
+            raise ValueError(f"context_noise: must be a timestep in [0, 1000], got {self.context_noise}")
+        if self.kind == "causal" and self.experts != 1:
+            raise ValueError(f"experts: kind=causal supports a single expert (per-frame timesteps), got {self.experts}")
         if self.keep_blocks is not None and (not self.keep_blocks or min(self.keep_blocks) < 0):
             raise ValueError(f"keep_blocks: must be a non-empty list of block indices >= 0, got {self.keep_blocks}")

@@ -3,10 +3,12 @@
     student = build_student(cfg, teacher.transformer_for(1000.0))   # the high-noise transformer
     v = student(x, t, encoder_hidden_states)    # x [B, C, F, H, W], t [B] = 1000·σ, v = ε - x0
     with student.teacher_mode(): ...            # LoRA: adapters off, the shared base IS the teacher
+    student.causal                              # kind=causal: the block-causal view (students/causal.py)
 
 Saved layout (`save_pretrained`): `student.json` (the StudentConfig + block counts) and one
 `expert_<i>/` folder per expert: LoRA → `adapter_model.safetensors` + `adapter_config.json` (peft
-layout, keys `blocks.0.attn1.to_q.lora_A.weight`); pruned / full → a `WanTransformer3DModel` folder.
+layout, keys `blocks.0.attn1.to_q.lora_A.weight`); pruned / full / causal → a `WanTransformer3DModel` folder
+(a causal student's weights are a plain Wan transformer; causality lives in `students/causal.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distill.recipe_loader import build, to_dict
+from students.causal import CausalWan
 from students.config import StudentConfig
 from students.experts import copied_experts, expert_index_of_timestep, expert_name, lora_experts
 from students.lora import (
@@ -41,8 +44,9 @@ WEIGHT_KEYS = ("kind", "keep_blocks", "lora_rank", "lora_alpha", "lora_target_mo
 class Student(nn.Module):
     """A trainable student: `forward(x, t, encoder_hidden_states) -> v`, routed to its timestep experts.
 
-    LoRA: `transformer` is the (shared) base with adapters `expert_0..`; pruned / full: `experts` holds
-    one transformer per expert. Build with `build_student` or `Student.from_pretrained`.
+    LoRA: `transformer` is the (shared) base with adapters `expert_0..`; pruned / full / causal: `experts`
+    holds one transformer per expert (causal: exactly one, run through `self.causal`). Build with
+    `build_student` or `Student.from_pretrained`.
     """
 
     def __init__(self, cfg: StudentConfig, *, transformer: WanTransformer3DModel | None = None,
@@ -61,6 +65,8 @@ class Student(nn.Module):
         else:
             assert experts is not None and len(experts) == cfg.experts
             self.experts = nn.ModuleList(experts)
+            if cfg.kind == "causal":
+                CausalWan(experts[0], cfg)  # fail fast: checks cfg against the transformer, installs processors
 
     @property
     def is_lora(self) -> bool:
@@ -82,6 +88,14 @@ class Student(nn.Module):
     def device(self) -> torch.device:
         return self.transformers()[0].device
 
+    @property
+    def causal(self) -> CausalWan:
+        """kind=causal: the block-causal view of `experts[0]` (holds no weights, so it is built on access
+        rather than registered, which would list the transformer's weights twice in `state_dict`)."""
+        if self.cfg.kind != "causal":
+            raise ValueError(f"student.kind={self.cfg.kind}: only causal students have a causal view")
+        return CausalWan(self.experts[0], self.cfg)
+
     def expert_module(self, i: int) -> WanTransformer3DModel:
         """The transformer serving expert i (LoRA: the shared base with adapter `expert_i` activated)."""
         if self.is_lora:
@@ -96,6 +110,8 @@ class Student(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """v = ε - x0 for latents x [B, C, F, H, W] at timesteps t [B] (= 1000·σ), text embeds [B, L, D].
+
+        kind=causal: the block-causal parallel forward, t may also be per frame [B, F].
 
         Each sample goes to the expert of its σ (see `students/experts.py`); a batch spanning several
         experts is split and re-assembled in order. Inputs are cast to the transformer's dtype and v is
@@ -119,6 +135,8 @@ class Student(nn.Module):
         return torch.cat(parts)[torch.argsort(torch.cat(order))]
 
     def _call(self, i: int, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor:
+        if self.cfg.kind == "causal":
+            return self.causal(x, t, ehs)
         module = self.expert_module(i)
         dtype = module.dtype
         v = module(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=ehs.to(dtype), return_dict=False)[0]
@@ -235,7 +253,7 @@ class Student(nn.Module):
             student = build_student(cfg, base_transformer)
             student.load_weights(directory)
             return student
-        if cfg.kind not in ("pruned", "full"):
+        if cfg.kind not in ("pruned", "full", "causal"):
             raise ValueError(f"student.kind={cfg.kind}: not available yet")
         device = next(base_transformer.parameters()).device
         experts = []
@@ -269,25 +287,42 @@ def check_compatible(directory: Path, saved: StudentConfig, wanted: StudentConfi
             raise ValueError(f"{directory}: student.{key}: the folder was saved with {a!r}, the recipe has {b!r}")
 
 
+def load_init_transformer(init: str, dtype: torch.dtype) -> WanTransformer3DModel:
+    """`student.init`: a local `WanTransformer3DModel` folder, a local `WanPipeline` folder (its `transformer/`),
+    or the Hub id of a WanPipeline repo (its `transformer` subfolder, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)."""
+    path = Path(init).expanduser()
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+        if (path / "config.json").is_file():
+            return WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype)
+        raise FileNotFoundError(
+            f"student.init: {path} holds neither config.json (a WanTransformer3DModel folder) nor model_index.json "
+            "(a WanPipeline folder); give one of those or a Hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+        )
+    if init.startswith(("/", ".", "~")) or init.count("/") != 1:
+        raise FileNotFoundError(f"student.init: {init} is neither an existing folder nor a Hub id (owner/name)")
+    return WanTransformer3DModel.from_pretrained(init, subfolder="transformer", torch_dtype=dtype)
+
+
 def build_student(cfg: StudentConfig, base_transformer: WanTransformer3DModel) -> Student:
     """Build the student of `cfg` from the teacher's (high-noise) transformer.
 
-    LoRA: adapters are injected INTO `base_transformer` (shared with the teacher). pruned / full: copies
-    (one per expert). `cfg.init` loads that `WanTransformer3DModel` folder as the source instead (for LoRA
-    it becomes the base, no longer shared with the teacher); `keep_blocks` then indexes its blocks.
+    LoRA: adapters are injected INTO `base_transformer` (shared with the teacher). pruned / full / causal:
+    copies (one per expert; causal: one, with the causal processors installed). `cfg.init` loads that
+    transformer (`load_init_transformer`) as the source instead (for LoRA it becomes the base, no longer
+    shared with the teacher); `keep_blocks` then indexes its blocks.
     """
-    if cfg.kind == "causal":
-        raise ValueError("student.kind=causal: not available yet")
     source = base_transformer
     if cfg.init is not None:
         ref = next(base_transformer.parameters())
-        source = WanTransformer3DModel.from_pretrained(cfg.init, torch_dtype=ref.dtype).to(ref.device)
+        source = load_init_transformer(cfg.init, ref.dtype).to(ref.device)
         logger.info("student %s: initialised from %s", cfg.name, cfg.init)
     if cfg.kind == "lora":
         lora_experts(source, cfg)
         return Student(cfg, transformer=source, teacher_num_layers=block_count(source),
                        shares_teacher=source is base_transformer)
-    if cfg.kind in ("pruned", "full"):
+    if cfg.kind in ("pruned", "full", "causal"):
         experts = copied_experts(source, cfg)
         for m in experts:
             m.requires_grad_(True)

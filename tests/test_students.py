@@ -211,9 +211,9 @@ def test_pruned_student_round_trips_and_rejects_other_blocks(tmp_path, tiny_tran
         Student.from_pretrained(tmp_path / "p", tiny_transformer, other)
 
 
-def test_causal_and_bad_configs_fail_fast(tiny_transformer):
-    with pytest.raises(ValueError, match="student.kind=causal: not available yet"):
-        build_student(StudentConfig(name="c", kind="causal"), tiny_transformer)
+def test_bad_configs_fail_fast(tiny_transformer):
+    with pytest.raises(ValueError, match="experts: kind=causal supports a single expert"):
+        StudentConfig(name="c", kind="causal", experts=2, expert_boundaries=[0.5])
     with pytest.raises(ValueError, match="keep_blocks: only used by kind=pruned"):
         StudentConfig(name="x", kind="lora", keep_blocks=[0])
     with pytest.raises(ValueError, match="lora_alpha"):

@@ -1,0 +1,263 @@
+"""Causal few-step students (CausVid / Self-Forcing; DESIGN.md §5 "Causal").
+
+`CausalWan` wraps an UNCHANGED `WanTransformer3DModel` (the teacher's weights and state dict, key for key):
+it installs attention processors (`students/causal_attention.py`) and runs the model's own sub-modules with
+
+- per-frame timesteps t [B, F] (t = 1000·σ), expanded to Wan's per-token timestep path;
+- `forward`: the parallel training forward with a block-causal mask over chunks of `frames_per_block`
+  latent frames (a token sees its chunk and earlier ones, limited to `local_window` frames plus `sink`);
+- `init_cache` / `forward_chunk`: chunk-by-chunk inference with a KV cache (rolling window plus sink,
+  cross-attention K/V computed once, RoPE at the chunk's true frame offset with no length cap).
+
+The cached rollout is the parallel forward computed chunk by chunk: fed the same inputs, both agree to
+float32 rounding (tests/test_causal.py). `sample_causal` / `stream_causal` are the few-step causal sampler
+with Self-Forcing's cache refresh at `context_noise`.
+
+    causal = student.causal                          # or CausalWan(transformer, student_cfg)
+    v = causal(x, t, text)                           # x [B, C, F, H, W], t [B, F] or [B]; v = ε - x0
+    video = sample_causal(causal, text, noise, sigmas, generator=g)
+    for chunk in stream_causal(causal, text, noise, sigmas): ...   # [B, C, frames_per_block, H, W] each
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from distill.flow import NUM_TRAIN_TIMESTEPS, add_noise, x0_from_velocity
+from students.causal_attention import (
+    CrossKV, KVCache, SelfAttnInputs, block_causal_mask, cross_kv, install_processors, rotary_at, visible,
+)
+from students.config import StudentConfig
+
+logger = logging.getLogger(__name__)
+
+
+class CausalWan(nn.Module):
+    """Block-causal view of a `WanTransformer3DModel`: no weights of its own (see the module docstring).
+
+    The transformer is used in place (processors installed; called directly it still gives the
+    bidirectional output). Lengths are in latent frames; `frames_per_block`, `local_window` and `sink`
+    must be multiples of the temporal patch size p_t.
+    """
+
+    def __init__(self, transformer: WanTransformer3DModel, cfg: StudentConfig):
+        super().__init__()
+        p_t = transformer.config.patch_size[0]
+        for key in ("frames_per_block", "local_window", "sink"):
+            value = getattr(cfg, key)
+            if value is not None and value % p_t:
+                raise ValueError(f"student.{key}: must be a multiple of the transformer's temporal patch size "
+                                 f"{p_t}, got {value}")
+        if transformer.config.added_kv_proj_dim is not None:
+            raise ValueError("student.kind=causal: image-conditioned (I2V) Wan transformers are not supported; "
+                             "use a text-to-video teacher")
+        install_processors(transformer)
+        self.transformer = transformer
+        self.cfg = cfg
+        self.p_t = p_t
+        self.block = cfg.frames_per_block // p_t
+        self.window = None if cfg.local_window is None else cfg.local_window // p_t
+        self.sink = cfg.sink // p_t
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.cfg.frames_per_block
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    # ---- shared pieces ---------------------------------------------------------------------------------
+    def _grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        p_t, p_h, p_w = self.transformer.config.patch_size
+        _, _, f, h, w = x.shape
+        if f % p_t or h % p_h or w % p_w:
+            raise ValueError(f"latents {tuple(x.shape)}: frames/height/width must be multiples of the patch "
+                             f"{(p_t, p_h, p_w)}")
+        return f // p_t, h // p_h, w // p_w
+
+    def _frame_timesteps(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+        """t as [B, F] (latent frames) from a scalar, [B] or [B, F]."""
+        b, f = x.shape[0], x.shape[2]
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.ndim == 1:
+            t = t[:, None].expand(b, f)
+        if tuple(t.shape) != (b, f):
+            raise ValueError(f"timesteps: expected [B] or [B, F] = [{b}] or [{b}, {f}], got {tuple(t.shape)}")
+        return t
+
+    def _embed(self, t: torch.Tensor, text: torch.Tensor, n_pos: int, hw: int):
+        """(temb, timestep_proj, text) for Wan's blocks and head from per-frame t [B, F].
+
+        One timestep per sample: Wan's 1-D path, as the teacher. Otherwise the embedding is computed per
+        temporal position and repeated over its hw tokens: Wan's per-token (2-D timestep) path.
+        """
+        embedder = self.transformer.condition_embedder
+        b = t.shape[0]
+        t_pos = t.view(b, n_pos, self.p_t)
+        if self.p_t > 1 and not torch.equal(t_pos, t_pos[..., :1].expand_as(t_pos)):
+            raise ValueError(f"timesteps: frames of one temporal patch ({self.p_t} frames) must share a timestep")
+        t_pos = t_pos[..., 0]
+        if bool((t_pos == t_pos[:, :1]).all()):
+            temb, proj, text, _ = embedder(t_pos[:, 0], text, None)
+            return temb, proj.unflatten(1, (6, -1)), text
+        temb, proj, text, _ = embedder(t_pos.flatten(), text, None, timestep_seq_len=n_pos)
+        temb = temb.repeat_interleave(hw, dim=1)  # [B, S, D]
+        proj = proj.repeat_interleave(hw, dim=1).unflatten(2, (6, -1))  # [B, S, 6, D]
+        return temb, proj, text
+
+    def _run(self, x: torch.Tensor, temb: torch.Tensor, proj: torch.Tensor, text, attn: SelfAttnInputs,
+             checkpoint: bool) -> torch.Tensor:
+        """Patch-embed, the blocks, and the output head of `WanTransformer3DModel.forward`."""
+        tr = self.transformer
+        b, _, f, h, w = x.shape
+        p_t, p_h, p_w = tr.config.patch_size
+        hs = tr.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        for block in tr.blocks:
+            if checkpoint and torch.is_grad_enabled() and tr.gradient_checkpointing:
+                hs = tr._gradient_checkpointing_func(block, hs, text, proj, attn)
+            else:
+                hs = block(hs, text, proj, attn)
+        if temb.ndim == 3:  # per-token timesteps
+            shift, scale = (tr.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (tr.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        hs = (tr.norm_out(hs.float()) * (1 + scale) + shift).type_as(hs)
+        hs = tr.proj_out(hs).reshape(b, f // p_t, h // p_h, w // p_w, p_t, p_h, p_w, -1)
+        return hs.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    # ---- parallel (training) forward -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """v = ε - x0 [B, C, F, H, W] for latents x at per-frame timesteps t [B, F] (or [B]), block-causal.
+
+        Chunk c covers latent frames [c·frames_per_block, (c+1)·frames_per_block); the last may be shorter.
+        Inputs are cast to the transformer's dtype; v comes back in x's dtype.
+        """
+        n_pos, hh, ww = self._grid(x)
+        t = self._frame_timesteps(t, x)
+        dtype, device = self.dtype, x.device
+        temb, proj, text = self._embed(t, encoder_hidden_states.to(dtype), n_pos, hh * ww)
+        cos, sin = rotary_at(self.transformer, torch.arange(n_pos), hh, ww, device)
+        mask = block_causal_mask(n_pos, hh * ww, self.block, self.window, self.sink, device)
+        v = self._run(x.to(dtype), temb, proj, text, SelfAttnInputs(cos, sin, n_pos, mask=mask), checkpoint=True)
+        return v.to(x.dtype)
+
+    # ---- chunk-by-chunk inference with a KV cache ------------------------------------------------------
+    def init_cache(self, batch: int, encoder_hidden_states: torch.Tensor) -> KVCache:
+        """An empty cache for `batch` videos, with each layer's cross-attention K/V of the text [B, L, D_text]."""
+        if encoder_hidden_states.shape[0] != batch:
+            raise ValueError(f"encoder_hidden_states: batch {encoder_hidden_states.shape[0]}, expected {batch}")
+        tr = self.transformer
+        text = tr.condition_embedder.text_embedder(encoder_hidden_states.to(self.dtype))
+        ks, vs = zip(*(cross_kv(block.attn2, text) for block in tr.blocks))
+        n = len(tr.blocks)
+        return KVCache(cross_k=list(ks), cross_v=list(vs), self_k=[None] * n, self_v=[None] * n)
+
+    def forward_chunk(self, x: torch.Tensor, t: torch.Tensor | float, cache: KVCache, frame_offset: int,
+                      update_cache: bool) -> torch.Tensor:
+        """v [B, C, n, H, W] for one chunk x (n <= frames_per_block latent frames starting at `frame_offset`).
+
+        The chunk attends to the cached frames its window allows and to itself; RoPE uses its true frames
+        (any offset, no cap). With `update_cache`, its K/V join the cache and frames outside the window
+        (except the sink) are evicted; call it under `no_grad` unless you mean to keep the graph.
+        """
+        n_pos, hh, ww = self._grid(x)
+        if frame_offset < 0 or frame_offset % self.p_t or not 1 <= n_pos <= self.block:
+            raise ValueError(f"forward_chunk: frame_offset {frame_offset} must be a multiple of {self.p_t} and the "
+                             f"chunk 1..{self.cfg.frames_per_block} frames, got {x.shape[2]}")
+        start = frame_offset // self.p_t
+        if start < cache.end:
+            raise ValueError(f"forward_chunk: frame_offset {frame_offset} overlaps the cache (frames up to "
+                             f"{cache.end * self.p_t} are cached); chunks must come in order")
+        if x.shape[0] != cache.batch_size or cache.grid not in (None, (hh, ww)):
+            raise ValueError(f"forward_chunk: chunk {tuple(x.shape)} does not match the cache (batch "
+                             f"{cache.batch_size}, grid {cache.grid}); use init_cache for a new video")
+        cache.grid = (hh, ww)
+        end = start + n_pos
+        new_pos = torch.arange(start, end)
+        all_pos = torch.cat([cache.positions, new_pos])
+        seen = visible(all_pos, end, self.window, self.sink)  # keys this chunk sees = what the cache keeps
+        index = seen.nonzero().flatten().to(x.device)
+        attend = None if bool(seen.all()) else index
+        attn = SelfAttnInputs(*rotary_at(self.transformer, new_pos, hh, ww, x.device), n_pos,
+                              past_k=list(cache.self_k), past_v=list(cache.self_v), attend=attend,
+                              keep=index if update_cache else None, cache=cache)
+        t = self._frame_timesteps(t, x)
+        # The text K/V are cached: an empty text batch skips re-projecting it in the condition embedder.
+        empty_text = torch.zeros(x.shape[0], 0, self.transformer.config.text_dim, device=x.device, dtype=self.dtype)
+        temb, proj, _ = self._embed(t, empty_text, n_pos, hh * ww)
+        v = self._run(x.to(self.dtype), temb, proj, CrossKV(cache.cross_k, cache.cross_v), attn,
+                      checkpoint=not update_cache)  # a recompute would write the cache again
+        if update_cache:
+            cache.positions = all_pos[seen]
+        return v.to(x.dtype)
+
+
+# ---- the few-step causal sampler ---------------------------------------------------------------------------
+def stream_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tensor, sigmas: list[float],
+                  generator: torch.Generator | list[torch.Generator] | None = None,
+                  exit_steps: int | list[int] | None = None) -> Iterator[torch.Tensor]:
+    """Yield each finished chunk's latents x0 [B, C, <=frames_per_block, H, W], chunk by chunk.
+
+    Per chunk (Self-Forcing's inference and training rollout): start from `noise`'s frames (x at σ_0); at
+    each σ_i predict x0 = x - σ_i·v with `forward_chunk(update_cache=False)` and re-noise it to σ_{i+1} with
+    fresh noise; then write the cache once from the clean x0 re-noised to σ = context_noise/1000
+    (`student.context_noise`; 0: x0 itself) under `no_grad`, and move on. Any number of frames.
+
+    `exit_steps` (Self-Forcing training): the step index at which each chunk stops (one int for all
+    chunks, or one per chunk); steps before it run under `no_grad`, the exit step keeps the caller's grad
+    mode and its x0 is the chunk's output. None runs every step. Decoding is the caller's.
+    """
+    if not sigmas or any(a <= b for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0.0:
+        raise ValueError(f"sigmas: must be strictly descending and > 0 (one per student step), got {sigmas}")
+    batch, f_total = noise.shape[0], noise.shape[2]
+    fpb = model.frames_per_block
+    starts = list(range(0, f_total, fpb))
+    exits = _exit_steps(exit_steps, len(starts), len(sigmas))
+    cache = model.init_cache(batch, cond_embeds)
+    sigma_ctx = model.cfg.context_noise / NUM_TRAIN_TIMESTEPS
+    grad = torch.is_grad_enabled()
+    for chunk, start in enumerate(starts):
+        x = noise[:, :, start:start + fpb]
+        for i in range(exits[chunk] + 1):
+            last = i == exits[chunk]
+            t = torch.full((batch,), sigmas[i], dtype=torch.float32, device=x.device) * NUM_TRAIN_TIMESTEPS
+            with torch.set_grad_enabled(grad and last):
+                x0 = x0_from_velocity(x, model.forward_chunk(x, t, cache, start, update_cache=False), sigmas[i])
+            if not last:
+                x = add_noise(x0, randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype),
+                              sigmas[i + 1])
+        with torch.no_grad():
+            context = x0.detach()
+            if sigma_ctx > 0:
+                eps = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                context = add_noise(context, eps, sigma_ctx)
+            t_ctx = torch.full((batch,), float(model.cfg.context_noise), dtype=torch.float32, device=x.device)
+            model.forward_chunk(context, t_ctx, cache, start, update_cache=True)
+        yield x0
+
+
+def sample_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tensor, sigmas: list[float],
+                  generator: torch.Generator | list[torch.Generator] | None = None,
+                  exit_steps: int | list[int] | None = None) -> torch.Tensor:
+    """The whole causal rollout [B, C, F, H, W] (`stream_causal`'s chunks concatenated on frames)."""
+    return torch.cat(list(stream_causal(model, cond_embeds, noise, sigmas, generator, exit_steps)), dim=2)
+
+
+def _exit_steps(exit_steps: int | list[int] | None, num_chunks: int, num_steps: int) -> list[int]:
+    if exit_steps is None:
+        return [num_steps - 1] * num_chunks
+    exits = [exit_steps] * num_chunks if isinstance(exit_steps, int) else list(exit_steps)
+    if len(exits) != num_chunks or any(not 0 <= e < num_steps for e in exits):
+        raise ValueError(f"exit_steps: need one step index in 0..{num_steps - 1} per chunk ({num_chunks}), "
+                         f"got {exit_steps}")
+    return exits

@@ -1,0 +1,233 @@
+"""Attention pieces of the causal student (DESIGN.md §5 "Causal"): visibility rule, RoPE at any frame,
+the KV cache, and the attention processors that Wan's unchanged blocks call.
+
+Positions here are TEMPORAL TOKENS (latent frame // p_t, with p_t the transformer's temporal patch);
+Wan2.1/2.2 have p_t = 1, so a temporal token is a latent frame. A temporal token holds hh·ww spatial tokens,
+contiguous in Wan's token order (f, h, w).
+
+Visibility (the same rule for the parallel mask and for the cache): a query in a chunk ending at token `end`
+(exclusive) sees key position j iff
+    j < end  and  (window is None  or  j < sink  or  j >= end - (window - sink)),
+i.e. its own chunk and earlier ones, limited to the `window` positions ending at `end`, `sink` of which are
+the first positions of the video (pinned, never evicted).
+
+How the processors get their per-call inputs: the blocks call `attn1(x, None, None, rotary_emb)` and
+`attn2(x, encoder_hidden_states, None, None)`. `CausalWan` passes a `SelfAttnInputs` in place of the
+rotary tuple and a `CrossKV` in place of the text states; plain tensors/tuples fall back to diffusers'
+`WanAttnProcessor`, so the wrapped transformer called directly is still the bidirectional teacher. Passing
+the inputs as arguments (not as processor state) keeps gradient checkpointing's recompute correct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
+from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, _get_qkv_projections
+
+# WanRotaryPosEmbed's theta: WanTransformer3DModel builds it with the default and does not store it.
+ROPE_THETA = 10000.0
+
+
+def visible(key_pos: torch.Tensor, end: torch.Tensor | int, window: int | None, sink: int) -> torch.Tensor:
+    """Bool: key positions seen by a query whose chunk ends at `end` (exclusive); see the module docstring."""
+    seen = key_pos < end
+    if window is not None:
+        seen = seen & ((key_pos < sink) | (key_pos >= end - (window - sink)))
+    return seen
+
+
+def block_causal_mask(num_pos: int, tokens_per_pos: int, block: int, window: int | None, sink: int,
+                      device: torch.device) -> torch.Tensor | None:
+    """SDPA mask [S, S] (True = attend), S = num_pos·tokens_per_pos, over chunks of `block` positions.
+
+    A chunk ends at min((c+1)·block, num_pos). None when every token sees every token (no mask needed).
+    Dense: S² bytes; flex_attention's block masks would avoid that at scale (not implemented).
+    """
+    pos = torch.arange(num_pos)
+    end = torch.clamp((pos // block + 1) * block, max=num_pos)
+    vis = visible(pos[None, :], end[:, None], window, sink)  # [query pos, key pos]
+    if bool(vis.all()):
+        return None
+    tok = torch.arange(num_pos * tokens_per_pos) // tokens_per_pos
+    return vis[tok][:, tok].to(device)
+
+
+def rotary_at(transformer: WanTransformer3DModel, positions: torch.Tensor, hh: int, ww: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's 3-D RoPE (cos, sin) [1, n·hh·ww, 1, head_dim] for temporal positions `positions` [n] (any
+    values, past `rope_max_seq_len` too) and the spatial grid hh × ww, in Wan's token order.
+
+    The temporal part is computed exactly as `WanRotaryPosEmbed` builds its table (same function and
+    dtype), so positions inside the table give bit-identical values; the spatial part is its table.
+    """
+    rope = transformer.rope
+    if max(hh, ww) > rope.max_seq_len:
+        raise ValueError(f"latent grid {hh}x{ww} tokens exceeds the transformer's rope_max_seq_len {rope.max_seq_len}")
+    freqs_dtype = torch.float32 if torch.backends.mps.is_available() else torch.float64  # as WanRotaryPosEmbed
+    cos_t, sin_t = get_1d_rotary_pos_embed(rope.t_dim, positions.to("cpu", freqs_dtype), ROPE_THETA, use_real=True,
+                                           repeat_interleave_real=True, freqs_dtype=freqs_dtype)
+    split = [rope.t_dim, rope.h_dim, rope.w_dim]
+    n = len(positions)
+    out = []
+    for table, temporal in ((rope.freqs_cos, cos_t), (rope.freqs_sin, sin_t)):
+        _, tab_h, tab_w = table.split(split, dim=1)
+        parts = [
+            temporal.to(table.device, table.dtype).view(n, 1, 1, -1).expand(n, hh, ww, -1),
+            tab_h[:hh].view(1, hh, 1, -1).expand(n, hh, ww, -1),
+            tab_w[:ww].view(1, 1, ww, -1).expand(n, hh, ww, -1),
+        ]
+        out.append(torch.cat(parts, dim=-1).reshape(1, n * hh * ww, 1, -1).to(device))
+    return out[0], out[1]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, S, heads, head_dim] by (cos, sin) [1, S, 1, head_dim], as `WanAttnProcessor` does."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over [B, S, heads, head_dim] tensors (SDPA wants heads first)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+@dataclass
+class KVCache:
+    """The state of one chunk-by-chunk rollout: per-layer self-attention K/V and cross-attention K/V.
+
+    Self-attention entries are [B, n, hh·ww, heads, head_dim] over the temporal positions `positions`
+    (ascending; keys stored already rotated at their own positions). With a window the cache holds at
+    most `window` positions: the first `sink` and the last `window - sink`.
+    """
+
+    cross_k: list[torch.Tensor]
+    """Per layer [B, L, heads, head_dim]: cross-attention keys of the text, computed once."""
+    cross_v: list[torch.Tensor]
+    self_k: list[torch.Tensor | None]
+    self_v: list[torch.Tensor | None]
+    positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    """Temporal positions held by `self_k` / `self_v` (CPU long tensor)."""
+    grid: tuple[int, int] | None = None
+    """(hh, ww) tokens of each position; set by the first chunk."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.cross_k[0].shape[0]
+
+    @property
+    def end(self) -> int:
+        """One past the last cached position (0 when empty): where the next chunk may start."""
+        return int(self.positions[-1]) + 1 if len(self.positions) else 0
+
+    def num_tokens(self) -> int:
+        """Self-attention tokens held per layer (bounded by window·hh·ww with a window)."""
+        return 0 if self.self_k[0] is None else self.self_k[0].shape[1] * self.self_k[0].shape[2]
+
+
+@dataclass
+class SelfAttnInputs:
+    """What `CausalSelfAttnProcessor` needs for one forward, passed where the blocks pass `rotary_emb`.
+
+    Parallel: `mask` (None = full attention). Cached: `past_k` / `past_v`, the cache's per-layer tensors
+    at call time (a snapshot, so a checkpointed recompute after later chunks updated the cache sees the
+    same keys), and indices into the concatenation [cached positions, chunk positions]: `attend` (None =
+    all) and `keep`, the entries written back to `cache` (None = no update).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: int
+    """Temporal positions of the query tokens (each holds S / positions tokens)."""
+    mask: torch.Tensor | None = None
+    past_k: list[torch.Tensor | None] | None = None
+    past_v: list[torch.Tensor | None] | None = None
+    attend: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    cache: KVCache | None = None
+
+
+@dataclass
+class CrossKV:
+    """Cached cross-attention K/V, passed where the blocks pass `encoder_hidden_states`."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+
+class CausalSelfAttnProcessor(WanAttnProcessor):
+    """Self-attention of block `layer` with a block-causal mask or a KV cache (see the module docstring)."""
+
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+
+    def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, rotary_emb=None) -> torch.Tensor:
+        if not isinstance(rotary_emb, SelfAttnInputs):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        ctx = rotary_emb
+        q, k, v = _get_qkv_projections(attn, hidden_states, None)
+        q = apply_rotary(attn.norm_q(q).unflatten(2, (attn.heads, -1)), ctx.cos, ctx.sin)
+        k = apply_rotary(attn.norm_k(k).unflatten(2, (attn.heads, -1)), ctx.cos, ctx.sin)
+        v = v.unflatten(2, (attn.heads, -1))
+        if ctx.past_k is None:
+            out = sdpa(q, k, v, ctx.mask)
+        else:
+            out = self._cached(q, k, v, ctx)
+        out = out.flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def _cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: SelfAttnInputs) -> torch.Tensor:
+        i = self.layer
+        k, v = k.unflatten(1, (ctx.positions, -1)), v.unflatten(1, (ctx.positions, -1))  # [B, n, hw, heads, d]
+        if ctx.past_k[i] is not None:
+            k, v = torch.cat([ctx.past_k[i], k], dim=1), torch.cat([ctx.past_v[i], v], dim=1)
+        if ctx.keep is not None:
+            ctx.cache.self_k[i], ctx.cache.self_v[i] = k.index_select(1, ctx.keep), v.index_select(1, ctx.keep)
+        if ctx.attend is not None:
+            k, v = k.index_select(1, ctx.attend), v.index_select(1, ctx.attend)
+        return sdpa(q, k.flatten(1, 2), v.flatten(1, 2))
+
+
+class CausalCrossAttnProcessor(WanAttnProcessor):
+    """Cross-attention of block `layer` reading text K/V from a `CrossKV` (else diffusers' processor)."""
+
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+
+    def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, rotary_emb=None) -> torch.Tensor:
+        if not isinstance(encoder_hidden_states, CrossKV):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        out = sdpa(q, encoder_hidden_states.k[self.layer], encoder_hidden_states.v[self.layer])
+        out = out.flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def cross_kv(attn: WanAttention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention K/V [B, L, heads, head_dim] of projected text states [B, L, dim]."""
+    if attn.fused_projections:
+        k, v = attn.to_kv(text).chunk(2, dim=-1)
+    else:
+        k, v = attn.to_k(text), attn.to_v(text)
+    return attn.norm_k(k).unflatten(2, (attn.heads, -1)), v.unflatten(2, (attn.heads, -1))
+
+
+def install_processors(transformer: WanTransformer3DModel) -> None:
+    """Put the causal processors on every block (idempotent). Plain calls keep the teacher's behaviour."""
+    for i, block in enumerate(transformer.blocks):
+        if not isinstance(block.attn1.processor, CausalSelfAttnProcessor):
+            block.attn1.set_processor(CausalSelfAttnProcessor(i))
+        if not isinstance(block.attn2.processor, CausalCrossAttnProcessor):
+            block.attn2.set_processor(CausalCrossAttnProcessor(i))

@@ -1,0 +1,250 @@
+"""Causal students: block-causal mask, KV cache, RoPE offsets, the few-step causal sampler (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from students.causal import CausalWan, sample_causal, stream_causal
+from students.causal_attention import rotary_at
+from students.config import StudentConfig
+from students.student import Student, build_student
+from teachers.tiny import tiny_transformer as build_tiny
+
+B, C, H, W = 2, 4, 4, 4  # 2x2 = 4 tokens per latent frame with the (1, 2, 2) patch
+
+
+def causal_cfg(**kw) -> StudentConfig:
+    return StudentConfig(**{"name": "c", "kind": "causal", **kw})
+
+
+def inputs(frames: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, frames, H, W, generator=g)
+    t = torch.rand(B, frames, generator=g) * 1000  # a different timestep on every frame
+    ehs = torch.randn(B, 6, 32, generator=g)
+    return x, t, ehs
+
+
+def teacher_v(transformer, x, t, ehs):
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=ehs, return_dict=False)[0]
+
+
+@torch.no_grad()
+def chunked(model: CausalWan, x, t, ehs, offsets=None):
+    """Teacher-forced cached forward: each chunk once, written to the cache; returns (v, cache, sizes)."""
+    fpb = model.frames_per_block
+    cache = model.init_cache(B, ehs)
+    outs, sizes = [], []
+    for i, start in enumerate(range(0, x.shape[2], fpb)):
+        offset = start if offsets is None else offsets[i]
+        outs.append(model.forward_chunk(x[:, :, start:start + fpb], t[:, start:start + fpb], cache, offset, True))
+        sizes.append(cache.num_tokens())
+    return torch.cat(outs, dim=2), cache, sizes
+
+
+# ---- 1-2. the cached rollout equals one block-causal forward -------------------------------------------
+def test_kv_cache_equals_block_causal_forward(tiny_transformer):
+    model = CausalWan(tiny_transformer, causal_cfg(frames_per_block=3))
+    x, t, ehs = inputs(frames=9)  # 3 chunks, RoPE offsets 0, 3, 6
+    with torch.no_grad():
+        full = model(x, t, ehs)
+    v, cache, _ = chunked(model, x, t, ehs)
+    assert (v - full).abs().max() <= 1e-5
+    assert cache.positions.tolist() == list(range(9))
+    # The offsets matter: chunk 1 at frame 4 instead of 3 (a gap) changes chunks 1 and 2.
+    v_shifted, _, _ = chunked(model, x, t, ehs, offsets=[0, 4, 7])
+    assert torch.equal(v_shifted[:, :, :3], v[:, :, :3])
+    assert (v_shifted[:, :, 3:] - v[:, :, 3:]).abs().max() > 1e-3
+    # The mask matters: the bidirectional teacher (per-token timesteps) differs on the first chunk.
+    with torch.no_grad():
+        bidirectional = teacher_v(tiny_transformer, x, t.repeat_interleave(H * W // 4, dim=1), ehs)
+    assert (bidirectional[:, :, :3] - full[:, :, :3]).abs().max() > 1e-3
+
+
+def test_windowed_cache_with_sink_equals_masked_forward(tiny_transformer):
+    model = CausalWan(tiny_transformer, causal_cfg(frames_per_block=2, local_window=5, sink=1))
+    x, t, ehs = inputs(frames=9)  # chunks of 2, the last one of 1 frame
+    with torch.no_grad():
+        full = model(x, t, ehs)
+        unwindowed = CausalWan(tiny_transformer, causal_cfg(frames_per_block=2))(x, t, ehs)
+    v, cache, _ = chunked(model, x, t, ehs)
+    assert (v - full).abs().max() <= 1e-5
+    assert cache.positions.tolist() == [0, 5, 6, 7, 8]  # the sink, then the last window - sink frames
+    # The window matters: chunks that see frames past it differ from the unwindowed student.
+    assert torch.equal(full[:, :, :4], unwindowed[:, :, :4])
+    assert (full[:, :, 4:] - unwindowed[:, :, 4:]).abs().max() > 1e-3
+
+
+# ---- 3. one chunk over the whole video is the teacher ----------------------------------------------------
+def test_one_block_equals_the_bidirectional_teacher(tiny_transformer):
+    teacher = build_tiny()
+    x, t, ehs = inputs(frames=5)
+    model = CausalWan(tiny_transformer, causal_cfg(frames_per_block=5))
+    with torch.no_grad():
+        ref = teacher_v(teacher, x, torch.full((B,), 640.0), ehs)
+        assert (model(x, torch.full((B,), 640.0), ehs) - ref).abs().max() <= 1e-6
+        assert (model(x, torch.full((B, 5), 640.0), ehs) - ref).abs().max() <= 1e-6
+        # The wrapped module called directly is still the teacher (the processors fall back).
+        assert torch.equal(teacher_v(tiny_transformer, x, torch.full((B,), 640.0), ehs), ref)
+        # Per-frame timesteps match diffusers' own per-token (2-D timestep) path.
+        ref_t = teacher_v(teacher, x, t.repeat_interleave(H * W // 4, dim=1), ehs)
+        assert (model(x, t, ehs) - ref_t).abs().max() <= 1e-6
+
+
+# ---- 4. causality ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("what", ["timestep", "latents"])
+def test_a_chunk_only_influences_itself_and_later_chunks(tiny_transformer, what):
+    model = CausalWan(tiny_transformer, causal_cfg(frames_per_block=2))
+    x, t, ehs = inputs(frames=8)
+    k = 2  # chunk 2 = frames 4, 5
+    x2, t2 = x.clone(), t.clone()
+    if what == "timestep":
+        t2[:, 4:6] = 1000.0 - t2[:, 4:6]
+    else:
+        x2[:, :, 4:6] += 1.0
+    with torch.no_grad():
+        v, v2 = model(x, t, ehs), model(x2, t2, ehs)
+    assert (v2[:, :, : 2 * k] - v[:, :, : 2 * k]).abs().max() <= 1e-6  # earlier chunks: unchanged
+    for c in (k, k + 1):
+        assert (v2[:, :, 2 * c: 2 * c + 2] - v[:, :, 2 * c: 2 * c + 2]).abs().max() > 1e-3
+    # Same in the cached rollout.
+    c1, _, _ = chunked(model, x, t, ehs)
+    c2, _, _ = chunked(model, x2, t2, ehs)
+    assert torch.equal(c1[:, :, : 2 * k], c2[:, :, : 2 * k])
+    assert (c2[:, :, 2 * k:] - c1[:, :, 2 * k:]).abs().max() > 1e-3
+
+
+# ---- 5. bounded cache, rollouts past the trained length --------------------------------------------------
+def test_rope_past_the_table_and_inside_it(tiny_transformer):
+    rope = tiny_transformer.rope
+    cos, sin = rotary_at(tiny_transformer, torch.arange(3), 2, 2, torch.device("cpu"))
+    ref_cos, ref_sin = rope(torch.zeros(1, 4, 3, 4, 4))
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    far = rope.max_seq_len + 5  # beyond Wan's table: θ_i = pos · 10000^(-2i/t_dim)
+    cos_far, _ = rotary_at(tiny_transformer, torch.tensor([far]), 1, 1, torch.device("cpu"))
+    expected = math.cos(far * 10000 ** (-2 / rope.t_dim))
+    assert abs(cos_far[0, 0, 0, 2].item() - expected) < 1e-6
+
+
+def test_cache_is_bounded_and_long_rollouts_run(tiny_transformer):
+    model = CausalWan(tiny_transformer, causal_cfg(frames_per_block=3, local_window=9, sink=3))
+    train_frames = 6
+    noise, _, ehs = inputs(frames=10 * train_frames)  # 60 frames: past rope_max_seq_len = 32 too
+    sizes, original = [], model.forward_chunk
+
+    def spy(x, t, cache, frame_offset, update_cache):  # records the cache size after each write
+        out = original(x, t, cache, frame_offset, update_cache)
+        if update_cache:
+            sizes.append(cache.num_tokens())
+        return out
+
+    model.forward_chunk = spy
+    with torch.no_grad():
+        video = sample_causal(model, ehs, noise, [1.0, 0.5], generator=torch.Generator().manual_seed(0))
+    assert video.shape == noise.shape and torch.isfinite(video).all()
+    assert sizes[:3] == [12, 24, 36] and set(sizes[3:]) == {36}  # window 9 frames x 4 tokens, then constant
+    assert video[:, :, -3:].std() > 0.1
+
+
+# ---- the causal sampler ----------------------------------------------------------------------------------
+def test_one_step_rollout_is_teacher_forcing_on_its_own_output(tiny_transformer):
+    """Chunk c of a 1-step rollout = the parallel forward on [x0 of chunks < c at t=context_noise, noise_c at 1000]."""
+    model = CausalWan(tiny_transformer, causal_cfg(frames_per_block=2))
+    noise, _, ehs = inputs(frames=6)
+    with torch.no_grad():
+        video = sample_causal(model, ehs, noise, [1.0])
+        for c in range(3):
+            s = 2 * c
+            x_in = torch.cat([video[:, :, :s], noise[:, :, s:s + 2]], dim=2)
+            t_in = torch.cat([torch.zeros(B, s), torch.full((B, 2), 1000.0)], dim=1)
+            x0 = x_in[:, :, s:] - model(x_in, t_in, ehs)[:, :, s:]
+            assert (x0 - video[:, :, s:s + 2]).abs().max() <= 1e-5
+    assert (video[:, :, 2:] - (noise - model(noise, 1000.0, ehs))[:, :, 2:]).abs().max() > 1e-3
+
+
+def test_stream_chunks_context_noise_and_exit_steps(tiny_transformer):
+    noise, _, ehs = inputs(frames=7)
+    sigmas = [1.0, 0.6, 0.3]
+    model = CausalWan(tiny_transformer, causal_cfg(frames_per_block=3))
+    with torch.no_grad():
+        chunks = list(stream_causal(model, ehs, noise, sigmas, torch.Generator().manual_seed(3)))
+        video = sample_causal(model, ehs, noise, sigmas, torch.Generator().manual_seed(3))
+        noisy_ctx = sample_causal(CausalWan(tiny_transformer, causal_cfg(frames_per_block=3, context_noise=500)),
+                                  ehs, noise, sigmas, torch.Generator().manual_seed(3))
+    assert [ch.shape[2] for ch in chunks] == [3, 3, 1]
+    assert torch.equal(torch.cat(chunks, dim=2), video)
+    # context_noise only changes what later chunks see (chunk 0 draws the same renoise first).
+    assert torch.equal(noisy_ctx[:, :, :3], video[:, :, :3])
+    assert (noisy_ctx[:, :, 3:] - video[:, :, 3:]).abs().max() > 1e-3
+    # Self-Forcing's exit step: the output keeps its graph, the cache does not.
+    tiny_transformer.requires_grad_(True)
+    out = sample_causal(model, ehs, noise, sigmas, torch.Generator().manual_seed(3), exit_steps=[0, 1, 2])
+    assert out.requires_grad
+    with torch.no_grad():
+        one_step = sample_causal(model, ehs, noise[:, :, :3], [1.0])
+    assert (out[:, :, :3] - one_step).abs().max() <= 1e-6  # chunk 0 stopped at step 0
+    out.square().mean().backward()
+    assert tiny_transformer.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="exit_steps"):
+        sample_causal(model, ehs, noise, sigmas, exit_steps=[0, 3, 0])
+
+
+# ---- 6. weights, Student integration, config ------------------------------------------------------------
+def test_causal_student_holds_the_teachers_weights_key_for_key(tiny_transformer, tmp_path):
+    cfg = causal_cfg(frames_per_block=2, local_window=4, sink=2)
+    student = build_student(cfg, tiny_transformer)
+    teacher_sd = tiny_transformer.state_dict()
+    sd = student.experts[0].state_dict()
+    assert list(sd) == list(teacher_sd)
+    assert all(torch.equal(sd[k], teacher_sd[k]) for k in teacher_sd)
+    assert list(student.causal.state_dict()) == [f"transformer.{k}" for k in teacher_sd]
+    assert list(student.trainable_state_dict()) == [f"expert_0.{k}" for k in teacher_sd]
+    x, t, ehs = inputs(frames=6)
+    with torch.no_grad():
+        v = student(x, t, ehs)
+        assert torch.equal(v, student.causal(x, t, ehs))
+        student.save_pretrained(tmp_path / "s")
+        loaded = Student.from_pretrained(tmp_path / "s", build_tiny(), cfg)
+        assert torch.equal(loaded(x, t, ehs), v)
+
+
+def test_causal_config_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"local_window: must be >= frames_per_block \+ sink = 5"):
+        causal_cfg(frames_per_block=3, local_window=4, sink=2)
+    with pytest.raises(ValueError, match="sink: 1 needs a local_window"):
+        causal_cfg(sink=1)
+    with pytest.raises(ValueError, match="context_noise"):
+        causal_cfg(context_noise=1001)
+    with pytest.raises(ValueError, match="experts: kind=causal supports a single expert"):
+        causal_cfg(experts=2, expert_boundaries=[0.5])
+    with pytest.raises(ValueError, match=r"student\.frames_per_block: must be a multiple .* 2, got 3"):
+        CausalWan(build_tiny(num_layers=1, patch_size=(2, 2, 2)), causal_cfg(frames_per_block=3))
+    model = CausalWan(build_tiny(num_layers=1), causal_cfg(frames_per_block=2))
+    x, t, ehs = inputs(frames=4)
+    cache = model.init_cache(B, ehs)
+    with torch.no_grad():
+        model.forward_chunk(x[:, :, :2], t[:, :2], cache, 0, update_cache=True)
+        with pytest.raises(ValueError, match="overlaps the cache"):
+            model.forward_chunk(x[:, :, :2], t[:, :2], cache, 1, update_cache=True)
+        with pytest.raises(ValueError, match="chunk 1..2 frames"):
+            model.forward_chunk(x[:, :, :3], t[:, :3], cache, 2, update_cache=True)
+
+
+def test_gradient_checkpointing_keeps_the_mask_and_the_cache_snapshot(tiny_transformer):
+    model = CausalWan(tiny_transformer.requires_grad_(True), causal_cfg(frames_per_block=2, local_window=4, sink=2))
+    x, t, ehs = inputs(frames=6)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            tiny_transformer.enable_gradient_checkpointing()
+        for run in ("parallel", "rollout"):  # the rollout's recompute happens after later chunks changed the cache
+            tiny_transformer.zero_grad()
+            out = model(x, t, ehs) if run == "parallel" else sample_causal(model, ehs, x, [1.0, 0.5], exit_steps=1,
+                                                                           generator=torch.Generator().manual_seed(0))
+            out.square().mean().backward()
+            grads.append(tiny_transformer.blocks[0].attn1.to_k.weight.grad.clone())
+    for plain, checkpointed in zip(grads[:2], grads[2:]):
+        assert plain.abs().max() > 0 and (checkpointed - plain).abs().max() <= 1e-6
