@@ -18,8 +18,10 @@ from typing import Literal
 
 import yaml
 
+from distill.dmd import DMD
 from distill.flow_matching import FlowMatching
 from distill.kd import KD
+from distill.ode_regression import ODERegression
 from distill.recipe_loader import RecipeError, build, deep_merge, parse_override, read_yaml, set_dotted, to_dict
 from distill.trajectory import Trajectory
 from students.config import StudentConfig
@@ -46,6 +48,11 @@ class MethodConfig:
     """`distill/kd.py`: output_weight, feature_weight, data_weight, layer_map, guidance_scale, shift, weighting."""
     trajectory: Trajectory.Config = field(default_factory=Trajectory.Config)
     """`distill/trajectory.py`: max_sigma_gap."""
+    ode_regression: ODERegression.Config = field(default_factory=ODERegression.Config)
+    """`distill/ode_regression.py`: frames_per_block."""
+    dmd: DMD.Config = field(default_factory=DMD.Config)
+    """`distill/dmd.py`: guidance_scale, generator_update_interval, critic_learning_rate, critic, critic_lora_rank,
+    min_sigma, max_sigma, shift, exit_step."""
 
 
 @dataclass(kw_only=True)

@@ -2,12 +2,19 @@
 
     teacher = WanTeacher.from_config(recipe.teacher)            frozen, shared by every method
     student = build_student(recipe.student, teacher.pipe.transformer)
-    algorithm = match recipe.method.name                       flow_matching | kd | trajectory
+    algorithm = match recipe.method.name       flow_matching | kd | trajectory | ode_regression | dmd
     for step: for micro-batch in accumulate: loss, logs = algorithm.loss(batch); backward
               clip, optimizer, LR scheduler, EMA; checkpoint-<step>/; log
 
+Two-player methods (`dmd`) also train a critic, built here (`build_critic`), with its own optimizer and LR
+scheduler (TTUR). Every step: critic_loss on each micro-batch, critic update; on the steps the algorithm's
+`trains_generator(step)` names, generator_loss first and a generator update (and EMA step) too. Both LR schedules
+run on the trainer's step clock. The critic is never DDP-wrapped (a LoRA critic lives inside the module the
+student's DDP holds): its gradients are all-reduced here.
+
 Outputs under `<output_dir>/students/<student.name>/`:
-    checkpoint-<step>/   accelerate state (student trainable weights, optimizer, LR scheduler, EMA, RNG per rank)
+    checkpoint-<step>/   accelerate state (student trainable weights, optimizer, LR scheduler, EMA, RNG per rank;
+                         two-player: the critic's optimizer_1 / scheduler_1 and its weights as a custom checkpoint)
                          + training_state.json (step, data position, fingerprint), written last
     final/               Student.save_pretrained + training_state.json + COMPLETE (written last)
     final_ema/           the EMA weights (train.ema)
@@ -35,6 +42,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from distill.config import Recipe
@@ -48,6 +56,8 @@ STUDENT_WEIGHTS = "student_trainable.safetensors"
 COMPLETE = "COMPLETE"
 STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps")
 """Student keys that only change sampling: a checkpoint resumes under a recipe that changed them."""
+TWO_PLAYER = ("dmd",)
+"""Methods with a critic: the algorithm has `generator_loss`, `critic_loss` and `trains_generator(step)`."""
 TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "ema", "seed", "data_source")
 
 
@@ -170,8 +180,9 @@ def _register_student_hooks(accelerator: Accelerator) -> None:
 
 
 # ---- building ----------------------------------------------------------------------------------------
-def build_algorithm(recipe: Recipe, teacher, student, unwrapped):
-    """The method's loss object. `student` is the prepared (maybe DDP) module; `unwrapped` the `Student`."""
+def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None):
+    """The method's loss object. `student` is the prepared (maybe DDP) module; `unwrapped` the `Student`;
+    `critic` the critic's callable (two-player methods)."""
     method = recipe.method
     match method.name:
         case "flow_matching":
@@ -189,21 +200,40 @@ def build_algorithm(recipe: Recipe, teacher, student, unwrapped):
 
             sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
             return Trajectory(method.trajectory, student=student, student_sigmas=sigmas)
+        case "ode_regression":
+            from distill.ode_regression import ODERegression
+
+            # a causal student's chunks by default; a bidirectional student sees one σ per sample
+            per_block = recipe.student.frames_per_block if recipe.student.kind == "causal" else None
+            return ODERegression(method.ode_regression, student=student, student_frames_per_block=per_block)
+        case "dmd":
+            from distill.dmd import DMD, FewStepRollout
+            from students.sampling import student_sigmas
+
+            if not recipe.student.denoising_steps:
+                raise ValueError("student.denoising_steps: method dmd trains a few-step student; set its steps, "
+                                 "e.g. [1000, 750, 500, 250]")
+            assert critic is not None, "dmd needs the critic (build_critic)"
+            sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
+            rollout = FewStepRollout(student, sigmas, method.dmd.exit_step)
+            return DMD(method.dmd, teacher=teacher, critic=critic, rollout=rollout)
         case _:
             raise ValueError(f"method.name: {method.name!r} is not trained by distill.trainer; use one of "
-                             "flow_matching, kd, trajectory")
+                             "flow_matching, kd, trajectory, ode_regression, dmd")
 
 
-def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
+    """`train.optimizer` over `params` at `lr` (None: train.learning_rate)."""
     tc = recipe.train
+    lr = tc.learning_rate if lr is None else lr
     if tc.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ValueError("train.optimizer: adamw8bit needs bitsandbytes (CUDA only: pip install "
                              "'wan-distill[gpu]'); or set train.optimizer: adamw") from None
-        return bnb.optim.AdamW8bit(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay)
 
 
 def _check_accelerator(accelerator: Accelerator, recipe: Recipe) -> None:
@@ -218,6 +248,9 @@ def _check_accelerator(accelerator: Accelerator, recipe: Recipe) -> None:
             f"train.mixed_precision: the Accelerator has {accelerator.mixed_precision!r}, the recipe "
             f"{tc.mixed_precision!r}; build it with make_accelerator(**accelerator_kwargs(recipe))"
         )
+    if recipe.method.name in TWO_PLAYER and tc.mixed_precision == "fp16":
+        raise ValueError(f"train.mixed_precision: fp16 can't train method {recipe.method.name} (accelerate's one "
+                         "GradScaler would unscale the critic's and the student's optimizers inconsistently); use bf16")
 
 
 def _start_trackers(accelerator: Accelerator, recipe: Recipe) -> None:
@@ -259,19 +292,25 @@ def _save_final(recipe: Recipe, student, ema, step: int, samples_per_step: int, 
     return final
 
 
+def _lr_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, world: int):
+    from diffusers.optimization import get_scheduler
+
+    tc = recipe.train
+    return get_scheduler(  # accelerate steps a prepared scheduler once per process: scale like diffusers
+        tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps * world,
+        num_training_steps=tc.max_steps * world,
+    )
+
+
 def _optimization(recipe: Recipe, accelerator: Accelerator, student):
     """(trainable params in fp32, optimizer, LR scheduler, EMA or None); EMA registered for checkpointing."""
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, cast_training_params
 
     tc, world = recipe.train, accelerator.num_processes
     cast_training_params(student, torch.float32)  # trainable weights in fp32 under mixed precision
     params = student.trainable_parameters()
     optimizer = make_optimizer(params, recipe)
-    lr_scheduler = get_scheduler(  # accelerate steps a prepared scheduler once per process: scale like diffusers
-        tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps * world,
-        num_training_steps=tc.max_steps * world,
-    )
+    lr_scheduler = _lr_scheduler(recipe, optimizer, world)
     ema = EMAModel(params, decay=tc.ema_decay) if tc.ema else None
     if ema is not None:
         ema.to(accelerator.device)
@@ -282,6 +321,138 @@ def _optimization(recipe: Recipe, accelerator: Accelerator, student):
         # each sample runs one expert, so DDP must expect parameters without gradients in a step
         accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     return params, optimizer, lr_scheduler, ema
+
+
+# ---- the critic (two-player methods) ------------------------------------------------------------------
+CRITIC_ADAPTER = "critic"
+GRAD_BUCKET_ELEMENTS = 2**25
+"""Critic gradients are all-reduced in flat buckets of at most this many elements (128 MiB in fp32)."""
+
+
+class Critic(nn.Module):
+    """DMD's critic (the "fake score"): `critic(x, t, encoder_hidden_states) -> v`, as a `Student` is called.
+
+    `adapter` names the LoRA adapter on `transformer` (the teacher's own module) that is the critic; None means
+    `transformer` is a trainable full copy. Either way it starts equal to the teacher.
+    A LoRA critic activates its adapter for the call. Gradient checkpointing re-runs forwards in backward with
+    whatever adapter is active THEN: so after a call without grad (inside generator_loss) the previous adapter is
+    restored, for the student's pending backward; after a call with grad (critic_loss) the critic's stays active
+    for its own backward (a LoRA student re-activates its adapter on its next call).
+    """
+
+    def __init__(self, transformer: nn.Module, adapter: str | None):
+        super().__init__()
+        self.transformer, self.adapter = transformer, adapter
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        from students.lora import active_adapter, set_active_adapter
+
+        previous = None if self.adapter is None else active_adapter(self.transformer)
+        if previous != self.adapter:
+            set_active_adapter(self.transformer, self.adapter)
+        dtype = self.transformer.dtype
+        try:
+            v = self.transformer(hidden_states=x.to(dtype), timestep=t,
+                                 encoder_hidden_states=encoder_hidden_states.to(dtype), return_dict=False)[0]
+        finally:
+            if previous not in (None, self.adapter) and not torch.is_grad_enabled():
+                set_active_adapter(self.transformer, previous)
+        return v.to(x.dtype)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        from students.lora import lora_parameters
+
+        if self.adapter is None:
+            return list(self.transformer.parameters())
+        return lora_parameters(self.transformer, self.adapter)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        from students.lora import lora_state_dict
+
+        if self.adapter is None:
+            return self.transformer.state_dict()
+        return lora_state_dict(self.transformer, self.adapter)
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], where: str = "critic state") -> None:
+        from students.lora import load_lora_state_dict
+
+        if self.adapter is None:
+            self.transformer.load_state_dict(state, strict=True)
+        else:
+            load_lora_state_dict(self.transformer, state, self.adapter, where)
+
+
+class _TrainableWeights:
+    """`accelerator.register_for_checkpointing` target: a role's trainable weights only (custom_checkpoint_<i>)."""
+
+    def __init__(self, role: Critic):
+        self.role = role
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.role.trainable_state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.role.load_trainable_state_dict(state, "checkpoint critic weights")
+
+
+def build_critic(recipe: Recipe, teacher) -> Critic:
+    """The critic of `method.dmd.critic`, from the teacher's (high-noise) transformer.
+
+    `lora`: adapter `critic` (rank = alpha = critic_lora_rank, on student.lora_target_modules) injected into the
+    teacher's own module, so no second copy of the weights; teacher queries switch adapters off, the student
+    and the critic each activate their own. Call it AFTER `accelerator.prepare(student)`: a LoRA student's DDP
+    holds that module and must not see the critic's parameters. `full`: a trainable copy (Self-Forcing).
+    """
+    c, base = recipe.method.dmd, teacher.pipe.transformer
+    if c.critic == "lora":
+        from students.lora import add_lora
+
+        add_lora(base, c.critic_lora_rank, float(c.critic_lora_rank), recipe.student.lora_target_modules,
+                 CRITIC_ADAPTER)
+        return Critic(base, CRITIC_ADAPTER)
+    from students.pruned import prune_transformer
+
+    return Critic(prune_transformer(base, None).requires_grad_(True), None)
+
+
+def _critic_optimization(recipe: Recipe, accelerator: Accelerator, critic: Critic):
+    """(critic params in fp32, prepared optimizer, prepared LR scheduler); its weights registered for checkpoints."""
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(critic, torch.float32)
+    params = critic.trainable_parameters()
+    optimizer = make_optimizer(params, recipe, recipe.method.dmd.critic_learning_rate)
+    scheduler = _lr_scheduler(recipe, optimizer, accelerator.num_processes)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    accelerator.register_for_checkpointing(_TrainableWeights(critic))
+    return params, optimizer, scheduler
+
+
+def _all_reduce_grads(accelerator: Accelerator, params: list[nn.Parameter]) -> None:
+    """Average gradients over processes, as DDP would (the critic is not DDP-wrapped; see the module docstring)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    start = 0
+    while start < len(grads):
+        end, size = start + 1, grads[start].numel()
+        while end < len(grads) and size + grads[end].numel() <= GRAD_BUCKET_ELEMENTS:
+            size, end = size + grads[end].numel(), end + 1
+        bucket = grads[start:end]
+        flat = accelerator.reduce(torch.cat([g.flatten().float() for g in bucket]), reduction="mean")
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view_as(g))
+        start = end
+
+
+def _autocast(accelerator: Accelerator, module: nn.Module):
+    """`module` called under accelerate's autocast (a prepared model gets it from `prepare`; the critic is not)."""
+
+    def call(x, t, encoder_hidden_states):
+        with accelerator.autocast():
+            return module(x, t, encoder_hidden_states)
+
+    return call
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
@@ -311,40 +482,66 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
     params, optimizer, lr_scheduler, ema = _optimization(recipe, accelerator, student)
     model, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     _register_student_hooks(accelerator)
+    critic = critic_params = critic_optimizer = critic_scheduler = None
+    if recipe.method.name in TWO_PLAYER:
+        critic = build_critic(recipe, teacher)  # after prepare(student): see build_critic
+        if tc.gradient_checkpointing:
+            critic.transformer.enable_gradient_checkpointing()
+        critic_params, critic_optimizer, critic_scheduler = _critic_optimization(recipe, accelerator, critic)
     if resume is not None:
         accelerator.load_state(str(resume))
         logger.info("resumed from %s at step %d", resume, start_step)
-    algorithm = build_algorithm(recipe, teacher, model, student)
+    algorithm = build_algorithm(recipe, teacher, model, student,
+                                None if critic is None else _autocast(accelerator, critic))
     batches = training_batches(recipe, teacher, start_step=start_step, num_processes=world,
-                               rank=accelerator.process_index, need_trajectory=recipe.method.name == "trajectory")
+                               rank=accelerator.process_index,
+                               need_trajectory=recipe.method.name in ("trajectory", "ode_regression"))
     if accelerator.is_main_process:
         student_dir.mkdir(parents=True, exist_ok=True)
     _start_trackers(accelerator, recipe)
 
     bar = tqdm(total=tc.max_steps, initial=start_step, desc=f"train {recipe.student.name}", unit="step",
                disable=not accelerator.is_local_main_process)
+    two_player = critic is not None
     for step in range(start_step, tc.max_steps):
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
+        train_generator = not two_player or algorithm.trains_generator(step)
         for _ in range(tc.gradient_accumulation_steps):
             # 1. the micro-batch: clean latents, text embeddings, one random stream per sample
             batch = next(batches)
             with accelerator.accumulate(model):
-                # 2. the method's loss (its own numbered steps: draw σ/ε, teacher and student forwards)
-                loss, logs = algorithm.loss(batch)
-                # 3. backward; accelerate scales by 1/gradient_accumulation_steps and syncs on the last micro-batch
-                accelerator.backward(loss)
-                # 4. clip and update once per optimizer step (the prepared optimizer skips non-sync micro-batches)
-                if accelerator.sync_gradients and tc.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                logs = {}
+                if train_generator:
+                    # 2. the method's (generator's) loss, with its own numbered steps (draws, teacher and student)
+                    loss, logs = algorithm.generator_loss(batch) if two_player else algorithm.loss(batch)
+                    # 3. backward; accelerate scales by 1/gradient_accumulation_steps and syncs on the last micro-batch
+                    accelerator.backward(loss)
+                if two_player:
+                    # 2-3'. the critic's loss on the same micro-batch (fresh draws from the same streams), backward
+                    critic_loss, critic_logs = algorithm.critic_loss(batch)
+                    accelerator.backward(critic_loss)
+                    logs = {**logs, **critic_logs}
+                # 4. clip and update once per optimizer step (the prepared optimizers skip non-sync micro-batches)
+                if train_generator:
+                    if accelerator.sync_gradients and tc.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                    optimizer.step()
+                lr_scheduler.step()  # every step: the generator's LR follows the trainer's step clock
                 optimizer.zero_grad(set_to_none=True)
+                if two_player:
+                    if accelerator.sync_gradients:
+                        _all_reduce_grads(accelerator, critic_params)
+                        if tc.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(critic_params, tc.max_grad_norm)
+                    critic_optimizer.step()
+                    critic_scheduler.step()
+                    critic_optimizer.zero_grad(set_to_none=True)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / tc.gradient_accumulation_steps
         assert accelerator.sync_gradients, "gradient accumulation out of step with the optimizer steps"
-        # 5. EMA of the trainable weights
-        if ema is not None:
+        # 5. EMA of the trainable weights (when they moved)
+        if ema is not None and train_generator:
             ema.step(params)
         done, step_time = step + 1, time.perf_counter() - t0
         bar.update(1)
@@ -355,6 +552,8 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
         if done % tc.log_every == 0 or done == tc.max_steps:
             values = {k: float(v) for k, v in sums.items()}
             values.update({"lr": lr_scheduler.get_last_lr()[0], "time/step_s": step_time})
+            if two_player:
+                values["lr/critic"] = critic_scheduler.get_last_lr()[0]
             if torch.cuda.is_available():
                 values["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             accelerator.log(values, step=done)

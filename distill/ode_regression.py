@@ -1,0 +1,95 @@
+"""ODE regression: the initialisation of CausVid (Yin et al. 2025, §3.3) and Self-Forcing (Huang et al. 2025).
+
+The data stores states of the teacher's ODE, x_{σ_k} for k < S-1, and its clean endpoint x0_T (the `trajectory`
+column [S, C, F, H, W] with `trajectory_sigmas` [S], σ = 0 last). For each chunk of `frames_per_block` latent
+frames the student sees ONE stored state, drawn at random per chunk, so different chunks sit at different
+noise levels (what a block-causal student meets at inference); it must jump from there to the endpoint:
+
+    k_c ~ U{0, .., S-2} per chunk c;   x[:, :, f] = x_{σ_{k_c(f)}}[:, :, f];   σ_f = σ_{k_c(f)}
+    L = mean ‖ x - σ_f·v_θ(x, 1000·σ_f, c) - x0_T ‖²                                 (per-frame σ, [B, F])
+
+The student is called with per-frame timesteps t [B, F], or t [B] when every frame of every sample has the
+same σ (a single chunk: any bidirectional student). Chunk c covers frames [c·n, (c+1)·n); the last chunk may be
+shorter. The per-chunk draws come from each sample's generator (one integer per chunk, in chunk order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distill.data import Batch
+from distill.flow import timestep, x0_from_velocity
+from distill.flow_matching import Model
+
+
+def ode_regression_loss(model: Model, x_t: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
+                        x0_target: torch.Tensor) -> torch.Tensor:
+    """L = mean ‖ x - σ·model(x, 1000σ, c) - x0_T ‖².
+
+    x_t, x0_target: [B, C, F, H, W]; sigma: [B] or per frame [B, F]; embeds [B, L, D]. A [B, F] σ that is equal
+    over the frames of every sample is passed to the model as [B]. float32 scalar.
+    """
+    if sigma.ndim == 2 and bool((sigma == sigma[:, :1]).all()):
+        sigma = sigma[:, 0]
+    v = model(x_t, timestep(sigma), embeds)
+    return F.mse_loss(x0_from_velocity(x_t.float(), v.float(), sigma), x0_target.float())
+
+
+def chunk_states(trajectory: torch.Tensor, sigmas: torch.Tensor, picks: torch.Tensor,
+                 frames_per_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix stored states chunk by chunk: returns (x [B, C, F, H, W], σ [B, F]).
+
+    trajectory: [B, S, C, F, H, W]; sigmas: [B, S]; picks: [B, num_chunks] state index per chunk.
+    Frame f takes state picks[:, f // frames_per_block].
+    """
+    b, _, _, num_frames = trajectory.shape[:4]
+    frame_pick = picks.repeat_interleave(frames_per_block, dim=1)[:, :num_frames]  # [B, F]
+    sigma = sigmas.gather(1, frame_pick)
+    index = frame_pick.view(b, 1, 1, num_frames, 1, 1).expand(-1, 1, *trajectory.shape[2:])
+    return trajectory.gather(1, index).squeeze(1), sigma
+
+
+class ODERegression:
+    """Regress the student's x0 at per-chunk stored teacher ODE states onto the ODE endpoint."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        frames_per_block: int | None = None
+        """Latent frames per chunk sharing one stored state; None uses `student.frames_per_block` for a causal
+        student, else all frames form one chunk (one σ per sample: any bidirectional student)."""
+
+        def __post_init__(self):
+            if self.frames_per_block is not None and self.frames_per_block < 1:
+                raise ValueError(f"frames_per_block: must be >= 1 or null, got {self.frames_per_block}")
+
+    def __init__(self, config: ODERegression.Config, *, student: Model, student_frames_per_block: int | None = None):
+        """`student_frames_per_block`: the causal student's chunk size, used when the config leaves it None."""
+        self.config, self.student = config, student
+        self.frames_per_block = config.frames_per_block or student_frames_per_block
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if batch.trajectory is None or batch.trajectory_sigmas is None:
+            raise ValueError("method.name: ode_regression needs the dataset's `trajectory` column "
+                             "(set data.trajectory_steps and regenerate)")
+        traj, sigmas = batch.trajectory, batch.trajectory_sigmas
+        if traj.shape[1] < 2 or bool((sigmas[:, -1] != 0).any()):
+            raise ValueError(f"trajectory_sigmas: need >= 1 noisy state and the clean endpoint (σ = 0) last, got "
+                             f"{[round(s, 4) for s in sigmas[0].tolist()]}; regenerate with data.trajectory_steps "
+                             "ending at the teacher's last step")
+        num_frames = traj.shape[4]
+        per_block = self.frames_per_block or num_frames
+        num_chunks = -(-num_frames // per_block)
+        # 1. one stored state per chunk, from each sample's generator (never the clean endpoint)
+        picks = torch.stack([torch.randint(traj.shape[1] - 1, (num_chunks,), generator=g)
+                             for g in batch.generators]).to(traj.device)
+        # 2. the mixed input and its per-frame σ
+        x_t, sigma = chunk_states(traj, sigmas, picks, per_block)
+        # 3. regress the student's one-jump x0 onto the endpoint
+        loss = ode_regression_loss(self.student, x_t, sigma, batch.cond.prompt_embeds, traj[:, -1])
+        return loss, {"loss/ode_regression": loss.detach(), "sigma/mean": sigma.mean()}
+
+
+__all__ = ["ODERegression", "chunk_states", "ode_regression_loss"]
