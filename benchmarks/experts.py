@@ -1,7 +1,7 @@
 """Timestep experts: N = 1, 2, 4 LoRA experts at equal training steps and equal sampling steps (toy world).
 
     python benchmarks/experts.py [--teacher DIR] [--steps 300] [--prompts 48] [--eval-prompts 64]
-                                 [--out outputs/bench_experts]
+                                 [--out outputs/bench_experts] [--results benchmarks/RESULTS.md]
 
 1. Data, once: `python -m distill run recipes/toyworld.yaml` (prompts -> teacher ODE trajectories).
 2. Three students from recipes/toyworld_lora4.yaml (4 steps, denoising_steps [1000, 750, 500, 250], warped
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,9 +36,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.results import append_result  # noqa: E402
+import benchmarks.results as results_md  # noqa: E402
 from distill import cli  # noqa: E402
-from distill.config import Recipe, load_recipe  # noqa: E402
+from distill.config import Recipe, load_recipe, resolve_path  # noqa: E402
+from students.experts import expert_index  # noqa: E402
 
 logger = logging.getLogger("benchmarks.experts")
 
@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=48, help="data.num_prompts (training prompts)")
     p.add_argument("--eval-prompts", type=int, default=64, help="eval.num_prompts (fresh prompts)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_experts")
+    p.add_argument("--results", type=Path, default=results_md.RESULTS, help="Markdown table the row is appended to")
     args = p.parse_args(argv)
     for key in ("steps", "prompts", "eval_prompts"):
         if getattr(args, key) < 1:
@@ -65,10 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_teacher(arg: Path | None, out: Path) -> tuple[Path, bool]:
-    """(pipeline folder, trained?): --teacher, else the shipped toy teacher, else an untrained one in OUT/init."""
+def resolve_teacher(arg: Path | None, out: Path) -> tuple[Path, bool | None]:
+    """(pipeline folder, trained?): --teacher (trained unknown: None unless it is the shipped one), else the
+    shipped toy teacher, else an untrained one built in OUT/init."""
     if arg is not None:
-        return arg, arg.resolve() == SHIPPED_TEACHER.resolve()
+        return arg.resolve(), True if arg.resolve() == SHIPPED_TEACHER.resolve() else None
     if (SHIPPED_TEACHER / "model_index.json").is_file():
         return SHIPPED_TEACHER, True
     init = out / "init"
@@ -108,7 +110,7 @@ def _decode(teacher, latents: torch.Tensor) -> np.ndarray:
     return np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + 1])) for i in range(len(latents))])
 
 
-def _score(latents: torch.Tensor, reference: torch.Tensor, videos: np.ndarray, slots: list[dict]) -> dict:
+def _score(latents: torch.Tensor, videos: np.ndarray, reference: torch.Tensor, slots: list[dict]) -> dict:
     from teachers.toyworld.oracle import grade
 
     mse = float(((latents.float() - reference.float()) ** 2).mean())
@@ -121,17 +123,18 @@ def evaluate(recipe: Recipe) -> dict:
     from distill.eval import _student_sampler, eval_prompts, find_students, train_overlap
     from students.sampling import sample_student, student_sigmas
     from students.student import Student
-    from synth_data.composer import load_vocabulary
+    from synth_data.composer import derive_seed, load_vocabulary
     from synth_data.generate import sample_noise
     from teachers.toyworld.oracle import grade
-    from teachers.wan import WanTeacher
+    from teachers.wan import Cond, WanTeacher
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = WanTeacher.from_config(recipe.teacher, device)
     tcfg = teacher.cfg
     rows = eval_prompts(recipe)
     slots = [r["slots"] for r in rows]
-    negative = tcfg.negative_prompt or load_vocabulary(ROOT / recipe.data.vocabulary).negative_prompt
+    vocab = load_vocabulary(resolve_path(recipe.data.vocabulary))
+    negative = tcfg.negative_prompt if tcfg.negative_prompt is not None else vocab.negative_prompt
     shape = teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width)
     batches = [rows[i: i + recipe.eval.batch_size] for i in range(0, len(rows), recipe.eval.batch_size)]
     conds = [teacher.encode([r["prompt"] for r in b], negative) for b in batches]
@@ -148,29 +151,66 @@ def evaluate(recipe: Recipe) -> dict:
            "eval_prompts": len(rows), "train_overlap": train_overlap(recipe, rows), "students": {}}
     # 2. reference: the teacher's weights on the students' 4-step renoise schedule, no CFG
     sigmas = student_sigmas(recipe.student, tcfg.shift, tcfg.num_inference_steps)
+    out["sampling_sigmas"] = sigmas
     base = teacher.transformer_for(float(teacher.num_train_timesteps))
 
-    def undistilled(c, x, _b):
-        v = lambda xs, ts, e: base(hidden_states=xs, timestep=ts, encoder_hidden_states=e, return_dict=False)[0]
-        gens = [torch.Generator("cpu").manual_seed(0) for _ in _b]
-        return sample_student(v, c.prompt_embeds, None, x, sigmas, generator=gens)
+    def undistilled(cond, noise, batch):
+        gens = [torch.Generator("cpu").manual_seed(derive_seed(r["seed"], 1)) for r in batch]  # as `distill eval`
+        return sample_student(lambda x, t, e: teacher.velocity(x, t, Cond(prompt_embeds=e), guidance=1.0),
+                              cond.prompt_embeds, None, noise, sigmas, generator=gens)
 
-    out["undistilled_4step"] = _score(*run(undistilled), ref, slots) if False else _score_run(run, undistilled, ref,
-                                                                                              slots)
+    out["undistilled_4step"] = _score(*run(undistilled), ref, slots)
     # 3. the students, on the same prompts, noise and renoise streams as `distill eval`
     for name, folder in find_students(recipe):
         student = Student.from_pretrained(folder, base_transformer=base).eval()
         try:
             sampler, _info = _student_sampler(student, teacher)
-            entry = _score_run(run, sampler, ref, slots)
+            entry = _score(*run(sampler), ref, slots)
             entry["trainable_params"] = sum(p.numel() for p in student.trainable_parameters())
-            entry["sigmas"] = sigmas
             out["students"][name] = entry
         finally:  # LoRA students borrow the teacher's module: give it back without adapters
             base.delete_adapters(student.adapter_names)
     return out
 
 
-def _score_run(run, sampler, ref: torch.Tensor, slots: list[dict]) -> dict:
-    latents, videos = run(sampler)
-    return _score(latents, ref, videos, slots)
+# ---- main --------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_dir, trained = resolve_teacher(args.teacher, out)
+    common = [f"output_dir={out}", f"teacher.pretrained={teacher_dir}", f"data.num_prompts={args.prompts}"]
+    # 1. data, once  2. the three students
+    _cli("run", DATA_RECIPE, common)
+    train_students(common, args.steps)
+    # 3. eval: the experts students only (OUT may hold others)
+    names = [f"experts{n}" for n in BOUNDARIES]
+    recipe = load_recipe(STUDENT_RECIPE, common + student_overrides(1, args.steps) + [
+        f"eval.num_prompts={args.eval_prompts}", f"eval.students={json.dumps(names)}"])
+    ev = evaluate(recipe)
+    results = {str(n): ev["students"][f"experts{n}"] for n in BOUNDARIES}
+    mse1 = results["1"]["fidelity_mse"]
+    ratio = {n: results[n]["fidelity_mse"] / mse1 if mse1 > 0 else None for n in ("2", "4")}
+    report = {
+        "benchmark": "experts",
+        "teacher": {"path": str(teacher_dir), "trained": trained, **ev["teacher"]},
+        "train_steps": args.steps, "train_prompts": args.prompts, "eval_prompts": ev["eval_prompts"],
+        "train_overlap": ev["train_overlap"], "sampling_sigmas": ev["sampling_sigmas"],
+        "boundaries": {str(n): b for n, b in BOUNDARIES.items()},
+        "expert_of_sigma": {str(n): [expert_index(x, b) for x in ev["sampling_sigmas"]] for n, b in BOUNDARIES.items()},
+        "results": results, "undistilled_4step": ev["undistilled_4step"],
+        "ratio_mse_2_vs_1": ratio["2"], "ratio_mse_4_vs_1": ratio["4"],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    line = json.dumps(report)
+    print(line, flush=True)
+    command = "python benchmarks/experts.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results_md.RESULTS = args.results  # append_result writes to this module-level path
+    results_md.append_result(command.strip(), json.loads(line), ["ratio_mse_2_vs_1", "ratio_mse_4_vs_1"])
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -52,6 +52,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        if len(args) == 1:  # Optional[X]: X's own error names the nested key
+            return _convert(value, args[0], path)
         errors = []
         for arg in typing.get_args(tp):
             try:

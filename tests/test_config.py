@@ -142,3 +142,12 @@ def test_compose_missing_vocabulary_is_named(tmp_path, capsys):
     data = {**MINIMAL, "output_dir": str(tmp_path / "out"), "data": {"vocabulary": "nope.yaml", "num_prompts": 3}}
     assert main(["compose", str(write(tmp_path, "r.yaml", data))]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_nested_errors_inside_optional_sections_name_the_key(tmp_path):
+    data = {**MINIMAL, "student": {"name": "s", "kind": "lora"}, "method": {"name": "kd"}}
+    path = write(tmp_path, "r.yaml", data)
+    with pytest.raises(RecipeError, match=r"method\.kd\.output_weight: expected float, got 'high'"):
+        load_recipe(path, ["method.kd.output_weight=high"])
+    with pytest.raises(RecipeError, match=r"student\.lora_rank: must be >= 1"):
+        load_recipe(path, ["student.lora_rank=0"])
