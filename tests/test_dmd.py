@@ -168,7 +168,7 @@ def test_generator_loss_wires_teacher_critic_and_sigma(teacher):
 
 def test_gradients_reach_only_their_player(teacher):
     """LoRA student, LoRA critic and teacher share one base: each loss trains only its own adapter."""
-    from distill.trainer import Critic
+    from students.critic import Critic
 
     torch.manual_seed(0)
     student = build_student(StudentConfig(name="s", kind="lora", lora_rank=4, lora_alpha=4.0,
@@ -217,7 +217,7 @@ def test_gradients_reach_only_their_player(teacher):
 def test_generator_gradient_does_not_depend_on_the_batch_split(teacher):
     """Every draw is per sample, so batch [0, 1] gives the mean gradient of batches [0] and [1] (N processes × b
     equal 1 × N·b). Rounding only: batched forwards round differently."""
-    from distill.trainer import Critic
+    from students.critic import Critic
 
     torch.manual_seed(0)
     student = build_student(StudentConfig(name="s", kind="full", denoising_steps=[1000, 500]), teacher.pipe.transformer)
