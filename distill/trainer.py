@@ -126,11 +126,37 @@ def resolve_checkpoint(recipe: Recipe) -> Path | None:
     return path
 
 
+def _default_of(dotted: str):
+    """The JSON-normalised default of a fingerprinted recipe key (`student.sink`, `method.kd.shift`, ...)."""
+    import dataclasses
+
+    from distill.config import MethodConfig, TrainConfig
+    from students.config import StudentConfig
+
+    section, *rest = dotted.split(".")
+    cls = {"student": StudentConfig, "method": MethodConfig, "train": TrainConfig}.get(section)
+    for i, name in enumerate(rest):
+        field = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
+        if field is None:
+            return "<unset>"
+        if field.default is not dataclasses.MISSING:
+            value = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+        else:
+            return "<unset>"
+        if i < len(rest) - 1:
+            cls = type(value) if dataclasses.is_dataclass(value) else None
+    return json.loads(json.dumps(to_dict(value)))
+
+
 def check_checkpoint(path: Path, expected: dict) -> dict:
     """Read a checkpoint's training_state.json; fail fast, naming the keys, if it came from another recipe."""
     state = json.loads((path / TRAINING_STATE).read_text())
     saved = state["fingerprint"]
     unset = "<unset>"
+    # A key the checkpoint lacks was added to the toolkit after it was written: the run behaved as its default.
+    saved = {**{k: default for k in expected if k not in saved if (default := _default_of(k)) is not unset}, **saved}
     diff = [k for k in dict.fromkeys([*saved, *expected]) if saved.get(k, unset) != expected.get(k, unset)]
     if diff:
         shown = "; ".join(f"{k}: checkpoint has {saved.get(k, unset)!r}, recipe has {expected.get(k, unset)!r}"

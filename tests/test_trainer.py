@@ -263,3 +263,19 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(lora_run, monkeypatch):
     recipe = load_recipe(lora_run[0], ["train.optimizer=adamw8bit"])
     with pytest.raises(ValueError, match="train.optimizer: adamw8bit needs bitsandbytes"):
         make_optimizer([torch.nn.Parameter(torch.zeros(2))], recipe)
+
+
+def test_checkpoint_without_a_newer_key_resumes_only_at_its_default(tmp_path):
+    """A key added to the toolkit after a checkpoint was written counts as its default, nothing else."""
+    import json
+
+    from distill.trainer import TRAINING_STATE, check_checkpoint
+
+    expected = {"student.kind": "full", "student.sink": 0, "method.name": "flow_matching"}
+    (tmp_path / TRAINING_STATE).write_text(json.dumps({"step": 2, "fingerprint": {
+        "student.kind": "full", "method.name": "flow_matching"}}))
+    assert check_checkpoint(tmp_path, expected)["step"] == 2
+    with pytest.raises(ValueError, match=r"student.sink: checkpoint has 0, recipe has 3"):
+        check_checkpoint(tmp_path, {**expected, "student.sink": 3})
+    with pytest.raises(ValueError, match=r"student.kind: checkpoint has 'full', recipe has 'lora'"):
+        check_checkpoint(tmp_path, {**expected, "student.kind": "lora"})
