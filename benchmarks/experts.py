@@ -13,7 +13,10 @@
      own ODE sample (its default steps + CFG) from the same noise: distillation quality, whatever the
      teacher's own quality;
    - accuracy: the toy-world oracle on the decoded videos (all-attribute and per attribute);
-   - trainable_params: the student's LoRA parameters (all experts).
+   - trainable_params: the student's LoRA parameters (all experts);
+   - jump_mse_per_sigma: per σ of `data.trajectory_steps` (`state_sigmas`), the MSE of the one-jump x0 from the
+     teacher's own ODE state at σ to its endpoint (the training objective, on eval prompts). Unlike
+     fidelity_mse it has no renoising, so it shows each σ interval (each expert) on its own.
    `undistilled_4step` is a reference: the teacher's weights sampled with the students' 4-step schedule.
 
 `--teacher` defaults to teachers/toyworld/pipeline when it exists, else an UNTRAINED toy pipeline is built
@@ -39,6 +42,7 @@ import torch  # noqa: E402
 import benchmarks.results as results_md  # noqa: E402
 from distill import cli  # noqa: E402
 from distill.config import Recipe, load_recipe, resolve_path  # noqa: E402
+from distill.flow import timestep  # noqa: E402
 from students.experts import expert_index  # noqa: E402
 
 logger = logging.getLogger("benchmarks.experts")
@@ -117,6 +121,20 @@ def _score(latents: torch.Tensor, videos: np.ndarray, reference: torch.Tensor, s
     return {"fidelity_mse": mse, "accuracy": grade(videos, slots)["accuracy"]}
 
 
+def _jump_mse(model, states: list[torch.Tensor], sigmas: list[float], conds: list, ref: torch.Tensor) -> list[float]:
+    """Per stored σ_k: MSE of the one-jump x0 = x_k - σ_k·model(x_k, 1000σ_k) from the teacher's OWN ODE state x_k
+    to its endpoint (what `distill.trajectory` trains; no renoising, so it isolates each expert's interval)."""
+    out = []
+    for k, s in enumerate(sigmas):
+        x0 = []
+        for traj, cond in zip(states, conds):
+            x = traj[:, k]
+            t = timestep(torch.full((x.shape[0],), s, dtype=torch.float32, device=x.device))
+            x0.append(x - s * model(x, t, cond.prompt_embeds).float())
+        out.append(float(((torch.cat(x0) - ref) ** 2).mean()))
+    return out
+
+
 @torch.no_grad()
 def evaluate(recipe: Recipe) -> dict:
     """Teacher, the undistilled 4-step reference and every student on the eval prompts; see the docstring."""
@@ -144,28 +162,40 @@ def evaluate(recipe: Recipe) -> dict:
         latents = torch.cat([sampler(c, x, b) for c, x, b in zip(conds, noises, batches)])
         return latents, _decode(teacher, latents)
 
-    # 1. the teacher's own ODE samples: the fidelity reference
-    ref, videos = run(lambda c, x, _b: teacher.sample(c, x).latents)
-    out = {"teacher": {"accuracy": grade(videos, slots)["accuracy"], "steps": tcfg.num_inference_steps,
-                       "guidance_scale": tcfg.guidance_scale},
-           "eval_prompts": len(rows), "train_overlap": train_overlap(recipe, rows), "students": {}}
+    # 1. the teacher's own ODE samples (the fidelity reference) and its states at the training σ's
+    samples = [teacher.sample(c, x, save_at=recipe.data.trajectory_steps) for c, x in zip(conds, noises)]
+    ref = torch.cat([o.latents for o in samples])
+    states = [o.trajectory for o in samples]
+    state_sigmas = samples[0].sigmas[recipe.data.trajectory_steps].tolist()
+    out = {"teacher": {"accuracy": grade(_decode(teacher, ref), slots)["accuracy"],
+                       "steps": tcfg.num_inference_steps, "guidance_scale": tcfg.guidance_scale},
+           "eval_prompts": len(rows), "train_overlap": train_overlap(recipe, rows), "students": {},
+           "state_sigmas": state_sigmas}
+
+    def score(sampler, model) -> dict:
+        entry = _score(*run(sampler), ref, slots)
+        entry["jump_mse_per_sigma"] = _jump_mse(model, states, state_sigmas, conds, ref)
+        return entry
+
     # 2. reference: the teacher's weights on the students' 4-step renoise schedule, no CFG
     sigmas = student_sigmas(recipe.student, tcfg.shift, tcfg.num_inference_steps)
     out["sampling_sigmas"] = sigmas
     base = teacher.transformer_for(float(teacher.num_train_timesteps))
 
+    def base_v(x, t, e):
+        return teacher.velocity(x, t, Cond(prompt_embeds=e), guidance=1.0)
+
     def undistilled(cond, noise, batch):
         gens = [torch.Generator("cpu").manual_seed(derive_seed(r["seed"], 1)) for r in batch]  # as `distill eval`
-        return sample_student(lambda x, t, e: teacher.velocity(x, t, Cond(prompt_embeds=e), guidance=1.0),
-                              cond.prompt_embeds, None, noise, sigmas, generator=gens)
+        return sample_student(base_v, cond.prompt_embeds, None, noise, sigmas, generator=gens)
 
-    out["undistilled_4step"] = _score(*run(undistilled), ref, slots)
+    out["undistilled_4step"] = score(undistilled, base_v)
     # 3. the students, on the same prompts, noise and renoise streams as `distill eval`
     for name, folder in find_students(recipe):
         student = Student.from_pretrained(folder, base_transformer=base).eval()
         try:
             sampler, _info = _student_sampler(student, teacher)
-            entry = _score(*run(sampler), ref, slots)
+            entry = score(sampler, student)
             entry["trainable_params"] = sum(p.numel() for p in student.trainable_parameters())
             out["students"][name] = entry
         finally:  # LoRA students borrow the teacher's module: give it back without adapters
@@ -198,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         "teacher": {"path": str(teacher_dir), "trained": trained, **ev["teacher"]},
         "train_steps": args.steps, "train_prompts": args.prompts, "eval_prompts": ev["eval_prompts"],
         "train_overlap": ev["train_overlap"], "sampling_sigmas": ev["sampling_sigmas"],
+        "state_sigmas": ev["state_sigmas"],
         "boundaries": {str(n): b for n, b in BOUNDARIES.items()},
         "expert_of_sigma": {str(n): [expert_index(x, b) for x in ev["sampling_sigmas"]] for n, b in BOUNDARIES.items()},
         "results": results, "undistilled_4step": ev["undistilled_4step"],
