@@ -26,6 +26,8 @@ demo: $(STAMP)
 	$(BIN)/python -m distill run recipes/toyworld.yaml
 	$(BIN)/python -m distill run recipes/toyworld_lora4.yaml
 	$(BIN)/python -m distill run recipes/toyworld_pruned.yaml
+	$(BIN)/python -m distill run recipes/toyworld_causal_init.yaml
+	$(BIN)/python -m distill run recipes/toyworld_self_forcing.yaml
 	$(BIN)/python -m distill eval recipes/toyworld.yaml
 
 # One-off: (re)train the toy teacher shipped in teachers/toyworld/pipeline (hours on 2 CPU cores; join

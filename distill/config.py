@@ -23,6 +23,7 @@ from distill.flow_matching import FlowMatching
 from distill.kd import KD
 from distill.ode_regression import ODERegression
 from distill.recipe_loader import RecipeError, build, deep_merge, parse_override, read_yaml, set_dotted, to_dict
+from distill.self_forcing import SelfForcing
 from distill.trajectory import Trajectory
 from students.config import StudentConfig
 from synth_data.config import DataConfig
@@ -53,6 +54,18 @@ class MethodConfig:
     dmd: DMD.Config = field(default_factory=DMD.Config)
     """`distill/dmd.py`: guidance_scale, generator_update_interval, critic_learning_rate, critic, critic_lora_rank,
     min_sigma, max_sigma, shift, exit_step."""
+    self_forcing: SelfForcing.Config = field(default_factory=SelfForcing.Config)
+    """`distill/self_forcing.py`: DMD's keys (for the causal rollout) plus num_chunks, frame_wise_timesteps."""
+
+    def critic_config(self) -> DMD.Config:
+        """The two-player settings (critic kind, rank, learning rate) of `name`: `dmd` or `self_forcing`."""
+        match self.name:
+            case "dmd":
+                return self.dmd
+            case "self_forcing":
+                return self.self_forcing
+            case _:
+                raise ValueError(f"method.name: {self.name!r} has no critic (two-player methods: dmd, self_forcing)")
 
 
 @dataclass(kw_only=True)
@@ -167,6 +180,9 @@ class Recipe:
     def __post_init__(self):
         if (self.student is None) != (self.method is None):
             raise ValueError("student/method: a student recipe needs both a `student` and a `method` section")
+        if self.method is not None and self.method.name == "self_forcing" and self.student.kind != "causal":
+            raise ValueError(f"student.kind: method self_forcing rolls out a causal student chunk by chunk; set "
+                             f"student.kind: causal (got {self.student.kind})")
 
     @property
     def out(self) -> Path:

@@ -7,9 +7,13 @@
    `derive_seed(eval.seed, i)`, the same tensor for the teacher and every student (as in `generate`).
 2. Models: the teacher (its recipe's steps, CFG and shift), then each student in
    `<output_dir>/students/<name>/final/` that holds a `COMPLETE` marker (its `final_ema/` weights when present
-   and `eval.use_ema`), sampled with its own `denoising_steps` / guidance (`students.sampling`). Renoising
+   and `eval.use_ema`), sampled with its own `denoising_steps` / guidance (`students.sampling`); causal students
+   (`kind: causal`) chunk by chunk with their KV cache (`students.causal.sample_causal`), as they stream. Renoising
    students draw their fresh noise from per-prompt generators seeded with `derive_seed(seed_i, 1)`, so results
    do not depend on `eval.batch_size`.
+   Causal students also roll out `eval.long_rollout_factor` × the teacher's latent frames (rounded up to whole
+   chunks) for the first LONG_ROLLOUT_PROMPTS prompts (noise `randn` of that length from seed_i), and the oracle
+   grades each of `long_rollout_factor` equal time segments: the drift curve (`long_rollout`, drift.png).
 3. Timing: one warm-up batch per model (its results are discarded), then `time.perf_counter` around the
    sampler and around the VAE decode of every batch (the device is synchronised first). Text encoding and
    grading are not timed; both are shared. `seconds_per_video` = (sampling + decode) / num_prompts and
@@ -29,8 +33,10 @@ report.json:
                  "seconds_per_video", "sample_seconds_per_video", "decode_seconds_per_video"},
      "students": {<name>: {"nfe", "causal", "kind", "weights", "steps", "guidance_scale", "accuracy",
                            "seconds_per_video", "sample_seconds_per_video", "decode_seconds_per_video",
-                           "speedup", "long_rollout" (causal students only)}}}
-NFE counts transformer forward passes per video: steps × 2 where CFG runs (guidance != 1), else × 1.
+                           "speedup", "long_rollout" (causal students only: {"length_factor", "num_frames",
+                           "num_prompts", "segment_accuracy": [...]} or null without a grader)}}}
+NFE counts transformer forward passes per video: steps × 2 where CFG runs (guidance != 1), else × 1; a causal
+student's chunks also run one cache write each: steps + 1 (in whole-video passes).
 
 Runs on the main process only (other processes of an `accelerate launch` return at once): timings need a
 quiet device.
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -59,6 +66,8 @@ from synth_data.generate import sample_noise
 logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+LONG_ROLLOUT_PROMPTS = 16
+"""Causal students' long rollouts (each `eval.long_rollout_factor` videos long) use the first this many prompts."""
 
 
 # ---- prompts, noise and grading ---------------------------------------------------------------
@@ -224,33 +233,60 @@ def find_students(recipe: Recipe) -> list[tuple[str, Path]]:
 
 
 def _student_sampler(student, teacher) -> tuple[Sampler, dict]:
+    from students.causal import sample_causal
     from students.sampling import sample_student, student_sampling_mode, student_sigmas
 
     cfg = student.cfg
     sigmas = student_sigmas(cfg, teacher.cfg.shift, teacher.cfg.num_inference_steps)
     mode = student_sampling_mode(cfg)
     steps = len(sigmas) if mode == "renoise" else len(sigmas) - 1
+    causal = cfg.kind == "causal"
+    if causal and (mode != "renoise" or cfg.guidance_scale != 1):
+        raise ValueError(f"student {cfg.name}: a causal student samples chunk by chunk with its few-step renoising "
+                         "sampler and no CFG; it needs student.denoising_steps and student.guidance_scale: 1.0")
 
     def sampler(cond, noise, rows):
         generators = [torch.Generator("cpu").manual_seed(derive_seed(r["seed"], 1)) for r in rows]
+        if causal:
+            return sample_causal(student.causal, cond.prompt_embeds, noise, sigmas, generator=generators)
         return sample_student(student, cond.prompt_embeds, cond.negative_embeds, noise, sigmas,
                               guidance=cfg.guidance_scale, generator=generators, mode=mode)
 
-    info = {"nfe": steps * (2 if cfg.guidance_scale != 1 else 1), "steps": steps,
-            "guidance_scale": cfg.guidance_scale}
+    nfe = steps + 1 if causal else steps * (2 if cfg.guidance_scale != 1 else 1)
+    info = {"nfe": nfe, "steps": steps, "guidance_scale": cfg.guidance_scale}
     return torch.no_grad()(sampler), info
 
 
-def long_rollout(student, teacher, recipe: Recipe) -> dict | None:
-    """Hook for causal students: roll out `eval.long_rollout_factor` × the training length chunk by chunk and
-    grade each training-length segment (`grade(..., num_segments=factor)["segment_accuracy"]`), returning
-    {"num_frames", "segment_accuracy": [...]} for `report.plot_drift`.
+def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str | None) -> dict | None:
+    """A causal student's drift curve: for the first LONG_ROLLOUT_PROMPTS prompts, roll out
+    `eval.long_rollout_factor` × the teacher's latent frames (rounded up to whole chunks) chunk by chunk, decode,
+    and grade each of `long_rollout_factor` equal time segments with the oracle. Returns {"length_factor",
+    "num_frames" (latent), "num_prompts", "segment_accuracy": all-slot accuracy per segment}, or None without a
+    grader (nothing to read back)."""
+    if grader != "toyworld":
+        logger.info("eval: no grader, so no drift curve for causal student %s", student.cfg.name)
+        return None
+    from teachers.toyworld.oracle import grade
 
-    Needs the causal KV-cache rollout (DESIGN.md §5c), which students/ does not offer yet: returns None.
-    """
-    logger.warning("eval: student %s is causal but the long-rollout sampler is not available yet; "
-                   "long_rollout is null", student.cfg.name)
-    return None
+    factor, tcfg = recipe.eval.long_rollout_factor, teacher.cfg
+    c, f, h, w = teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width)
+    fpb = student.cfg.frames_per_block
+    frames = math.ceil(factor * f / fpb) * fpb
+    sampler, _ = _student_sampler(student, teacher)
+    subset, size = rows[:LONG_ROLLOUT_PROMPTS], recipe.eval.batch_size
+    sums, count = np.zeros(factor), 0
+    for start in tqdm(range(0, len(subset), size), desc=f"eval {student.cfg.name} long rollout", unit="batch",
+                      leave=False):
+        batch = subset[start: start + size]
+        cond = teacher.encode([r["prompt"] for r in batch], None)
+        noise = torch.stack([sample_noise(r["seed"], (c, frames, h, w)) for r in batch]).to(teacher.device)
+        latents = sampler(cond, noise, batch)
+        videos = np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + 1])) for i in range(len(batch))])
+        graded = grade(videos, [r["slots"] for r in batch], num_segments=factor)
+        sums += np.asarray(graded["segment_accuracy"]) * len(batch)
+        count += len(batch)
+    return {"length_factor": factor, "num_frames": frames, "num_prompts": count,
+            "segment_accuracy": [float(a) for a in sums / count]}
 
 
 def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) -> tuple[dict, _Run]:
@@ -271,7 +307,7 @@ def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) ->
                  "weights": folder.name, "steps": info["steps"], "guidance_scale": info["guidance_scale"],
                  **_timing(run, ctx["n"], ctx["grader"])}
         if entry["causal"]:
-            entry["long_rollout"] = long_rollout(student, teacher, recipe)
+            entry["long_rollout"] = long_rollout(student, teacher, recipe, ctx["rows"], ctx["grader"])
     finally:
         if student.is_lora and student.shares_teacher:  # give the teacher its module back, adapters removed
             base.delete_adapters(student.adapter_names)
@@ -303,7 +339,7 @@ def evaluate(recipe: Recipe) -> dict:
     num_previews = min(cfg.num_previews, len(rows))
     ctx = {"batches": [rows[i: i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)],
            "shape": teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width), "negative": negative,
-           "grader": grader, "num_previews": num_previews, "n": len(rows)}
+           "grader": grader, "num_previews": num_previews, "n": len(rows), "rows": rows}
 
     # 1. the teacher, before any LoRA student borrows its transformer
     nfe = teacher_nfe(teacher)

@@ -2,14 +2,15 @@
 
     teacher = WanTeacher.from_config(recipe.teacher)            frozen, shared by every method
     student = build_student(recipe.student, teacher.pipe.transformer)
-    algorithm = match recipe.method.name       flow_matching | kd | trajectory | ode_regression | dmd
+    algorithm = match recipe.method.name       flow_matching | kd | trajectory | ode_regression | dmd |
+                                               self_forcing
     for step: for micro-batch in accumulate: loss, logs = algorithm.loss(batch); backward
               clip, optimizer, LR scheduler, EMA; checkpoint-<step>/; log
 
-Two-player methods (`dmd`) also train a critic, built by `students.critic.build_critic`, with its own optimizer and LR
-scheduler (TTUR). Every step: critic_loss on each micro-batch, critic update; on the steps the algorithm's
-`trains_generator(step)` names, generator_loss first and a generator update (and EMA step) too. Both LR schedules
-run on the trainer's step clock. The critic is never DDP-wrapped (a LoRA critic lives inside the module the
+Two-player methods (`dmd`, `self_forcing`) also train a critic, built by `students.critic.build_critic`, with its own
+optimizer and LR scheduler (TTUR). Every step: critic_loss on each micro-batch, critic update; on the steps the
+algorithm's `trains_generator(step)` names, generator_loss first and a generator update (and EMA step) too. Both LR
+schedules run on the trainer's step clock. The critic is never DDP-wrapped (a LoRA critic lives inside the module the
 student's DDP holds): its gradients are all-reduced here.
 
 Outputs under `<output_dir>/students/<student.name>/`:
@@ -57,7 +58,7 @@ STUDENT_WEIGHTS = "student_trainable.safetensors"
 COMPLETE = "COMPLETE"
 STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps")
 """Student keys that only change sampling: a checkpoint resumes under a recipe that changed them."""
-TWO_PLAYER = ("dmd",)
+TWO_PLAYER = ("dmd", "self_forcing")
 """Methods with a critic: the algorithm has `generator_loss`, `critic_loss` and `trains_generator(step)`."""
 TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "ema", "seed", "data_source")
 
@@ -207,9 +208,9 @@ def _register_student_hooks(accelerator: Accelerator) -> None:
 
 
 # ---- building ----------------------------------------------------------------------------------------
-def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None):
+def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None, num_processes: int = 1):
     """The method's loss object. `student` is the prepared (maybe DDP) module; `unwrapped` the `Student`;
-    `critic` the critic's callable (two-player methods)."""
+    `critic` the critic's callable (two-player methods); `num_processes` fixes the samples per trainer step."""
     method = recipe.method
     match method.name:
         case "flow_matching":
@@ -244,9 +245,23 @@ def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None):
             sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
             rollout = FewStepRollout(student, sigmas, method.dmd.exit_step)
             return DMD(method.dmd, teacher=teacher, critic=critic, rollout=rollout)
+        case "self_forcing":
+            from distill.self_forcing import CausalRollout, PreparedCausal, SelfForcing
+            from students.sampling import student_sigmas
+
+            c, tc = method.self_forcing, recipe.train
+            if not recipe.student.denoising_steps:
+                raise ValueError("student.denoising_steps: method self_forcing trains a few-step causal student; set "
+                                 "its steps, e.g. [1000, 750, 500, 250]")
+            assert critic is not None, "self_forcing needs the critic (build_critic)"
+            sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
+            rollout = CausalRollout(PreparedCausal(student, unwrapped), sigmas, seed=tc.seed,
+                                    samples_per_step=tc.batch_size * tc.gradient_accumulation_steps * num_processes,
+                                    num_chunks=c.num_chunks, last_only=c.exit_step == "last")
+            return SelfForcing(c, teacher=teacher, critic=critic, rollout=rollout)
         case _:
             raise ValueError(f"method.name: {method.name!r} is not trained by distill.trainer; use one of "
-                             "flow_matching, kd, trajectory, ode_regression, dmd")
+                             "flow_matching, kd, trajectory, ode_regression, dmd, self_forcing")
 
 
 def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
@@ -361,7 +376,7 @@ def _critic_optimization(recipe: Recipe, accelerator: Accelerator, critic: Criti
 
     cast_training_params(critic, torch.float32)
     params = critic.trainable_parameters()
-    optimizer = make_optimizer(params, recipe, recipe.method.dmd.critic_learning_rate)
+    optimizer = make_optimizer(params, recipe, recipe.method.critic_config().critic_learning_rate)
     scheduler = _lr_scheduler(recipe, optimizer, accelerator.num_processes)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     accelerator.register_for_checkpointing(TrainableWeights(critic))
@@ -432,7 +447,7 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
         accelerator.load_state(str(resume))
         logger.info("resumed from %s at step %d", resume, start_step)
     algorithm = build_algorithm(recipe, teacher, model, student,
-                                None if critic is None else _autocast(accelerator, critic))
+                                None if critic is None else _autocast(accelerator, critic), num_processes=world)
     batches = training_batches(recipe, teacher, start_step=start_step, num_processes=world,
                                rank=accelerator.process_index,
                                need_trajectory=recipe.method.name in ("trajectory", "ode_regression"))

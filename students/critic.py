@@ -78,14 +78,14 @@ class TrainableWeights:
 
 
 def build_critic(recipe: Recipe, teacher) -> Critic:
-    """The critic of `method.dmd.critic`, from the teacher's (high-noise) transformer.
+    """The critic of `method.<dmd|self_forcing>.critic`, from the teacher's (high-noise) transformer.
 
     `lora`: adapter `critic` (rank = alpha = critic_lora_rank, on student.lora_target_modules) injected into the
     teacher's own module, so no second copy of the weights; teacher queries switch adapters off, the student
     and the critic each activate their own. Call it AFTER `accelerator.prepare(student)`: a LoRA student's DDP
     holds that module and must not see the critic's parameters. `full`: a trainable copy (Self-Forcing).
     """
-    c, base = recipe.method.dmd, teacher.pipe.transformer
+    c, base = recipe.method.critic_config(), teacher.pipe.transformer
     if c.critic == "lora":
         from students.lora import add_lora
 

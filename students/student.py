@@ -108,15 +108,21 @@ class Student(nn.Module):
         """The distinct transformer modules (LoRA: one shared; otherwise one per expert)."""
         return [self.transformer] if self.is_lora else list(self.experts)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                chunk: dict | None = None) -> torch.Tensor:
         """v = ε - x0 for latents x [B, C, F, H, W] at timesteps t [B] (= 1000·σ), text embeds [B, L, D].
 
-        kind=causal: the block-causal parallel forward, t may also be per frame [B, F].
+        kind=causal: the block-causal parallel forward, t may also be per frame [B, F]. With `chunk`
+        ({"cache", "frame_offset", "update_cache"}): one chunk of the cached rollout,
+        `CausalWan.forward_chunk(x, t, **chunk)` (the text is in the cache; pass None). Going through
+        `student(...)` lets a DDP wrapper see the call (`distill.self_forcing.PreparedCausal`).
 
         Each sample goes to the expert of its σ (see `students/experts.py`); a batch spanning several
         experts is split and re-assembled in order. Inputs are cast to the transformer's dtype and v is
         returned in x's dtype.
         """
+        if chunk is not None:
+            return self.causal.forward_chunk(x, t, **chunk)
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])

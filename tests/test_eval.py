@@ -265,3 +265,35 @@ def test_warm_up_batch_is_not_timed():
     run = run_model("fake", sampler, teacher, [rows[:2], rows[2:4], rows[4:]], (1, 1, 1, 1), None, None, 3)
     assert calls == [2, 2, 2, 1]  # warm-up on the first batch, then every batch once
     assert 0.03 <= run.sample_seconds < 0.25 and len(run.previews) == 3
+
+
+def test_causal_student_samples_chunk_by_chunk_and_reports_drift(setup, tmp_path, monkeypatch):
+    """An untrained causal student: sampled by `sample_causal` (training length, then 3x for the drift curve)."""
+    from diffusers import WanTransformer3DModel
+
+    import students.causal as causal_module
+
+    out = tmp_path / "out"
+    base = WanTransformer3DModel.from_pretrained(setup["pipe_dir"] / "transformer")
+    save_student(out, dict(name="causal3", kind="causal", frames_per_block=1, denoising_steps=[1000, 500]), base)
+    calls, real = [], causal_module.sample_causal
+
+    def spy(model, embeds, noise, sigmas, generator=None, exit_steps=None):
+        calls.append((tuple(noise.shape), [round(s, 4) for s in sigmas], exit_steps))
+        return real(model, embeds, noise, sigmas, generator, exit_steps)
+
+    monkeypatch.setattr(causal_module, "sample_causal", spy)
+    path = write_recipe(tmp_path / "causal.yaml", out, setup["pipe_dir"], num_prompts=4, batch_size=4,
+                        num_previews=1, long_rollout_factor=3)
+    report = evaluate(load_recipe(path))
+    entry = report["students"]["causal3"]
+    assert (entry["causal"], entry["kind"], entry["steps"], entry["nfe"]) == (True, "causal", 2, 3)  # + cache writes
+    assert set(entry["accuracy"]) == SLOT_KEYS
+    latent = (4, 3, 4, 4)  # 9 frames of 32 px through the tiny VAE (4x in time, 8x in space)
+    sigmas = [1.0, 0.75]  # [1000, 500] warped through shift 3
+    # warm-up + one timed batch at the training length, then the long rollout: 3 x 3 latent frames, 1 chunk each
+    assert calls == [((4, *latent), sigmas, None)] * 2 + [((4, 4, 9, 4, 4), sigmas, None)]
+    drift = entry["long_rollout"]
+    assert (drift["length_factor"], drift["num_frames"], drift["num_prompts"]) == (3, 9, 4)
+    assert len(drift["segment_accuracy"]) == 3 and all(0 <= a <= 1 for a in drift["segment_accuracy"])
+    assert (out / "eval" / "drift.png").stat().st_size > 0 and "](drift.png)" in (out / "eval/report.md").read_text()

@@ -1,0 +1,200 @@
+"""Self-Forcing: DMD2 on a causal student's own chunk-by-chunk rollout (Huang et al. 2025, "Self Forcing:
+Bridging the Train-Test Gap in Autoregressive Video Diffusion", Alg. 1; DMD2 as in `distill.dmd`).
+
+The generator's sample is made exactly as at inference (`students.causal.stream_causal`), with S student levels
+σ_0 > ... > σ_{S-1} and chunks c = 0..N-1 of n = `student.frames_per_block` latent frames:
+
+    x = ε_c                                                          (the chunk's frames of the initial noise)
+    for i < k_c, no grad:  x0 = x - σ_i·v(x, 1000σ_i | cache);  x = (1-σ_{i+1})·x0 + σ_{i+1}·ε_{c,i}
+    exit step k_c, grad:   x0_c = x - σ_k·v(x, 1000σ_k | cache)                       (the chunk's output)
+    no grad:               cache += K/V of x0_c re-noised to σ_ctx = student.context_noise / 1000
+    x0 = [x0_0, ..., x0_{N-1}]                                                        [B, C, N·n, H, W]
+
+and DMD is applied to the WHOLE video x0 (`distill.dmd`): x_σ = (1-σ)·sg(x0) + σ·ε',
+    grad = (x0_fake - x0_real) / mean|x0 - x0_real|,   L_G = ½·‖x0 - sg(x0 - grad)‖²,
+    L_C = flow matching of the critic on sg(x0)   (the rollout re-run without grad).
+Gradients reach the student through each chunk's exit step only (and the text's cross-attention K/V); the
+cache is never differentiated (Self-Forcing's truncated gradient).
+
+Exit steps: one per chunk, k_c ~ U{0..S-1} (`exit_step: last`: S-1), drawn from a generator seeded with
+(train.seed, trainer step), so every rank and every micro-batch of a step uses the same ones. DDP runs
+collectives in each forward, so every rank must run the same forwards; and the draws do not depend on the
+number of processes. (Self-Forcing broadcasts rank 0's draw; a seeded draw needs no communication.)
+
+Randomness per sample, from its own generator and in this order: the initial noise [C, F, H, W], the
+rollout's fresh noises (chunk by chunk: one per re-noising, then the context noise when σ_ctx > 0), then σ
+and ε' of the DMD loss. Hence N processes × batch b equal 1 process × batch N·b.
+
+`frame_wise_timesteps` (diffusion forcing, Chen et al. 2024; CausVid): σ of the DMD re-noising and of the critic
+loss drawn per CHUNK, σ [B, N] broadcast to its frames [B, F], instead of one σ per video (Self-Forcing's
+default). Frames of one chunk share σ, as the causal student's temporal patches require.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from distill.data import Batch, randn_per_sample
+from distill.dmd import DMD
+from distill.flow import shift_sigma
+from distill.flow_matching import Model
+from students.causal import sample_causal
+from synth_data.composer import derive_seed
+
+EXIT_STREAM = 0x5E1F
+"""Exit steps of trainer step s come from `torch.Generator().manual_seed(derive_seed(derive_seed(train.seed,
+EXIT_STREAM), s))`: a stream no per-sample generator (derive_seed(train.seed, index >= 0)) shares."""
+
+
+def draw_exit_steps(seed: int, step: int, num_chunks: int, num_steps: int, last_only: bool = False) -> list[int]:
+    """One exit step per chunk, uniform in [0, num_steps), for trainer step `step`: the same on every rank."""
+    if last_only:
+        return [num_steps - 1] * num_chunks
+    g = torch.Generator().manual_seed(derive_seed(derive_seed(seed, EXIT_STREAM), step))
+    return torch.randint(num_steps, (num_chunks,), generator=g).tolist()
+
+
+def per_token_timesteps(t: torch.Tensor, x: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """Per-frame timesteps t [B, F] for latents x [B, C, F, H, W] -> Wan's per-token timesteps [B, S]
+    (S = F/p_t · H/p_h · W/p_w, token order (f, h, w)). The frames of one temporal patch must share t."""
+    p_t, p_h, p_w = patch_size
+    b, f = t.shape
+    pos = t.view(b, f // p_t, p_t)
+    if not torch.equal(pos, pos[..., :1].expand_as(pos)):
+        raise ValueError(f"timesteps: frames of one temporal patch ({p_t} frames) must share a timestep")
+    return pos[..., 0].repeat_interleave((x.shape[3] // p_h) * (x.shape[4] // p_w), dim=1)
+
+
+class PerTokenTimesteps:
+    """A `Model` (e.g. the critic, a bidirectional Wan transformer) called with per-frame t [B, F]: Wan takes a 2-D
+    timestep per token, so t is expanded with `per_token_timesteps`; t [B] passes unchanged."""
+
+    def __init__(self, model: Model, patch_size: tuple[int, int, int]):
+        self.model, self.patch_size = model, tuple(patch_size)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 2:
+            t = per_token_timesteps(t, x, self.patch_size)
+        return self.model(x, t, encoder_hidden_states)
+
+
+class PreparedCausal:
+    """The chunk interface `students.causal.stream_causal` needs (`frames_per_block`, `cfg`, `init_cache`,
+    `forward_chunk`) over the PREPARED student: every chunk forward is a call `prepared(x, t, None, chunk=...)`, so
+    a DDP wrapper sees it and all-reduces the exit steps' gradients (calling `student.causal` directly would bypass
+    DDP and let the ranks drift apart). `student` is the unwrapped causal `Student`."""
+
+    def __init__(self, prepared, student):
+        self.prepared, self.causal = prepared, student.causal
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.causal.frames_per_block
+
+    @property
+    def cfg(self):
+        return self.causal.cfg
+
+    def init_cache(self, batch: int, encoder_hidden_states: torch.Tensor):
+        return self.causal.init_cache(batch, encoder_hidden_states)
+
+    def forward_chunk(self, x: torch.Tensor, t, cache, frame_offset: int, update_cache: bool) -> torch.Tensor:
+        chunk = {"cache": cache, "frame_offset": frame_offset, "update_cache": update_cache}
+        return self.prepared(x, t, None, chunk=chunk)
+
+
+class CausalRollout:
+    """`distill.dmd.Rollout` of a causal student: its own chunk-by-chunk rollout from noise (module docstring)."""
+
+    def __init__(self, model, sigmas: list[float], *, seed: int, samples_per_step: int, num_chunks: int | None = None,
+                 last_only: bool = False):
+        """`model`: a `CausalWan` or `PreparedCausal`; `sigmas`: the student's levels (all > 0);
+        `seed` / `samples_per_step`: train.seed and the global samples per trainer step G (step s holds the sample
+        indices [s·G, (s+1)·G), `distill.data`); `num_chunks`: None rolls out the batch's latent frames."""
+        if not sigmas or any(s <= 0 for s in sigmas):
+            raise ValueError(f"student.denoising_steps: the causal rollout samples the student at every σ, all must "
+                             f"be > 0; got σ's {sigmas}")
+        self.model, self.sigmas, self.seed = model, list(sigmas), seed
+        self.samples_per_step, self.num_chunks, self.last_only = samples_per_step, num_chunks, last_only
+        self.last_exit_steps: list[int] = []
+        """The exit steps of the latest call (for logs and tests)."""
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.model.frames_per_block
+
+    def num_frames(self, batch: Batch) -> int:
+        """Latent frames rolled out: num_chunks · frames_per_block, else the batch's (the teacher's) length."""
+        return batch.x0.shape[2] if self.num_chunks is None else self.num_chunks * self.frames_per_block
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        # 1. this trainer step's exit steps (shared by all ranks), then each sample's initial noise
+        step = batch.indices[0] // self.samples_per_step
+        frames = self.num_frames(batch)
+        chunks = math.ceil(frames / self.frames_per_block)
+        exits = draw_exit_steps(self.seed, step, chunks, len(self.sigmas), self.last_only)
+        self.last_exit_steps = exits
+        shape = (batch.x0.shape[1], frames, *batch.x0.shape[3:])
+        noise = randn_per_sample(batch.generators, shape, batch.x0.device)
+        # 2. chunk by chunk with the KV cache, as at inference; only each chunk's exit step keeps its graph
+        return sample_causal(self.model, batch.cond.prompt_embeds, noise, self.sigmas, generator=batch.generators,
+                             exit_steps=exits)
+
+
+class SelfForcing(DMD):
+    """DMD2 whose generator sample is the causal student's self-rollout (see the module docstring); the trainer
+    steps two optimizers (`generator_loss`, `critic_loss`, `trains_generator` as in `DMD`)."""
+
+    @dataclass(kw_only=True)
+    class Config(DMD.Config):
+        """DMD's keys (guidance_scale, generator_update_interval, critic*, min/max_sigma, shift, exit_step: here the
+        rollout's per-chunk exit step: `random` or `last`) plus the two below."""
+
+        num_chunks: int | None = None
+        """Chunks the student rolls out per training video; None: the training latents' frames / frames_per_block
+        (the teacher's num_frames). More chunks train on videos longer than the teacher's."""
+        frame_wise_timesteps: bool = False
+        """Diffusion forcing: one σ per chunk (frames of a chunk share it) in the DMD re-noising and the critic
+        loss, instead of one per video. The teacher must take per-frame timesteps (Wan: temporal patch 1)."""
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.num_chunks is not None and self.num_chunks < 1:
+                raise ValueError(f"num_chunks: must be >= 1 or null, got {self.num_chunks}")
+
+    def __init__(self, config: SelfForcing.Config, *, teacher, critic: Model, rollout: CausalRollout):
+        """`teacher`: a frozen `WanTeacher`; `critic`: the fake score (a bidirectional Wan transformer, called as a
+        `Model`); `rollout`: the causal student's `CausalRollout`."""
+        if config.frame_wise_timesteps:
+            transformer = teacher.pipe.transformer
+            if teacher.boundary is not None or transformer.config.patch_size[0] != 1:
+                raise ValueError(
+                    "method.self_forcing.frame_wise_timesteps: the teacher takes per-frame timesteps only as a single "
+                    f"expert with temporal patch 1 (Wan2.1), this one has patch {tuple(transformer.config.patch_size)}"
+                    f"{' and two experts' if teacher.boundary is not None else ''}; set it to false"
+                )
+            critic = PerTokenTimesteps(critic, transformer.config.patch_size)
+        super().__init__(config, teacher=teacher, critic=critic, rollout=rollout)
+
+    def draw_sigma_noise(self, generators: list[torch.Generator], x0: torch.Tensor):
+        """Per sample: σ (one, or with frame_wise_timesteps one per chunk, broadcast to [B, F]), then ε' like x0."""
+        if not self.config.frame_wise_timesteps:
+            return super().draw_sigma_noise(generators, x0)
+        c, n, frames = self.config, self.rollout.frames_per_block, x0.shape[2]
+        u = torch.stack([torch.rand(math.ceil(frames / n), generator=g) for g in generators]).to(x0.device)
+        sigma = c.min_sigma + (c.max_sigma - c.min_sigma) * shift_sigma(u, self.shift)
+        sigma = sigma.repeat_interleave(n, dim=1)[:, :frames]
+        return sigma, randn_per_sample(generators, tuple(x0.shape[1:]), x0.device)
+
+    def generator_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # 1-4. DMD.generator_loss: roll out (graph on each chunk's exit step), re-noise, real and fake scores, L_G
+        loss, logs = super().generator_loss(batch)
+        exits = torch.tensor(self.rollout.last_exit_steps, dtype=torch.float32)
+        return loss, {**logs, "self_forcing/exit_step_mean": exits.mean()}
+
+
+__all__ = ["CausalRollout", "PerTokenTimesteps", "PreparedCausal", "SelfForcing", "draw_exit_steps",
+           "per_token_timesteps"]

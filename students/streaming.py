@@ -1,0 +1,117 @@
+"""Streaming inference with a causal student: decoded uint8 frames chunk by chunk, for any number of chunks.
+
+    teacher = WanTeacher.from_config(recipe.teacher)          # the text encoder and the VAE
+    folder = "outputs/toyworld/students/self_forcing/final"   # a saved causal student (Student.save_pretrained)
+    for frames in stream_video(teacher, folder, "a red circle moving left", num_chunks=30, seed=0):
+        show(frames)                                          # uint8 [f, H, W, 3], as soon as its chunk is done
+
+Latents come from `students.causal.stream_causal` (the KV-cache rollout, a bounded cache with a `local_window`).
+Each chunk is decoded as it arrives by `StreamingDecoder`, which runs the Wan VAE's own frame-by-frame decode loop
+and keeps its causal feature cache between chunks, so the frames streamed equal a decode of the whole video (Wan's
+4x temporal VAE: 1 frame for the first latent frame, 4 for every later one; the toy world's identity VAE: 1 each).
+Noise follows the eval's convention (`sample_noise(seed, shape)`; fresh noise from `derive_seed(seed, 1)`), so a
+stream of the eval's length equals the eval's sample of that seed.
+
+Limitations: VAE tiling (`vae.enable_tiling()`) decodes whole videos only, so it is refused here; the VAE's cache is
+module state, so nothing else may decode with the same VAE while a stream is open; no CFG (distilled causal
+students sample without it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from students.causal import stream_causal
+from students.student import Student
+from synth_data.composer import derive_seed
+from synth_data.generate import sample_noise
+
+
+class StreamingDecoder:
+    """`decoder(latents)`: normalised latents [B, C, f, H, W], chunk after chunk of one video -> video [B, 3, f', H', W']
+    float32 in [-1, 1], equal to the matching frames of `teacher.decode(whole video)`.
+
+    diffusers' `AutoencoderKLWan._decode` loops over latent frames with a causal conv cache (`_feat_map`) that it
+    clears before and after each call; this replays that loop but keeps the cache between chunks. It uses diffusers'
+    private decode internals (no public streaming decode exists); tests/test_self_forcing.py checks it against
+    `vae.decode`.
+    """
+
+    def __init__(self, teacher):
+        self.vae = teacher.pipe.vae
+        if self.vae.use_tiling:
+            raise ValueError("StreamingDecoder: VAE tiling decodes whole videos only; call vae.disable_tiling() first")
+        cfg = self.vae.config
+        self.mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
+        self.std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+        self.first = True
+        self.vae.clear_cache()
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        z = latents.to(vae.device, vae.dtype)
+        z = z / (1.0 / self.std.to(z)) + self.mean.to(z)  # `WanTeacher.decode`'s (the pipeline's) exact expression
+        x = vae.post_quant_conv(z)  # kernel 1: frame by frame
+        frames = []
+        for i in range(x.shape[2]):
+            vae._conv_idx = [0]
+            frames.append(vae.decoder(x[:, :, i: i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                      first_chunk=self.first))
+            self.first = False
+        out = torch.cat(frames, dim=2)
+        if vae.config.patch_size is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        return out.clamp(-1.0, 1.0).float()
+
+    def close(self) -> None:
+        """Free the VAE's cache (the stream is over)."""
+        self.vae.clear_cache()
+
+
+def load_causal_student(teacher, folder: str | Path) -> Student:
+    """A saved causal student (`final/` or `final_ema/`), in the teacher's dtype and device, in eval mode."""
+    base = teacher.transformer_for(float(teacher.num_train_timesteps))
+    student = Student.from_pretrained(folder, base_transformer=base)
+    if student.cfg.kind != "causal":
+        raise ValueError(f"{folder}: student.kind={student.cfg.kind}; streaming needs a causal student (kind: causal)")
+    return student.to(dtype=base.dtype).eval()
+
+
+@torch.no_grad()
+def stream_video(teacher, student: Student | str | Path, prompt: str, num_chunks: int, seed: int,
+                 ) -> Iterator[np.ndarray]:
+    """Yield the decoded frames of each chunk, uint8 [f, H, W, 3], for `num_chunks` chunks of
+    `student.frames_per_block` latent frames at the teacher's height and width (see the module docstring).
+
+    `student`: a causal `Student` or the folder of a saved one; `teacher`: a `WanTeacher` (text encoder, VAE)."""
+    from students.sampling import student_sigmas
+
+    if not isinstance(student, Student):
+        student = load_causal_student(teacher, student)
+    cfg, tcfg = student.cfg, teacher.cfg
+    if cfg.kind != "causal" or not cfg.denoising_steps or cfg.guidance_scale != 1:
+        raise ValueError(f"student {cfg.name}: streaming needs a causal student with denoising_steps and "
+                         "guidance_scale 1.0 (the few-step causal sampler has no CFG)")
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks: must be >= 1, got {num_chunks}")
+    sigmas = student_sigmas(cfg, tcfg.shift, tcfg.num_inference_steps)
+    channels, _, height, width = teacher.latent_shape(1, tcfg.height, tcfg.width)
+    noise = sample_noise(seed, (channels, num_chunks * cfg.frames_per_block, height, width))[None].to(teacher.device)
+    embeds = teacher.encode([prompt], None).prompt_embeds
+    generator = [torch.Generator("cpu").manual_seed(derive_seed(seed, 1))]
+    decoder = StreamingDecoder(teacher)
+    try:
+        for latents in stream_causal(student.causal, embeds, noise, sigmas, generator=generator):
+            yield teacher.to_uint8(decoder(latents))[0]
+    finally:
+        decoder.close()
+
+
+__all__ = ["StreamingDecoder", "load_causal_student", "stream_video"]

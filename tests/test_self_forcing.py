@@ -1,0 +1,330 @@
+"""Self-Forcing: the causal self-rollout (exit steps shared by every rank, gradients through each chunk's exit step
+only), frame-wise timesteps, and trainer runs (resume to identical weights; 2 processes = 1 process × 2 batch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import free_port, max_diff, run_train, weights, write_dataset, write_recipe
+
+from distill.config import PROJECT_ROOT, load_recipe
+from distill.data import Batch, randn_per_sample, sample_generator
+from distill.dmd import dmd_generator_loss
+from distill.flow import add_noise, shift_sigma, x0_from_velocity
+from distill.flow_matching import flow_matching_loss
+from distill.recipe_loader import RecipeError
+from distill.self_forcing import (
+    CausalRollout, PerTokenTimesteps, SelfForcing, draw_exit_steps, per_token_timesteps,
+)
+from students.causal import sample_causal
+from students.config import StudentConfig
+from students.student import build_student
+from synth_data.composer import derive_seed
+from teachers.config import TeacherConfig
+from teachers.wan import WanTeacher
+
+SHAPE = (4, 2, 2, 2)  # latents [C, F, H, W]: 5 frames of 16x16 px through the tiny VAE; 2 chunks of 1 frame
+SIGMAS = [1.0, 0.75, 0.4]
+CAPTIONS = ["a red cat moving left", "a blue square on white background", "a green dog", "a white circle"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_pipeline_dir):
+    cfg = TeacherConfig(pretrained=str(tiny_pipeline_dir), dtype="float32", height=16, width=16, num_frames=5,
+                        num_inference_steps=4, guidance_scale=3.0, max_sequence_length=8, negative_prompt="blurry")
+    return WanTeacher.from_config(cfg, "cpu")
+
+
+@pytest.fixture(scope="module")
+def student(teacher):
+    torch.manual_seed(0)
+    s = build_student(StudentConfig(name="c", kind="causal", frames_per_block=1, context_noise=100,
+                                    denoising_steps=[1000, 750, 400]), teacher.pipe.transformer)
+    with torch.no_grad():  # move off the teacher so the real and fake scores differ from the student
+        for p in s.trainable_parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return s
+
+
+def make_batch(teacher, indices=(0, 1)) -> Batch:
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in indices]
+    return Batch(x0=torch.zeros(len(indices), *SHAPE), cond=teacher.encode(captions, "blurry noise"),
+                 generators=[sample_generator(0, i) for i in indices], indices=list(indices), captions=captions)
+
+
+def rollout_of(student, samples_per_step=4, **kw) -> CausalRollout:
+    return CausalRollout(student.causal, SIGMAS, seed=0, samples_per_step=samples_per_step, **kw)
+
+
+# ---- the exit steps -----------------------------------------------------------------------------------------
+def test_exit_steps_depend_on_the_trainer_step_only(teacher, student):
+    draws = [draw_exit_steps(0, s, 2, 3) for s in range(20)]
+    assert draws[3] == draw_exit_steps(0, 3, 2, 3) and all(0 <= k < 3 for d in draws for k in d)
+    assert len({tuple(d) for d in draws}) > 3 and draws != [draw_exit_steps(1, s, 2, 3) for s in range(20)]
+    assert draw_exit_steps(0, 5, 3, 4, last_only=True) == [3, 3, 3]
+    # G = 4 samples per step: indices [0, 1] and [2, 3] are two ranks (or micro-batches) of step 0; [4, 5] is step 1
+    rollout = rollout_of(student)
+    seen = []
+    with torch.no_grad():
+        for indices in ((0, 1), (2, 3), (4, 5)):
+            rollout(make_batch(teacher, indices))
+            seen.append(rollout.last_exit_steps)
+    assert seen[0] == seen[1] == draw_exit_steps(0, 0, 2, 3) and seen[2] == draw_exit_steps(0, 1, 2, 3)
+
+
+def test_last_exit_rollout_is_the_inference_sampler(teacher, student):
+    """Exit at the last step everywhere = `sample_causal` at inference on the sample's own noise and generator."""
+    batch = make_batch(teacher)
+    with torch.no_grad():
+        out = rollout_of(student, last_only=True)(batch)
+        gens = [sample_generator(0, i) for i in (0, 1)]
+        noise = randn_per_sample(gens, SHAPE, "cpu")
+        want = sample_causal(student.causal, batch.cond.prompt_embeds, noise, SIGMAS, generator=gens)
+    assert torch.equal(out, want) and out.shape == (2, *SHAPE)
+    # and the per-sample draws make it independent of the batch split
+    with torch.no_grad():
+        alone = rollout_of(student, last_only=True)(make_batch(teacher, (1,)))
+    torch.testing.assert_close(alone[0], out[1], atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_flow_only_through_each_chunks_exit_step(teacher, student):
+    causal = student.causal
+    calls, real = [], causal.forward_chunk
+
+    def spy(x, t, cache, frame_offset, update_cache):
+        calls.append((frame_offset, round(float(t.flatten()[0])), torch.is_grad_enabled(), update_cache))
+        return real(x, t, cache, frame_offset, update_cache)
+
+    causal.forward_chunk = spy
+    batch = make_batch(teacher)
+    gens = [sample_generator(0, i) for i in (0, 1)]
+    noise = randn_per_sample(gens, SHAPE, "cpu").requires_grad_(True)
+    out = sample_causal(causal, batch.cond.prompt_embeds, noise, SIGMAS, generator=gens, exit_steps=[0, 2])
+    (t0, t1, t2), ctx = [round(1000 * s) for s in SIGMAS], 100
+    # chunk 0 exits at step 0 (its one forward keeps the graph); chunk 1 runs 2 forwards without grad, then its
+    # exit step with grad; every cache write (at t = context_noise) without grad
+    assert calls == [(0, t0, True, False), (0, ctx, False, True),
+                     (1, t0, False, False), (1, t1, False, False), (1, t2, True, False), (1, ctx, False, True)]
+    assert out.requires_grad
+    out.sum().backward()
+    # x at step 0 is the noise itself: chunk 0 (exit 0) passes gradient to its noise; chunk 1 reached its exit step
+    # through no-grad steps and chunk 0 only through the (no-grad) cache, so its noise gets exactly none
+    assert noise.grad[:, :, 0].abs().sum() > 0 and float(noise.grad[:, :, 1].abs().max()) == 0.0
+    grads = [p.grad for p in student.trainable_parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    student.zero_grad(set_to_none=True)
+
+
+# ---- the SelfForcing losses ----------------------------------------------------------------------------------
+def self_forcing(teacher, critic, rollout, **kw):
+    cfg = SelfForcing.Config(guidance_scale=3.0, min_sigma=0.1, max_sigma=0.9, shift=2.0, **kw)
+    return SelfForcing(cfg, teacher=teacher, critic=critic, rollout=rollout)
+
+
+def test_generator_loss_is_dmd_on_the_whole_rollout(teacher, student):
+    seen = {}
+
+    def critic(x, t, c):
+        seen.update(x=x, t=t)
+        return 0.1 * x
+
+    algo = self_forcing(teacher, critic, rollout_of(student))
+    loss, logs = algo.generator_loss(make_batch(teacher))
+    # redo every draw: the rollout (noise, renoises, context noises), then σ and ε', from each sample's stream
+    gens = [sample_generator(0, i) for i in (0, 1)]
+    batch = make_batch(teacher)
+    with torch.no_grad():
+        x0 = sample_causal(student.causal, batch.cond.prompt_embeds, randn_per_sample(gens, SHAPE, "cpu"), SIGMAS,
+                           generator=gens, exit_steps=draw_exit_steps(0, 0, 2, 3))
+    u = torch.cat([torch.rand(1, generator=g) for g in gens])
+    sigma = 0.1 + 0.8 * shift_sigma(u, 2.0)
+    x_t = add_noise(x0, randn_per_sample(gens, SHAPE, "cpu"), sigma)
+    torch.testing.assert_close(seen["x"], x_t)
+    real = x0_from_velocity(x_t, teacher.velocity(x_t, 1000 * sigma, batch.cond, 3.0), sigma)
+    torch.testing.assert_close(loss, dmd_generator_loss(x0, real, x0_from_velocity(x_t, 0.1 * x_t, sigma)))
+    assert float(logs["self_forcing/exit_step_mean"]) == sum(draw_exit_steps(0, 0, 2, 3)) / 2
+
+
+def test_frame_wise_timesteps_draw_one_sigma_per_chunk(teacher, student):
+    seen = []
+
+    def critic(x, t, c):  # a bidirectional Wan critic gets Wan's per-token timesteps
+        seen.append(t)
+        return 0.1 * x
+
+    algo = self_forcing(teacher, critic, rollout_of(student), frame_wise_timesteps=True)
+    loss, _ = algo.generator_loss(make_batch(teacher))
+    c_loss, _ = algo.critic_loss(make_batch(teacher, (2, 3)))
+    # σ per chunk (1 frame each here), then ε', after the rollout's draws, from each sample's stream
+    gens = [sample_generator(0, i) for i in (0, 1)]
+    batch = make_batch(teacher)
+    with torch.no_grad():
+        x0 = sample_causal(student.causal, batch.cond.prompt_embeds, randn_per_sample(gens, SHAPE, "cpu"), SIGMAS,
+                           generator=gens, exit_steps=draw_exit_steps(0, 0, 2, 3))
+    sigma = 0.1 + 0.8 * shift_sigma(torch.stack([torch.rand(2, generator=g) for g in gens]), 2.0)  # [B, chunks]
+    assert float((sigma[:, 0] - sigma[:, 1]).abs().min()) > 1e-3  # chunks of one video sit at different levels
+    x_t = add_noise(x0, randn_per_sample(gens, SHAPE, "cpu"), sigma)
+    torch.testing.assert_close(seen[0], 1000 * sigma)  # [B, tokens]: 2x2 latent pixels are 1 token with patch (1, 2, 2)
+    real = x0_from_velocity(x_t, teacher.velocity(x_t, 1000 * sigma, batch.cond, 3.0), sigma)  # per-frame t [B, F]
+    torch.testing.assert_close(loss, dmd_generator_loss(x0, real, x0_from_velocity(x_t, 0.1 * x_t, sigma)))
+    # the critic's flow matching uses the same per-chunk levels (batch of step 0, samples 2 and 3)
+    gens = [sample_generator(0, i) for i in (2, 3)]
+    batch = make_batch(teacher, (2, 3))
+    with torch.no_grad():
+        x0 = sample_causal(student.causal, batch.cond.prompt_embeds, randn_per_sample(gens, SHAPE, "cpu"), SIGMAS,
+                           generator=gens, exit_steps=draw_exit_steps(0, 0, 2, 3))
+    sigma = 0.1 + 0.8 * shift_sigma(torch.stack([torch.rand(2, generator=g) for g in gens]), 2.0)
+    noise = randn_per_sample(gens, SHAPE, "cpu")
+    want = flow_matching_loss(PerTokenTimesteps(lambda x, t, c: 0.1 * x, (1, 2, 2)), x0, noise, sigma, None)
+    torch.testing.assert_close(c_loss, want)
+    assert seen[1].shape == (2, 2)  # [B, tokens]
+
+
+def test_per_token_timesteps_and_frame_wise_errors():
+    t = torch.tensor([[100.0, 100.0, 100.0, 700.0, 700.0, 700.0]])
+    x = torch.zeros(1, 3, 6, 8, 8)
+    assert per_token_timesteps(t, x, (3, 4, 4)).tolist() == [[100.0] * 4 + [700.0] * 4]
+    with pytest.raises(ValueError, match="must share a timestep"):
+        per_token_timesteps(torch.tensor([[1.0, 2.0, 2.0]]), torch.zeros(1, 3, 3, 4, 4), (3, 4, 4))
+    toy = SimpleNamespace(boundary=None, pipe=SimpleNamespace(transformer=SimpleNamespace(
+        config=SimpleNamespace(patch_size=(3, 4, 4)))))  # the toy teacher's temporal patch
+    with pytest.raises(ValueError, match="frame_wise_timesteps: the teacher takes per-frame timesteps only"):
+        SelfForcing(SelfForcing.Config(frame_wise_timesteps=True), teacher=toy, critic=None, rollout=None)
+    with pytest.raises(ValueError, match="num_chunks: must be >= 1"):
+        SelfForcing.Config(num_chunks=0)
+
+
+# ---- the trainer ----------------------------------------------------------------------------------------------
+SF_SECTIONS = dict(
+    student={"kind": "causal", "frames_per_block": 1, "denoising_steps": [1000, 750, 400]},
+    method={"name": "self_forcing",
+            "self_forcing": {"generator_update_interval": 1, "critic_lora_rank": 4, "critic_learning_rate": 3e-3}},
+    train={"max_steps": 2, "gradient_accumulation_steps": 1, "checkpointing_steps": 1, "checkpoints_total_limit": 2,
+           "lr_warmup_steps": 0, "ema": False},
+)
+
+
+@pytest.fixture(scope="module")
+def sf_run(tmp_path_factory, tiny_pipeline_dir):
+    """2 uninterrupted steps, 1 process × batch 2, generator and critic every step."""
+    root = tmp_path_factory.mktemp("sf")
+    write_dataset(root / "a" / "dataset")
+    recipe = write_recipe(root / "a.yaml", root / "a", tiny_pipeline_dir, **SF_SECTIONS)
+    return root, recipe, run_train(recipe)
+
+
+def test_trainer_resumes_self_forcing_to_identical_weights(sf_run, tmp_path, tiny_pipeline_dir, monkeypatch):
+    root, _, final_a = sf_run
+    w_a = weights(final_a)
+    init = load_file(str(tiny_pipeline_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+    trained = w_a["expert_0/diffusion_pytorch_model.safetensors:proj_out.weight"]
+    assert float((trained - init["proj_out.weight"]).abs().max()) > 0  # the generator trained
+    critic = torch.load(final_a.parent / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert critic and any(float(v.abs().max()) > 0 for k, v in critic.items() if "lora_B" in k)  # and the critic
+    real, calls = SelfForcing.critic_loss, []
+
+    def interrupted(self, batch):  # dies in step 1, after checkpoint-1
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, batch)
+
+    write_dataset(tmp_path / "b" / "dataset")
+    recipe_b = write_recipe(tmp_path / "b.yaml", tmp_path / "b", tiny_pipeline_dir, **SF_SECTIONS)
+    monkeypatch.setattr(SelfForcing, "critic_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(recipe_b)
+    monkeypatch.setattr(SelfForcing, "critic_loss", real)
+    final_b = run_train(recipe_b, "train.resume_from_checkpoint=latest")
+    assert max_diff(w_a, weights(final_b)) == 0.0
+    critic_b = torch.load(final_b.parent / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert max_diff(critic, critic_b) == 0.0
+    with pytest.raises(RecipeError, match="student.kind: method self_forcing rolls out a causal student"):
+        load_recipe(recipe_b, ["student.kind=full"])
+
+
+@pytest.mark.xdist_group("multiproc")
+def test_two_ranks_draw_the_same_exit_steps_and_match_one_process(sf_run):
+    """2 processes × batch 1 (gloo): each rank records its world size and exit steps; they agree with each other and
+    with the 1-process × batch 2 run, whose weights the DDP run reproduces (the chunk forwards go through DDP)."""
+    root, recipe, final_one = sf_run
+    out2, probe = root / "two", root / "probe"
+    (out2).mkdir()
+    os.symlink(root / "a" / "dataset", out2 / "dataset")
+    launcher = Path(sys.executable).parent / "accelerate"
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(PROJECT_ROOT / "tests" / "self_forcing_probe.py"), str(probe), str(recipe), f"output_dir={out2}",
+           "train.batch_size=1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(c["world_size"] == 2 for calls in ranks for c in calls)
+    # per step: the generator's rollout (grad) then the critic's (no grad), on sample r of the step
+    assert [[c["indices"] for c in calls] for calls in ranks] == [[[0], [0], [2], [2]], [[1], [1], [3], [3]]]
+    assert [c["grad"] for c in ranks[0]] == [True, False, True, False]
+    exits = [[c["exit_steps"] for c in calls] for calls in ranks]
+    assert exits[0] == exits[1] == [draw_exit_steps(0, s, 2, 3) for s in (0, 0, 1, 1)]
+    diff = max_diff(weights(final_one), weights(out2 / "students" / "s" / "final"))
+    print(f"1 process × batch 2 vs 2 processes × batch 1: max |Δw| = {diff:.3g}")
+    # Measured: 1.1e-4 (batch-1 vs batch-2 rounding, through the DMD normaliser and 2 AdamW steps at lr 1e-2, whose
+    # steps are ~lr whatever the gradient's size); chunk forwards that bypass DDP leave the ranks unsynchronised: 4e-2.
+    assert diff <= 1e-3
+
+
+# ---- streaming -------------------------------------------------------------------------------------------------
+def test_streaming_decoder_equals_the_whole_video_decode(teacher):
+    """Wan's 4x temporal VAE (tiny, random): chunks of 1, 2 and 3 latent frames decode to the whole video's frames."""
+    from students.streaming import StreamingDecoder
+
+    latents = torch.randn(1, 4, 6, 2, 2, generator=torch.Generator().manual_seed(4))
+    whole = teacher.decode(latents)
+    decoder = StreamingDecoder(teacher)
+    parts = [decoder(latents[:, :, a:b]) for a, b in ((0, 1), (1, 3), (3, 6))]
+    decoder.close()
+    assert [p.shape[2] for p in parts] == [1, 8, 12] and whole.shape[2] == 21
+    torch.testing.assert_close(torch.cat(parts, dim=2), whole, atol=1e-6, rtol=0)
+    # decoding each chunk on its own (no cache) is NOT the same video: the VAE's temporal context matters
+    alone = teacher.decode(latents[:, :, 3:6])
+    assert alone.shape[2] == 9 and (alone[:, :, -8:] - whole[:, :, -8:]).abs().max() > 1e-3
+
+
+def test_stream_video_yields_the_frames_of_a_full_rollout(tmp_path):
+    """Toy-world layout (identity VAE, temporal patch 3): 4 chunks streamed from a saved student = one
+    `sample_causal` + decode of the whole video, frame for frame."""
+    from conftest import TINY_WORDS
+
+    from students.streaming import stream_video
+    from synth_data.generate import sample_noise
+    from teachers.toyworld.pipeline import build_toy_pipeline, save_toy_pipeline
+
+    pipe = build_toy_pipeline(TINY_WORDS, transformer_kwargs=dict(
+        patch_size=(3, 4, 4), num_attention_heads=2, attention_head_dim=8, freq_dim=32, ffn_dim=32, num_layers=1,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32), text_dim=16)
+    save_toy_pipeline(pipe, tmp_path / "toy")
+    toy = WanTeacher.from_config(TeacherConfig(pretrained=str(tmp_path / "toy"), dtype="float32", height=16, width=16,
+                                               num_frames=9, num_inference_steps=4, max_sequence_length=8), "cpu")
+    cfg = StudentConfig(name="sf", kind="causal", frames_per_block=3, local_window=6, sink=3, context_noise=50,
+                        denoising_steps=[1000, 500])
+    student = build_student(cfg, toy.pipe.transformer)
+    student.save_pretrained(tmp_path / "sf")
+    prompt, seed = "a red cat moving left", 11
+    chunks = list(stream_video(toy, tmp_path / "sf", prompt, num_chunks=4, seed=seed))
+    assert [c.shape for c in chunks] == [(3, 16, 16, 3)] * 4 and all(c.dtype == np.uint8 for c in chunks)
+    with torch.no_grad():
+        noise = sample_noise(seed, (3, 12, 16, 16))[None]
+        gen = [torch.Generator().manual_seed(derive_seed(seed, 1))]
+        latents = sample_causal(student.causal, toy.encode([prompt]).prompt_embeds, noise, [1.0, 0.75], generator=gen)
+        want = toy.to_uint8(toy.decode(latents))[0]
+    assert np.array_equal(np.concatenate(chunks), want)
+    assert np.abs(chunks[3].astype(int) - chunks[0].astype(int)).mean() > 1  # not one chunk repeated
