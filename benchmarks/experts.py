@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     line = json.dumps(report)
     print(line, flush=True)
     command = "python benchmarks/experts.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results_md.RESULTS = args.results  # append_result writes to this module-level path
-    results_md.append_result(command.strip(), json.loads(line), ["ratio_mse_2_vs_1", "ratio_mse_4_vs_1"])
+    results_md.append_result(command.strip(), json.loads(line), ["ratio_mse_2_vs_1", "ratio_mse_4_vs_1"],
+                             path=args.results)
     return report
 
 

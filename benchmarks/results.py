@@ -34,12 +34,15 @@ def machine() -> str:
     return f"CPU {cpu} x{torch.get_num_threads()} threads / torch {torch.__version__}"
 
 
-def append_result(command: str, result: dict, ratio_keys: list[str]) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text(HEADER)
+def append_result(command: str, result: dict, ratio_keys: list[str], path: Path | None = None) -> None:
+    """Append `result` as one row of the table at `path` (None: benchmarks/RESULTS.md), writing the header first
+    when the file is new. `ratio_keys` go to the ratios column, every other key to the figures column."""
+    path = RESULTS if path is None else Path(path)
+    if not path.exists():
+        path.write_text(HEADER)
     ratios = {k: result[k] for k in ratio_keys if k in result}
     figures = {k: v for k, v in result.items() if k not in ratios}
     row = (f"| {datetime.date.today()} | `{command}` | {machine()} | `{json.dumps(figures)}` | "
            f"`{json.dumps(ratios)}` |\n")
-    with RESULTS.open("a") as f:
+    with path.open("a") as f:
         f.write(row)

@@ -59,3 +59,120 @@ def test_experts_benchmark_tiny(tmp_path):
     assert table.startswith(HEADER) and table.count("\n") == HEADER.count("\n") + 1  # header + one row
     row = table.splitlines()[-1]
     assert "benchmarks/experts.py" in row and "ratio_mse_4_vs_1" in row and "torch " in row
+
+
+# ---- streaming.py and train_step.py ------------------------------------------------------------------------------
+def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_json_line(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stdout  # exactly one JSON line on stdout
+    return json.loads(lines[0])
+
+
+def assert_one_row(path: Path, script: str, ratio_key: str) -> None:
+    from benchmarks.results import HEADER
+
+    table = path.read_text()
+    assert table.startswith(HEADER) and table.count("\n") == HEADER.count("\n") + 1  # header + one row
+    row = table.splitlines()[-1]
+    assert f"benchmarks/{script}" in row and ratio_key in row
+
+
+@pytest.mark.slow
+def test_streaming_benchmark_tiny(tmp_path):
+    r = one_json_line(run_script("benchmarks/streaming.py", "--size", "tiny", "--chunks", "5", "--steps", "2",
+                                 "--warmup", "0", "--profile", "--results", str(tmp_path / "RESULTS.md")))
+    assert r["benchmark"] == "streaming" and r["size"] == "tiny" and r["device"] == "cpu"
+    assert r["trained"] in (True, False) and r["teacher_steps"] == r["steps"] == 2 and len(r["sigmas"]) == 2
+    # recipes/toyworld_self_forcing.yaml's causal settings; the toy VAE decodes one pixel frame per latent frame
+    assert (r["frames_per_block"], r["local_window"], r["sink"], r["window_chunks"]) == (3, 9, 3, 3)
+    assert r["latent_shape"] == [3, 15, 32, 32] and r["pixel_frames"] == 15
+    lat = r["chunk_latency_s"]
+    assert len(lat) == 5 and all(x > 0 for x in lat)
+    assert r["first_chunk_latency_s"] == pytest.approx(lat[0], rel=1e-3)
+    assert r["student_seconds"] == pytest.approx(sum(lat), rel=1e-3)  # the rollout is its chunks back to back
+    assert r["chunk_latency_first_quarter_s"] == pytest.approx(lat[0], rel=1e-3)  # 5 chunks: quarters of one
+    assert r["chunk_latency_last_quarter_s"] == pytest.approx(lat[-1], rel=1e-3)
+    assert r["student_fps"] == pytest.approx(15 / r["student_seconds"], rel=1e-4)
+    assert r["teacher_fps"] == pytest.approx(15 / r["teacher_seconds"], rel=1e-4)
+    assert r["teacher_seconds"] == pytest.approx(r["teacher_sample_s"] + r["teacher_decode_s"], rel=1e-4)
+    for key, value in [("ratio_fps_student_vs_teacher", r["student_fps"] / r["teacher_fps"]),
+                       ("ratio_chunk_latency_last_vs_first_quarter", lat[-1] / lat[0]),
+                       ("ratio_first_chunk_latency_vs_teacher_seconds", lat[0] / r["teacher_seconds"])]:
+        assert math.isfinite(r[key]) and r[key] > 0 and r[key] == pytest.approx(value, rel=2e-3), key
+    split = r["split_mean_s"]
+    assert set(split) == {"denoise", "cache_write", "decode", "other"}
+    assert min(split["denoise"], split["cache_write"], split["decode"]) > 0
+    assert sum(split.values()) == pytest.approx(sum(lat) / 5, rel=2e-3)
+    assert sum(r["split_share"].values()) == pytest.approx(1.0, abs=2e-3)
+    # 2 denoising forwards per chunk and one cache write: denoising takes longer than the write
+    assert split["denoise"] > split["cache_write"]
+    shares = r["profile_share"]
+    assert set(shares) == {"self_attn", "cross_attn", "ffn", "vae_decode", "other"}
+    assert all(0 < shares[k] < 1 for k in ("self_attn", "cross_attn", "ffn", "vae_decode"))
+    assert sum(shares.values()) == pytest.approx(1.0, abs=2e-3)
+    assert_one_row(tmp_path / "RESULTS.md", "streaming.py", "ratio_fps_student_vs_teacher")
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_tiny(tmp_path):
+    r = one_json_line(run_script("benchmarks/train_step.py", "--size", "tiny", "--batch-size", "1", "--steps", "2",
+                                 "--warmup", "0", "--results", str(tmp_path / "RESULTS.md")))
+    assert r["benchmark"] == "train_step" and r["device"] == "cpu" and r["memory"] == "peak RSS (ru_maxrss)"
+    assert r["latent_shape"] == [3, 9, 32, 32] and r["chunks"] == 3 and r["batch_size"] == 1 and r["ema"] is True
+    on, off = r["checkpointing_on/adamw"], r["checkpointing_off/adamw"]
+    for v in (on, off):
+        assert v["status"] == "ok" and len(v["step_seconds"]) == 2
+        assert v["s_per_it"] == pytest.approx(sum(v["step_seconds"]) / 2, rel=1e-3)
+        assert v["peak_mem_mib"] > v["step_mem_mib"] > 0 and all(math.isfinite(x) for x in v["losses"].values())
+        # the student and the full critic are both trainable copies of the teacher's transformer
+        assert v["student_trainable_params"] == v["critic_trainable_params"] > 0
+    # checkpointing recomputes the same forwards: the same losses after a step's updates
+    for key in ("loss/dmd", "loss/critic"):
+        assert on["losses"][key] == pytest.approx(off["losses"][key], rel=1e-4)
+    for key in ("checkpointing_on/adamw8bit", "checkpointing_off/adamw8bit"):
+        assert r[key]["status"] == "unavailable" and "bitsandbytes" in r[key]["reason"]
+    assert r["ratio_time_checkpointing_on_vs_off"] == pytest.approx(on["s_per_it"] / off["s_per_it"], rel=1e-4)
+    assert r["ratio_step_mem_checkpointing_on_vs_off"] == pytest.approx(on["step_mem_mib"] / off["step_mem_mib"],
+                                                                        rel=1e-4)
+    assert r["ratio_peak_mem_checkpointing_on_vs_off"] == pytest.approx(on["peak_mem_mib"] / off["peak_mem_mib"],
+                                                                        rel=1e-4)
+    assert r["ratio_time_adamw8bit_vs_adamw"] is None and r["ratio_peak_mem_adamw8bit_vs_adamw"] is None
+    assert_one_row(tmp_path / "RESULTS.md", "train_step.py", "ratio_time_checkpointing_on_vs_off")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["streaming.py", "train_step.py"])
+def test_1_3b_size_on_cpu_exits_with_a_clear_message(tmp_path, script):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: --size 1.3b would run")
+    proc = run_script(f"benchmarks/{script}", "--size", "1.3b", "--results", str(tmp_path / "RESULTS.md"))
+    assert proc.returncode != 0 and proc.stdout.strip() == ""
+    assert "--size 1.3b needs a CUDA GPU" in proc.stderr and "--tiny-shape" in proc.stderr
+    assert not (tmp_path / "RESULTS.md").exists()
+
+
+@pytest.mark.slow
+def test_1_3b_code_path_runs_at_tiny_shape_on_cpu(tmp_path):
+    """The Wan2.1 1.3B path (config-built transformer in bf16, Wan VAE, random text, the Wan recipe) shrunk."""
+    s = one_json_line(run_script("benchmarks/streaming.py", "--size", "1.3b", "--tiny-shape", "--chunks", "3",
+                                 "--warmup", "0", "--results", str(tmp_path / "RESULTS.md")))
+    assert s["dtype"] == "bfloat16" and (s["frames_per_block"], s["local_window"], s["sink"]) == (3, 21, 3)
+    assert s["latent_shape"] == [16, 9, 8, 8] and s["pixel_frames"] == 1 + 4 * 8  # Wan VAE: 4x temporal
+    assert math.isfinite(s["ratio_fps_student_vs_teacher"]) and "1.3B config (tiny shape)" in s["teacher"]
+    t = one_json_line(run_script("benchmarks/train_step.py", "--size", "1.3b", "--tiny-shape", "--steps", "1",
+                                 "--warmup", "0", "--checkpointing", "on", "--optimizer", "adamw",
+                                 "--results", str(tmp_path / "RESULTS.md")))
+    assert t["mixed_precision"] == "bf16" and t["latent_shape"] == [16, 21, 8, 8] and t["chunks"] == 7
+    assert t["checkpointing_on/adamw"]["status"] == "ok" and "checkpointing_off/adamw" not in t
+    assert t["ratio_time_checkpointing_on_vs_off"] is None
+    from benchmarks.results import HEADER
+
+    assert (tmp_path / "RESULTS.md").read_text().count("\n") == HEADER.count("\n") + 2  # one row per script
