@@ -28,7 +28,6 @@ import torch
 from students.causal import stream_causal
 from students.student import Student
 from synth_data.composer import derive_seed
-from synth_data.generate import sample_noise
 
 
 class StreamingDecoder:
@@ -103,6 +102,8 @@ def stream_video(teacher, student: Student | str | Path, prompt: str, num_chunks
         raise ValueError(f"num_chunks: must be >= 1, got {num_chunks}")
     sigmas = student_sigmas(cfg, tcfg.shift, tcfg.num_inference_steps)
     channels, _, height, width = teacher.latent_shape(1, tcfg.height, tcfg.width)
+    from synth_data.generate import sample_noise  # lazy: pulls in av + datasets, absent on GPU-only images
+
     noise = sample_noise(seed, (channels, num_chunks * cfg.frames_per_block, height, width))[None].to(teacher.device)
     embeds = teacher.encode([prompt], None).prompt_embeds
     generator = [torch.Generator("cpu").manual_seed(derive_seed(seed, 1))]
