@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stage(recipe)
     except (RecipeError, ValueError, FileNotFoundError, PushError) as e:
-        logger.debug("stage failed", exc_info=True)
+        if os.environ.get("DISTILL_DEBUG"):  # the full traceback, for bug reports
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
