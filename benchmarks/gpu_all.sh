@@ -24,19 +24,32 @@
 # Then ONE device call, carry [".whl"], timeout_s 600:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #       && export PYTHONPATH=/tmp/site || exit; bash benchmarks/gpu_all.sh
+# Check the script itself on a CPU first (tiny shapes, no GPU, no nvidia-smi; the slow test suite runs it):
+#   bash benchmarks/gpu_all.sh --size tiny
 set -u
+SIZE=1.3b
+if [ "${1:-}" = "--size" ]; then SIZE=${2:?--size needs tiny or 1.3b}; fi
+case "$SIZE" in tiny|1.3b) ;; *) echo "gpu_all.sh: --size must be tiny or 1.3b, got $SIZE"; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 if [ -n "${OUT:-}" ]; then
     RESULTS="$OUT/RESULTS.md"
     JSONL="$OUT/gpu_all.jsonl"
+elif [ "$SIZE" = tiny ]; then  # a check of the script: keep its rows out of benchmarks/RESULTS.md
+    RESULTS=$(mktemp)
+    JSONL=/dev/null
 else
     RESULTS=benchmarks/RESULTS.md
     JSONL=/dev/null
 fi
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
+if [ "$SIZE" = 1.3b ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
+    CHUNKS=14
+else
+    CHUNKS=4
+fi
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
 'cuda', torch.cuda.is_available())" || { echo "gpu_all.sh: diffusers is missing: install the carried wheels (see the top of this file)"; exit 1; }
 "$PY" -c "import students.streaming" 2>/dev/null \
@@ -61,7 +74,7 @@ bench() {  # bench SECONDS SCRIPT ARGS...: one benchmark under a time limit; its
     rm -f "$log"
 }
 
-bench 180 benchmarks/streaming.py --size 1.3b --chunks 14 --steps 4 --warmup 1 --profile
-bench 180 benchmarks/train_step.py --size 1.3b --checkpointing on --optimizer both --steps 2 --warmup 1
-bench 240 benchmarks/streaming.py --size 1.3b --chunks 14 --steps 4 --warmup 1 --compile
+bench 180 benchmarks/streaming.py --size "$SIZE" --chunks "$CHUNKS" --steps 4 --warmup 1 --profile
+bench 180 benchmarks/train_step.py --size "$SIZE" --checkpointing on --optimizer both --steps 2 --warmup 1
+bench 240 benchmarks/streaming.py --size "$SIZE" --chunks "$CHUNKS" --steps 4 --warmup 1 --compile
 exit $failed

@@ -95,6 +95,13 @@ class TrainConfig:
     data_source: Literal["dataset", "toyworld"] = "dataset"
     """`dataset`: the generated teacher samples in `<output_dir>/dataset/`; `toyworld`: clips rendered on the fly
     from `data.vocabulary` (toy-world slots) and encoded with the teacher's VAE (trains the toy teacher)."""
+    toyworld_pool: int = 0
+    """`data_source: toyworld` only. 0: every sample is a fresh clip, encoded by the teacher's VAE in its step.
+    P > 0: keep P encoded clips in memory and re-render `toyworld_pool_refresh` of them per optimizer step;
+    samples draw pool slots at random (`distill.data.RenderedPool`). Cuts the VAE's share of a step by
+    batch / refresh at the price of reusing each clip ~batch·P / (refresh·P) times."""
+    toyworld_pool_refresh: int = 8
+    """Clips re-rendered into the pool per optimizer step; `toyworld_pool` must be a multiple of it."""
     log_with: Literal["tensorboard", "none"] = "tensorboard"
     """Tracker (through accelerate) writing to `<output_dir>/students/<name>/logs/`."""
     log_every: int = 10
@@ -108,6 +115,12 @@ class TrainConfig:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"checkpoints_total_limit: must be >= 1 or null, got {self.checkpoints_total_limit}")
+        if self.toyworld_pool < 0 or self.toyworld_pool_refresh < 1:
+            raise ValueError(f"toyworld_pool / toyworld_pool_refresh: must be >= 0 / >= 1, got "
+                             f"{self.toyworld_pool} / {self.toyworld_pool_refresh}")
+        if self.toyworld_pool and self.toyworld_pool % self.toyworld_pool_refresh:
+            raise ValueError(f"toyworld_pool: must be a multiple of toyworld_pool_refresh "
+                             f"({self.toyworld_pool_refresh}), got {self.toyworld_pool}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
 

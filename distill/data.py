@@ -158,6 +158,80 @@ class RenderedSamples(torch.utils.data.Dataset):
                 "caption": row["prompt"], "video": video}
 
 
+class RenderedPool:
+    """`train.toyworld_pool` = P > 0: P encoded toy-world clips kept in memory, R = `toyworld_pool_refresh` of them
+    re-rendered at the start of every optimizer step; sample g draws a pool slot with its own generator.
+
+    Why: encoding through the Wan VAE costs as much as the teacher's training step on a CPU, so encoding every
+    sample afresh halves the throughput; a rolling pool encodes R clips per step instead of a whole batch.
+
+    Clip c is row c mod 64 of compose(vocabulary, 64, derive_seed(seed, -(c // 64 + 1))), rendered with that row's
+    seed. Clips 0..P-1 fill slots 0..P-1; the refresh of step s writes clips P + sR + i into slots (sR + i) mod P.
+    Clips are encoded in aligned groups of R (P is a multiple of R), so a pool rebuilt on resume holds the same
+    bits as one that ran through; every rank keeps the full pool.
+    """
+
+    GROUP = 64
+
+    def __init__(self, vocabulary, size: int, refresh: int, seed: int, mode: str, num_frames: int, height: int,
+                 width: int, encode):
+        if size % refresh:
+            raise ValueError(f"train.toyworld_pool: must be a multiple of train.toyworld_pool_refresh "
+                             f"({refresh}), got {size}")
+        self.vocabulary, self.size, self.refresh, self.seed, self.mode = vocabulary, size, refresh, seed, mode
+        self.shape, self.encode = (num_frames, height, width), encode
+        self.x0: torch.Tensor | None = None
+        self.captions: list[str] = [""] * size
+
+    @lru_cache(maxsize=4)
+    def _rows(self, group: int) -> list[dict]:
+        from synth_data.composer import compose
+
+        return compose(self.vocabulary, self.GROUP, derive_seed(self.seed, -(group + 1)), self.mode)
+
+    def _write(self, first_clip: int) -> None:
+        """Render + encode clips first_clip .. first_clip + R - 1 into their slots."""
+        from teachers.toyworld.render import render_batch
+
+        clips = range(first_clip, first_clip + self.refresh)
+        rows = [self._rows(c // self.GROUP)[c % self.GROUP] for c in clips]
+        frames = render_batch([r["slots"] for r in rows], *self.shape, seeds=[r["seed"] for r in rows])
+        video = torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+        latents = self.encode(video).cpu()
+        if self.x0 is None:
+            self.x0 = torch.empty(self.size, *latents.shape[1:])
+        slot = first_clip % self.size
+        self.x0[slot:slot + self.refresh] = latents
+        self.captions[slot:slot + self.refresh] = [r["prompt"] for r in rows]
+
+    def build(self, step: int) -> None:
+        """The pool as it is before the refresh of `step`: slot j holds the newest clip c ≡ j (mod P) written."""
+        written = self.size + step * self.refresh  # clips 0 .. written-1 exist
+        firsts = sorted({(j + self.size * ((written - 1 - j) // self.size)) // self.refresh * self.refresh
+                         for j in range(0, self.size, self.refresh)})
+        from tqdm.auto import tqdm
+
+        for first in tqdm(firsts, desc="toyworld pool", unit="group", leave=False):
+            self._write(first)
+
+    def step(self, step: int) -> None:
+        self._write(self.size + step * self.refresh)
+
+    def take(self, indices: list[int]) -> dict:
+        generators = [sample_generator(self.seed, g) for g in indices]
+        slots = [int(torch.randint(self.size, (1,), generator=g)) for g in generators]
+        return {"index": indices, "rng_state": [g.get_state() for g in generators],
+                "caption": [self.captions[j] for j in slots], "x0": self.x0[slots]}
+
+
+def _pool_batches(pool: RenderedPool, start_step: int, max_steps: int, **shape) -> Iterator[dict]:
+    pool.build(start_step)
+    for step in range(start_step, max_steps):
+        pool.step(step)
+        for micro in range(shape["grad_accum"]):
+            yield pool.take(sample_indices(step, micro, **shape))
+
+
 class _StepSampler(torch.utils.data.Sampler):
     """Yields this rank's micro-batches of global indices, from `start_step` to `max_steps`."""
 
@@ -212,9 +286,16 @@ def training_batches(recipe, teacher, *, start_step: int, num_processes: int, ra
         from synth_data.composer import load_vocabulary
 
         t = teacher.cfg
+        vocabulary = load_vocabulary(resolve_path(recipe.data.vocabulary))
+        if tc.toyworld_pool:
+            pool = RenderedPool(vocabulary, tc.toyworld_pool, tc.toyworld_pool_refresh, tc.seed, recipe.data.mode,
+                                t.num_frames, t.height, t.width, encode=teacher.encode_video)
+            negative = negative_prompt(recipe)
+            for raw in _pool_batches(pool, start_step, tc.max_steps, **shape):
+                yield _to_batch(raw, teacher, negative)
+            return
         per_step = tc.batch_size * tc.gradient_accumulation_steps * num_processes
-        source = RenderedSamples(load_vocabulary(resolve_path(recipe.data.vocabulary)), per_step, tc.seed,
-                                 recipe.data.mode, t.num_frames, t.height, t.width)
+        source = RenderedSamples(vocabulary, per_step, tc.seed, recipe.data.mode, t.num_frames, t.height, t.width)
     loader = torch.utils.data.DataLoader(
         source, batch_sampler=_StepSampler(start_step, tc.max_steps, **shape), collate_fn=_collate,
         num_workers=tc.dataloader_num_workers,

@@ -60,7 +60,8 @@ STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps")
 """Student keys that only change sampling: a checkpoint resumes under a recipe that changed them."""
 TWO_PLAYER = ("dmd", "self_forcing")
 """Methods with a critic: the algorithm has `generator_loss`, `critic_loss` and `trains_generator(step)`."""
-TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "ema", "seed", "data_source")
+TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "ema", "seed", "data_source",
+                      "toyworld_pool", "toyworld_pool_refresh")
 
 
 def accelerator_kwargs(recipe: Recipe) -> dict:

@@ -176,3 +176,21 @@ def test_1_3b_code_path_runs_at_tiny_shape_on_cpu(tmp_path):
     from benchmarks.results import HEADER
 
     assert (tmp_path / "RESULTS.md").read_text().count("\n") == HEADER.count("\n") + 2  # one row per script
+
+
+@pytest.mark.slow
+def test_gpu_all_script_runs_at_tiny_size(tmp_path):
+    """The one-call GPU script, checked on the CPU: every benchmark in it prints its JSON line, OUT gets the rows."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", "benchmarks/gpu_all.sh", "--size", "tiny"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(ln) for ln in (tmp_path / "gpu_all.jsonl").read_text().splitlines()]
+    assert [(r["benchmark"], r["size"]) for r in lines] == [("streaming", "tiny"), ("train_step", "tiny"),
+                                                           ("streaming", "tiny")]
+    assert "profile_share" in lines[0] and lines[2]["compile"] == "ffn"
+    rows = [ln for ln in (tmp_path / "RESULTS.md").read_text().splitlines() if ln.startswith("| 20")]
+    assert len(rows) == 3
+    bad = subprocess.run(["bash", "benchmarks/gpu_all.sh", "--size", "2b"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--size must be tiny or 1.3b" in bad.stdout

@@ -211,6 +211,44 @@ def test_data_is_independent_of_the_process_count(tmp_path, tiny_pipeline_dir):
         assert len({c for b in single for c in b.captions}) > 1  # not one repeated sample
 
 
+def test_toyworld_pool_resume_ranks_and_refresh(tiny_pipeline_dir, tmp_path):
+    """The rolling pool: rebuilt on resume it yields the same batches; 2 ranks split 1 rank's; R slots per step."""
+    from distill.data import RenderedPool, training_batches
+    from teachers.wan import WanTeacher
+
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir)
+    common = ["train.data_source=toyworld", "train.max_steps=5", "teacher.height=32", "teacher.width=32",
+              "train.toyworld_pool=8", "train.toyworld_pool_refresh=2"]
+    one = load_recipe(path, common)
+    teacher = WanTeacher.from_config(one.teacher, "cpu")
+    through = list(training_batches(one, teacher, start_step=0, num_processes=1, rank=0))
+    resumed = list(training_batches(one, teacher, start_step=3, num_processes=1, rank=0))
+    assert len(through) == 10 and len(resumed) == 4
+    for a, b in zip(through[6:], resumed, strict=True):
+        assert a.indices == b.indices and a.captions == b.captions
+        assert torch.equal(a.x0, b.x0)  # same encode groups -> same bits
+    two = load_recipe(path, [*common, "train.batch_size=1"])
+    ranks = [list(training_batches(two, teacher, start_step=3, num_processes=2, rank=r)) for r in (0, 1)]
+    for i, b in enumerate(ranks[0][:2] + ranks[1][:2]):  # step 3: rank 0 [12], [13]; rank 1 [14], [15]
+        whole, j = resumed[i // 2], i % 2
+        assert b.indices == [whole.indices[j]] and b.captions[0] == whole.captions[j]
+        assert torch.equal(b.x0[0], whole.x0[j])
+
+    from synth_data.composer import load_vocabulary
+
+    vocab = load_vocabulary("synth_data/vocab/toyworld.yaml")
+    pool = RenderedPool(vocab, 8, 2, 0, "balanced", 5, 32, 32, encode=lambda v: v * 2)
+    pool.build(0)
+    before = pool.x0.clone()
+    pool.step(0)  # clips 8, 9 -> slots 0, 1
+    changed = [j for j in range(8) if not torch.equal(before[j], pool.x0[j])]
+    assert changed == [0, 1]
+    pool.step(3)  # clips 14, 15 -> slots 6, 7
+    assert pool.captions[6] == pool._rows(0)[14]["prompt"]
+    with pytest.raises(ValueError, match="multiple of"):
+        load_recipe(path, [*common, "train.toyworld_pool=7"])
+
+
 def share_dataset(final: Path, out: Path) -> Path:
     """Point another output_dir at the lora run's dataset."""
     out.mkdir(parents=True, exist_ok=True)
