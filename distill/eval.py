@@ -17,7 +17,8 @@
 3. Timing: one warm-up batch per model (its results are discarded), then `time.perf_counter` around the
    sampler and around the VAE decode of every batch (the device is synchronised first). Text encoding and
    grading are not timed; both are shared. `seconds_per_video` = (sampling + decode) / num_prompts and
-   `speedup` = teacher seconds_per_video / student seconds_per_video.
+   `speedup` = teacher seconds_per_video / student seconds_per_video (end to end), `sampling_speedup` the same
+   for the sampler alone (noise -> latents, what distillation changes; the VAE decode is shared).
 4. Grading: the toy world's oracle (`teachers.toyworld.oracle.grade`) when the vocabulary is the toy world's
    (`eval.grader`). No oracle exists for other vocabularies (real Wan prompts): accuracy is then null, never
    estimated, and only timings are reported.
@@ -33,10 +34,10 @@ report.json:
                  "seconds_per_video", "sample_seconds_per_video", "decode_seconds_per_video"},
      "students": {<name>: {"nfe", "causal", "kind", "weights", "steps", "guidance_scale", "accuracy",
                            "seconds_per_video", "sample_seconds_per_video", "decode_seconds_per_video",
-                           "speedup", "long_rollout" (causal students only: {"length_factor", "num_frames",
+                           "speedup", "sampling_speedup", "long_rollout" (causal students only: {"length_factor", "num_frames",
                            "num_prompts", "segment_accuracy": [...]} or null without a grader)}}}
 NFE counts transformer forward passes per video: steps × 2 where CFG runs (guidance != 1), else × 1; a causal
-student's chunks also run one cache write each: steps + 1 (in whole-video passes).
+student's chunks also run one cache write each but the last: steps + (chunks - 1) / chunks whole-video passes.
 
 Runs on the main process only (other processes of an `accelerate launch` return at once): timings need a
 quiet device.
@@ -155,7 +156,7 @@ class _Run:
 
 
 def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], shape: tuple[int, ...],
-              negative: str | None, grader: str | None, num_previews: int) -> _Run:
+              negative: str | None, grader: str | None, num_previews: int, decode_batch: int = 1) -> _Run:
     """Sample, decode, time and grade one model over all batches (after one untimed warm-up batch)."""
     device = teacher.device
 
@@ -167,8 +168,9 @@ def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], s
         latents = sampler(cond, noise, rows)
         _sync(device)
         t1 = time.perf_counter()
-        # One video at a time, as `generate` does: the VAE decode of long clips is memory-bound.
-        frames = np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + 1])) for i in range(len(rows))])
+        # `eval.decode_batch_size` videos per call (1, as `generate` does, for long clips: their decode is memory-bound)
+        frames = np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + decode_batch]))
+                                 for i in range(0, len(rows), decode_batch)])
         _sync(device)
         return frames, t1 - t0, time.perf_counter() - t1
 
@@ -184,6 +186,12 @@ def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], s
 
             run.grades.add(grade(frames, [r["slots"] for r in rows]), len(rows))
     return run
+
+
+def causal_nfe(steps: int, num_chunks: int) -> float:
+    """Whole-video passes of a causal rollout: `steps` denoising passes over every chunk, plus one cache write
+    per chunk but the last (written lazily before the next chunk), each over 1/num_chunks of the video."""
+    return round(steps + (num_chunks - 1) / num_chunks, 3)
 
 
 def _timing(run: _Run, n: int, grader: str | None) -> dict:
@@ -232,7 +240,7 @@ def find_students(recipe: Recipe) -> list[tuple[str, Path]]:
     return out
 
 
-def _student_sampler(student, teacher) -> tuple[Sampler, dict]:
+def _student_sampler(student, teacher, latent_frames: int) -> tuple[Sampler, dict]:
     from students.causal import sample_causal
     from students.sampling import sample_student, student_sampling_mode, student_sigmas
 
@@ -252,7 +260,10 @@ def _student_sampler(student, teacher) -> tuple[Sampler, dict]:
         return sample_student(student, cond.prompt_embeds, cond.negative_embeds, noise, sigmas,
                               guidance=cfg.guidance_scale, generator=generators, mode=mode)
 
-    nfe = steps + 1 if causal else steps * (2 if cfg.guidance_scale != 1 else 1)
+    if causal:
+        nfe = causal_nfe(steps, -(-latent_frames // student.causal.frames_per_block))
+    else:
+        nfe = steps * (2 if cfg.guidance_scale != 1 else 1)
     info = {"nfe": nfe, "steps": steps, "guidance_scale": cfg.guidance_scale}
     return torch.no_grad()(sampler), info
 
@@ -272,7 +283,7 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
     c, f, h, w = teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width)
     fpb = student.cfg.frames_per_block
     frames = math.ceil(factor * f / fpb) * fpb
-    sampler, _ = _student_sampler(student, teacher)
+    sampler, _ = _student_sampler(student, teacher, frames)
     subset, size = rows[:LONG_ROLLOUT_PROMPTS], recipe.eval.batch_size
     sums, count = np.zeros(factor), 0
     for start in tqdm(range(0, len(subset), size), desc=f"eval {student.cfg.name} long rollout", unit="batch",
@@ -299,10 +310,10 @@ def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) ->
         student.to(dtype=base.dtype)
     student.eval()
     try:
-        sampler, info = _student_sampler(student, teacher)
+        sampler, info = _student_sampler(student, teacher, ctx["shape"][1])
         negative = ctx["negative"] if student.cfg.guidance_scale != 1 else None
         run = run_model(name, sampler, teacher, ctx["batches"], ctx["shape"], negative, ctx["grader"],
-                        ctx["num_previews"])
+                        ctx["num_previews"], recipe.eval.decode_batch_size)
         entry = {"nfe": info["nfe"], "causal": saved_cfg.kind == "causal", "kind": saved_cfg.kind,
                  "weights": folder.name, "steps": info["steps"], "guidance_scale": info["guidance_scale"],
                  **_timing(run, ctx["n"], ctx["grader"])}
@@ -345,7 +356,8 @@ def evaluate(recipe: Recipe) -> dict:
     nfe = teacher_nfe(teacher)
     uses_cfg = nfe > tcfg.num_inference_steps
     runs = {"teacher": run_model("teacher", lambda cond, noise, _rows: teacher.sample(cond, noise).latents, teacher,
-                                 ctx["batches"], ctx["shape"], negative if uses_cfg else None, grader, num_previews)}
+                                 ctx["batches"], ctx["shape"], negative if uses_cfg else None, grader, num_previews,
+                                 cfg.decode_batch_size)}
     report = {
         "num_prompts": len(rows), "seed": cfg.seed, "prompt_mode": cfg.prompt_mode, "vocabulary": vocab.name,
         "grader": grader, "device": str(teacher.device), "train_overlap": train_overlap(recipe, rows),
@@ -358,6 +370,8 @@ def evaluate(recipe: Recipe) -> dict:
     for name, folder in tqdm(students, desc="eval students", unit="student", disable=not students):
         entry, runs[name] = eval_student(name, folder, teacher, recipe, ctx)
         entry["speedup"] = report["teacher"]["seconds_per_video"] / entry["seconds_per_video"]
+        entry["sampling_speedup"] = (report["teacher"]["sample_seconds_per_video"]
+                                     / entry["sample_seconds_per_video"])
         report["students"][name] = entry
     # 3. files
     write_outputs(recipe, report, rows, {m: r.previews for m, r in runs.items()})

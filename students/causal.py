@@ -210,8 +210,9 @@ def stream_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tens
 
     Per chunk (Self-Forcing's inference and training rollout): start from `noise`'s frames (x at σ_0); at
     each σ_i predict x0 = x - σ_i·v with `forward_chunk(update_cache=False)` and re-noise it to σ_{i+1} with
-    fresh noise; then write the cache once from the clean x0 re-noised to σ = context_noise/1000
-    (`student.context_noise`; 0: x0 itself) under `no_grad`, and move on. Any number of frames.
+    fresh noise; the chunk's x0 is its output. Before the *next* chunk, the cache is written once from that x0
+    re-noised to σ = context_noise/1000 (`student.context_noise`; 0: x0 itself) under `no_grad`: lazily, so
+    the last chunk of a rollout costs no cache forward. Any number of frames.
 
     `exit_steps` (Self-Forcing training): the step index at which each chunk stops (one int for all
     chunks, or one per chunk); steps before it run under `no_grad`, the exit step keeps the caller's grad
@@ -226,7 +227,10 @@ def stream_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tens
     cache = model.init_cache(batch, cond_embeds)
     sigma_ctx = model.cfg.context_noise / NUM_TRAIN_TIMESTEPS
     grad = torch.is_grad_enabled()
+    previous = None  # (x0, start) of the chunk whose cache write is still due
     for chunk, start in enumerate(starts):
+        if previous is not None:
+            _write_context(model, cache, *previous, sigma_ctx, generator)
         x = noise[:, :, start:start + fpb]
         for i in range(exits[chunk] + 1):
             last = i == exits[chunk]
@@ -236,14 +240,20 @@ def stream_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tens
             if not last:
                 x = add_noise(x0, randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype),
                               sigmas[i + 1])
-        with torch.no_grad():
-            context = x0.detach()
-            if sigma_ctx > 0:
-                eps = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                context = add_noise(context, eps, sigma_ctx)
-            t_ctx = torch.full((batch,), float(model.cfg.context_noise), dtype=torch.float32, device=x.device)
-            model.forward_chunk(context, t_ctx, cache, start, update_cache=True)
+        previous = (x0, start)
         yield x0
+
+
+@torch.no_grad()
+def _write_context(model: CausalWan, cache: KVCache, x0: torch.Tensor, start: int, sigma_ctx: float,
+                   generator) -> None:
+    """Append a finished chunk to the cache: its x0 (re-noised to `sigma_ctx` when > 0) at t = context_noise."""
+    context = x0.detach()
+    if sigma_ctx > 0:
+        eps = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        context = add_noise(context, eps, sigma_ctx)
+    t_ctx = torch.full((x0.shape[0],), float(model.cfg.context_noise), dtype=torch.float32, device=x0.device)
+    model.forward_chunk(context, t_ctx, cache, start, update_cache=True)
 
 
 def sample_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tensor, sigmas: list[float],

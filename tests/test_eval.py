@@ -106,6 +106,8 @@ def test_report_schema(setup):
         assert all(isinstance(v, float) and 0 <= v <= 1 for v in s["accuracy"].values())
         assert isinstance(s["speedup"], float) and s["speedup"] > 0
         assert s["speedup"] == pytest.approx(teacher["seconds_per_video"] / s["seconds_per_video"])
+        assert s["sampling_speedup"] == pytest.approx(teacher["sample_seconds_per_video"]
+                                                      / s["sample_seconds_per_video"])
         assert s["seconds_per_video"] == pytest.approx(s["sample_seconds_per_video"] + s["decode_seconds_per_video"])
     assert report["students"]["lora2"]["weights"] == "final"
     assert report["train_overlap"] is None  # no prompts.jsonl in this output_dir
@@ -218,7 +220,7 @@ def test_long_rollout_hook_writes_drift_plot(setup, tmp_path):
     report = {"num_prompts": 2, "seed": SEED, "prompt_mode": "balanced", "vocabulary": "toyworld",
               "grader": "toyworld", "device": "cpu", "train_overlap": 0.5, "num_previews": 1,
               "teacher": {"nfe": 8, **timing},
-              "students": {"causal4": {"nfe": 4, "causal": True, "speedup": 2.0, **timing,
+              "students": {"causal4": {"nfe": 4, "causal": True, "speedup": 2.0, "sampling_speedup": 3.0, **timing,
                                        "long_rollout": {"num_frames": 90, "segment_accuracy": [0.9, 0.6, 0.3]}}}}
     video = np.random.default_rng(0).integers(0, 255, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
     rows = eval_prompts(recipe)[:2]
@@ -265,6 +267,10 @@ def test_warm_up_batch_is_not_timed():
     run = run_model("fake", sampler, teacher, [rows[:2], rows[2:4], rows[4:]], (1, 1, 1, 1), None, None, 3)
     assert calls == [2, 2, 2, 1]  # warm-up on the first batch, then every batch once
     assert 0.03 <= run.sample_seconds < 0.25 and len(run.previews) == 3
+    decoded = []
+    teacher.decode = lambda latents: decoded.append(len(latents)) or latents
+    run = run_model("fake", sampler, teacher, [rows[:3], rows[3:]], (1, 1, 1, 1), None, None, 5, decode_batch=2)
+    assert decoded == [2, 1] * 2 + [2] and len(run.previews) == 5  # eval.decode_batch_size videos per call
 
 
 def test_causal_student_samples_chunk_by_chunk_and_reports_drift(setup, tmp_path, monkeypatch):
@@ -287,7 +293,8 @@ def test_causal_student_samples_chunk_by_chunk_and_reports_drift(setup, tmp_path
                         num_previews=1, long_rollout_factor=3)
     report = evaluate(load_recipe(path))
     entry = report["students"]["causal3"]
-    assert (entry["causal"], entry["kind"], entry["steps"], entry["nfe"]) == (True, "causal", 2, 3)  # + cache writes
+    # 2 steps + a cache write for 2 of the 3 one-frame chunks (none after the last)
+    assert (entry["causal"], entry["kind"], entry["steps"], entry["nfe"]) == (True, "causal", 2, 2.667)
     assert set(entry["accuracy"]) == SLOT_KEYS
     latent = (4, 3, 4, 4)  # 9 frames of 32 px through the tiny VAE (4x in time, 8x in space)
     sigmas = [1.0, 0.75]  # [1000, 500] warped through shift 3
