@@ -151,3 +151,12 @@ def test_nested_errors_inside_optional_sections_name_the_key(tmp_path):
         load_recipe(path, ["method.kd.output_weight=high"])
     with pytest.raises(RecipeError, match=r"student\.lora_rank: must be >= 1"):
         load_recipe(path, ["student.lora_rank=0"])
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    """`train.learning_rate=1e-4` (a string to PyYAML's YAML 1.1 resolver) is the float every user means."""
+    path = write(tmp_path, "r.yaml", MINIMAL)
+    recipe = load_recipe(path, ["train.learning_rate=1e-4", "teacher.shift=3E+0"])
+    assert recipe.train.learning_rate == 1e-4 and recipe.teacher.shift == 3.0
+    with pytest.raises(RecipeError, match="train.learning_rate: expected float, got '1e-4x'"):
+        load_recipe(path, ["train.learning_rate=1e-4x"])
