@@ -12,7 +12,6 @@ import logging
 from huggingface_hub import HfApi
 
 from distill.config import Recipe
-from synth_data.generate import WORK_DIR, is_complete
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +22,8 @@ class PushError(RuntimeError):
 
 def push(recipe: Recipe) -> str:
     """Create the dataset repo if needed (private per `data.hub_private`) and upload the folder; returns its URL."""
+    from synth_data.generate import WORK_DIR, is_complete  # imports PyAV + datasets: only when pushing
+
     repo_id = recipe.data.hub_repo_id
     if not repo_id:
         raise ValueError(

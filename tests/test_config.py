@@ -160,3 +160,14 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
     assert recipe.train.learning_rate == 1e-4 and recipe.teacher.shift == 3.0
     with pytest.raises(RecipeError, match="train.learning_rate: expected float, got '1e-4x'"):
         load_recipe(path, ["train.learning_rate=1e-4x"])
+
+
+def test_cli_and_trainer_import_without_pyav_or_datasets():
+    """The GPU image has neither: training the toy teacher or a student from rendered clips must not need them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['av'] = sys.modules['datasets'] = None\n"
+            "import distill.cli, distill.trainer, distill.export_stage, distill.data")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
