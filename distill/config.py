@@ -159,6 +159,9 @@ class EvalConfig:
     """Grade a student's `final_ema/` weights when its run kept an EMA (else `final/`)."""
     long_rollout_factor: int = 10
     """Causal students: roll out this many times the training length for the drift curve."""
+    long_rollout_prompts: int = 16
+    """Causal students: the first this-many eval prompts are rolled out long (the drift curve's resolution is
+    1/long_rollout_prompts per segment; at most num_prompts are used)."""
     num_previews: int = 4
     """First prompts rendered as mp4 + GIF previews for the teacher and every student (at most num_prompts;
     0: none)."""
@@ -170,7 +173,8 @@ class EvalConfig:
     this many pixels (toy-world frames are 32 px); Wan's 480p frames stay as they are."""
 
     def __post_init__(self):
-        for key in ("num_prompts", "batch_size", "long_rollout_factor", "preview_size", "decode_batch_size"):
+        for key in ("num_prompts", "batch_size", "long_rollout_factor", "preview_size", "decode_batch_size",
+                    "long_rollout_prompts"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.num_previews < 0:

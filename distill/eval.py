@@ -12,7 +12,7 @@
    students draw their fresh noise from per-prompt generators seeded with `derive_seed(seed_i, 1)`, so results
    do not depend on `eval.batch_size`.
    Causal students also roll out `eval.long_rollout_factor` × the teacher's latent frames (rounded up to whole
-   chunks) for the first LONG_ROLLOUT_PROMPTS prompts (noise `randn` of that length from seed_i), and the oracle
+   chunks) for the first `eval.long_rollout_prompts` prompts (noise `randn` of that length from seed_i), and the oracle
    grades each of `long_rollout_factor` equal time segments: the drift curve (`long_rollout`, drift.png).
 3. Timing: one warm-up batch per model (its results are discarded), then `time.perf_counter` around the
    sampler and around the VAE decode of every batch (the device is synchronised first). Text encoding and
@@ -67,7 +67,6 @@ from synth_data.generate import sample_noise
 logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
-LONG_ROLLOUT_PROMPTS = 16
 """Causal students' long rollouts (each `eval.long_rollout_factor` videos long) use the first this many prompts."""
 
 
@@ -269,7 +268,7 @@ def _student_sampler(student, teacher, latent_frames: int) -> tuple[Sampler, dic
 
 
 def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str | None) -> dict | None:
-    """A causal student's drift curve: for the first LONG_ROLLOUT_PROMPTS prompts, roll out
+    """A causal student's drift curve: for the first `eval.long_rollout_prompts` prompts, roll out
     `eval.long_rollout_factor` × the teacher's latent frames (rounded up to whole chunks) chunk by chunk, decode,
     and grade each of `long_rollout_factor` equal time segments with the oracle. Returns {"length_factor",
     "num_frames" (latent), "num_prompts", "segment_accuracy": all-slot accuracy per segment}, or None without a
@@ -284,7 +283,7 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
     fpb = student.cfg.frames_per_block
     frames = math.ceil(factor * f / fpb) * fpb
     sampler, _ = _student_sampler(student, teacher, frames)
-    subset, size = rows[:LONG_ROLLOUT_PROMPTS], recipe.eval.batch_size
+    subset, size = rows[:recipe.eval.long_rollout_prompts], recipe.eval.batch_size
     sums, count = np.zeros(factor), 0
     for start in tqdm(range(0, len(subset), size), desc=f"eval {student.cfg.name} long rollout", unit="batch",
                       leave=False):
@@ -292,7 +291,9 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
         cond = teacher.encode([r["prompt"] for r in batch], None)
         noise = torch.stack([sample_noise(r["seed"], (c, frames, h, w)) for r in batch]).to(teacher.device)
         latents = sampler(cond, noise, batch)
-        videos = np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + 1])) for i in range(len(batch))])
+        step = recipe.eval.decode_batch_size
+        videos = np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + step]))
+                                 for i in range(0, len(batch), step)])
         graded = grade(videos, [r["slots"] for r in batch], num_segments=factor)
         sums += np.asarray(graded["segment_accuracy"]) * len(batch)
         count += len(batch)
