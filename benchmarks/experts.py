@@ -194,7 +194,7 @@ def evaluate(recipe: Recipe) -> dict:
     for name, folder in find_students(recipe):
         student = Student.from_pretrained(folder, base_transformer=base).eval()
         try:
-            sampler, _info = _student_sampler(student, teacher)
+            sampler, _info = _student_sampler(student, teacher, shape[1])
             entry = score(sampler, student)
             entry["trainable_params"] = sum(p.numel() for p in student.trainable_parameters())
             out["students"][name] = entry
