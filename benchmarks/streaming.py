@@ -48,6 +48,7 @@ from benchmarks.common import (  # noqa: E402
     Clock, random_text, ratio, require_cuda, sig, toy_teacher_dir, wan21_pipeline,
 )
 from benchmarks.results import RESULTS, append_result  # noqa: E402
+from students.causal import ChunkModelWrapper  # noqa: E402
 
 logger = logging.getLogger("benchmarks.streaming")
 
@@ -174,24 +175,13 @@ def compile_transformer(transformer, what: str) -> None:
 
 
 # ---- timing ------------------------------------------------------------------------------------------------------
-class TimedCausal:
+class TimedCausal(ChunkModelWrapper):
     """The chunk interface `stream_causal` calls (as `distill.self_forcing.PreparedCausal`), timing every forward:
     the denoising calls (update_cache=False) and the cache write (update_cache=True) apart."""
 
     def __init__(self, causal, clock: Clock):
         self.causal, self.clock = causal, clock
         self.denoise = self.cache_write = 0.0
-
-    @property
-    def frames_per_block(self) -> int:
-        return self.causal.frames_per_block
-
-    @property
-    def cfg(self):
-        return self.causal.cfg
-
-    def init_cache(self, batch: int, encoder_hidden_states: torch.Tensor):
-        return self.causal.init_cache(batch, encoder_hidden_states)
 
     def forward_chunk(self, x, t, cache, frame_offset: int, update_cache: bool) -> torch.Tensor:
         start = self.clock()

@@ -207,8 +207,8 @@ class RenderedPool:
     def build(self, step: int) -> None:
         """The pool as it is before the refresh of `step`: slot j holds the newest clip c ≡ j (mod P) written."""
         written = self.size + step * self.refresh  # clips 0 .. written-1 exist
-        firsts = sorted({(j + self.size * ((written - 1 - j) // self.size)) // self.refresh * self.refresh
-                         for j in range(0, self.size, self.refresh)})
+        # slots j = 0, R, 2R, ... start the aligned groups; written is a multiple of R, so each newest clip starts one
+        firsts = sorted(j + self.size * ((written - 1 - j) // self.size) for j in range(0, self.size, self.refresh))
         from tqdm.auto import tqdm
 
         for first in tqdm(firsts, desc="toyworld pool", unit="group", leave=False):

@@ -154,6 +154,13 @@ class _Run:
     grades: _Grades = field(default_factory=_Grades)
 
 
+def decode_videos(teacher, latents: torch.Tensor, per_call: int) -> np.ndarray:
+    """uint8 [B, F, H, W, 3], `per_call` (`eval.decode_batch_size`) videos per VAE call: 1, as `generate` does, for
+    long clips, whose decode is memory-bound."""
+    return np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + per_call]))
+                           for i in range(0, len(latents), per_call)])
+
+
 def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], shape: tuple[int, ...],
               negative: str | None, grader: str | None, num_previews: int, decode_batch: int = 1) -> _Run:
     """Sample, decode, time and grade one model over all batches (after one untimed warm-up batch)."""
@@ -167,9 +174,7 @@ def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], s
         latents = sampler(cond, noise, rows)
         _sync(device)
         t1 = time.perf_counter()
-        # `eval.decode_batch_size` videos per call (1, as `generate` does, for long clips: their decode is memory-bound)
-        frames = np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + decode_batch]))
-                                 for i in range(0, len(rows), decode_batch)])
+        frames = decode_videos(teacher, latents, decode_batch)
         _sync(device)
         return frames, t1 - t0, time.perf_counter() - t1
 
@@ -291,9 +296,7 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
         cond = teacher.encode([r["prompt"] for r in batch], None)
         noise = torch.stack([sample_noise(r["seed"], (c, frames, h, w)) for r in batch]).to(teacher.device)
         latents = sampler(cond, noise, batch)
-        step = recipe.eval.decode_batch_size
-        videos = np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + step]))
-                                 for i in range(0, len(batch), step)])
+        videos = decode_videos(teacher, latents, recipe.eval.decode_batch_size)
         graded = grade(videos, [r["slots"] for r in batch], num_segments=factor)
         sums += np.asarray(graded["segment_accuracy"]) * len(batch)
         count += len(batch)

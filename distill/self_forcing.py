@@ -41,7 +41,7 @@ from distill.data import Batch, randn_per_sample
 from distill.dmd import DMD
 from distill.flow import shift_sigma
 from distill.flow_matching import Model
-from students.causal import sample_causal
+from students.causal import ChunkModelWrapper, sample_causal
 from synth_data.composer import derive_seed
 
 EXIT_STREAM = 0x5E1F
@@ -81,7 +81,7 @@ class PerTokenTimesteps:
         return self.model(x, t, encoder_hidden_states)
 
 
-class PreparedCausal:
+class PreparedCausal(ChunkModelWrapper):
     """The chunk interface `students.causal.stream_causal` needs (`frames_per_block`, `cfg`, `init_cache`,
     `forward_chunk`) over the PREPARED student: every chunk forward is a call `prepared(x, t, None, chunk=...)`, so
     a DDP wrapper sees it and all-reduces the exit steps' gradients (calling `student.causal` directly would bypass
@@ -89,17 +89,6 @@ class PreparedCausal:
 
     def __init__(self, prepared, student):
         self.prepared, self.causal = prepared, student.causal
-
-    @property
-    def frames_per_block(self) -> int:
-        return self.causal.frames_per_block
-
-    @property
-    def cfg(self):
-        return self.causal.cfg
-
-    def init_cache(self, batch: int, encoder_hidden_states: torch.Tensor):
-        return self.causal.init_cache(batch, encoder_hidden_states)
 
     def forward_chunk(self, x: torch.Tensor, t, cache, frame_offset: int, update_cache: bool) -> torch.Tensor:
         chunk = {"cache": cache, "frame_offset": frame_offset, "update_cache": update_cache}

@@ -202,6 +202,27 @@ class CausalWan(nn.Module):
         return v.to(x.dtype)
 
 
+class ChunkModelWrapper:
+    """The chunk interface `stream_causal` reads, delegated to `self.causal` (a `CausalWan`); wrappers that route or
+    time `forward_chunk` (Self-Forcing's DDP routing, the streaming benchmark's clock) subclass it."""
+
+    causal: CausalWan
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.causal.frames_per_block
+
+    @property
+    def cfg(self):
+        return self.causal.cfg
+
+    def init_cache(self, batch: int, encoder_hidden_states: torch.Tensor):
+        return self.causal.init_cache(batch, encoder_hidden_states)
+
+    def forward_chunk(self, x: torch.Tensor, t, cache: KVCache, frame_offset: int, update_cache: bool) -> torch.Tensor:
+        return self.causal.forward_chunk(x, t, cache, frame_offset, update_cache)
+
+
 # ---- the few-step causal sampler ---------------------------------------------------------------------------
 def stream_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tensor, sigmas: list[float],
                   generator: torch.Generator | list[torch.Generator] | None = None,
