@@ -276,8 +276,8 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
     """A causal student's drift curve: for the first `eval.long_rollout_prompts` prompts, roll out
     `eval.long_rollout_factor` × the teacher's latent frames (rounded up to whole chunks) chunk by chunk, decode,
     and grade each of `long_rollout_factor` equal time segments with the oracle. Returns {"length_factor",
-    "num_frames" (latent), "num_prompts", "segment_accuracy": all-slot accuracy per segment}, or None without a
-    grader (nothing to read back)."""
+    "num_frames" (latent), "num_prompts", "segment_accuracy": all-slot accuracy per segment,
+    "segment_slot_accuracy": {slot: accuracy per segment}}, or None without a grader (nothing to read back)."""
     if grader != "toyworld":
         logger.info("eval: no grader, so no drift curve for causal student %s", student.cfg.name)
         return None
@@ -289,7 +289,7 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
     frames = math.ceil(factor * f / fpb) * fpb
     sampler, _ = _student_sampler(student, teacher, frames)
     subset, size = rows[:recipe.eval.long_rollout_prompts], recipe.eval.batch_size
-    sums, count = np.zeros(factor), 0
+    sums, slot_sums, count = np.zeros(factor), {}, 0
     for start in tqdm(range(0, len(subset), size), desc=f"eval {student.cfg.name} long rollout", unit="batch",
                       leave=False):
         batch = subset[start: start + size]
@@ -299,9 +299,12 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
         videos = decode_videos(teacher, latents, recipe.eval.decode_batch_size)
         graded = grade(videos, [r["slots"] for r in batch], num_segments=factor)
         sums += np.asarray(graded["segment_accuracy"]) * len(batch)
+        for slot, acc in graded["segment_slot_accuracy"].items():
+            slot_sums[slot] = slot_sums.get(slot, 0) + np.asarray(acc) * len(batch)
         count += len(batch)
     return {"length_factor": factor, "num_frames": frames, "num_prompts": count,
-            "segment_accuracy": [float(a) for a in sums / count]}
+            "segment_accuracy": [float(a) for a in sums / count],
+            "segment_slot_accuracy": {s: [float(a) for a in v / count] for s, v in slot_sums.items()}}
 
 
 def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) -> tuple[dict, _Run]:

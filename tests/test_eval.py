@@ -303,4 +303,8 @@ def test_causal_student_samples_chunk_by_chunk_and_reports_drift(setup, tmp_path
     drift = entry["long_rollout"]
     assert (drift["length_factor"], drift["num_frames"], drift["num_prompts"]) == (3, 9, 4)
     assert len(drift["segment_accuracy"]) == 3 and all(0 <= a <= 1 for a in drift["segment_accuracy"])
+    per_slot = drift["segment_slot_accuracy"]
+    assert set(per_slot) == SLOT_KEYS - {"all"} and all(len(v) == 3 for v in per_slot.values())
+    # a segment is all-right only if every slot is, so no slot's accuracy can fall below the all-slot accuracy
+    assert all(min(v[k] for v in per_slot.values()) >= drift["segment_accuracy"][k] for k in range(3))
     assert (out / "eval" / "drift.png").stat().st_size > 0 and "](drift.png)" in (out / "eval/report.md").read_text()

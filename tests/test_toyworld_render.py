@@ -73,6 +73,9 @@ def test_oracle_reads_every_segment_of_long_rollouts():
     right = render_video({**SLOTS_0, "action": "moving right"}, 10, seed=3)
     reads = read_video(np.concatenate([left, right]), num_segments=2)
     assert [r["action"] for r in reads] == ["moving left", "moving right"]
+    flipped = grade(np.concatenate([left, right])[None], [{**SLOTS_0, "action": "moving left"}], num_segments=2)
+    assert flipped["segment_slot_accuracy"]["action"] == [1.0, 0.0]
+    assert flipped["segment_slot_accuracy"]["subject"] == [1.0, 1.0] and flipped["segment_accuracy"] == [1.0, 0.0]
 
     # 2-frame segments read motion from one step, including the steps that cross the edge.
     for action in VALUES["action"]:

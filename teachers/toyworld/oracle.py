@@ -146,7 +146,8 @@ def grade(videos: np.ndarray, slots: Sequence[dict[str, str]], num_segments: int
     """Oracle accuracy of uint8 [B, F, H, W, 3] `videos` against their prompts' `slots`.
 
     Returns {"accuracy": {"all": ..., <slot>: ...}, "segment_accuracy": [all-slot accuracy per
-    segment]}; "all" is the fraction of (video, segment) pairs with every slot right.
+    segment], "segment_slot_accuracy": {<slot>: [accuracy per segment]}}; "all" is the fraction of
+    (video, segment) pairs with every slot right.
     """
     if len(videos) != len(slots):
         raise ValueError(f"grade: got {len(videos)} videos but {len(slots)} slot assignments")
@@ -159,4 +160,6 @@ def grade(videos: np.ndarray, slots: Sequence[dict[str, str]], num_segments: int
     every = correct.all(axis=2)
     accuracy = {"all": float(every.mean())}
     accuracy.update({s: float(correct[:, :, k].mean()) for k, s in enumerate(SLOTS)})
-    return {"accuracy": accuracy, "segment_accuracy": [float(a) for a in every.mean(axis=0)]}
+    per_slot = {s: [float(a) for a in correct[:, :, k].mean(axis=0)] for k, s in enumerate(SLOTS)}
+    return {"accuracy": accuracy, "segment_accuracy": [float(a) for a in every.mean(axis=0)],
+            "segment_slot_accuracy": per_slot}
