@@ -128,6 +128,8 @@ def smoke_overrides(recipe: Recipe, out: Path, standins: dict[str, Path]) -> lis
     if recipe.student is not None:
         o += ["train.max_steps=2", "train.batch_size=1", "train.gradient_accumulation_steps=1",
               "train.mixed_precision=no", "train.log_with=none", "train.lr_warmup_steps=0"]
+        if recipe.train.toyworld_pool:  # the toy teacher's 8,192-clip pool takes minutes to fill; the path stays
+            o += ["train.toyworld_pool=2", "train.toyworld_pool_refresh=1"]
         if recipe.train.optimizer == "adamw8bit":
             o.append("train.optimizer=adamw")  # bitsandbytes is CUDA-only
         if recipe.method.name in ("dmd", "self_forcing"):  # the generator too must take both steps
