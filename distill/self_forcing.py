@@ -21,6 +21,12 @@ Exit steps: one per chunk, k_c ~ U{0..S-1} (`exit_step: last`: S-1), drawn from 
 collectives in each forward, so every rank must run the same forwards; and the draws do not depend on the
 number of processes. (Self-Forcing broadcasts rank 0's draw; a seeded draw needs no communication.)
 
+Windowed DMD (`dmd_window`, Self-Forcing++): roll out `num_chunks` chunks (more than the teacher's length), draw
+per step a window of `dmd_window` consecutive chunks ending at chunk e ~ U{dmd_window..num_chunks} (seeded like the
+exit steps), and score only the window: chunks before it run every step under no_grad (they only fill the cache, as
+at inference), chunks after e are not rolled out. The window's frames go to the teacher and critic as a clip of
+their own length, so the student learns to denoise from the KV cache of its own long rollouts.
+
 Randomness per sample, from its own generator and in this order: the initial noise [C, F, H, W], the
 rollout's fresh noises (chunk by chunk: one per re-noising, then the context noise when σ_ctx > 0), then σ
 and ε' of the DMD loss. Hence N processes × batch b equal 1 process × batch N·b.
@@ -55,6 +61,21 @@ def draw_exit_steps(seed: int, step: int, num_chunks: int, num_steps: int, last_
         return [num_steps - 1] * num_chunks
     g = torch.Generator().manual_seed(derive_seed(derive_seed(seed, EXIT_STREAM), step))
     return torch.randint(num_steps, (num_chunks,), generator=g).tolist()
+
+
+WINDOW_STREAM = 0x5E1F_0001
+"""The DMD window of trainer step s comes from its own stream, derive_seed(derive_seed(train.seed, WINDOW_STREAM), s),
+so adding a window leaves every exit-step draw as it was."""
+
+
+def draw_window_end(seed: int, step: int, num_chunks: int, window: int) -> int:
+    """The chunk (exclusive) where trainer step `step`'s DMD window ends, uniform in [window, num_chunks]: the same
+    on every rank."""
+    if not 1 <= window <= num_chunks:
+        raise ValueError(f"method.self_forcing.dmd_window: must be in 1..{num_chunks} (the chunks rolled out), "
+                         f"got {window}")
+    g = torch.Generator().manual_seed(derive_seed(derive_seed(seed, WINDOW_STREAM), step))
+    return int(torch.randint(window, num_chunks + 1, (1,), generator=g))
 
 
 def per_token_timesteps(t: torch.Tensor, x: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
@@ -99,17 +120,25 @@ class CausalRollout:
     """`distill.dmd.Rollout` of a causal student: its own chunk-by-chunk rollout from noise (module docstring)."""
 
     def __init__(self, model, sigmas: list[float], *, seed: int, samples_per_step: int, num_chunks: int | None = None,
-                 last_only: bool = False):
+                 last_only: bool = False, window: int | None = None):
         """`model`: a `CausalWan` or `PreparedCausal`; `sigmas`: the student's levels (all > 0);
         `seed` / `samples_per_step`: train.seed and the global samples per trainer step G (step s holds the sample
-        indices [s·G, (s+1)·G), `distill.data`); `num_chunks`: None rolls out the batch's latent frames."""
+        indices [s·G, (s+1)·G), `distill.data`); `num_chunks`: None rolls out the batch's latent frames;
+        `window`: None returns the whole rollout, else only `window` consecutive chunks ending at a chunk drawn per
+        trainer step (`draw_window_end`): the chunks before them are rolled out as at inference (every step, no
+        grad) and only fill the cache; later chunks are not rolled out at all."""
         if not sigmas or any(s <= 0 for s in sigmas):
             raise ValueError(f"student.denoising_steps: the causal rollout samples the student at every σ, all must "
                              f"be > 0; got σ's {sigmas}")
         self.model, self.sigmas, self.seed = model, list(sigmas), seed
         self.samples_per_step, self.num_chunks, self.last_only = samples_per_step, num_chunks, last_only
+        if window is not None and window < 1:
+            raise ValueError(f"method.self_forcing.dmd_window: must be >= 1 or null, got {window}")
+        self.window = window
         self.last_exit_steps: list[int] = []
-        """The exit steps of the latest call (for logs and tests)."""
+        """The exit steps of the latest call, one per returned chunk (for logs and tests)."""
+        self.last_window: tuple[int, int] = (0, 0)
+        """The chunks [first, end) the latest call returned."""
 
     @property
     def frames_per_block(self) -> int:
@@ -120,17 +149,24 @@ class CausalRollout:
         return batch.x0.shape[2] if self.num_chunks is None else self.num_chunks * self.frames_per_block
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        # 1. this trainer step's exit steps (shared by all ranks), then each sample's initial noise
+        # 1. this trainer step's window and exit steps (shared by all ranks), then each sample's initial noise
         step = batch.indices[0] // self.samples_per_step
-        frames = self.num_frames(batch)
-        chunks = math.ceil(frames / self.frames_per_block)
-        exits = draw_exit_steps(self.seed, step, chunks, len(self.sigmas), self.last_only)
-        self.last_exit_steps = exits
+        frames, fpb = self.num_frames(batch), self.frames_per_block
+        chunks = math.ceil(frames / fpb)
+        if self.window is None:
+            first, end = 0, chunks
+        else:
+            end = draw_window_end(self.seed, step, chunks, self.window)
+            first = end - self.window
+        exits = draw_exit_steps(self.seed, step, end - first, len(self.sigmas), self.last_only)
+        self.last_exit_steps, self.last_window = exits, (first, end)
         shape = (batch.x0.shape[1], frames, *batch.x0.shape[3:])
-        noise = randn_per_sample(batch.generators, shape, batch.x0.device)
-        # 2. chunk by chunk with the KV cache, as at inference; only each chunk's exit step keeps its graph
-        return sample_causal(self.model, batch.cond.prompt_embeds, noise, self.sigmas, generator=batch.generators,
-                             exit_steps=exits)
+        noise = randn_per_sample(batch.generators, shape, batch.x0.device)[:, :, :end * fpb]
+        # 2. chunk by chunk with the KV cache, as at inference; only each returned chunk's exit step keeps its graph
+        context = [len(self.sigmas) - 1] * first
+        x0 = sample_causal(self.model, batch.cond.prompt_embeds, noise, self.sigmas, generator=batch.generators,
+                           exit_steps=context + exits, grad_from_chunk=first)
+        return x0[:, :, first * fpb:]
 
 
 class SelfForcing(DMD):
@@ -145,6 +181,12 @@ class SelfForcing(DMD):
         num_chunks: int | None = None
         """Chunks the student rolls out per training video; None: the training latents' frames / frames_per_block
         (the teacher's num_frames). More chunks train on videos longer than the teacher's."""
+        dmd_window: int | None = None
+        """Chunks that DMD and the critic see (Self-Forcing++, Cui et al. 2025): `num_chunks` are rolled out as at
+        inference, and a window of this many consecutive chunks, ending at a chunk drawn per step (the same on
+        every rank), is scored as one video. With num_chunks > teacher length and dmd_window = teacher length, the
+        student learns from its own states past the trained horizon (the drift of long rollouts) while the teacher
+        and critic only judge clips of their own length. None: the whole rollout."""
         frame_wise_timesteps: bool = False
         """Diffusion forcing: one σ per chunk (frames of a chunk share it) in the DMD re-noising and the critic
         loss, instead of one per video. The teacher must take per-frame timesteps (Wan: temporal patch 1)."""
@@ -153,6 +195,9 @@ class SelfForcing(DMD):
             super().__post_init__()
             if self.num_chunks is not None and self.num_chunks < 1:
                 raise ValueError(f"num_chunks: must be >= 1 or null, got {self.num_chunks}")
+            if self.dmd_window is not None and not 1 <= self.dmd_window <= (self.num_chunks or self.dmd_window):
+                raise ValueError(f"dmd_window: must be >= 1 and <= num_chunks ({self.num_chunks}), or null; got "
+                                 f"{self.dmd_window}")
 
     def __init__(self, config: SelfForcing.Config, *, teacher, critic: Model, rollout: CausalRollout):
         """`teacher`: a frozen `WanTeacher`; `critic`: the fake score (a bidirectional Wan transformer, called as a
@@ -186,4 +231,4 @@ class SelfForcing(DMD):
 
 
 __all__ = ["CausalRollout", "PerTokenTimesteps", "PreparedCausal", "SelfForcing", "draw_exit_steps",
-           "per_token_timesteps"]
+           "draw_window_end", "per_token_timesteps"]

@@ -258,7 +258,7 @@ def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None, nu
             sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
             rollout = CausalRollout(PreparedCausal(student, unwrapped), sigmas, seed=tc.seed,
                                     samples_per_step=tc.batch_size * tc.gradient_accumulation_steps * num_processes,
-                                    num_chunks=c.num_chunks, last_only=c.exit_step == "last")
+                                    num_chunks=c.num_chunks, last_only=c.exit_step == "last", window=c.dmd_window)
             return SelfForcing(c, teacher=teacher, critic=critic, rollout=rollout)
         case _:
             raise ValueError(f"method.name: {method.name!r} is not trained by distill.trainer; use one of "

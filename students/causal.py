@@ -226,7 +226,7 @@ class ChunkModelWrapper:
 # ---- the few-step causal sampler ---------------------------------------------------------------------------
 def stream_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tensor, sigmas: list[float],
                   generator: torch.Generator | list[torch.Generator] | None = None,
-                  exit_steps: int | list[int] | None = None) -> Iterator[torch.Tensor]:
+                  exit_steps: int | list[int] | None = None, grad_from_chunk: int = 0) -> Iterator[torch.Tensor]:
     """Yield each finished chunk's latents x0 [B, C, <=frames_per_block, H, W], chunk by chunk.
 
     Per chunk (Self-Forcing's inference and training rollout): start from `noise`'s frames (x at σ_0); at
@@ -237,7 +237,8 @@ def stream_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tens
 
     `exit_steps` (Self-Forcing training): the step index at which each chunk stops (one int for all
     chunks, or one per chunk); steps before it run under `no_grad`, the exit step keeps the caller's grad
-    mode and its x0 is the chunk's output. None runs every step. Decoding is the caller's.
+    mode and its x0 is the chunk's output. None runs every step. `grad_from_chunk`: chunks before it run
+    entirely under `no_grad` (context only: Self-Forcing++'s windowed training). Decoding is the caller's.
     """
     if not sigmas or any(a <= b for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0.0:
         raise ValueError(f"sigmas: must be strictly descending and > 0 (one per student step), got {sigmas}")
@@ -256,7 +257,7 @@ def stream_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tens
         for i in range(exits[chunk] + 1):
             last = i == exits[chunk]
             t = torch.full((batch,), sigmas[i], dtype=torch.float32, device=x.device) * NUM_TRAIN_TIMESTEPS
-            with torch.set_grad_enabled(grad and last):
+            with torch.set_grad_enabled(grad and last and chunk >= grad_from_chunk):
                 x0 = x0_from_velocity(x, model.forward_chunk(x, t, cache, start, update_cache=False), sigmas[i])
             if not last:
                 x = add_noise(x0, randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype),
@@ -279,9 +280,10 @@ def _write_context(model: CausalWan, cache: KVCache, x0: torch.Tensor, start: in
 
 def sample_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tensor, sigmas: list[float],
                   generator: torch.Generator | list[torch.Generator] | None = None,
-                  exit_steps: int | list[int] | None = None) -> torch.Tensor:
+                  exit_steps: int | list[int] | None = None, grad_from_chunk: int = 0) -> torch.Tensor:
     """The whole causal rollout [B, C, F, H, W] (`stream_causal`'s chunks concatenated on frames)."""
-    return torch.cat(list(stream_causal(model, cond_embeds, noise, sigmas, generator, exit_steps)), dim=2)
+    return torch.cat(list(stream_causal(model, cond_embeds, noise, sigmas, generator, exit_steps, grad_from_chunk)),
+                     dim=2)
 
 
 def _exit_steps(exit_steps: int | list[int] | None, num_chunks: int, num_steps: int) -> list[int]:

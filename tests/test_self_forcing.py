@@ -23,7 +23,7 @@ from distill.flow import add_noise, shift_sigma, x0_from_velocity
 from distill.flow_matching import flow_matching_loss
 from distill.recipe_loader import RecipeError
 from distill.self_forcing import (
-    CausalRollout, PerTokenTimesteps, SelfForcing, draw_exit_steps, per_token_timesteps,
+    CausalRollout, PerTokenTimesteps, SelfForcing, draw_exit_steps, draw_window_end, per_token_timesteps,
 )
 from students.causal import sample_causal
 from students.config import StudentConfig
@@ -122,6 +122,48 @@ def test_gradients_flow_only_through_each_chunks_exit_step(teacher, student):
     grads = [p.grad for p in student.trainable_parameters()]
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
     student.zero_grad(set_to_none=True)
+
+
+def test_windowed_rollout_scores_a_window_of_a_longer_rollout(teacher, student):
+    """dmd_window: roll out 4 chunks as at inference, return the 2 chunks of this step's window, graph only there."""
+    ends = [draw_window_end(0, s, 4, 2) for s in range(40)]
+    assert set(ends) == {2, 3, 4} and ends[7] == draw_window_end(0, 7, 4, 2)
+    with pytest.raises(ValueError, match="dmd_window"):
+        draw_window_end(0, 0, 2, 3)
+    # the window's own exit steps are the ones an unwindowed rollout of `window` chunks would draw
+    step = next(s for s, e in enumerate(ends) if e == 3)  # window = chunks 1, 2 of 4; chunk 3 is never rolled out
+    causal, calls, real = student.causal, [], student.causal.forward_chunk
+
+    def spy(x, t, cache, frame_offset, update_cache):
+        calls.append((frame_offset, torch.is_grad_enabled(), update_cache))
+        return real(x, t, cache, frame_offset, update_cache)
+
+    rollout = CausalRollout(causal, SIGMAS, seed=0, samples_per_step=2, num_chunks=4, window=2)
+    batch = make_batch(teacher, (2 * step, 2 * step + 1))
+    causal.forward_chunk = spy
+    try:
+        out = rollout(batch)
+    finally:
+        causal.forward_chunk = real
+    exits = draw_exit_steps(0, step, 2, 3)
+    assert rollout.last_window == (1, 3) and rollout.last_exit_steps == exits
+    assert out.shape == (2, SHAPE[0], 2, *SHAPE[2:]) and out.requires_grad
+    # chunk 0: all 3 steps without grad, then its cache write; chunks 1, 2: exit step with grad; no chunk 3
+    assert [c for c in calls if c[0] == 0] == [(0, False, False)] * 3 + [(0, False, True)]
+    assert [c[0] for c in calls if c[1]] == [1, 2] and max(c[0] for c in calls) == 2
+    # the same frames as the inference sampler on the same draws, with those exit steps, cut to the window
+    gens = [sample_generator(0, i) for i in batch.indices]
+    noise = randn_per_sample(gens, (SHAPE[0], 4, *SHAPE[2:]), "cpu")[:, :, :3]
+    with torch.no_grad():
+        want = sample_causal(causal, batch.cond.prompt_embeds, noise, SIGMAS, generator=gens,
+                             exit_steps=[2] + exits)
+    torch.testing.assert_close(out.detach(), want[:, :, 1:], atol=1e-6, rtol=1e-6)
+    # without a window the draws are unchanged: the whole rollout, exit steps for every chunk
+    whole = rollout_of(student, samples_per_step=2, num_chunks=4)
+    with torch.no_grad():
+        assert whole(batch).shape[2] == 4 and whole.last_exit_steps == draw_exit_steps(0, step, 4, 3)
+    with pytest.raises(ValueError, match="dmd_window"):
+        SelfForcing.Config(num_chunks=2, dmd_window=3)
 
 
 # ---- the SelfForcing losses ----------------------------------------------------------------------------------
