@@ -133,6 +133,9 @@ class ExportConfig:
     """What `export` writes under `<output_dir>/students/<name>/export/`."""
     use_ema: bool = True
     """Export the EMA weights when the run kept an EMA."""
+    checkpoint: str | None = None
+    """None exports the finished run (`final/`, `final_ema/`); `latest` or `checkpoint-<step>` exports the weights
+    saved in that training checkpoint (its EMA when kept), e.g. to grade a run that is still going."""
     base_model: str | None = None
     """`base_model` in the model card; None uses `teacher.pretrained`."""
 

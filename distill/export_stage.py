@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from distill.config import Recipe
 from distill.export import export_student
 from students.student import Student
@@ -24,10 +26,54 @@ def trained_student_dir(recipe: Recipe) -> Path:
     return ema if recipe.export.use_ema and ema.exists() else final
 
 
+def checkpoint_dir(recipe: Recipe, name: str) -> Path:
+    """The training checkpoint `export.checkpoint` names: `latest` or `checkpoint-<step>` under the student's folder."""
+    from distill.trainer import CHECKPOINT_PREFIX, TRAINING_STATE, list_checkpoints
+
+    base = recipe.student_dir()
+    found = list_checkpoints(base)
+    if name == "latest":
+        if not found:
+            raise FileNotFoundError(f"export.checkpoint: latest: no finished checkpoint-<step>/ in {base}")
+        return found[-1]
+    path = base / name
+    if not name.startswith(CHECKPOINT_PREFIX) or not (path / TRAINING_STATE).is_file():
+        raise FileNotFoundError(f"export.checkpoint: {path} is not a finished checkpoint; use `latest` or one of "
+                                f"{[p.name for p in found] or 'none yet'}")
+    return path
+
+
+def student_from_checkpoint(recipe: Recipe, teacher, path: Path) -> Student:
+    """The student as training checkpoint `path` holds it: its trainable weights, replaced by the EMA's when the run
+    kept one and `export.use_ema` (accelerate saves the EMA as the first custom checkpoint, see `distill.trainer`)."""
+    from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file
+
+    from distill.trainer import STUDENT_WEIGHTS
+    from students.student import build_student
+
+    student = build_student(recipe.student, teacher.pipe.transformer)
+    weights = path / f"0_{STUDENT_WEIGHTS}"
+    student.load_trainable_state_dict(load_file(str(weights)), where=str(weights))
+    ema_file = path / "custom_checkpoint_0.pkl"
+    if recipe.train.ema and recipe.export.use_ema:
+        if not ema_file.is_file():
+            raise FileNotFoundError(f"export.checkpoint: {path} has no EMA ({ema_file.name}) though train.ema is set; "
+                                    "set export.use_ema=false to export the raw weights")
+        params = student.trainable_parameters()
+        ema = EMAModel(params, decay=recipe.train.ema_decay)
+        ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=True))
+        ema.copy_to(params)
+    logger.info("export: weights of %s%s", path, " (EMA)" if recipe.train.ema and recipe.export.use_ema else "")
+    return student
+
+
 def export_stage(recipe: Recipe) -> dict[str, Path]:
     teacher = WanTeacher.from_config(recipe.teacher)
-    folder = trained_student_dir(recipe)
-    student = Student.from_pretrained(folder, teacher.pipe.transformer, cfg=recipe.student)
+    if recipe.export.checkpoint is not None:
+        student = student_from_checkpoint(recipe, teacher, checkpoint_dir(recipe, recipe.export.checkpoint))
+    else:
+        student = Student.from_pretrained(trained_student_dir(recipe), teacher.pipe.transformer, cfg=recipe.student)
     report_path = recipe.out / "eval" / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else None
     out = export_student(recipe, student, teacher.pipe, recipe.student_dir() / "export", eval_report=report)

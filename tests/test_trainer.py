@@ -317,3 +317,25 @@ def test_checkpoint_without_a_newer_key_resumes_only_at_its_default(tmp_path):
         check_checkpoint(tmp_path, {**expected, "student.sink": 3})
     with pytest.raises(ValueError, match=r"student.kind: checkpoint has 'full', recipe has 'lora'"):
         check_checkpoint(tmp_path, {**expected, "student.kind": "lora"})
+
+
+def test_export_from_a_checkpoint_equals_the_finished_run(lora_run):
+    """export.checkpoint: the last checkpoint of a finished run holds the same weights as final/ and final_ema/."""
+    from distill.export_stage import checkpoint_dir, student_from_checkpoint
+    from students.student import Student
+    from teachers.wan import WanTeacher
+
+    recipe_path, final = lora_run
+    student_dir = final.parent
+    for use_ema, folder in ((True, "final_ema"), (False, "final")):
+        recipe = load_recipe(recipe_path, ["export.checkpoint=latest", f"export.use_ema={str(use_ema).lower()}"])
+        teacher = WanTeacher.from_config(recipe.teacher)
+        path = checkpoint_dir(recipe, "latest")
+        assert path == checkpoint_dir(recipe, "checkpoint-4") == student_dir / "checkpoint-4"
+        got = student_from_checkpoint(recipe, teacher, path).trainable_state_dict()
+        fresh = WanTeacher.from_config(recipe.teacher)  # a LoRA student's adapter lives on its teacher's transformer
+        want = Student.from_pretrained(student_dir / folder, fresh.pipe.transformer,
+                                       cfg=recipe.student).trainable_state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), folder
+    with pytest.raises(FileNotFoundError, match="checkpoint-4"):
+        checkpoint_dir(recipe, "checkpoint-3")
