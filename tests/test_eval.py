@@ -265,12 +265,17 @@ def test_warm_up_batch_is_not_timed():
                               to_uint8=lambda v: np.zeros((len(v), 2, 4, 4, 3), np.uint8))
     rows = [{"prompt": "p", "seed": i, "slots": {}} for i in range(5)]
     run = run_model("fake", sampler, teacher, [rows[:2], rows[2:4], rows[4:]], (1, 1, 1, 1), None, None, 3)
-    assert calls == [2, 2, 2, 1]  # warm-up on the first batch, then every batch once
-    assert 0.03 <= run.sample_seconds < 0.25 and len(run.previews) == 3
+    # every batch once; the first is the warm-up (graded and previewed, not timed)
+    assert calls == [2, 2, 1] and run.timed_videos == 3
+    assert 0.02 <= run.sample_seconds < 0.25 and len(run.previews) == 3
     decoded = []
     teacher.decode = lambda latents: decoded.append(len(latents)) or latents
     run = run_model("fake", sampler, teacher, [rows[:3], rows[3:]], (1, 1, 1, 1), None, None, 5, decode_batch=2)
-    assert decoded == [2, 1] * 2 + [2] and len(run.previews) == 5  # eval.decode_batch_size videos per call
+    assert decoded == [2, 1, 2] and len(run.previews) == 5  # eval.decode_batch_size videos per call
+    # a single batch: the warm-up run, then the same batch again for the clock
+    calls.clear()
+    run = run_model("fake", sampler, teacher, [rows], (1, 1, 1, 1), None, None, 5)
+    assert calls == [5, 5] and run.timed_videos == 5 and run.sample_seconds < 0.25 and len(run.previews) == 5
 
 
 def test_causal_student_samples_chunk_by_chunk_and_reports_drift(setup, tmp_path, monkeypatch):
@@ -298,7 +303,8 @@ def test_causal_student_samples_chunk_by_chunk_and_reports_drift(setup, tmp_path
     assert set(entry["accuracy"]) == SLOT_KEYS
     latent = (4, 3, 4, 4)  # 9 frames of 32 px through the tiny VAE (4x in time, 8x in space)
     sigmas = [1.0, 0.75]  # [1000, 500] warped through shift 3
-    # warm-up + one timed batch at the training length, then the long rollout: 3 x 3 latent frames, 1 chunk each
+    # one batch (warm-up, then again for the clock) at the training length, then the long rollout: 3 x 3 latent
+    # frames, 1 chunk each
     assert calls == [((4, *latent), sigmas, None)] * 2 + [((4, 4, 9, 4, 4), sigmas, None)]
     drift = entry["long_rollout"]
     assert (drift["length_factor"], drift["num_frames"], drift["num_prompts"]) == (3, 9, 4)
