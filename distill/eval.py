@@ -299,7 +299,7 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
     frames = math.ceil(factor * f / fpb) * fpb
     sampler, _ = _student_sampler(student, teacher, frames)
     subset, size = rows[:recipe.eval.long_rollout_prompts], recipe.eval.batch_size
-    sums, slot_sums, count = np.zeros(factor), {}, 0
+    sums, count = {}, 0  # "all" and each slot: accuracy per segment, weighted by batch size
     for start in tqdm(range(0, len(subset), size), desc=f"eval {student.cfg.name} long rollout", unit="batch",
                       leave=False):
         batch = subset[start: start + size]
@@ -308,13 +308,12 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
         latents = sampler(cond, noise, batch)
         videos = decode_videos(teacher, latents, recipe.eval.decode_batch_size)
         graded = grade(videos, [r["slots"] for r in batch], num_segments=factor)
-        sums += np.asarray(graded["segment_accuracy"]) * len(batch)
-        for slot, acc in graded["segment_slot_accuracy"].items():
-            slot_sums[slot] = slot_sums.get(slot, 0) + np.asarray(acc) * len(batch)
+        for key, acc in {"all": graded["segment_accuracy"], **graded["segment_slot_accuracy"]}.items():
+            sums[key] = sums.get(key, 0) + np.asarray(acc) * len(batch)
         count += len(batch)
+    means = {key: [float(a) for a in v / count] for key, v in sums.items()}
     return {"length_factor": factor, "num_frames": frames, "num_prompts": count,
-            "segment_accuracy": [float(a) for a in sums / count],
-            "segment_slot_accuracy": {s: [float(a) for a in v / count] for s, v in slot_sums.items()}}
+            "segment_accuracy": means.pop("all"), "segment_slot_accuracy": means}
 
 
 def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) -> tuple[dict, _Run]:

@@ -55,8 +55,9 @@ def student_from_checkpoint(recipe: Recipe, teacher, path: Path) -> Student:
     student = build_student(recipe.student, teacher.pipe.transformer)
     weights = path / f"0_{STUDENT_WEIGHTS}"
     student.load_trainable_state_dict(load_file(str(weights)), where=str(weights))
-    ema_file = path / "custom_checkpoint_0.pkl"
-    if recipe.train.ema and recipe.export.use_ema:
+    use_ema = recipe.train.ema and recipe.export.use_ema
+    if use_ema:
+        ema_file = path / "custom_checkpoint_0.pkl"
         if not ema_file.is_file():
             raise FileNotFoundError(f"export.checkpoint: {path} has no EMA ({ema_file.name}) though train.ema is set; "
                                     "set export.use_ema=false to export the raw weights")
@@ -64,7 +65,7 @@ def student_from_checkpoint(recipe: Recipe, teacher, path: Path) -> Student:
         ema = EMAModel(params, decay=recipe.train.ema_decay)
         ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=True))
         ema.copy_to(params)
-    logger.info("export: weights of %s%s", path, " (EMA)" if recipe.train.ema and recipe.export.use_ema else "")
+    logger.info("export: weights of %s%s", path, " (EMA)" if use_ema else "")
     return student
 
 

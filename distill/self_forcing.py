@@ -132,9 +132,7 @@ class CausalRollout:
                              f"be > 0; got σ's {sigmas}")
         self.model, self.sigmas, self.seed = model, list(sigmas), seed
         self.samples_per_step, self.num_chunks, self.last_only = samples_per_step, num_chunks, last_only
-        if window is not None and window < 1:
-            raise ValueError(f"method.self_forcing.dmd_window: must be >= 1 or null, got {window}")
-        self.window = window
+        self.window = window  # checked against the chunks rolled out by `draw_window_end`
         self.last_exit_steps: list[int] = []
         """The exit steps of the latest call, one per returned chunk (for logs and tests)."""
         self.last_window: tuple[int, int] = (0, 0)
