@@ -4,8 +4,8 @@
 # The toy teacher needs ~10k+ steps at batch 256 (teachers/toyworld/README.md): CPU hours, GPU minutes. This script
 # trains from the shipped weights (teachers/toyworld/pipeline) for $MINUTES minutes of wall clock with the same
 # recipe as the CPU runs (flow matching on freshly rendered clips, no pool: the GPU encodes a batch in milliseconds),
-# checkpointing every $CKPT steps; when the time is up it finishes from the last checkpoint, exports the pipeline
-# and copies the transformer + the loss logs to $OUT (the device tool brings $OUT back).
+# checkpointing every $CKPT steps; when the time is up it exports the last checkpoint's EMA weights and copies them,
+# that checkpoint (to resume from) and the loss logs to $OUT (the device tool brings $OUT back).
 #
 # Once, on the development machine, in the repo root (the GPU image has torch, accelerate, peft, transformers and
 # safetensors, but not diffusers):
@@ -16,7 +16,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #       .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash teachers/toyworld/train_gpu.sh
 # and back here, with <files_at> the folder the tool names:
-#   cp <files_at>/transformer/* teachers/toyworld/pipeline/transformer/
+#   cp <files_at>/diffusion_pytorch_model.safetensors teachers/toyworld/pipeline/transformer/
 #
 # Check it on the CPU first, tiny (it writes to a temporary OUT):
 #   MINUTES=0.5 BATCH=4 WORKERS=0 CKPT=2 PYTHON=.venv/bin/python bash teachers/toyworld/train_gpu.sh
@@ -43,11 +43,11 @@ timeout --signal=TERM "$(awk "BEGIN {print int($MINUTES * 60)}")" "$PY" -m disti
     "${ARGS[@]}" || [ $? -eq 124 ]
 last=$(ls -d "$RUN"/students/teacher/checkpoint-* 2>/dev/null | sed 's/.*checkpoint-//' | sort -n | tail -1)
 [ -n "$last" ] || { echo "train_gpu.sh: no checkpoint within $MINUTES min (lower CKPT)"; exit 1; }
-echo "train_gpu.sh: $last steps x $BATCH clips in $(( $(date +%s) - start )) s; finishing from checkpoint-$last"
-"$PY" -m distill train recipes/toyworld_teacher.yaml "${ARGS[@]}" train.max_steps="$last" \
-    train.resume_from_checkpoint=latest
-"$PY" -m distill export recipes/toyworld_teacher.yaml "${ARGS[@]}"
-mkdir -p "$OUT/transformer"
-cp "$RUN"/students/teacher/export/pipeline/transformer/* "$OUT/transformer/"
+echo "train_gpu.sh: $last steps x $BATCH clips in $(( $(date +%s) - start )) s"
+# the EMA weights of the last checkpoint; the checkpoint itself comes back too, so a CPU run can resume from it
+"$PY" -m distill export recipes/toyworld_teacher.yaml "${ARGS[@]}" export.checkpoint=latest
+mkdir -p "$OUT/ckpt"
+cp "$RUN"/students/teacher/export/pipeline/transformer/diffusion_pytorch_model.safetensors "$OUT/"
+cp "$RUN/students/teacher/checkpoint-$last"/* "$OUT/ckpt/"
 tar -czf "$OUT/logs.tgz" -C "$RUN/students/teacher" logs
-echo "train_gpu.sh: steps=$last batch=$BATCH lr=$LR -> $OUT/transformer (EMA weights), $OUT/logs.tgz"
+echo "train_gpu.sh: steps=$last batch=$BATCH lr=$LR -> $OUT/diffusion_pytorch_model.safetensors (EMA), $OUT/ckpt"
