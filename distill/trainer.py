@@ -446,6 +446,8 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
         critic_params, critic_optimizer, critic_scheduler = _critic_optimization(recipe, accelerator, critic)
     if resume is not None:
         accelerator.load_state(str(resume))
+        if ema is not None:  # EMAModel.load_state_dict puts the shadow weights where the pickle had them: the CPU
+            ema.to(accelerator.device)
         logger.info("resumed from %s at step %d", resume, start_step)
     algorithm = build_algorithm(recipe, teacher, model, student,
                                 None if critic is None else _autocast(accelerator, critic), num_processes=world)
