@@ -4,6 +4,11 @@
 
 The tokenizer covers every word of the toy vocabulary (slot values, templates, negative prompt). The
 transformer's shape is fixed here (TRANSFORMER) so that the shipped weights and this script agree.
+
+A token carries 3x4x4 px x 3 channels = 144 numbers, so the width (heads x head size) must be at least 144: at 4 x 32
+= 128 (sessions 1-4) `proj_out` could not reach 16 directions per token and `patch_embedding` could not see 16; the
+noise a sample starts with stayed there to the end and 44% of the flow-matching loss lay out of reach
+(teachers/toyworld/README.md, session 5). `unreachable_dims` checks it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ VOCABULARY = Path(__file__).resolve().parents[2] / "synth_data" / "vocab" / "toy
 TEXT_DIM = 48  # >= the vocabulary + special tokens, so word embeddings are exactly orthogonal
 TRANSFORMER = dict(
     patch_size=(3, 4, 4),  # 3 frames x 4x4 px per token: 192 tokens for a 9-frame 32x32 clip
-    num_attention_heads=4,
+    num_attention_heads=5,  # width 160 >= 144 numbers per token (see the module docstring)
     attention_head_dim=32,
     in_channels=3,
     out_channels=3,
@@ -37,6 +42,12 @@ TRANSFORMER = dict(
     eps=1e-6,
     rope_max_seq_len=256,
 )
+
+
+def unreachable_dims(config: dict) -> int:
+    """Per-token output directions a WanTransformer3DModel of this config cannot produce (0 when wide enough)."""
+    pt, ph, pw = config["patch_size"]
+    return max(0, pt * ph * pw * config["out_channels"] - config["num_attention_heads"] * config["attention_head_dim"])
 
 
 def toy_words(vocab_path: Path = VOCABULARY) -> list[str]:

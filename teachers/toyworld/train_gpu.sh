@@ -16,11 +16,13 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #       .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash teachers/toyworld/train_gpu.sh
 # and back here, with <files_at> the folder the tool names:
-#   cp <files_at>/diffusion_pytorch_model.safetensors teachers/toyworld/pipeline/transformer/
+#   cp <files_at>/{diffusion_pytorch_model.safetensors,config.json} teachers/toyworld/pipeline/transformer/
 #
 # Measured on an H200 (session 4): ~4 steps/s at batch 256, 1,600 steps in 7 min; the GPU waits on the main process
 # (per-sample σ/noise draws and prompt encoding, ~0.1-0.15 s per step on one core), not on rendering. To continue on
 # the same warm machine, rerun the train command with train.resume_from_checkpoint=latest.
+#
+# Extra arguments are more recipe overrides, e.g. train.resume_from_checkpoint=latest.
 #
 # Check it on the CPU first, tiny (it writes to a temporary OUT):
 #   MINUTES=0.5 BATCH=4 WORKERS=0 CKPT=2 PYTHON=.venv/bin/python bash teachers/toyworld/train_gpu.sh
@@ -39,6 +41,7 @@ ARGS=(output_dir="$RUN" teacher.pretrained=teachers/toyworld/pipeline student.in
       train.batch_size="$BATCH" train.learning_rate="$LR" train.toyworld_pool=0
       train.dataloader_num_workers="$WORKERS" train.checkpointing_steps="$CKPT" train.checkpoints_total_limit=1)
 
+ARGS+=("$@")
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', \
 torch.cuda.is_available())" || { echo "train_gpu.sh: diffusers is missing: install the carried wheels (see above)"; exit 1; }
 start=$(date +%s)
@@ -51,7 +54,7 @@ echo "train_gpu.sh: $last steps x $BATCH clips in $(( $(date +%s) - start )) s"
 # the EMA weights of the last checkpoint; the checkpoint itself comes back too, so a CPU run can resume from it
 "$PY" -m distill export recipes/toyworld_teacher.yaml "${ARGS[@]}" export.checkpoint=latest
 mkdir -p "$OUT/ckpt"
-cp "$RUN"/students/teacher/export/pipeline/transformer/diffusion_pytorch_model.safetensors "$OUT/"
+cp "$RUN"/students/teacher/export/pipeline/transformer/{diffusion_pytorch_model.safetensors,config.json} "$OUT/"
 cp "$RUN/students/teacher/checkpoint-$last"/* "$OUT/ckpt/"
 tar -czf "$OUT/logs.tgz" -C "$RUN/students/teacher" logs
 echo "train_gpu.sh: steps=$last batch=$BATCH lr=$LR -> $OUT/diffusion_pytorch_model.safetensors (EMA), $OUT/ckpt"
