@@ -32,43 +32,41 @@ from diffusers import WanTransformer3DModel
 
 logger = logging.getLogger(__name__)
 
-_SCALE_ROWS = {"scale_shift_table": (1,), "block_table": (1, 4)}
-"""Rows of the modulation tables that multiply a normalised stream: (shift, scale) at the output;
-(shift, scale, gate, c_shift, c_scale, c_gate) in each block."""
-_GATE_ROWS = (2, 5)
+_BLOCK_SCALE_ROWS, _BLOCK_GATE_ROWS = (1, 4), (2, 5)
+"""Rows of a block's modulation (shift, scale, gate, c_shift, c_scale, c_gate) that scale a normalised stream / gate a
+write to the residual stream. The output layer's table is (shift, scale): its scale is row 1."""
+
+
+def _embed(old: torch.Tensor, shape: tuple[int, ...], weight: bool, noise: float, g: torch.Generator) -> torch.Tensor:
+    """`old` in the leading corner of zeros(shape); where the last (input) axis of a `weight` grows, the old outputs'
+    new input columns get `noise` x std(old) random values."""
+    new = torch.zeros(shape)
+    new[tuple(slice(0, n) for n in old.shape)] = old
+    if weight and shape[-1] > old.shape[-1]:
+        cols = new[(*(slice(0, n) for n in old.shape[:-1]), slice(old.shape[-1], None))]
+        cols.copy_(noise * old.std() * torch.randn(cols.shape, generator=g))
+    return new
 
 
 def _grow(name: str, old: torch.Tensor, shape: torch.Size, d: int, c: float, noise: float,
           g: torch.Generator) -> torch.Tensor:
     """One parameter of the grown model from the narrow one (old width d, rescale c)."""
-    new = torch.zeros(shape)
-    if name == "condition_embedder.time_proj.weight" or name == "condition_embedder.time_proj.bias":
-        new6, old6 = new.view(6, -1, *shape[1:]), old.view(6, d, *old.shape[1:])  # the six modulation vectors
-        if old.ndim == 2:
-            new6[:, :d, : old.shape[1]] = old6
-            new6[:, :d, old.shape[1]:] = noise * old.std() * torch.randn(new6[:, :d, old.shape[1]:].shape,
-                                                                         generator=g)
-        else:
-            new6[:, :d] = old6
-        new6[[1, 4]] /= c
-        return new
+    if name.startswith("condition_embedder.time_proj."):  # outputs are six modulation vectors of the width each
+        new = _embed(old.view(6, d, *old.shape[1:]), (6, shape[0] // 6, *shape[1:]), old.ndim == 2, noise, g)
+        new[list(_BLOCK_SCALE_ROWS)] /= c
+        return new.reshape(shape)
     if name.endswith("scale_shift_table"):  # [1, rows, width]
         block = name != "scale_shift_table"
+        new = torch.zeros(shape)
         new[..., :d] = old
-        for r in _SCALE_ROWS["block_table" if block else "scale_shift_table"]:
+        for r in _BLOCK_SCALE_ROWS if block else (1,):
             new[:, r, :d] = (1 + old[:, r]) / c - 1
-        for r in _GATE_ROWS if block else ():
+        for r in _BLOCK_GATE_ROWS if block else ():
             new[:, r, d:] = old[:, r].mean()  # new channels can be written to (their writers start at 0)
         return new
-    index = tuple(slice(0, n) for n in old.shape)
-    new[index] = old
-    if old.ndim == 2 and shape[1] > old.shape[1]:  # a Linear that reads the new channels / heads: old outputs only
-        cols = new[: old.shape[0], old.shape[1]:]
-        cols.copy_(noise * old.std() * torch.randn(cols.shape, generator=g))
-    if name.endswith(("norm_q.weight", "norm_k.weight")):  # RMSNorm across the heads, new heads' q/k are 0
-        new[: old.shape[0]] = old / c
-        new[old.shape[0]:] = old.mean() / c
-    elif name.endswith("norm2.weight"):  # the affine LayerNorm before cross-attention
+    new = _embed(old, shape, old.ndim >= 2, noise, g)
+    if name.endswith(("norm_q.weight", "norm_k.weight", "norm2.weight")):
+        # RMSNorm across the heads (new heads' q/k are 0) and the affine LayerNorm before cross-attention
         new[: old.shape[0]] = old / c
         new[old.shape[0]:] = old.mean() / c
     return new
