@@ -11,13 +11,21 @@ student's own samples (the "fake score", x0_fake). With x0 = x_σ - σ·v (DESIG
 
 The generator descends the KL between its distribution and the teacher's; the critic tracks the generator's
 distribution. Two optimizers (TTUR): the critic updates every trainer step, the generator every
-`generator_update_interval`-th (DMD2 §4.1). Not included: DMD2's GAN head and its regression loss (DMD2 drops it).
+`generator_update_interval`-th (DMD2 §4.1). Not included: DMD's regression loss (DMD2 drops it).
+
+GAN (DMD2 §4.3, `gan_weight` > 0): a classifier head on one critic block (`students.critic.GANHead`) tells the
+batch's clean latents x_real (the dataset's, or rendered toy-world clips) from the student's samples, both re-noised
+at the same σ; non-saturating losses, per token, averaged:
+    L_C += gan_critic_weight · (softplus(-D(x_real,σ)) + softplus(D(sg(x0),σ)))
+    L_G += gan_weight · softplus(-D(x0,σ))         (the gradient reaches x0 through the critic's frozen features)
+The fake score then judges the student against real data too, not only against the teacher: DMD2 credits this for
+students that beat their teacher (its FID below the teacher's).
 
 Where x0 comes from is pluggable (`rollout`): `FewStepRollout` samples a bidirectional few-step student;
 `self_forcing` plugs in its causal chunk-by-chunk rollout.
 
 Randomness, per sample from its own generator and in this order: the rollout's draws (initial noise, one
-fresh noise per re-noising, the exit step), then σ, then ε'. Hence N processes × batch b equal 1 × N·b.
+fresh noise per re-noising, the exit step), then σ, then ε' (then, in the critic loss with a GAN, ε of x_real). Hence N processes × batch b equal 1 × N·b.
 CFG is diffusers' convention, v = v_u + w·(v_c - v_u): Self-Forcing's `real_guidance_scale` g is w = g + 1.
 """
 
@@ -31,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.data import Batch, rand_per_sample, randint_per_sample, randn_per_sample
-from distill.flow import add_noise, shift_sigma, timestep, x0_from_velocity
+from distill.flow import add_noise, shift_sigma, timestep, velocity_target, x0_from_velocity
 from distill.flow_matching import Model, flow_matching_loss
 from distill.kd import teacher_velocity
 
@@ -71,6 +79,16 @@ def dmd_critic_loss(critic: Model, x0: torch.Tensor, noise: torch.Tensor, sigma:
     """L_C = flow matching of the critic on the DETACHED student samples x0 [B, C, F, H, W] (no gradient
     reaches the student): `flow_matching_loss(critic, sg(x0), ε, σ, c)`; noise like x0, sigma [B]."""
     return flow_matching_loss(critic, x0.detach(), noise, sigma, embeds)
+
+
+def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss, mean softplus(-D(x0)) over samples and tokens."""
+    return F.softplus(-logits_fake.float()).mean()
+
+
+def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating discriminator loss, mean softplus(-D(real)) + mean softplus(D(fake))."""
+    return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
 
 
 def exit_step_rollout(student: Model, embeds: torch.Tensor, noise: torch.Tensor, renoise: list[torch.Tensor],
@@ -152,6 +170,12 @@ class DMD:
         """Shift of the re-noising levels; None uses `teacher.shift`."""
         exit_step: Literal["random", "last"] = "random"
         """`FewStepRollout`: which step keeps the graph, per sample: a random one (Self-Forcing) or the last."""
+        gan_weight: float = 0.0
+        """Weight of the generator's GAN loss (module docstring); 0 = no GAN head. DMD2 uses 3e-3 to 5e-3."""
+        gan_critic_weight: float = 1.0e-2
+        """Weight of the head's discriminator loss in the critic's loss (DMD2: 1e-2)."""
+        gan_layer: int | None = None
+        """The critic block whose output feeds the GAN head; None: the middle one (len(blocks) // 2)."""
 
         def __post_init__(self):
             if self.generator_update_interval < 1:
@@ -165,12 +189,21 @@ class DMD:
                                  f"max_sigma {self.max_sigma}")
             if self.shift is not None and self.shift <= 0:
                 raise ValueError(f"shift: must be > 0 or null, got {self.shift}")
+            if self.gan_weight < 0 or self.gan_critic_weight <= 0:
+                raise ValueError(f"gan_weight: must be >= 0 and gan_critic_weight > 0, got {self.gan_weight} and "
+                                 f"{self.gan_critic_weight}")
 
     def __init__(self, config: DMD.Config, *, teacher, critic: Model, rollout: Rollout):
         """`teacher`: a `WanTeacher` (frozen); `critic`: the trainable fake score, called as a `Model`;
         `rollout`: the student's samples with graph (e.g. `FewStepRollout(student, sigmas)`)."""
         self.config, self.teacher, self.critic, self.rollout = config, teacher, critic, rollout
         self.shift = teacher.cfg.shift if config.shift is None else config.shift
+
+    @property
+    def generator_touches_critic(self) -> bool:
+        """True when the generator loss backpropagates through the critic (the GAN term): the trainer then keeps
+        those gradients out of the critic's update."""
+        return self.config.gan_weight > 0
 
     def trains_generator(self, step: int) -> bool:
         """Whether trainer step `step` (0-based) also updates the generator."""
@@ -193,11 +226,23 @@ class DMD:
         with torch.no_grad():
             v_real = teacher_velocity(self.teacher, x_t, t, batch.cond, self.config.guidance_scale)
             x0_real = x0_from_velocity(x_t, v_real, sigma)
-            x0_fake = x0_from_velocity(x_t, self.critic(x_t, t, batch.cond.prompt_embeds).float(), sigma)
-        # 4. the DMD loss: its gradient w.r.t. x0 is the normalised score difference
+        if self.config.gan_weight > 0:
+            # the same x_σ with its graph to x0: one critic forward gives the fake score and the GAN logits
+            v_fake, logits = self.critic(add_noise(x0.float(), noise, sigma), t, batch.cond.prompt_embeds,
+                                         return_logits=True)
+            x0_fake = x0_from_velocity(x_t, v_fake.detach().float(), sigma)
+        else:
+            with torch.no_grad():
+                x0_fake = x0_from_velocity(x_t, self.critic(x_t, t, batch.cond.prompt_embeds).float(), sigma)
+        # 4. the DMD loss: its gradient w.r.t. x0 is the normalised score difference (+ the GAN term)
         loss = dmd_generator_loss(x0, x0_real, x0_fake)
         grad = dmd_gradient(x0, x0_real, x0_fake)
-        return loss, {"loss/dmd": loss.detach(), "dmd/grad_abs_mean": grad.abs().mean(), "dmd/sigma_mean": sigma.mean()}
+        logs = {"loss/dmd": loss.detach(), "dmd/grad_abs_mean": grad.abs().mean(), "dmd/sigma_mean": sigma.mean()}
+        if self.config.gan_weight > 0:
+            gan = gan_generator_loss(logits)
+            loss = loss + self.config.gan_weight * gan
+            logs["loss/gan_generator"] = gan.detach()
+        return loss, logs
 
     def critic_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # 1. the student's samples, without grad
@@ -206,9 +251,26 @@ class DMD:
         # 2. σ and ε' drawn as for the generator (the critic must be right where it is queried)
         sigma, noise = self.draw_sigma_noise(batch.generators, x0)
         # 3. flow matching of the critic on them
-        loss = dmd_critic_loss(self.critic, x0, noise, sigma, batch.cond.prompt_embeds)
-        return loss, {"loss/critic": loss.detach()}
+        if self.config.gan_weight <= 0:
+            loss = dmd_critic_loss(self.critic, x0, noise, sigma, batch.cond.prompt_embeds)
+            return loss, {"loss/critic": loss.detach()}
+        # 3'. with a GAN: the same forward also gives the fake logits; the batch's clean latents, re-noised at the
+        # same σ with their own ε, are the real ones
+        embeds = batch.cond.prompt_embeds
+        v, logits_fake = self.critic(add_noise(x0, noise, sigma), timestep(sigma), embeds, return_logits=True)
+        loss = F.mse_loss(v.float(), velocity_target(x0, noise).float())
+        real = batch.x0.float()
+        if sigma.ndim == 2 and real.shape[2] != x0.shape[2]:
+            raise ValueError(f"gan_weight: with frame_wise_timesteps the real clips ({real.shape[2]} latent frames) "
+                             f"must be as long as the scored rollout ({x0.shape[2]}); set dmd_window to the "
+                             "teacher's length in chunks")
+        real_noise = randn_per_sample(batch.generators, tuple(real.shape[1:]), real.device)
+        _, logits_real = self.critic(add_noise(real, real_noise, sigma), timestep(sigma), embeds, return_logits=True)
+        gan = gan_discriminator_loss(logits_real, logits_fake)
+        return loss + self.config.gan_critic_weight * gan, {
+            "loss/critic": loss.detach(), "loss/gan_critic": gan.detach(),
+            "gan/real_acc": (logits_real > 0).float().mean(), "gan/fake_acc": (logits_fake < 0).float().mean()}
 
 
 __all__ = ["DMD", "FewStepRollout", "Rollout", "dmd_critic_loss", "dmd_generator_loss", "dmd_gradient",
-           "exit_step_rollout"]
+           "exit_step_rollout", "gan_discriminator_loss", "gan_generator_loss"]

@@ -96,10 +96,10 @@ class PerTokenTimesteps:
     def __init__(self, model: Model, patch_size: tuple[int, int, int]):
         self.model, self.patch_size = model, tuple(patch_size)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs):
         if t.ndim == 2:
             t = per_token_timesteps(t, x, self.patch_size)
-        return self.model(x, t, encoder_hidden_states)
+        return self.model(x, t, encoder_hidden_states, **kwargs)
 
 
 class PreparedCausal(ChunkModelWrapper):

@@ -29,6 +29,8 @@ Run alone with `accelerate launch -m distill.trainer RECIPE.yaml [dotted.key=val
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import logging
@@ -401,12 +403,30 @@ def _all_reduce_grads(accelerator: Accelerator, params: list[nn.Parameter]) -> N
         start = end
 
 
+@contextlib.contextmanager
+def _critic_grads_set_aside(params: list[nn.Parameter] | None):
+    """Within: `params` (the critic's) start with no gradient; on exit the gradients they had before are back, so a
+    generator backward through the critic (DMD2's GAN term) leaves the critic's accumulated gradients as they were.
+    None: a no-op."""
+    if params is None:
+        yield
+        return
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
 def _autocast(accelerator: Accelerator, module: nn.Module):
     """`module` called under accelerate's autocast (a prepared model gets it from `prepare`; the critic is not)."""
 
-    def call(x, t, encoder_hidden_states):
+    def call(x, t, encoder_hidden_states, **kwargs):
         with accelerator.autocast():
-            return module(x, t, encoder_hidden_states)
+            return module(x, t, encoder_hidden_states, **kwargs)
 
     return call
 
@@ -474,7 +494,10 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
                     # 2. the method's (generator's) loss, with its own numbered steps (draws, teacher and student)
                     loss, logs = algorithm.generator_loss(batch) if two_player else algorithm.loss(batch)
                     # 3. backward; accelerate scales by 1/gradient_accumulation_steps and syncs on the last micro-batch
-                    accelerator.backward(loss)
+                    # (a GAN term backpropagates through the critic: its gradients are set aside and dropped)
+                    with _critic_grads_set_aside(critic_params if getattr(algorithm, "generator_touches_critic",
+                                                                          False) else None):
+                        accelerator.backward(loss)
                 if two_player:
                     # 2-3'. the critic's loss on the same micro-batch (fresh draws from the same streams), backward
                     critic_loss, critic_logs = algorithm.critic_loss(batch)
