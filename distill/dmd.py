@@ -174,6 +174,9 @@ class DMD:
         """Weight of the generator's GAN loss (module docstring); 0 = no GAN head. DMD2 uses 3e-3 to 5e-3."""
         gan_critic_weight: float = 1.0e-2
         """Weight of the head's discriminator loss in the critic's loss (DMD2: 1e-2)."""
+        gan_learning_rate: float | None = None
+        """The GAN head's learning rate; None: the critic's. The head starts from scratch, the critic from the
+        teacher, so the head may need a larger one."""
         gan_layer: int | None = None
         """The critic block whose output feeds the GAN head; None: the middle one (len(blocks) // 2)."""
 
@@ -189,6 +192,8 @@ class DMD:
                                  f"max_sigma {self.max_sigma}")
             if self.shift is not None and self.shift <= 0:
                 raise ValueError(f"shift: must be > 0 or null, got {self.shift}")
+            if self.gan_learning_rate is not None and self.gan_learning_rate <= 0:
+                raise ValueError(f"gan_learning_rate: must be > 0 or null, got {self.gan_learning_rate}")
             if self.gan_weight < 0 or self.gan_critic_weight <= 0:
                 raise ValueError(f"gan_weight: must be >= 0 and gan_critic_weight > 0, got {self.gan_weight} and "
                                  f"{self.gan_critic_weight}")

@@ -267,8 +267,8 @@ def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None, nu
                              "flow_matching, kd, trajectory, ode_regression, dmd, self_forcing")
 
 
-def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
-    """`train.optimizer` over `params` at `lr` (None: train.learning_rate)."""
+def make_optimizer(params: list, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
+    """`train.optimizer` over `params` (parameters, or param groups) at `lr` (None: train.learning_rate)."""
     tc = recipe.train
     lr = tc.learning_rate if lr is None else lr
     if tc.optimizer == "adamw8bit":
@@ -378,8 +378,13 @@ def _critic_optimization(recipe: Recipe, accelerator: Accelerator, critic: Criti
     from diffusers.training_utils import cast_training_params
 
     cast_training_params(critic, torch.float32)
-    params = critic.trainable_parameters()
-    optimizer = make_optimizer(params, recipe, recipe.method.critic_config().critic_learning_rate)
+    params, c = critic.trainable_parameters(), recipe.method.critic_config()
+    groups: list = params
+    if critic.gan_head is not None and c.gan_learning_rate is not None:  # the new head learns faster than the critic
+        head = {id(p) for p in critic.gan_head.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in head]},
+                  {"params": list(critic.gan_head.parameters()), "lr": c.gan_learning_rate}]
+    optimizer = make_optimizer(groups, recipe, c.critic_learning_rate)
     scheduler = _lr_scheduler(recipe, optimizer, accelerator.num_processes)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     accelerator.register_for_checkpointing(TrainableWeights(critic))

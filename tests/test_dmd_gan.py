@@ -135,7 +135,7 @@ def test_dmd_trainer_with_gan_checkpoints_the_head(tmp_path, tiny_pipeline_dir):
     recipe = write_recipe(
         tmp_path / "a.yaml", tmp_path / "a", tiny_pipeline_dir,
         method={"name": "dmd", "dmd": {"generator_update_interval": 1, "critic": "full", "critic_learning_rate": 3e-3,
-                                       "gan_weight": 0.1, "gan_layer": 0}},
+                                       "gan_weight": 0.1, "gan_layer": 0, "gan_learning_rate": 0.05}},
         student={"denoising_steps": [1000, 500]},
         train={"max_steps": 2, "gradient_accumulation_steps": 2, "checkpointing_steps": 1,
                "checkpoints_total_limit": 2, "lr_warmup_steps": 0})
@@ -147,4 +147,6 @@ def test_dmd_trainer_with_gan_checkpoints_the_head(tmp_path, tiny_pipeline_dir):
 
     assert all(torch.isfinite(v).all() for v in head(2).values())
     assert any(not torch.equal(head(1)[k], head(2)[k]) for k in head(2))  # the head trains
+    groups = torch.load(final.parent / "checkpoint-2" / "optimizer_1.bin", weights_only=False)["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [3e-3, 0.05] and len(groups[1]["params"]) == 4  # its own rate
     assert set(head(2)) == {GAN_HEAD_PREFIX + k for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")}
