@@ -34,16 +34,29 @@ def attribute_keys(report: dict) -> list[str]:
     return [] if acc is None else ["all", *(k for k in acc if k != "all")]
 
 
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (written out: two lines do not justify scipy)."""
+    centre, denom = accuracy + z * z / (2 * n), 1 + z * z / n
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / denom), min(1.0, (centre + half) / denom)
+
+
 def summary_table(report: dict) -> str:
-    """The markdown table: model, NFE, all-attribute and per-attribute accuracy, s/video, speedup."""
+    """The markdown table: model, NFE, all-attribute accuracy with its 95% interval over the prompts, per-attribute
+    accuracy, s/video, speedup."""
     keys = attribute_keys(report)
-    head = ["model", "NFE", *(f"acc {k}" for k in keys), "s/video", "speedup", "sampling speedup"]
+    ci = ["acc all 95% CI"] if keys else []
+    head = ["model", "NFE", *(f"acc {k}" for k in keys[:1]), *ci, *(f"acc {k}" for k in keys[1:]), "s/video",
+            "speedup", "sampling speedup"]
     rows = [["teacher", report["teacher"], 1.0, 1.0]]
     rows += [[name, s, s["speedup"], s["sampling_speedup"]] for name, s in report["students"].items()]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name, entry, speedup, sampling in rows:
         acc = entry["accuracy"]
-        cells = [name, str(entry["nfe"]), *(_fmt(None if acc is None else acc[k], ".3f") for k in keys),
+        interval = [] if not keys else ["n/a" if acc is None else
+                                        "{:.2f}–{:.2f}".format(*wilson_interval(acc["all"], report["num_prompts"]))]
+        values = [_fmt(None if acc is None else acc[k], ".3f") for k in keys]
+        cells = [name, str(entry["nfe"]), *values[:1], *interval, *values[1:],
                  _fmt(entry["seconds_per_video"], ".4g"), f"{speedup:.2f}x", f"{sampling:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

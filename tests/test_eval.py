@@ -153,7 +153,7 @@ def test_files_are_written_and_decodable(setup):
     assert decode(first / "compare.mp4").shape == (FRAMES, 4 * 128 + 3 * rep.GAP, 2 * 128 + rep.GAP, 3)
     md = (first / "report.md").read_text()
     for needle in ("| teacher | 8 |", "| pruned4 | 4 |", "| lora2 | 2 |", "](accuracy.png)", "(preview_teacher.mp4)",
-                   "(preview_student_lora2.gif)", "(first_frames.png)", "acc subject"):
+                   "(preview_student_lora2.gif)", "(first_frames.png)", "acc subject", "acc all 95% CI"):
         assert needle in md, needle
     rows = [json.loads(line) for line in (first / "prompts.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in eval_prompts(load_recipe(setup["recipe"]))]
@@ -314,3 +314,14 @@ def test_causal_student_samples_chunk_by_chunk_and_reports_drift(setup, tmp_path
     # a segment is all-right only if every slot is, so no slot's accuracy can fall below the all-slot accuracy
     assert all(min(v[k] for v in per_slot.values()) >= drift["segment_accuracy"][k] for k in range(3))
     assert (out / "eval" / "drift.png").stat().st_size > 0 and "](drift.png)" in (out / "eval/report.md").read_text()
+
+
+def test_wilson_interval_matches_known_values():
+    from distill.report import wilson_interval
+
+    # 0.7 of 128: the Wilson 95% interval (z = 1.96) is 0.616–0.773; 1.0 of 48 is 0.926–1.0 (not a zero width)
+    lo, hi = wilson_interval(0.7, 128)
+    assert abs(lo - 0.6157) < 1e-3 and abs(hi - 0.7726) < 1e-3
+    lo, hi = wilson_interval(1.0, 48)
+    assert abs(lo - 0.9259) < 1e-3 and abs(hi - 1.0) < 1e-12
+    assert wilson_interval(0.0, 10)[0] == 0.0
