@@ -18,6 +18,7 @@ batch's clean latents x_real (the dataset's, or rendered toy-world clips) from t
 at the same σ; non-saturating losses, per token, averaged:
     L_C += gan_critic_weight · (softplus(-D(x_real,σ)) + softplus(D(sg(x0),σ)))
     L_G += gan_weight · softplus(-D(x0,σ))         (the gradient reaches x0 through the critic's frozen features)
+With `gan_max_sigma` the GAN uses its own σ_g ~ U(min_sigma, gan_max_sigma) instead of DMD's σ.
 The fake score then judges the student against real data too, not only against the teacher: DMD2 credits this for
 students that beat their teacher (its FID below the teacher's).
 
@@ -25,7 +26,8 @@ Where x0 comes from is pluggable (`rollout`): `FewStepRollout` samples a bidirec
 `self_forcing` plugs in its causal chunk-by-chunk rollout.
 
 Randomness, per sample from its own generator and in this order: the rollout's draws (initial noise, one
-fresh noise per re-noising, the exit step), then σ, then ε' (then, in the critic loss with a GAN, ε of x_real). Hence N processes × batch b equal 1 × N·b.
+fresh noise per re-noising, the exit step), then σ, then ε'; with a GAN then σ_g and ε_g (gan_max_sigma set), and
+in the critic's loss ε of x_real. Hence N processes × batch b equal 1 × N·b.
 CFG is diffusers' convention, v = v_u + w·(v_c - v_u): Self-Forcing's `real_guidance_scale` g is w = g + 1.
 """
 
@@ -177,6 +179,10 @@ class DMD:
         gan_learning_rate: float | None = None
         """The GAN head's learning rate; None: the critic's. The head starts from scratch, the critic from the
         teacher, so the head may need a larger one."""
+        gan_max_sigma: float | None = None
+        """None: the GAN judges x_σ at DMD's σ (DMD2; one critic forward serves both). A value: at its own σ_g ~
+        U(min_sigma, gan_max_sigma), where blur and fine detail are still visible (one more critic forward in the
+        generator's loss and in the critic's)."""
         gan_layer: int | None = None
         """The critic block whose output feeds the GAN head; None: the middle one (len(blocks) // 2)."""
 
@@ -194,6 +200,9 @@ class DMD:
                 raise ValueError(f"shift: must be > 0 or null, got {self.shift}")
             if self.gan_learning_rate is not None and self.gan_learning_rate <= 0:
                 raise ValueError(f"gan_learning_rate: must be > 0 or null, got {self.gan_learning_rate}")
+            if self.gan_max_sigma is not None and not self.min_sigma < self.gan_max_sigma <= 1.0:
+                raise ValueError(f"gan_max_sigma: must be in (min_sigma={self.min_sigma}, 1] or null, got "
+                                 f"{self.gan_max_sigma}")
             if self.gan_weight < 0 or self.gan_critic_weight <= 0:
                 raise ValueError(f"gan_weight: must be >= 0 and gan_critic_weight > 0, got {self.gan_weight} and "
                                  f"{self.gan_critic_weight}")
@@ -221,6 +230,13 @@ class DMD:
         sigma = c.min_sigma + (c.max_sigma - c.min_sigma) * shift_sigma(u, self.shift)
         return sigma, randn_per_sample(generators, tuple(x0.shape[1:]), x0.device)
 
+    def draw_gan_sigma_noise(self, generators: list[torch.Generator], x0: torch.Tensor):
+        """The GAN's own levels (gan_max_sigma set), per sample after every other draw: σ_g [B] ~ U(min_sigma,
+        gan_max_sigma), then ε_g like x0."""
+        c = self.config
+        sigma = c.min_sigma + (c.gan_max_sigma - c.min_sigma) * rand_per_sample(generators, x0.device)
+        return sigma, randn_per_sample(generators, tuple(x0.shape[1:]), x0.device)
+
     def generator_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # 1. roll out the student from noise (graph on the exit step only)
         x0 = self.rollout(batch)
@@ -231,14 +247,18 @@ class DMD:
         with torch.no_grad():
             v_real = teacher_velocity(self.teacher, x_t, t, batch.cond, self.config.guidance_scale)
             x0_real = x0_from_velocity(x_t, v_real, sigma)
-        if self.config.gan_weight > 0:
+        c, embeds = self.config, batch.cond.prompt_embeds
+        if c.gan_weight > 0 and c.gan_max_sigma is None:
             # the same x_σ with its graph to x0: one critic forward gives the fake score and the GAN logits
-            v_fake, logits = self.critic(add_noise(x0.float(), noise, sigma), t, batch.cond.prompt_embeds,
-                                         return_logits=True)
+            v_fake, logits = self.critic(add_noise(x0.float(), noise, sigma), t, embeds, return_logits=True)
             x0_fake = x0_from_velocity(x_t, v_fake.detach().float(), sigma)
         else:
             with torch.no_grad():
-                x0_fake = x0_from_velocity(x_t, self.critic(x_t, t, batch.cond.prompt_embeds).float(), sigma)
+                x0_fake = x0_from_velocity(x_t, self.critic(x_t, t, embeds).float(), sigma)
+            if c.gan_weight > 0:  # the GAN's own low σ_g, with its graph to x0
+                sigma_g, noise_g = self.draw_gan_sigma_noise(batch.generators, x0)
+                logits = self.critic(add_noise(x0.float(), noise_g, sigma_g), timestep(sigma_g), embeds,
+                                     return_logits=True)[1]
         # 4. the DMD loss: its gradient w.r.t. x0 is the normalised score difference (+ the GAN term)
         loss = dmd_generator_loss(x0, x0_real, x0_fake)
         grad = dmd_gradient(x0, x0_real, x0_fake)
@@ -259,18 +279,26 @@ class DMD:
         if self.config.gan_weight <= 0:
             loss = dmd_critic_loss(self.critic, x0, noise, sigma, batch.cond.prompt_embeds)
             return loss, {"loss/critic": loss.detach()}
-        # 3'. with a GAN: the same forward also gives the fake logits; the batch's clean latents, re-noised at the
-        # same σ with their own ε, are the real ones
-        embeds = batch.cond.prompt_embeds
-        v, logits_fake = self.critic(add_noise(x0, noise, sigma), timestep(sigma), embeds, return_logits=True)
+        # 3'. with a GAN: the batch's clean latents, re-noised with their own ε, are the real ones. With
+        # gan_max_sigma null, at the critic's σ (its flow-matching forward also gives the fake logits); else fake and
+        # real at the GAN's own σ_g
+        embeds, real = batch.cond.prompt_embeds, batch.x0.float()
+        if self.config.gan_max_sigma is None:
+            v, logits_fake = self.critic(add_noise(x0, noise, sigma), timestep(sigma), embeds, return_logits=True)
+            if sigma.ndim == 2 and real.shape[2] != x0.shape[2]:
+                raise ValueError(f"gan_weight: with frame_wise_timesteps the real clips ({real.shape[2]} latent "
+                                 f"frames) must be as long as the scored rollout ({x0.shape[2]}); set dmd_window to "
+                                 "the teacher's length in chunks, or set gan_max_sigma")
+            sigma_g = sigma
+        else:
+            v = self.critic(add_noise(x0, noise, sigma), timestep(sigma), embeds)
+            sigma_g, noise_g = self.draw_gan_sigma_noise(batch.generators, x0)
+            logits_fake = self.critic(add_noise(x0, noise_g, sigma_g), timestep(sigma_g), embeds,
+                                      return_logits=True)[1]
         loss = F.mse_loss(v.float(), velocity_target(x0, noise).float())
-        real = batch.x0.float()
-        if sigma.ndim == 2 and real.shape[2] != x0.shape[2]:
-            raise ValueError(f"gan_weight: with frame_wise_timesteps the real clips ({real.shape[2]} latent frames) "
-                             f"must be as long as the scored rollout ({x0.shape[2]}); set dmd_window to the "
-                             "teacher's length in chunks")
         real_noise = randn_per_sample(batch.generators, tuple(real.shape[1:]), real.device)
-        _, logits_real = self.critic(add_noise(real, real_noise, sigma), timestep(sigma), embeds, return_logits=True)
+        _, logits_real = self.critic(add_noise(real, real_noise, sigma_g), timestep(sigma_g), embeds,
+                                     return_logits=True)
         gan = gan_discriminator_loss(logits_real, logits_fake)
         return loss + self.config.gan_critic_weight * gan, {
             "loss/critic": loss.detach(), "loss/gan_critic": gan.detach(),

@@ -150,3 +150,41 @@ def test_dmd_trainer_with_gan_checkpoints_the_head(tmp_path, tiny_pipeline_dir):
     groups = torch.load(final.parent / "checkpoint-2" / "optimizer_1.bin", weights_only=False)["param_groups"]
     assert [g["initial_lr"] for g in groups] == [3e-3, 0.05] and len(groups[1]["params"]) == 4  # its own rate
     assert set(head(2)) == {GAN_HEAD_PREFIX + k for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")}
+
+
+def test_gan_at_its_own_low_sigma(teacher):
+    """gan_max_sigma: the GAN's x are re-noised at σ_g ~ U(min_sigma, gan_max_sigma), drawn after σ and ε'."""
+    critic = full_critic(teacher)
+    sample = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    algo = dmd(teacher, critic, lambda b: sample, min_sigma=0.1, max_sigma=0.9, shift=2.0, gan_weight=0.5,
+               gan_critic_weight=0.25, gan_max_sigma=0.2)
+    batch = make_batch(teacher)
+    loss, _ = algo.generator_loss(batch)
+    gens = [sample_generator(0, j) for j in range(2)]
+    sigma = 0.1 + 0.8 * shift_sigma(rand_per_sample(gens), 2.0)
+    noise = randn_per_sample(gens, SHAPE, "cpu")
+    sigma_g = 0.1 + 0.1 * rand_per_sample(gens)
+    noise_g = randn_per_sample(gens, SHAPE, "cpu")
+    assert float(sigma_g.min()) >= 0.1 and float(sigma_g.max()) <= 0.2
+    emb = batch.cond.prompt_embeds
+    with torch.no_grad():
+        x_t = add_noise(sample, noise, sigma)
+        real = x0_from_velocity(x_t, teacher.velocity(x_t, timestep(sigma), batch.cond, 3.0), sigma)
+        fake = x0_from_velocity(x_t, critic(x_t, timestep(sigma), emb), sigma)
+        logits = critic(add_noise(sample, noise_g, sigma_g), timestep(sigma_g), emb, return_logits=True)[1]
+    torch.testing.assert_close(loss.detach(), dmd_generator_loss(sample, real, fake).detach()
+                               + 0.5 * F.softplus(-logits).mean())
+    c_loss, _ = algo.critic_loss(make_batch(teacher))
+    gens = [sample_generator(0, j) for j in range(2)]
+    sigma = 0.1 + 0.8 * shift_sigma(rand_per_sample(gens), 2.0)
+    noise = randn_per_sample(gens, SHAPE, "cpu")
+    sigma_g = 0.1 + 0.1 * rand_per_sample(gens)
+    noise_g, real_noise = randn_per_sample(gens, SHAPE, "cpu"), randn_per_sample(gens, SHAPE, "cpu")
+    with torch.no_grad():
+        v = critic(add_noise(sample, noise, sigma), timestep(sigma), emb)
+        lf = critic(add_noise(sample, noise_g, sigma_g), timestep(sigma_g), emb, return_logits=True)[1]
+        lr = critic(add_noise(batch.x0, real_noise, sigma_g), timestep(sigma_g), emb, return_logits=True)[1]
+    fm = F.mse_loss(v, velocity_target(sample.detach(), noise))
+    torch.testing.assert_close(c_loss.detach(), fm + 0.25 * gan_discriminator_loss(lr, lf))
+    with pytest.raises(ValueError, match="gan_max_sigma"):
+        dmd(teacher, critic, lambda b: sample, min_sigma=0.1, gan_max_sigma=0.05)
