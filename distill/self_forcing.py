@@ -16,7 +16,8 @@ and DMD is applied to the WHOLE video x0 (`distill.dmd`): x_σ = (1-σ)·sg(x0) 
 Gradients reach the student through each chunk's exit step only (and the text's cross-attention K/V); the
 cache is never differentiated (Self-Forcing's truncated gradient).
 
-Exit steps: one per chunk, k_c ~ U{0..S-1} (`exit_step: last`: S-1), drawn from a generator seeded with
+Exit steps: one per chunk, k_c ~ U{0..S-1} (`exit_step: last`: S-1; `same_step_across_chunks`: k_0 for every
+chunk, as Self-Forcing's configs run), drawn from a generator seeded with
 (train.seed, trainer step), so every rank and every micro-batch of a step uses the same ones. DDP runs
 collectives in each forward, so every rank must run the same forwards; and the draws do not depend on the
 number of processes. (Self-Forcing broadcasts rank 0's draw; a seeded draw needs no communication.)
@@ -55,12 +56,15 @@ EXIT_STREAM = 0x5E1F
 EXIT_STREAM), s))`: a stream no per-sample generator (derive_seed(train.seed, index >= 0)) shares."""
 
 
-def draw_exit_steps(seed: int, step: int, num_chunks: int, num_steps: int, last_only: bool = False) -> list[int]:
-    """One exit step per chunk, uniform in [0, num_steps), for trainer step `step`: the same on every rank."""
+def draw_exit_steps(seed: int, step: int, num_chunks: int, num_steps: int, last_only: bool = False,
+                    same_across_chunks: bool = False) -> list[int]:
+    """One exit step per chunk, uniform in [0, num_steps), for trainer step `step`: the same on every rank.
+    `same_across_chunks`: the first chunk's draw for every chunk (Self-Forcing's `same_step_across_blocks`)."""
     if last_only:
         return [num_steps - 1] * num_chunks
     g = torch.Generator().manual_seed(derive_seed(derive_seed(seed, EXIT_STREAM), step))
-    return torch.randint(num_steps, (num_chunks,), generator=g).tolist()
+    exits = torch.randint(num_steps, (num_chunks,), generator=g).tolist()
+    return [exits[0]] * num_chunks if same_across_chunks else exits
 
 
 WINDOW_STREAM = 0x5E1F_0001
@@ -120,7 +124,7 @@ class CausalRollout:
     """`distill.dmd.Rollout` of a causal student: its own chunk-by-chunk rollout from noise (module docstring)."""
 
     def __init__(self, model, sigmas: list[float], *, seed: int, samples_per_step: int, num_chunks: int | None = None,
-                 last_only: bool = False, window: int | None = None):
+                 last_only: bool = False, window: int | None = None, same_across_chunks: bool = False):
         """`model`: a `CausalWan` or `PreparedCausal`; `sigmas`: the student's levels (all > 0);
         `seed` / `samples_per_step`: train.seed and the global samples per trainer step G (step s holds the sample
         indices [s·G, (s+1)·G), `distill.data`); `num_chunks`: None rolls out the batch's latent frames;
@@ -132,6 +136,7 @@ class CausalRollout:
                              f"be > 0; got σ's {sigmas}")
         self.model, self.sigmas, self.seed = model, list(sigmas), seed
         self.samples_per_step, self.num_chunks, self.last_only = samples_per_step, num_chunks, last_only
+        self.same_across_chunks = same_across_chunks
         self.window = window  # checked against the chunks rolled out by `draw_window_end`
         self.last_exit_steps: list[int] = []
         """The exit steps of the latest call, one per returned chunk (for logs and tests)."""
@@ -156,7 +161,8 @@ class CausalRollout:
         else:
             end = draw_window_end(self.seed, step, chunks, self.window)
             first = end - self.window
-        exits = draw_exit_steps(self.seed, step, end - first, len(self.sigmas), self.last_only)
+        exits = draw_exit_steps(self.seed, step, end - first, len(self.sigmas), self.last_only,
+                                self.same_across_chunks)
         self.last_exit_steps, self.last_window = exits, (first, end)
         shape = (batch.x0.shape[1], frames, *batch.x0.shape[3:])
         noise = randn_per_sample(batch.generators, shape, batch.x0.device)[:, :, :end * fpb]
@@ -185,6 +191,9 @@ class SelfForcing(DMD):
         every rank), is scored as one video. With num_chunks > teacher length and dmd_window = teacher length, the
         student learns from its own states past the trained horizon (the drift of long rollouts) while the teacher
         and critic only judge clips of their own length. None: the whole rollout."""
+        same_step_across_chunks: bool = False
+        """`exit_step: random`: one exit step drawn per step for ALL chunks (Self-Forcing's effective default,
+        `same_step_across_blocks: true`) instead of one per chunk."""
         frame_wise_timesteps: bool = False
         """Diffusion forcing: one σ per chunk (frames of a chunk share it) in the DMD re-noising and the critic
         loss, instead of one per video. The teacher must take per-frame timesteps (Wan: temporal patch 1)."""

@@ -260,7 +260,8 @@ def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None, nu
             sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
             rollout = CausalRollout(PreparedCausal(student, unwrapped), sigmas, seed=tc.seed,
                                     samples_per_step=tc.batch_size * tc.gradient_accumulation_steps * num_processes,
-                                    num_chunks=c.num_chunks, last_only=c.exit_step == "last", window=c.dmd_window)
+                                    num_chunks=c.num_chunks, last_only=c.exit_step == "last", window=c.dmd_window,
+                                    same_across_chunks=c.same_step_across_chunks)
             return SelfForcing(c, teacher=teacher, critic=critic, rollout=rollout)
         case _:
             raise ValueError(f"method.name: {method.name!r} is not trained by distill.trainer; use one of "

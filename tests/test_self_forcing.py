@@ -71,6 +71,9 @@ def test_exit_steps_depend_on_the_trainer_step_only(teacher, student):
     assert draws[3] == draw_exit_steps(0, 3, 2, 3) and all(0 <= k < 3 for d in draws for k in d)
     assert len({tuple(d) for d in draws}) > 3 and draws != [draw_exit_steps(1, s, 2, 3) for s in range(20)]
     assert draw_exit_steps(0, 5, 3, 4, last_only=True) == [3, 3, 3]
+    shared = [draw_exit_steps(0, s, 3, 4, same_across_chunks=True) for s in range(20)]
+    assert all(d == [d[0]] * 3 for d in shared) and len({d[0] for d in shared}) == 4  # one draw, every chunk
+    assert [d[0] for d in shared] == [draw_exit_steps(0, s, 3, 4)[0] for s in range(20)]
     # G = 4 samples per step: indices [0, 1] and [2, 3] are two ranks (or micro-batches) of step 0; [4, 5] is step 1
     rollout = rollout_of(student)
     seen = []
