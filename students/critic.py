@@ -134,6 +134,11 @@ def build_critic(recipe: Recipe, teacher) -> Critic:
     """
     c, base = recipe.method.critic_config(), teacher.pipe.transformer
     gan_layer = None if not c.gan_weight else (len(base.blocks) // 2 if c.gan_layer is None else c.gan_layer)
+    if gan_layer is not None and c.critic == "lora" and recipe.train.gradient_checkpointing:
+        # the GAN term backpropagates through the critic inside the generator's loss, so the critic's adapter is
+        # active when the student's checkpointed blocks re-run: they would recompute with the wrong adapter
+        raise ValueError(f"method.{recipe.method.name}.gan_weight: a GAN head on a `critic: lora` can't train with "
+                         "train.gradient_checkpointing; use `critic: full` or turn checkpointing off")
     if c.critic == "lora":
         from students.lora import add_lora
 

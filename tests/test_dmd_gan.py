@@ -188,3 +188,13 @@ def test_gan_at_its_own_low_sigma(teacher):
     torch.testing.assert_close(c_loss.detach(), fm + 0.25 * gan_discriminator_loss(lr, lf))
     with pytest.raises(ValueError, match="gan_max_sigma"):
         dmd(teacher, critic, lambda b: sample, min_sigma=0.1, gan_max_sigma=0.05)
+
+
+def test_gan_on_a_lora_critic_refuses_gradient_checkpointing(tmp_path, tiny_pipeline_dir):
+    write_dataset(tmp_path / "a" / "dataset")
+    recipe = write_recipe(
+        tmp_path / "a.yaml", tmp_path / "a", tiny_pipeline_dir,
+        method={"name": "dmd", "dmd": {"critic": "lora", "critic_lora_rank": 4, "gan_weight": 0.1}},
+        student={"denoising_steps": [1000, 500]}, train={"max_steps": 1, "gradient_checkpointing": True})
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        run_train(recipe)
