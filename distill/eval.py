@@ -17,8 +17,9 @@
 3. Timing: the first batch is each model's warm-up (graded, not timed: samplers are deterministic in their
    noise, so a second run would give the same videos), then `time.perf_counter` around the sampler and around
    the VAE decode of every other batch (the device is synchronised first); with a single batch it runs twice.
-   Text encoding and grading are not timed; both are shared. `seconds_per_video` = (sampling + decode) / timed
-   videos and
+   Students' samplers then run `eval.student_timing_passes` - 1 more times over the timed batches (their passes
+   are short and noisy); their sampling time is the mean over passes. Text encoding and grading are not timed;
+   both are shared. `seconds_per_video` = sampling + decode per timed video and
    `speedup` = teacher seconds_per_video / student seconds_per_video (end to end), `sampling_speedup` the same
    for the sampler alone (noise -> latents, what distillation changes; the VAE decode is shared).
 4. Grading: the toy world's oracle (`teachers.toyworld.oracle.grade`) when the vocabulary is the toy world's
@@ -153,6 +154,8 @@ class _Run:
     sample_seconds: float = 0.0
     decode_seconds: float = 0.0
     timed_videos: int = 0
+    sampled_videos: int = 0
+    """Videos behind sample_seconds: timed_videos × the timing passes."""
     previews: list[np.ndarray] = field(default_factory=list)
     grades: _Grades = field(default_factory=_Grades)
 
@@ -165,11 +168,14 @@ def decode_videos(teacher, latents: torch.Tensor, per_call: int) -> np.ndarray:
 
 
 def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], shape: tuple[int, ...],
-              negative: str | None, grader: str | None, num_previews: int, decode_batch: int = 1) -> _Run:
-    """Sample, decode and grade one model over all batches; time all but the first (the warm-up)."""
+              negative: str | None, grader: str | None, num_previews: int, decode_batch: int = 1,
+              timing_passes: int = 1) -> _Run:
+    """Sample, decode and grade one model over all batches; time all but the first (the warm-up). With
+    `timing_passes` > 1 the sampler runs that many times over the timed batches (the same work: seeded noise and
+    generators) and its time is the mean; decode and grades come from the first pass."""
     device = teacher.device
 
-    def one(rows: list[dict]) -> tuple[np.ndarray, float, float]:
+    def one(rows: list[dict], decode: bool = True) -> tuple[np.ndarray | None, float, float]:
         cond = teacher.encode([r["prompt"] for r in rows], negative)  # shared, not timed
         noise = torch.stack([sample_noise(r["seed"], shape) for r in rows]).to(device)
         _sync(device)
@@ -177,6 +183,8 @@ def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], s
         latents = sampler(cond, noise, rows)
         _sync(device)
         t1 = time.perf_counter()
+        if not decode:
+            return None, t1 - t0, 0.0
         frames = decode_videos(teacher, latents, decode_batch)
         _sync(device)
         return frames, t1 - t0, time.perf_counter() - t1
@@ -190,6 +198,7 @@ def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], s
         if i > 0 or len(batches) == 1:  # the first batch warms up kernels, allocator and caches
             run.sample_seconds, run.decode_seconds = run.sample_seconds + ts, run.decode_seconds + td
             run.timed_videos += len(rows)
+            run.sampled_videos += len(rows)
         run.previews.extend(frames[: num_previews - len(run.previews)])
         if grader == "toyworld":
             from teachers.toyworld.oracle import grade
@@ -197,6 +206,11 @@ def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], s
             run.grades.add(grade(frames, [r["slots"] for r in rows]), len(rows))
         bar.update()
     bar.close()
+    timed = batches[1:] if len(batches) > 1 else batches
+    for _ in range(timing_passes - 1):
+        for rows in timed:
+            run.sample_seconds += one(rows, decode=False)[1]
+            run.sampled_videos += len(rows)
     return run
 
 
@@ -210,10 +224,11 @@ def _timing(run: _Run, grader: str | None) -> dict:
     n = run.timed_videos
     return {
         "accuracy": run.grades.means() if grader else None,
-        "seconds_per_video": (run.sample_seconds + run.decode_seconds) / n,
-        "sample_seconds_per_video": run.sample_seconds / n,
+        "seconds_per_video": run.sample_seconds / run.sampled_videos + run.decode_seconds / n,
+        "sample_seconds_per_video": run.sample_seconds / run.sampled_videos,
         "decode_seconds_per_video": run.decode_seconds / n,
         "timed_videos": n,
+        "timing_passes": run.sampled_videos // n,
     }
 
 
@@ -329,7 +344,7 @@ def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) ->
         sampler, info = _student_sampler(student, teacher, ctx["shape"][1])
         negative = ctx["negative"] if student.cfg.guidance_scale != 1 else None
         run = run_model(name, sampler, teacher, ctx["batches"], ctx["shape"], negative, ctx["grader"],
-                        ctx["num_previews"], recipe.eval.decode_batch_size)
+                        ctx["num_previews"], recipe.eval.decode_batch_size, recipe.eval.student_timing_passes)
         entry = {"nfe": info["nfe"], "causal": saved_cfg.kind == "causal", "kind": saved_cfg.kind,
                  "weights": folder.name, "steps": info["steps"], "guidance_scale": info["guidance_scale"],
                  **_timing(run, ctx["grader"])}

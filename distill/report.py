@@ -78,7 +78,8 @@ def markdown_report(report: dict, files: dict[str, str], previews: dict[str, dic
         "",
         f"Grader: {'the toy-world oracle (fraction of videos with the slot read back right)' if grader else 'none'}"
         + ("" if grader else " — this vocabulary has no oracle, so accuracy is n/a; timings are real."),
-        f"Timing: sampling + VAE decode per video on `{report['device']}`, after one warm-up batch; "
+        f"Timing: sampling + VAE decode per video on `{report['device']}`, after one warm-up batch (students' "
+        "sampling: the mean of their timing passes); "
         "speedup = teacher s/video ÷ student s/video, measured in this run; sampling speedup = the same for the "
         "sampler alone (noise to latents), without the VAE decode both share.",
         "", summary_table(report), "",
