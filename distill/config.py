@@ -171,19 +171,22 @@ class EvalConfig:
     decode_batch_size: int = 1
     """Videos per VAE decode call (timed with the sampler). 1 suits long 480p clips, whose decode is
     memory-bound; tiny toy-world clips decode ~1.4x faster per video in batches on a CPU."""
-    student_timing_passes: int = 3
-    """Students' samplers are timed over this many passes of the timed batches (the mean). A few-step student's
-    pass is ~20x shorter than the teacher's, so one pass is noisy (two identical causal students on the toy: 18.3x
-    and 22.1x in one run); the teacher's one long pass is steady, and it is timed once."""
+    student_timing_seconds: float = 4.0
+    """Students' samplers re-run the timed batches until their timed sampling adds up to at least this many seconds
+    (at most 10 passes; the time is the mean per pass). A few-step student's pass is ~20x shorter than the
+    teacher's, so one pass is noisy (two identical causal students on the toy: 18.3x and 22.1x in one run); the
+    teacher's one long pass is steady, and it is timed once. 0: one pass."""
     preview_size: int = 128
     """Previews are upscaled with nearest-neighbour by an integer factor until their shorter side is at least
     this many pixels (toy-world frames are 32 px); Wan's 480p frames stay as they are."""
 
     def __post_init__(self):
         for key in ("num_prompts", "batch_size", "long_rollout_factor", "preview_size", "decode_batch_size",
-                    "long_rollout_prompts", "student_timing_passes"):
+                    "long_rollout_prompts"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.student_timing_seconds < 0:
+            raise ValueError(f"student_timing_seconds: must be >= 0, got {self.student_timing_seconds}")
         if self.num_previews < 0:
             raise ValueError(f"num_previews: must be >= 0, got {self.num_previews}")
         if self.students is not None and (not self.students or len(set(self.students)) != len(self.students)):

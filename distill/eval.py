@@ -17,8 +17,8 @@
 3. Timing: the first batch is each model's warm-up (graded, not timed: samplers are deterministic in their
    noise, so a second run would give the same videos), then `time.perf_counter` around the sampler and around
    the VAE decode of every other batch (the device is synchronised first); with a single batch it runs twice.
-   Students' samplers then run `eval.student_timing_passes` - 1 more times over the timed batches (their passes
-   are short and noisy); their sampling time is the mean over passes. Text encoding and grading are not timed;
+   Students' samplers then re-run the timed batches until their timed sampling reaches `eval.student_timing_seconds`
+   (a 4-step student's pass is short and noisy); their sampling time is the mean per pass. Text encoding and grading are not timed;
    both are shared. `seconds_per_video` = sampling + decode per timed video and
    `speedup` = teacher seconds_per_video / student seconds_per_video (end to end), `sampling_speedup` the same
    for the sampler alone (noise -> latents, what distillation changes; the VAE decode is shared).
@@ -167,12 +167,17 @@ def decode_videos(teacher, latents: torch.Tensor, per_call: int) -> np.ndarray:
                            for i in range(0, len(latents), per_call)])
 
 
+MAX_TIMING_PASSES = 10
+"""`eval.student_timing_seconds` re-runs a student's timed batches at most this many times in all."""
+
+
 def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], shape: tuple[int, ...],
               negative: str | None, grader: str | None, num_previews: int, decode_batch: int = 1,
-              timing_passes: int = 1) -> _Run:
-    """Sample, decode and grade one model over all batches; time all but the first (the warm-up). With
-    `timing_passes` > 1 the sampler runs that many times over the timed batches (the same work: seeded noise and
-    generators) and its time is the mean; decode and grades come from the first pass."""
+              timing_seconds: float = 0.0) -> _Run:
+    """Sample, decode and grade one model over all batches; time all but the first (the warm-up). Then, while the
+    timed sampling adds up to less than `timing_seconds` (and at most MAX_TIMING_PASSES passes), the sampler runs
+    the timed batches again (the same work: seeded noise and generators); its time is the mean per pass. Decode
+    and grades come from the first pass."""
     device = teacher.device
 
     def one(rows: list[dict], decode: bool = True) -> tuple[np.ndarray | None, float, float]:
@@ -207,7 +212,7 @@ def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], s
         bar.update()
     bar.close()
     timed = batches[1:] if len(batches) > 1 else batches
-    for _ in range(timing_passes - 1):
+    while run.sample_seconds < timing_seconds and run.sampled_videos < MAX_TIMING_PASSES * run.timed_videos:
         for rows in timed:
             run.sample_seconds += one(rows, decode=False)[1]
             run.sampled_videos += len(rows)
@@ -344,7 +349,7 @@ def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) ->
         sampler, info = _student_sampler(student, teacher, ctx["shape"][1])
         negative = ctx["negative"] if student.cfg.guidance_scale != 1 else None
         run = run_model(name, sampler, teacher, ctx["batches"], ctx["shape"], negative, ctx["grader"],
-                        ctx["num_previews"], recipe.eval.decode_batch_size, recipe.eval.student_timing_passes)
+                        ctx["num_previews"], recipe.eval.decode_batch_size, recipe.eval.student_timing_seconds)
         entry = {"nfe": info["nfe"], "causal": saved_cfg.kind == "causal", "kind": saved_cfg.kind,
                  "weights": folder.name, "steps": info["steps"], "guidance_scale": info["guidance_scale"],
                  **_timing(run, ctx["grader"])}

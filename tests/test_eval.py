@@ -280,7 +280,7 @@ def test_warm_up_batch_is_not_timed():
     calls.clear()
     decoded.clear()
     run = run_model("fake", sampler, teacher, [rows[:2], rows[2:4], rows[4:]], (1, 1, 1, 1), None, None, 0,
-                    decode_batch=2, timing_passes=3)
+                    decode_batch=2, timing_seconds=0.05)  # a pass takes 0.02 s here: 3 passes reach 0.05 s
     assert calls == [2, 2, 1, 2, 1, 2, 1] and decoded == [2, 2, 1]
     assert run.timed_videos == 3 and run.sampled_videos == 9
     from distill.eval import _timing
@@ -289,6 +289,9 @@ def test_warm_up_batch_is_not_timed():
     assert timing["timing_passes"] == 3
     assert abs(timing["sample_seconds_per_video"] - run.sample_seconds / 9) < 1e-12
     assert timing["seconds_per_video"] == timing["sample_seconds_per_video"] + timing["decode_seconds_per_video"]
+    calls.clear()
+    run = run_model("fake", sampler, teacher, [rows[:2], rows[2:]], (1, 1, 1, 1), None, None, 0, timing_seconds=60)
+    assert run.sampled_videos == 10 * run.timed_videos  # capped at MAX_TIMING_PASSES
 
 
 def test_causal_student_samples_chunk_by_chunk_and_reports_drift(setup, tmp_path, monkeypatch):
@@ -316,10 +319,11 @@ def test_causal_student_samples_chunk_by_chunk_and_reports_drift(setup, tmp_path
     assert set(entry["accuracy"]) == SLOT_KEYS
     latent = (4, 3, 4, 4)  # 9 frames of 32 px through the tiny VAE (4x in time, 8x in space)
     sigmas = [1.0, 0.75]  # [1000, 500] warped through shift 3
-    # one batch (warm-up, then again for the clock, then 2 more timing passes: eval.student_timing_passes = 3) at the
-    # training length, then the long rollout: 3 x 3 latent frames, 1 chunk each
-    assert calls == [((4, *latent), sigmas, None)] * 4 + [((4, 4, 9, 4, 4), sigmas, None)]
-    assert entry["timing_passes"] == 3 and report["teacher"]["timing_passes"] == 1
+    # one batch (warm-up, then again for the clock, then more timing passes until eval.student_timing_seconds) at
+    # the training length, then the long rollout: 3 x 3 latent frames, 1 chunk each
+    passes = entry["timing_passes"]
+    assert 2 <= passes <= 10 and report["teacher"]["timing_passes"] == 1
+    assert calls == [((4, *latent), sigmas, None)] * (1 + passes) + [((4, 4, 9, 4, 4), sigmas, None)]
     drift = entry["long_rollout"]
     assert (drift["length_factor"], drift["num_frames"], drift["num_prompts"]) == (3, 9, 4)
     assert len(drift["segment_accuracy"]) == 3 and all(0 <= a <= 1 for a in drift["segment_accuracy"])
