@@ -263,9 +263,9 @@ class DMD:
         loss = dmd_generator_loss(x0, x0_real, x0_fake)
         grad = dmd_gradient(x0, x0_real, x0_fake)
         logs = {"loss/dmd": loss.detach(), "dmd/grad_abs_mean": grad.abs().mean(), "dmd/sigma_mean": sigma.mean()}
-        if self.config.gan_weight > 0:
+        if c.gan_weight > 0:
             gan = gan_generator_loss(logits)
-            loss = loss + self.config.gan_weight * gan
+            loss = loss + c.gan_weight * gan
             logs["loss/gan_generator"] = gan.detach()
         return loss, logs
 
@@ -284,18 +284,17 @@ class DMD:
         # real at the GAN's own σ_g
         embeds, real = batch.cond.prompt_embeds, batch.x0.float()
         if self.config.gan_max_sigma is None:
-            v, logits_fake = self.critic(add_noise(x0, noise, sigma), timestep(sigma), embeds, return_logits=True)
             if sigma.ndim == 2 and real.shape[2] != x0.shape[2]:
                 raise ValueError(f"gan_weight: with frame_wise_timesteps the real clips ({real.shape[2]} latent "
                                  f"frames) must be as long as the scored rollout ({x0.shape[2]}); set dmd_window to "
                                  "the teacher's length in chunks, or set gan_max_sigma")
-            sigma_g = sigma
+            v, logits_fake = self.critic(add_noise(x0, noise, sigma), timestep(sigma), embeds, return_logits=True)
+            loss, sigma_g = F.mse_loss(v.float(), velocity_target(x0, noise).float()), sigma
         else:
-            v = self.critic(add_noise(x0, noise, sigma), timestep(sigma), embeds)
+            loss = dmd_critic_loss(self.critic, x0, noise, sigma, embeds)
             sigma_g, noise_g = self.draw_gan_sigma_noise(batch.generators, x0)
             logits_fake = self.critic(add_noise(x0, noise_g, sigma_g), timestep(sigma_g), embeds,
                                       return_logits=True)[1]
-        loss = F.mse_loss(v.float(), velocity_target(x0, noise).float())
         real_noise = randn_per_sample(batch.generators, tuple(real.shape[1:]), real.device)
         _, logits_real = self.critic(add_noise(real, real_noise, sigma_g), timestep(sigma_g), embeds,
                                      return_logits=True)

@@ -30,7 +30,6 @@ Run alone with `accelerate launch -m distill.trainer RECIPE.yaml [dotted.key=val
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import logging
@@ -487,6 +486,7 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
     bar = tqdm(total=tc.max_steps, initial=start_step, desc=f"train {recipe.student.name}", unit="step",
                disable=not accelerator.is_local_main_process)
     two_player = critic is not None
+    set_aside = critic_params if getattr(algorithm, "generator_touches_critic", False) else None
     for step in range(start_step, tc.max_steps):
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
@@ -501,8 +501,7 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
                     loss, logs = algorithm.generator_loss(batch) if two_player else algorithm.loss(batch)
                     # 3. backward; accelerate scales by 1/gradient_accumulation_steps and syncs on the last micro-batch
                     # (a GAN term backpropagates through the critic: its gradients are set aside and dropped)
-                    with _critic_grads_set_aside(critic_params if getattr(algorithm, "generator_touches_critic",
-                                                                          False) else None):
+                    with _critic_grads_set_aside(set_aside):
                         accelerator.backward(loss)
                 if two_player:
                     # 2-3'. the critic's loss on the same micro-batch (fresh draws from the same streams), backward

@@ -130,7 +130,16 @@ def test_critic_gradients_set_aside_keep_what_was_accumulated():
     torch.testing.assert_close(a.grad, torch.full((2,), 3.0))
 
 
-def test_dmd_trainer_with_gan_checkpoints_the_head(tmp_path, tiny_pipeline_dir):
+def test_dmd_trainer_with_gan_checkpoints_the_head(tmp_path, tiny_pipeline_dir, monkeypatch):
+    import distill.trainer as trainer
+
+    real, set_aside = trainer._critic_grads_set_aside, []
+
+    def spy(params):  # the generator's backward runs with the critic's gradients set aside
+        set_aside.append(params)
+        return real(params)
+
+    monkeypatch.setattr(trainer, "_critic_grads_set_aside", spy)
     write_dataset(tmp_path / "a" / "dataset")
     recipe = write_recipe(
         tmp_path / "a.yaml", tmp_path / "a", tiny_pipeline_dir,
@@ -140,6 +149,7 @@ def test_dmd_trainer_with_gan_checkpoints_the_head(tmp_path, tiny_pipeline_dir):
         train={"max_steps": 2, "gradient_accumulation_steps": 2, "checkpointing_steps": 1,
                "checkpoints_total_limit": 2, "lr_warmup_steps": 0})
     final = run_train(recipe)
+    assert len(set_aside) == 4 and all(p is not None and len(p) > 4 for p in set_aside)  # 2 steps x 2 micro-batches
 
     def head(step):
         critic = torch.load(final.parent / f"checkpoint-{step}" / "custom_checkpoint_1.pkl", weights_only=True)

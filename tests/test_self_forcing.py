@@ -297,6 +297,22 @@ def test_trainer_resumes_self_forcing_to_identical_weights(sf_run, tmp_path, tin
         load_recipe(recipe_b, ["student.kind=full"])
 
 
+def test_trainer_passes_same_step_across_chunks(tmp_path, tiny_pipeline_dir, monkeypatch):
+    import distill.self_forcing as sf
+
+    real, seen = sf.draw_exit_steps, []
+
+    def spy(*args):
+        seen.append(args[-1])  # same_across_chunks
+        return real(*args)
+
+    monkeypatch.setattr(sf, "draw_exit_steps", spy)
+    write_dataset(tmp_path / "a" / "dataset")
+    recipe = write_recipe(tmp_path / "a.yaml", tmp_path / "a", tiny_pipeline_dir, **SF_SECTIONS)
+    run_train(recipe, "train.max_steps=1", "method.self_forcing.same_step_across_chunks=true")
+    assert seen and all(seen)
+
+
 @pytest.mark.xdist_group("multiproc")
 def test_two_ranks_draw_the_same_exit_steps_and_match_one_process(sf_run):
     """2 processes × batch 1 (gloo): each rank records its world size and exit steps; they agree with each other and
