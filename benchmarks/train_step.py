@@ -147,7 +147,7 @@ def run_variant(args, checkpointing: bool, optimizer: str) -> dict:
 
         def batch(step: int) -> Batch:
             indices = list(range(step * b, (step + 1) * b))
-            return Batch(x0=torch.zeros(b, *shape, device=device), cond=cond, indices=indices,
+            return Batch(x0=None, latent_shape=tuple(shape), cond=cond, indices=indices,  # captions only
                          generators=[sample_generator(tc.seed, i) for i in indices], captions=[""] * b)
 
         def train_step(step: int) -> dict:

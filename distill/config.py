@@ -92,9 +92,15 @@ class TrainConfig:
     """`latest`, a `checkpoint-<step>` path, or None to start fresh."""
     seed: int = 0
     """Seeds the student's initialisation and every sample's random stream: derive_seed(seed, sample index)."""
-    data_source: Literal["dataset", "toyworld"] = "dataset"
+    data_source: Literal["dataset", "toyworld", "prompts"] = "dataset"
     """`dataset`: the generated teacher samples in `<output_dir>/dataset/`; `toyworld`: clips rendered on the fly
-    from `data.vocabulary` (toy-world slots) and encoded with the teacher's VAE (trains the toy teacher)."""
+    from `data.vocabulary` (toy-world slots) and encoded with the teacher's VAE (trains the toy teacher);
+    `prompts`: captions only, for the data-free methods `dmd` and `self_forcing` (as Self-Forcing trains on a
+    prompt list): `prompts_file`, else prompts composed afresh every step from `data.vocabulary`."""
+    prompts_file: str | None = None
+    """`data_source: prompts` only: a text file with one prompt per line (blank and `#` lines skipped), or a
+    `.jsonl` with a `prompt` field per row (e.g. a `prompts.jsonl` written by `compose`); every sample draws one
+    line at random. None: compose from `data.vocabulary`."""
     toyworld_pool: int = 0
     """`data_source: toyworld` only. 0: every sample is a fresh clip, encoded by the teacher's VAE in its step.
     P > 0: keep P encoded clips in memory and re-render `toyworld_pool_refresh` of them per optimizer step;
@@ -123,6 +129,9 @@ class TrainConfig:
                              f"({self.toyworld_pool_refresh}), got {self.toyworld_pool}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
+        if self.prompts_file is not None and self.data_source != "prompts":
+            raise ValueError(f"prompts_file: only read with data_source: prompts (got data_source: {self.data_source});"
+                             " set data_source: prompts or drop prompts_file")
 
 
 @dataclass(kw_only=True)
@@ -213,6 +222,15 @@ class Recipe:
         if self.method is not None and self.method.name == "self_forcing" and self.student.kind != "causal":
             raise ValueError(f"student.kind: method self_forcing rolls out a causal student chunk by chunk; set "
                              f"student.kind: causal (got {self.student.kind})")
+        if self.method is not None and self.train.data_source == "prompts":
+            if self.method.name not in ("dmd", "self_forcing"):
+                raise ValueError(f"train.data_source: prompts gives captions only, and method {self.method.name!r} "
+                                 "trains on clean latents or teacher trajectories; use data_source: dataset (or "
+                                 "toyworld), or a data-free method (dmd, self_forcing)")
+            if self.method.critic_config().gan_weight > 0:
+                raise ValueError(f"train.data_source: prompts gives no real clips, and method.{self.method.name}."
+                                 "gan_weight > 0 needs them for the GAN head; use data_source: dataset (or "
+                                 "toyworld), or set gan_weight: 0")
 
     @property
     def out(self) -> Path:

@@ -1,5 +1,6 @@
-"""Training batches for every method: stored teacher samples (`dataset`) or freshly rendered toy-world clips
-(`toyworld`), with one random stream per sample so a run does not depend on the process count.
+"""Training batches for every method: stored teacher samples (`dataset`), freshly rendered toy-world clips
+(`toyworld`) or captions only (`prompts`, for the data-free methods), with one random stream per sample so a run
+does not depend on the process count.
 
 Determinism (the contract the trainer tests):
     G = train.batch_size · num_processes · train.gradient_accumulation_steps samples per optimizer step;
@@ -33,8 +34,9 @@ logger = logging.getLogger(__name__)
 class Batch:
     """One micro-batch on the training device."""
 
-    x0: torch.Tensor
-    """Clean latents [B, C, F, H, W] float32 (the teacher's stored samples, or encoded rendered clips)."""
+    x0: torch.Tensor | None
+    """Clean latents [B, C, F, H, W] float32 (the teacher's stored samples, or encoded rendered clips); None with
+    `train.data_source: prompts`, whose batches carry captions only (`latent_shape` says the samples' shape)."""
     cond: object
     """`teachers.wan.Cond`: `prompt_embeds` [B, L, D] and `negative_embeds` [B, L, D] (the negative prompt)."""
     generators: list[torch.Generator]
@@ -46,9 +48,24 @@ class Batch:
     """[B, S, C, F, H, W]: stored teacher ODE states, the clean endpoint last (dataset source only)."""
     trajectory_sigmas: torch.Tensor | None = None
     """[B, S]: σ of each stored state (the last is 0)."""
+    latent_shape: tuple[int, ...] | None = None
+    """[C, F, H, W] of one sample's latents when x0 is None (the teacher's num_frames, height, width)."""
+
+    def __post_init__(self):
+        if self.x0 is None and self.latent_shape is None:
+            raise ValueError("Batch: a batch without x0 (captions only) needs latent_shape")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One sample's latent shape [C, F, H, W]: x0's, or `latent_shape` for a captions-only batch."""
+        return tuple(self.x0.shape[1:]) if self.x0 is not None else tuple(self.latent_shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cond.prompt_embeds.device
 
     def __len__(self) -> int:
-        return self.x0.shape[0]
+        return len(self.indices)
 
 
 def randn_per_sample(generators: list[torch.Generator], shape: tuple[int, ...], device, dtype=torch.float32):
@@ -128,19 +145,15 @@ class StoredSamples(torch.utils.data.Dataset):
         return item
 
 
-class RenderedSamples(torch.utils.data.Dataset):
-    """Sample g of step s = g // G -> prompt g mod G of compose(vocabulary, G, derive_seed(seed, -(s+1))),
-    rendered by the toy-world renderer with the prompt row's seed. Pixels [3, F, H, W] in [-1, 1].
+class ComposedPrompts:
+    """Prompt rows composed afresh for every optimizer step: sample g of step s = g // G is row g mod G of
+    compose(vocabulary, G, derive_seed(seed, -(s+1))), G samples per step.
 
     The compose seed uses negative indices so it never coincides with a sample's own seed derive_seed(seed, g≥0).
     """
 
-    def __init__(self, vocabulary, per_step: int, seed: int, mode: str, num_frames: int, height: int, width: int):
+    def __init__(self, vocabulary, per_step: int, seed: int, mode: str):
         self.vocabulary, self.per_step, self.seed, self.mode = vocabulary, per_step, seed, mode
-        self.shape = (num_frames, height, width)
-
-    def __len__(self) -> int:
-        return self.per_step
 
     @lru_cache(maxsize=2)
     def _rows(self, step: int) -> list[dict]:
@@ -148,14 +161,82 @@ class RenderedSamples(torch.utils.data.Dataset):
 
         return compose(self.vocabulary, self.per_step, derive_seed(self.seed, -(step + 1)), self.mode)
 
+    def row(self, index: int) -> dict:
+        """The prompt row `{index, prompt, slots, seed}` of global sample `index`."""
+        return self._rows(index // self.per_step)[index % self.per_step]
+
+
+class RenderedSamples(ComposedPrompts, torch.utils.data.Dataset):
+    """Sample g -> its `ComposedPrompts` row rendered by the toy-world renderer with the row's seed. Pixels
+    [3, F, H, W] in [-1, 1]."""
+
+    def __init__(self, vocabulary, per_step: int, seed: int, mode: str, num_frames: int, height: int, width: int):
+        super().__init__(vocabulary, per_step, seed, mode)
+        self.shape = (num_frames, height, width)
+
+    def __len__(self) -> int:
+        return self.per_step
+
     def __getitem__(self, index: int) -> dict:
         from teachers.toyworld.render import render_batch
 
-        row = self._rows(index // self.per_step)[index % self.per_step]
+        row = self.row(index)
         frames = render_batch([row["slots"]], *self.shape, seeds=[row["seed"]])[0]  # uint8 [F, H, W, 3]
         video = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
         return {"index": index, "rng_state": sample_generator(self.seed, index).get_state(),
                 "caption": row["prompt"], "video": video}
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """The prompts of `train.prompts_file`: a `.jsonl` with a string `prompt` per row, or text with one prompt per
+    line (blank lines and lines starting with `#` skipped)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.prompts_file: {path} does not exist; give a text file with one prompt per "
+                                "line, or a .jsonl with a `prompt` field per row (e.g. <output_dir>/prompts.jsonl)")
+    prompts = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or (path.suffix != ".jsonl" and line.startswith("#")):
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    prompt = json.loads(line).get("prompt")
+                except (json.JSONDecodeError, AttributeError):
+                    prompt = None
+                if not isinstance(prompt, str) or not prompt.strip():
+                    raise ValueError(f"{path}:{number}: expected a JSON object with a non-empty string `prompt`, "
+                                     f"got {line[:80]!r}")
+                line = prompt.strip()
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"train.prompts_file: {path} holds no prompts")
+    return prompts
+
+
+class PromptSamples(torch.utils.data.Dataset):
+    """`train.data_source: prompts`: captions only, for the data-free methods (DMD2 and Self-Forcing roll the
+    student out from noise; they need prompts, not videos). With `train.prompts_file` sample g takes a line drawn
+    with replacement by its own generator (as `StoredSamples` draws rows); without one, its `ComposedPrompts` row."""
+
+    def __init__(self, seed: int, prompts: list[str] | None = None, composed: ComposedPrompts | None = None):
+        if (prompts is None) == (composed is None):
+            raise ValueError("PromptSamples: give exactly one of prompts and composed")
+        self.seed, self.prompts, self.composed = seed, prompts, composed
+
+    def __len__(self) -> int:  # DataLoader bookkeeping only
+        return len(self.prompts) if self.prompts is not None else self.composed.per_step
+
+    def __getitem__(self, index: int) -> dict:
+        g = sample_generator(self.seed, index)
+        if self.prompts is not None:
+            caption = self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))]
+        else:
+            caption = self.composed.row(index)["prompt"]
+        return {"index": index, "rng_state": g.get_state(), "caption": caption}
 
 
 class RenderedPool:
@@ -271,22 +352,29 @@ def training_batches(recipe, teacher, *, start_step: int, num_processes: int, ra
     """This rank's micro-batches from optimizer step `start_step` on, as `Batch`es on the teacher's device.
 
     `train.data_source: dataset` reads `<output_dir>/dataset/`; `toyworld` renders clips on the fly at the
-    teacher's num_frames/height/width and encodes them with the teacher's VAE.
+    teacher's num_frames/height/width and encodes them with the teacher's VAE; `prompts` gives captions only
+    (`train.prompts_file`, else composed from `data.vocabulary`), with x0 None.
     """
     tc = recipe.train
     shape = dict(batch_size=tc.batch_size, grad_accum=tc.gradient_accumulation_steps,
                  num_processes=num_processes, rank=rank)
+    per_step = tc.batch_size * tc.gradient_accumulation_steps * num_processes
+    if tc.data_source != "dataset" and need_trajectory:
+        raise ValueError(f"train.data_source: {tc.data_source} has no teacher trajectories; method "
+                         f"{recipe.method.name!r} needs train.data_source: dataset")
     if tc.data_source == "dataset":
         source = StoredSamples(recipe.out / "dataset", tc.seed, need_trajectory)
-    else:
-        if need_trajectory:
-            raise ValueError(f"train.data_source: toyworld has no teacher trajectories; method "
-                             f"{recipe.method.name!r} needs train.data_source: dataset")
-        from distill.config import resolve_path
-        from synth_data.composer import load_vocabulary
+    elif tc.data_source == "prompts":
+        if tc.prompts_file is not None:
+            from distill.config import resolve_path
 
+            source = PromptSamples(tc.seed, prompts=read_prompts_file(resolve_path(tc.prompts_file)))
+        else:
+            source = PromptSamples(tc.seed, composed=ComposedPrompts(_vocabulary(recipe), per_step, tc.seed,
+                                                                     recipe.data.mode))
+    else:
         t = teacher.cfg
-        vocabulary = load_vocabulary(resolve_path(recipe.data.vocabulary))
+        vocabulary = _vocabulary(recipe)
         if tc.toyworld_pool:
             pool = RenderedPool(vocabulary, tc.toyworld_pool, tc.toyworld_pool_refresh, tc.seed, recipe.data.mode,
                                 t.num_frames, t.height, t.width, encode=teacher.encode_video)
@@ -294,7 +382,6 @@ def training_batches(recipe, teacher, *, start_step: int, num_processes: int, ra
             for raw in _pool_batches(pool, start_step, tc.max_steps, **shape):
                 yield _to_batch(raw, teacher, negative)
             return
-        per_step = tc.batch_size * tc.gradient_accumulation_steps * num_processes
         source = RenderedSamples(vocabulary, per_step, tc.seed, recipe.data.mode, t.num_frames, t.height, t.width)
     loader = torch.utils.data.DataLoader(
         source, batch_sampler=_StepSampler(start_step, tc.max_steps, **shape), collate_fn=_collate,
@@ -305,14 +392,29 @@ def training_batches(recipe, teacher, *, start_step: int, num_processes: int, ra
         yield _to_batch(raw, teacher, negative)
 
 
+def _vocabulary(recipe):
+    from distill.config import resolve_path
+    from synth_data.composer import load_vocabulary
+
+    return load_vocabulary(resolve_path(recipe.data.vocabulary))
+
+
 def _to_batch(raw: dict, teacher, negative: str) -> Batch:
     # Rendered clips are encoded as one batch (10x faster than clip by clip on CPU); batched convolutions may round
     # differently from per-clip ones, so across process counts these latents agree to float precision, not bits.
-    x0 = raw["x0"] if "x0" in raw else teacher.encode_video(raw["video"])
+    if "x0" in raw:
+        x0 = raw["x0"]
+    elif "video" in raw:
+        x0 = teacher.encode_video(raw["video"])
+    else:  # captions only (data_source: prompts)
+        x0 = None
+    t = teacher.cfg
     generators = [torch.Generator().set_state(s) for s in raw["rng_state"]]
     trajectory, sigmas = raw.get("trajectory"), raw.get("trajectory_sigmas")
     return Batch(
-        x0=x0.to(teacher.device, torch.float32), cond=teacher.encode(raw["caption"], negative),
+        x0=None if x0 is None else x0.to(teacher.device, torch.float32),
+        latent_shape=tuple(teacher.latent_shape(t.num_frames, t.height, t.width)) if x0 is None else None,
+        cond=teacher.encode(raw["caption"], negative),
         generators=generators, indices=raw["index"], captions=raw["caption"],
         trajectory=None if trajectory is None else trajectory.to(teacher.device, torch.float32),
         trajectory_sigmas=None if sigmas is None else sigmas.to(teacher.device, torch.float32),

@@ -47,7 +47,8 @@ from distill.kd import teacher_velocity
 
 Rollout = Callable[[Batch], torch.Tensor]
 """`rollout(batch) -> x0 [B, C, F, H, W]`: the student's samples for the batch's prompts, keeping the graph where
-the student should learn; it draws from `batch.generators` and takes its shape from `batch.x0`."""
+the student should learn; it draws from `batch.generators` and takes its shape from `batch.shape` (x0 may be None:
+`train.data_source: prompts`)."""
 
 NORMALISER_MIN = 1e-6
 """Lower clamp of the per-sample normaliser mean|x0 - x0_real| (a sample equal to the teacher's x0 gives 0)."""
@@ -134,7 +135,7 @@ class FewStepRollout:
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         # 1. per sample: the initial noise, one fresh noise per re-noising, then the exit step
-        shape, device, n = tuple(batch.x0.shape[1:]), batch.x0.device, len(self.sigmas)
+        shape, device, n = batch.shape, batch.device, len(self.sigmas)
         noise = randn_per_sample(batch.generators, shape, device)
         renoise = [randn_per_sample(batch.generators, shape, device) for _ in range(n - 1)]
         if self.exit_step == "random":

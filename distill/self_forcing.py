@@ -149,7 +149,7 @@ class CausalRollout:
 
     def num_frames(self, batch: Batch) -> int:
         """Latent frames rolled out: num_chunks · frames_per_block, else the batch's (the teacher's) length."""
-        return batch.x0.shape[2] if self.num_chunks is None else self.num_chunks * self.frames_per_block
+        return batch.shape[1] if self.num_chunks is None else self.num_chunks * self.frames_per_block
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         # 1. this trainer step's window and exit steps (shared by all ranks), then each sample's initial noise
@@ -164,8 +164,8 @@ class CausalRollout:
         exits = draw_exit_steps(self.seed, step, end - first, len(self.sigmas), self.last_only,
                                 self.same_across_chunks)
         self.last_exit_steps, self.last_window = exits, (first, end)
-        shape = (batch.x0.shape[1], frames, *batch.x0.shape[3:])
-        noise = randn_per_sample(batch.generators, shape, batch.x0.device)[:, :, :end * fpb]
+        c, _, h, w = batch.shape
+        noise = randn_per_sample(batch.generators, (c, frames, h, w), batch.device)[:, :, :end * fpb]
         # 2. chunk by chunk with the KV cache, as at inference; only each returned chunk's exit step keeps its graph
         context = [len(self.sigmas) - 1] * first
         x0 = sample_causal(self.model, batch.cond.prompt_embeds, noise, self.sigmas, generator=batch.generators,

@@ -47,7 +47,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.config import Recipe
+from distill.config import Recipe, resolve_path
+from distill.data import read_prompts_file
 from students.critic import Critic, TrainableWeights, build_critic
 from distill.recipe_loader import to_dict
 
@@ -62,7 +63,7 @@ STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps")
 TWO_PLAYER = ("dmd", "self_forcing")
 """Methods with a critic: the algorithm has `generator_loss`, `critic_loss` and `trains_generator(step)`."""
 TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "ema", "seed", "data_source",
-                      "toyworld_pool", "toyworld_pool_refresh")
+                      "toyworld_pool", "toyworld_pool_refresh", "prompts_file")
 
 
 def accelerator_kwargs(recipe: Recipe) -> dict:
@@ -86,6 +87,11 @@ def fingerprint(recipe: Recipe, num_processes: int) -> dict:
     if isinstance(sub, dict):
         fp.update({f"method.{name}.{k}": v for k, v in sub.items()})
     fp.update({f"train.{k}": getattr(recipe.train, k) for k in TRAIN_FINGERPRINTED})
+    if recipe.train.data_source == "prompts":  # an edited prompt list must not resume into the old run's draws
+        source = resolve_path(recipe.train.prompts_file or recipe.data.vocabulary)
+        if recipe.train.prompts_file:
+            read_prompts_file(source)  # fails fast, naming the file and line, before any model loads
+        fp["train.prompts_sha256"] = hashlib.sha256(source.read_bytes()).hexdigest()
     fp["num_processes"] = num_processes
     return json.loads(json.dumps(fp))  # JSON-normalised (int dict keys -> str), as read back from disk
 

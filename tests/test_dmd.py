@@ -356,3 +356,19 @@ def test_ode_regression_trainer_smoke(tmp_path, tiny_pipeline_dir):
     final = run_train(recipe)
     lora_b = [v for k, v in weights(final).items() if "lora_B" in k]
     assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)
+
+
+def test_few_step_rollout_takes_its_shape_from_a_captions_only_batch(teacher):
+    from distill.dmd import FewStepRollout
+
+    torch.manual_seed(0)
+    student = build_student(StudentConfig(name="s", kind="full", denoising_steps=[1000, 500]), teacher.pipe.transformer)
+    rollout = FewStepRollout(student, [1.0, 0.5])
+    full = make_batch(teacher)
+    bare = Batch(x0=None, latent_shape=SHAPE, cond=full.cond, generators=[sample_generator(0, i) for i in range(2)],
+                 indices=full.indices, captions=full.captions)
+    with torch.no_grad():
+        a, b = rollout(full), rollout(bare)
+    assert b.shape == (2, *SHAPE) and torch.equal(a, b)  # x0's values never entered the rollout
+    with pytest.raises(ValueError, match="needs latent_shape"):
+        Batch(x0=None, cond=full.cond, generators=[], indices=[], captions=[])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import CAPTIONS as DATASET_CAPTIONS
 from test_trainer import free_port, max_diff, run_train, weights, write_dataset, write_recipe
 
 from distill.config import PROJECT_ROOT, load_recipe
@@ -57,7 +58,7 @@ def student(teacher):
 
 def make_batch(teacher, indices=(0, 1)) -> Batch:
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in indices]
-    return Batch(x0=torch.zeros(len(indices), *SHAPE), cond=teacher.encode(captions, "blurry noise"),
+    return Batch(x0=None, latent_shape=SHAPE, cond=teacher.encode(captions, "blurry noise"),
                  generators=[sample_generator(0, i) for i in indices], indices=list(indices), captions=captions)
 
 
@@ -295,6 +296,18 @@ def test_trainer_resumes_self_forcing_to_identical_weights(sf_run, tmp_path, tin
     assert max_diff(critic, critic_b) == 0.0
     with pytest.raises(RecipeError, match="student.kind: method self_forcing rolls out a causal student"):
         load_recipe(recipe_b, ["student.kind=full"])
+
+
+def test_captions_only_run_equals_the_dataset_run(sf_run, tmp_path, tiny_pipeline_dir):
+    """`train.data_source: prompts` with the dataset's captions as prompts_file: every sample draws the line it drew
+    as a row, and the stored latents only gave the rollout its shape, so the trained weights are the same bits."""
+    _, _, final_a = sf_run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# the dataset's captions, in its row order\n" + "\n".join(DATASET_CAPTIONS[:6]) + "\n")
+    recipe = write_recipe(tmp_path / "p.yaml", tmp_path / "p", tiny_pipeline_dir, **SF_SECTIONS)
+    final = run_train(recipe, "train.data_source=prompts", f"train.prompts_file={prompts}")
+    assert not (tmp_path / "p" / "dataset").exists()
+    assert max_diff(weights(final_a), weights(final)) == 0.0
 
 
 def test_trainer_passes_same_step_across_chunks(tmp_path, tiny_pipeline_dir, monkeypatch):

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from distill.config import PROJECT_ROOT, load_recipe
-from distill.recipe_loader import deep_merge
+from distill.recipe_loader import RecipeError, deep_merge
 
 SHAPE = (4, 2, 2, 2)  # latents [C, F, H, W] of 5 frames at 16x16 px for the tiny VAE
 CAPTIONS = ["a red circle moving left", "a blue square moving right", "a green cat on black background",
@@ -191,8 +191,10 @@ def test_data_is_independent_of_the_process_count(tmp_path, tiny_pipeline_dir):
 
     write_dataset(tmp_path / "out" / "dataset")
     path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir)
-    for source, size in (("dataset", 16), ("toyworld", 32)):  # the renderer needs >= 20 px
+    for source, size in (("dataset", 16), ("toyworld", 32), ("prompts", 16)):  # the renderer needs >= 20 px
         common = [f"train.data_source={source}", "train.max_steps=2", f"teacher.height={size}", f"teacher.width={size}"]
+        if source == "prompts":  # captions only: a data-free method
+            common += ["method.name=dmd", "student.kind=full"]
         one = load_recipe(path, common)
         two = load_recipe(path, [*common, "train.batch_size=1"])
         teacher = WanTeacher.from_config(one.teacher, "cpu")
@@ -205,6 +207,9 @@ def test_data_is_independent_of_the_process_count(tmp_path, tiny_pipeline_dir):
         for i, b in enumerate(split):
             whole, j = single[i // 2], i % 2
             assert b.captions[0] == whole.captions[j]
+            if source == "prompts":  # captions only: the rollout takes the teacher's latent shape
+                assert b.x0 is None and b.shape == SHAPE and len(b) == 1
+                continue
             # stored latents are bit-equal; rendered clips go through a batched VAE encode (float rounding)
             torch.testing.assert_close(b.x0[0], whole.x0[j], atol=0 if source == "dataset" else 1e-5, rtol=0)
             assert torch.equal(b.generators[0].get_state(), whole.generators[j].get_state())
@@ -339,3 +344,82 @@ def test_export_from_a_checkpoint_equals_the_finished_run(lora_run):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), folder
     with pytest.raises(FileNotFoundError, match="checkpoint-4"):
         checkpoint_dir(recipe, "checkpoint-3")
+
+
+def test_prompts_file_formats_and_errors(tmp_path):
+    from distill.data import read_prompts_file
+
+    text = tmp_path / "prompts.txt"
+    text.write_text("# a comment\n\n  a red circle moving left  \na blue square\n")
+    assert read_prompts_file(text) == ["a red circle moving left", "a blue square"]
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text('{"prompt": "a red circle", "seed": 1}\n\n{"prompt": "# not a comment in jsonl"}\n')
+    assert read_prompts_file(rows) == ["a red circle", "# not a comment in jsonl"]
+    rows.write_text('{"prompt": "a red circle"}\n{"caption": "no prompt key"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected a JSON object with a non-empty string `prompt`"):
+        read_prompts_file(rows)
+    rows.write_text("not json\n")
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1:"):
+        read_prompts_file(rows)
+    text.write_text("# only a comment\n\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_prompts_file(text)
+    with pytest.raises(FileNotFoundError, match="missing.txt does not exist"):
+        read_prompts_file(tmp_path / "missing.txt")
+
+
+def test_prompts_source_draws_lines_and_refuses_what_needs_latents(tmp_path, tiny_pipeline_dir):
+    from distill.data import training_batches
+    from teachers.wan import WanTeacher
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(CAPTIONS) + "\n")
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir)
+    recipe = load_recipe(path, ["method.name=dmd", "student.kind=full", "train.data_source=prompts",
+                                f"train.prompts_file={prompts}", "train.max_steps=8"])
+    teacher = WanTeacher.from_config(recipe.teacher, "cpu")
+    batches = list(training_batches(recipe, teacher, start_step=0, num_processes=1, rank=0))
+    seen = [c for b in batches for c in b.captions]
+    assert len(seen) == 32 and set(seen) <= set(CAPTIONS) and len(set(seen)) == len(CAPTIONS)  # no dataset read
+    assert not (tmp_path / "out" / "dataset").exists()
+    # methods that train on clean latents or trajectories, and the GAN's real clips, need another source
+    for override, match in (([], "method 'flow_matching' trains on clean latents"),
+                            (["method.name=dmd", "method.dmd.gan_weight=0.01"], "gan_weight > 0 needs them")):
+        with pytest.raises(RecipeError, match=match):
+            load_recipe(path, ["train.data_source=prompts", *override])
+    with pytest.raises(RecipeError, match="prompts_file: only read with data_source: prompts"):
+        load_recipe(path, [f"train.prompts_file={prompts}"])
+
+
+def test_edited_prompts_file_refuses_to_resume(tmp_path, tiny_pipeline_dir):
+    from distill.trainer import _write_state, check_checkpoint, fingerprint
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir)
+    overrides = ["method.name=dmd", "student.kind=full", "train.data_source=prompts", f"train.prompts_file={prompts}"]
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    _write_state(checkpoint, 1, 2, fingerprint(load_recipe(path, overrides), 1))
+    assert check_checkpoint(checkpoint, fingerprint(load_recipe(path, overrides), 1))["step"] == 1
+    prompts.write_text("a red circle\na blue square\n")
+    with pytest.raises(ValueError, match="train.prompts_sha256: checkpoint has"):
+        check_checkpoint(checkpoint, fingerprint(load_recipe(path, overrides), 1))
+    bad = tmp_path / "bad.jsonl"  # bad rows fail before any model loads
+    bad.write_text('{"no": "prompt"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1:"):
+        fingerprint(load_recipe(path, [*overrides[:3], f"train.prompts_file={bad}"]), 1)
+
+
+def test_run_of_a_captions_only_recipe_composes_and_generates_nothing(tmp_path, tiny_pipeline_dir, monkeypatch):
+    import distill.cli as cli
+
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir)
+    called = []
+    for stage in ("compose", "generate", "train", "export"):
+        monkeypatch.setattr(cli, f"stage_{stage}", lambda recipe, stage=stage: called.append(stage))
+    cli.stage_run(load_recipe(path, ["method.name=dmd", "student.kind=full", "train.data_source=prompts"]))
+    assert called == ["train", "export"]  # a Wan teacher's dataset takes GPU-hours: prompts need none
+    called.clear()
+    cli.stage_run(load_recipe(path))
+    assert called == ["compose", "generate", "train", "export"]
