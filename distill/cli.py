@@ -80,12 +80,12 @@ def stage_run(recipe: Recipe) -> None:
 
     if recipe.student is not None and recipe.train.data_source != "dataset":
         logger.info("compose, generate: skipped, train.data_source: %s reads no dataset", recipe.train.data_source)
-    elif is_complete(recipe.out / "dataset"):
-        stage_compose(recipe)
-        logger.info("generate: %s is complete, skipping", recipe.out / "dataset")
     else:
         stage_compose(recipe)
-        stage_generate(recipe)
+        if is_complete(recipe.out / "dataset"):
+            logger.info("generate: %s is complete, skipping", recipe.out / "dataset")
+        else:
+            stage_generate(recipe)
     if recipe.student is not None:
         if (recipe.student_dir() / "final" / "COMPLETE").exists():
             logger.info("train: %s is complete, skipping", recipe.student_dir() / "final")

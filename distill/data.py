@@ -341,10 +341,7 @@ def negative_prompt(recipe) -> str:
     """The teacher's negative prompt: `teacher.negative_prompt`, else the vocabulary's."""
     if recipe.teacher.negative_prompt is not None:
         return recipe.teacher.negative_prompt
-    from distill.config import resolve_path
-    from synth_data.composer import load_vocabulary
-
-    return load_vocabulary(resolve_path(recipe.data.vocabulary)).negative_prompt
+    return _vocabulary(recipe).negative_prompt
 
 
 def training_batches(recipe, teacher, *, start_step: int, num_processes: int, rank: int,

@@ -382,6 +382,19 @@ def test_prompts_source_draws_lines_and_refuses_what_needs_latents(tmp_path, tin
     seen = [c for b in batches for c in b.captions]
     assert len(seen) == 32 and set(seen) <= set(CAPTIONS) and len(set(seen)) == len(CAPTIONS)  # no dataset read
     assert not (tmp_path / "out" / "dataset").exists()
+    # without a file: every step composes its own balanced prompts from the vocabulary (4 values per slot, 4 per step)
+    from collections import Counter
+
+    from synth_data.composer import compose, derive_seed, load_vocabulary
+
+    composed = load_recipe(path, ["method.name=dmd", "student.kind=full", "train.data_source=prompts",
+                                  "train.max_steps=3", "train.gradient_accumulation_steps=1", "train.batch_size=4"])
+    steps = [b.captions for b in training_batches(composed, teacher, start_step=0, num_processes=1, rank=0)]
+    vocab = load_vocabulary(PROJECT_ROOT / "synth_data/vocab/toyworld.yaml")
+    rows = [compose(vocab, 4, derive_seed(0, -(s + 1)), "balanced") for s in range(3)]
+    assert steps == [[r["prompt"] for r in step] for step in rows]
+    assert len({tuple(c) for c in steps}) == 3  # fresh every step, not one set repeated
+    assert all(max(Counter(r["slots"]["subject"] for r in step).values()) == 1 for step in rows)
     # methods that train on clean latents or trajectories, and the GAN's real clips, need another source
     for override, match in (([], "method 'flow_matching' trains on clean latents"),
                             (["method.name=dmd", "method.dmd.gan_weight=0.01"], "gan_weight > 0 needs them")):
