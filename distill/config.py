@@ -79,6 +79,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """`adamw8bit` uses bitsandbytes (GPU)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """(β1, β2) of both optimizers (a two-player method's critic too). Self-Forcing, LongLive and FastVideo's DMD
+    run β1 = 0: no momentum, so neither player acts on the other's stale gradients."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -127,6 +130,8 @@ class TrainConfig:
         if self.toyworld_pool and self.toyworld_pool % self.toyworld_pool_refresh:
             raise ValueError(f"toyworld_pool: must be a multiple of toyworld_pool_refresh "
                              f"({self.toyworld_pool_refresh}), got {self.toyworld_pool}")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas: need two values in [0, 1), e.g. [0.9, 0.999]; got {self.adam_betas}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
         if self.prompts_file is not None and self.data_source != "prompts":

@@ -54,25 +54,37 @@ NORMALISER_MIN = 1e-6
 """Lower clamp of the per-sample normaliser mean|x0 - x0_real| (a sample equal to the teacher's x0 gives 0)."""
 
 
-def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
+                 group_frames: int | None = None) -> torch.Tensor:
     """grad = (x0_fake - x0_real) / max(mean_{C,F,H,W} |x0 - x0_real|, NORMALISER_MIN), float32, no graph.
 
-    x0, x0_real, x0_fake: [B, C, F, H, W]; the normaliser is one number per sample (DMD eq. 8).
+    x0, x0_real, x0_fake: [B, C, F, H, W]; the normaliser is one number per sample (DMD eq. 8), or with
+    `group_frames` = n one per sample and group of n consecutive frames (a causal student's chunk: LongLive), the
+    mean then taken over C and the group's frames, H, W.
     """
     with torch.no_grad():
         x0, real = x0.detach().float(), x0_real.float()
-        normaliser = (x0 - real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True).clamp_min(NORMALISER_MIN)
-        return torch.nan_to_num((x0_fake.float() - real) / normaliser)
+        err = (x0 - real).abs()
+        if group_frames is None:
+            normaliser = err.mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
+        else:
+            b, c, f, h, w = err.shape
+            if f % group_frames:
+                raise ValueError(f"dmd_gradient: {f} frames are not whole groups of {group_frames}")
+            per_group = err.view(b, c, f // group_frames, group_frames, h, w).mean(dim=(1, 3, 4, 5))  # [B, G]
+            normaliser = per_group.repeat_interleave(group_frames, dim=1).view(b, 1, f, 1, 1)
+        return torch.nan_to_num((x0_fake.float() - real) / normaliser.clamp_min(NORMALISER_MIN))
 
 
-def dmd_generator_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
-    """L_G = ½·mean (x0 - sg(x0 - grad))², grad = `dmd_gradient`; so ∂L_G/∂x0 = grad / numel(x0).
+def dmd_generator_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
+                       group_frames: int | None = None) -> torch.Tensor:
+    """L_G = ½·mean (x0 - sg(x0 - grad))², grad = `dmd_gradient` (with `group_frames`); so ∂L_G/∂x0 = grad / numel(x0).
 
     x0: the student's samples [B, C, F, H, W] (with grad); x0_real: the teacher's guided x0 prediction at the
     re-noised x_σ; x0_fake: the critic's x0 prediction at the same x_σ (both without grad). float32 scalar.
     The loss value is ½·mean grad², a diagnostic only: what trains the student is its gradient.
     """
-    grad = dmd_gradient(x0, x0_real, x0_fake)
+    grad = dmd_gradient(x0, x0_real, x0_fake, group_frames)
     x0 = x0.float()
     return 0.5 * F.mse_loss(x0, (x0.detach() - grad))
 
@@ -220,6 +232,10 @@ class DMD:
         those gradients out of the critic's update."""
         return self.config.gan_weight > 0
 
+    def normaliser_frames(self) -> int | None:
+        """Frames per group of the DMD gradient's normaliser (`dmd_gradient`); None: one per sample."""
+        return None
+
     def trains_generator(self, step: int) -> bool:
         """Whether trainer step `step` (0-based) also updates the generator."""
         return step % self.config.generator_update_interval == 0
@@ -261,8 +277,9 @@ class DMD:
                 logits = self.critic(add_noise(x0.float(), noise_g, sigma_g), timestep(sigma_g), embeds,
                                      return_logits=True)[1]
         # 4. the DMD loss: its gradient w.r.t. x0 is the normalised score difference (+ the GAN term)
-        loss = dmd_generator_loss(x0, x0_real, x0_fake)
-        grad = dmd_gradient(x0, x0_real, x0_fake)
+        group = self.normaliser_frames()
+        loss = dmd_generator_loss(x0, x0_real, x0_fake, group)
+        grad = dmd_gradient(x0, x0_real, x0_fake, group)
         logs = {"loss/dmd": loss.detach(), "dmd/grad_abs_mean": grad.abs().mean(), "dmd/sigma_mean": sigma.mean()}
         if c.gan_weight > 0:
             gan = gan_generator_loss(logits)

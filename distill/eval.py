@@ -14,6 +14,8 @@
    Causal students also roll out `eval.long_rollout_factor` × the teacher's latent frames (rounded up to whole
    chunks) for the first `eval.long_rollout_prompts` prompts (noise `randn` of that length from seed_i), and the oracle
    grades each of `long_rollout_factor` equal time segments: the drift curve (`long_rollout`, drift.png).
+   Their teacher-length videos are also graded chunk by chunk (`chunk_accuracy`: all-attribute accuracy of each
+   chunk's frames), and the teacher's in the same time segments, to show which chunk holds a student back.
 3. Timing: the first batch is each model's warm-up (graded, not timed: samplers are deterministic in their
    noise, so a second run would give the same videos), then `time.perf_counter` around the sampler and around
    the VAE decode of every other batch (the device is synchronised first); with a single batch it runs twice.
@@ -34,8 +36,10 @@ report.json:
     {"num_prompts": N, "seed": S, "prompt_mode", "vocabulary", "grader": "toyworld" | null, "device",
      "train_overlap": fraction | null, "num_previews",
      "teacher": {"nfe", "steps", "guidance_scale", "shift", "accuracy": {"all", <slot>...} | null,
-                 "seconds_per_video", "sample_seconds_per_video", "decode_seconds_per_video"},
+                 "chunk_accuracy": [all-attribute accuracy per time segment] | null, "seconds_per_video",
+                 "sample_seconds_per_video", "decode_seconds_per_video"},
      "students": {<name>: {"nfe", "causal", "kind", "weights", "steps", "guidance_scale", "accuracy",
+                           "chunk_accuracy" (causal students: per chunk of the training length; else null),
                            "seconds_per_video", "sample_seconds_per_video", "decode_seconds_per_video",
                            "speedup", "sampling_speedup", "long_rollout" (causal students only: {"length_factor", "num_frames",
                            "num_prompts", "segment_accuracy": [...]} or null without a grader)}}}
@@ -125,18 +129,26 @@ def train_overlap(recipe: Recipe, rows: list[dict]) -> float | None:
 
 @dataclass
 class _Grades:
-    """Running, size-weighted means of the oracle's per-batch accuracies (exact: every video has one segment)."""
+    """Running, size-weighted means of the oracle's per-batch accuracies (exact: every video has one segment), and
+    of the all-attribute accuracy per chunk when the videos are also graded in `num_segments` time segments."""
 
     sums: dict[str, float] = field(default_factory=dict)
     count: int = 0
+    chunk_sums: np.ndarray | None = None
 
-    def add(self, result: dict, n: int) -> None:
+    def add(self, result: dict, n: int, chunks: dict | None = None) -> None:
         for k, v in result["accuracy"].items():
             self.sums[k] = self.sums.get(k, 0.0) + v * n
+        if chunks is not None:
+            acc = np.asarray(chunks["segment_accuracy"]) * n
+            self.chunk_sums = acc if self.chunk_sums is None else self.chunk_sums + acc
         self.count += n
 
     def means(self) -> dict[str, float]:
         return {k: v / self.count for k, v in self.sums.items()}
+
+    def chunk_means(self) -> list[float] | None:
+        return None if self.chunk_sums is None else [float(a) for a in self.chunk_sums / self.count]
 
 
 # ---- running one model ------------------------------------------------------------------------
@@ -173,11 +185,12 @@ MAX_TIMING_PASSES = 10
 
 def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], shape: tuple[int, ...],
               negative: str | None, grader: str | None, num_previews: int, decode_batch: int = 1,
-              timing_seconds: float = 0.0) -> _Run:
+              timing_seconds: float = 0.0, num_chunks: int | None = None) -> _Run:
     """Sample, decode and grade one model over all batches; time all but the first (the warm-up). Then, while the
     timed sampling adds up to less than `timing_seconds` (and at most MAX_TIMING_PASSES passes), the sampler runs
     the timed batches again (the same work: seeded noise and generators); its time is the mean per pass. Decode
-    and grades come from the first pass."""
+    and grades come from the first pass. `num_chunks`: also grade each video's `num_chunks` equal time segments
+    (a causal student's chunks of the training length) for `chunk_accuracy`."""
     device = teacher.device
 
     def inputs(rows: list[dict]) -> tuple[object, torch.Tensor]:
@@ -212,7 +225,9 @@ def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], s
         if grader == "toyworld":
             from teachers.toyworld.oracle import grade
 
-            run.grades.add(grade(frames, [r["slots"] for r in rows]), len(rows))
+            slots = [r["slots"] for r in rows]
+            chunks = grade(frames, slots, num_segments=num_chunks) if num_chunks else None
+            run.grades.add(grade(frames, slots), len(rows), chunks)
         bar.update()
     bar.close()
     if run.sample_seconds < timing_seconds:  # inputs encoded once for all the extra passes
@@ -234,6 +249,7 @@ def _timing(run: _Run, grader: str | None) -> dict:
     n = run.timed_videos
     return {
         "accuracy": run.grades.means() if grader else None,
+        "chunk_accuracy": run.grades.chunk_means() if grader else None,
         "seconds_per_video": run.sample_seconds / run.sampled_videos + run.decode_seconds / n,
         "sample_seconds_per_video": run.sample_seconds / run.sampled_videos,
         "decode_seconds_per_video": run.decode_seconds / n,
@@ -341,6 +357,21 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
             "segment_accuracy": means.pop("all"), "segment_slot_accuracy": means}
 
 
+def training_chunks(latent_frames: int, student_cfg) -> int:
+    """Chunks of a causal student in one teacher-length video: ceil(latent frames / student.frames_per_block)."""
+    return -(-latent_frames // student_cfg.frames_per_block)
+
+
+def teacher_chunks(students: list[tuple[str, Path]], latent_frames: int) -> int | None:
+    """The time segments to grade the teacher in, so its `chunk_accuracy` lines up with the causal students': their
+    chunk count when they all share one, else None (no per-chunk figure for the teacher)."""
+    from students.student import read_student_json
+
+    counts = {training_chunks(latent_frames, cfg) for cfg in (read_student_json(f)[0] for _, f in students)
+              if cfg.kind == "causal"}
+    return counts.pop() if len(counts) == 1 else None
+
+
 def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) -> tuple[dict, _Run]:
     from students.student import Student, read_student_json
 
@@ -353,8 +384,10 @@ def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) ->
     try:
         sampler, info = _student_sampler(student, teacher, ctx["shape"][1])
         negative = ctx["negative"] if student.cfg.guidance_scale != 1 else None
+        chunks = training_chunks(ctx["shape"][1], student.cfg) if student.cfg.kind == "causal" else None
         run = run_model(name, sampler, teacher, ctx["batches"], ctx["shape"], negative, ctx["grader"],
-                        ctx["num_previews"], recipe.eval.decode_batch_size, recipe.eval.student_timing_seconds)
+                        ctx["num_previews"], recipe.eval.decode_batch_size, recipe.eval.student_timing_seconds,
+                        num_chunks=chunks)
         entry = {"nfe": info["nfe"], "causal": saved_cfg.kind == "causal", "kind": saved_cfg.kind,
                  "weights": folder.name, "steps": info["steps"], "guidance_scale": info["guidance_scale"],
                  **_timing(run, ctx["grader"])}
@@ -370,6 +403,16 @@ def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) ->
 
 
 # ---- the stage --------------------------------------------------------------------------------
+def grading_context(recipe: Recipe, teacher, rows: list[dict], vocab: Vocabulary, grader: str | None) -> dict:
+    """What `eval_student` needs besides the student: the prompt rows in batches, the latent shape, the negative
+    prompt, the grader and the number of previews."""
+    tcfg, cfg = teacher.cfg, recipe.eval
+    negative = tcfg.negative_prompt if tcfg.negative_prompt is not None else vocab.negative_prompt
+    return {"batches": [rows[i: i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)],
+            "shape": teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width), "negative": negative,
+            "grader": grader, "num_previews": min(cfg.num_previews, len(rows)), "n": len(rows), "rows": rows}
+
+
 def evaluate(recipe: Recipe) -> dict:
     """Grade and time the teacher and every finished student; write `<output_dir>/eval/`. Returns report.json's dict."""
     from distill.accel import make_accelerator
@@ -387,18 +430,15 @@ def evaluate(recipe: Recipe) -> dict:
                 ", ".join(n for n, _ in students) or "none")
     teacher = WanTeacher.from_config(recipe.teacher, accelerator.device)
     tcfg = teacher.cfg
-    negative = tcfg.negative_prompt if tcfg.negative_prompt is not None else vocab.negative_prompt
-    num_previews = min(cfg.num_previews, len(rows))
-    ctx = {"batches": [rows[i: i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)],
-           "shape": teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width), "negative": negative,
-           "grader": grader, "num_previews": num_previews, "n": len(rows), "rows": rows}
+    ctx = grading_context(recipe, teacher, rows, vocab, grader)
+    negative, num_previews = ctx["negative"], ctx["num_previews"]
 
     # 1. the teacher, before any LoRA student borrows its transformer
     nfe = teacher_nfe(teacher)
     uses_cfg = nfe > tcfg.num_inference_steps
     runs = {"teacher": run_model("teacher", lambda cond, noise, _rows: teacher.sample(cond, noise).latents, teacher,
                                  ctx["batches"], ctx["shape"], negative if uses_cfg else None, grader, num_previews,
-                                 cfg.decode_batch_size)}
+                                 cfg.decode_batch_size, num_chunks=teacher_chunks(students, ctx["shape"][1]))}
     report = {
         "num_prompts": len(rows), "seed": cfg.seed, "prompt_mode": cfg.prompt_mode, "vocabulary": vocab.name,
         "grader": grader, "device": str(teacher.device), "train_overlap": train_overlap(recipe, rows),

@@ -46,8 +46,9 @@ def summary_table(report: dict) -> str:
     accuracy, s/video, speedup."""
     keys = attribute_keys(report)
     ci = ["acc all 95% CI"] if keys else []
-    head = ["model", "NFE", *(f"acc {k}" for k in keys[:1]), *ci, *(f"acc {k}" for k in keys[1:]), "s/video",
-            "speedup", "sampling speedup"]
+    chunked = any(e.get("chunk_accuracy") for e in [report["teacher"], *report["students"].values()])
+    head = ["model", "NFE", *(f"acc {k}" for k in keys[:1]), *ci, *(["acc per chunk"] if chunked else []),
+            *(f"acc {k}" for k in keys[1:]), "s/video", "speedup", "sampling speedup"]
     rows = [["teacher", report["teacher"], 1.0, 1.0]]
     rows += [[name, s, s["speedup"], s["sampling_speedup"]] for name, s in report["students"].items()]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -56,7 +57,8 @@ def summary_table(report: dict) -> str:
         interval = [] if not keys else ["n/a" if acc is None else
                                         "{:.2f}–{:.2f}".format(*wilson_interval(acc["all"], report["num_prompts"]))]
         values = [_fmt(None if acc is None else acc[k], ".3f") for k in keys]
-        cells = [name, str(entry["nfe"]), *values[:1], *interval, *values[1:],
+        per_chunk = [] if not chunked else [" / ".join(f"{a:.3f}" for a in entry.get("chunk_accuracy") or []) or "n/a"]
+        cells = [name, str(entry["nfe"]), *values[:1], *interval, *per_chunk, *values[1:],
                  _fmt(entry["seconds_per_video"], ".4g"), f"{speedup:.2f}x", f"{sampling:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

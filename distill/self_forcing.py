@@ -194,6 +194,9 @@ class SelfForcing(DMD):
         same_step_across_chunks: bool = False
         """`exit_step: random`: one exit step drawn per step for ALL chunks (Self-Forcing's effective default,
         `same_step_across_blocks: true`) instead of one per chunk."""
+        normalise_per_chunk: bool = False
+        """DMD's gradient normaliser mean|x0 - x0_real| taken per chunk instead of per video (LongLive), so a chunk
+        that is already close to the teacher's x0 is not drowned by one that is far from it."""
         frame_wise_timesteps: bool = False
         """Diffusion forcing: one σ per chunk (frames of a chunk share it) in the DMD re-noising and the critic
         loss, instead of one per video. The teacher must take per-frame timesteps (Wan: temporal patch 1)."""
@@ -219,6 +222,9 @@ class SelfForcing(DMD):
                 )
             critic = PerTokenTimesteps(critic, transformer.config.patch_size)
         super().__init__(config, teacher=teacher, critic=critic, rollout=rollout)
+
+    def normaliser_frames(self) -> int | None:
+        return self.rollout.frames_per_block if self.config.normalise_per_chunk else None
 
     def draw_sigma_noise(self, generators: list[torch.Generator], x0: torch.Tensor):
         """Per sample: σ (one, or with frame_wise_timesteps one per chunk, broadcast to [B, F]), then ε' like x0."""

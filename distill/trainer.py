@@ -62,7 +62,7 @@ STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps")
 """Student keys that only change sampling: a checkpoint resumes under a recipe that changed them."""
 TWO_PLAYER = ("dmd", "self_forcing")
 """Methods with a critic: the algorithm has `generator_loss`, `critic_loss` and `trains_generator(step)`."""
-TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "ema", "seed", "data_source",
+TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "adam_betas", "ema", "seed", "data_source",
                       "toyworld_pool", "toyworld_pool_refresh", "prompts_file")
 
 
@@ -283,8 +283,8 @@ def make_optimizer(params: list, recipe: Recipe, lr: float | None = None) -> tor
         except ImportError:
             raise ValueError("train.optimizer: adamw8bit needs bitsandbytes (CUDA only: pip install "
                              "'wan-distill[gpu]'); or set train.optimizer: adamw") from None
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=tc.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
 
 
 def _check_accelerator(accelerator: Accelerator, recipe: Recipe) -> None:

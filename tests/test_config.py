@@ -64,6 +64,8 @@ def test_wan_recipes_carry_the_documented_settings():
         ("train.max_steps=1.5", "train.max_steps: expected int, got 1.5"),
         ("bogus=1", "bogus: unknown key"),
         ("data=3", "data: expected a mapping"),
+        ("train.adam_betas=[0.9]", "train.adam_betas: need two values in [0, 1)"),
+        ("train.adam_betas=[0.9,1.0]", "train.adam_betas: need two values in [0, 1)"),
     ],
 )
 def test_bad_values_name_the_dotted_key(tmp_path, override, message):
@@ -171,3 +173,16 @@ def test_cli_and_trainer_import_without_pyav_or_datasets():
             "import distill.cli, distill.trainer, distill.export_stage, distill.data")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_adam_betas_reach_both_optimizers(tmp_path):
+    """train.adam_betas sets (β1, β2) of the optimizer that `make_optimizer` builds (the student's and the critic's)."""
+    import torch
+
+    from distill.trainer import make_optimizer
+
+    path = write(tmp_path, "r.yaml", MINIMAL)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert make_optimizer(params, load_recipe(path)).param_groups[0]["betas"] == (0.9, 0.999)
+    opt = make_optimizer(params, load_recipe(path, ["train.adam_betas=[0.0,0.99]"]), lr=3e-4)
+    assert opt.param_groups[0]["betas"] == (0.0, 0.99) and opt.param_groups[0]["lr"] == 3e-4

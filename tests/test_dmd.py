@@ -62,6 +62,26 @@ def test_dmd_gradient_matches_the_closed_form():
     assert float(zero.detach()) == 0.0 and float(x1.grad.abs().max()) == 0.0
 
 
+def test_dmd_gradient_per_chunk_normaliser_by_hand():
+    """group_frames=2 over 4 frames: each sample's two chunks get their own mean|x0 - real| (LongLive)."""
+    g = torch.Generator().manual_seed(1)
+    x0, real, fake = (torch.randn(2, 3, 4, 2, 2, generator=g) for _ in range(3))
+    x0[0, :, 2:] = real[0, :, 2:] + 0.01  # sample 0's second chunk sits almost on the teacher's x0
+    expected = torch.empty_like(x0)
+    for b in range(2):
+        for first in (0, 2):
+            frames = slice(first, first + 2)
+            norm = float((x0[b, :, frames] - real[b, :, frames]).abs().mean())
+            expected[b, :, frames] = (fake[b, :, frames] - real[b, :, frames]) / norm
+    torch.testing.assert_close(dmd_gradient(x0, real, fake, group_frames=2), expected)
+    # one normaliser per video differs: the near chunk's small error no longer scales its own gradient up
+    assert not torch.allclose(dmd_gradient(x0, real, fake), expected)
+    assert float(dmd_gradient(x0, real, fake, group_frames=2)[0, :, 2:].abs().mean()) > 10 * float(
+        dmd_gradient(x0, real, fake)[0, :, 2:].abs().mean())
+    with pytest.raises(ValueError, match="whole groups of 3"):
+        dmd_gradient(x0, real, fake, group_frames=3)
+
+
 def test_critic_loss_is_flow_matching_on_detached_samples():
     g = torch.Generator().manual_seed(1)
     w = torch.nn.Parameter(torch.tensor(0.3))

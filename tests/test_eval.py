@@ -343,3 +343,56 @@ def test_wilson_interval_matches_known_values():
     lo, hi = wilson_interval(1.0, 48)
     assert abs(lo - 0.9259) < 1e-3 and abs(hi - 1.0) < 1e-12
     assert wilson_interval(0.0, 10)[0] == 0.0
+
+
+def test_chunk_accuracy_grades_each_chunk_weighted_by_batch():
+    """Videos whose first chunk (3 of 9 frames) shows another subject: that chunk is wrong, the rest right. Two
+    batches of 2 and 3 videos, the first two corrupted: chunk 0 scores 3/5 (a per-batch mean would give 1/2)."""
+    from types import SimpleNamespace
+
+    from distill.eval import _timing, run_model
+    from teachers.toyworld import render_video
+
+    slots = {"subject": "triangle", "clothing": "blue", "props": "ring", "action": "moving right", "background": "teal"}
+    other = {**slots, "subject": "square"}
+    videos = []
+    for i in range(5):
+        clip = render_video(slots, 9, seed=i)
+        if i < 2:
+            clip[:3] = render_video(other, 9, seed=i)[:3]
+        videos.append(clip)
+    rows = [{"prompt": "p", "seed": i, "slots": slots} for i in range(5)]
+    teacher = SimpleNamespace(device=torch.device("cpu"), encode=lambda prompts, negative: None,
+                              decode=lambda latents: latents, to_uint8=lambda idx: np.stack([videos[int(i)] for i in idx]))
+
+    def sampler(cond, noise, rows):
+        return torch.tensor([r["seed"] for r in rows])
+
+    batches = [rows[:2], rows[2:]]
+    run = run_model("fake", sampler, teacher, batches, (1, 1, 1, 1), None, "toyworld", 0, num_chunks=3)
+    timing = _timing(run, "toyworld")
+    assert timing["chunk_accuracy"] == pytest.approx([3 / 5, 1.0, 1.0])
+    assert timing["accuracy"]["all"] == pytest.approx(1.0)  # 6 of 9 frames still read as the triangle
+    plain = _timing(run_model("fake", sampler, teacher, batches, (1, 1, 1, 1), None, "toyworld", 0), "toyworld")
+    assert plain["chunk_accuracy"] is None and plain["accuracy"] == timing["accuracy"]
+
+
+def test_causal_student_and_teacher_report_chunk_accuracy(setup, tmp_path):
+    """A causal student of 1-frame chunks over 3 latent frames: 3 chunk figures, and the teacher graded in the same 3
+    segments; bidirectional students have none. The table shows them."""
+    from diffusers import WanTransformer3DModel
+
+    out = tmp_path / "out"
+    base = WanTransformer3DModel.from_pretrained(setup["pipe_dir"] / "transformer")
+    save_student(out, dict(name="causal3", kind="causal", frames_per_block=1, denoising_steps=[1000, 500]), base)
+    save_student(out, dict(name="pruned4", kind="pruned", keep_blocks=[0], denoising_steps=[1000, 750, 500, 250]),
+                 base)
+    path = write_recipe(tmp_path / "causal.yaml", out, setup["pipe_dir"], num_prompts=4, batch_size=4,
+                        num_previews=0, long_rollout_factor=2, long_rollout_prompts=1, student_timing_seconds=0)
+    report = evaluate(load_recipe(path))
+    causal, pruned = report["students"]["causal3"], report["students"]["pruned4"]
+    assert len(causal["chunk_accuracy"]) == 3 and len(report["teacher"]["chunk_accuracy"]) == 3
+    assert all(0 <= a <= 1 for a in causal["chunk_accuracy"]) and pruned["chunk_accuracy"] is None
+    table = rep.summary_table(report)
+    assert "acc per chunk" in table
+    assert " / ".join(f"{a:.3f}" for a in causal["chunk_accuracy"]) in table

@@ -1,0 +1,181 @@
+"""Ablations of a student recipe over training seeds, graded by the toy world's oracle: mean and spread per arm.
+
+    python -m benchmarks.ablate run RECIPE --arm NAME [--seeds 0,1,2] [--out DIR] [--prompts 128] [--eval-seed 777]
+                                 [KEY=VALUE ...]
+    python -m benchmarks.ablate summary [--out DIR] [--baseline NAME]
+
+`run`: for each seed, trains RECIPE with `student.name=<arm>_s<seed> train.seed=<seed> output_dir=<out>/runs` and the
+KEY=VALUE overrides, as a user would (`python -m distill train`, a subprocess; a finished run is not retrained), then
+grades its weights (`final_ema` when kept) with `distill.eval.eval_student` on `--prompts` fresh prompts of
+`--eval-seed` (never the training prompts' seed): all-attribute accuracy, accuracy per training-length chunk, and the
+long-rollout drift curve. Writes `<out>/<arm>/seed<S>.json`. The teacher is graded once on the same prompts and noise,
+in the same time segments, into `<out>/teacher_<prompts>_<eval seed>.json`.
+
+`summary`: one JSON line per arm, then a markdown table: mean and sample standard deviation over the seeds of
+all-attribute accuracy, of each chunk, and of the first and last long-rollout segments; with `--baseline`, each arm's
+difference of means against that arm ("ratio" against the baseline measured with the same prompts and noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _recipe(recipe_path: str, overrides: list[str], out: Path, name: str, seed: int, prompts: int, eval_seed: int):
+    from distill.config import load_recipe
+
+    return load_recipe(recipe_path, [*overrides, f"output_dir={out / 'runs'}", f"student.name={name}",
+                                     f"train.seed={seed}", f"eval.num_prompts={prompts}", f"eval.seed={eval_seed}",
+                                     "eval.num_previews=0", "eval.student_timing_seconds=0"])
+
+
+def _grading(recipe, teacher):
+    from distill.eval import choose_grader, eval_prompts, grading_context
+    from distill.config import resolve_path
+    from synth_data.composer import load_vocabulary
+
+    vocab = load_vocabulary(resolve_path(recipe.data.vocabulary))
+    grader = choose_grader(recipe, vocab)
+    if grader is None:
+        raise SystemExit(f"{recipe.source}: ablations need the toy world's oracle (data.vocabulary: toyworld)")
+    return grading_context(recipe, teacher, eval_prompts(recipe), vocab, grader)
+
+
+def grade_teacher(recipe, teacher, ctx: dict, chunks: int, path: Path) -> dict:
+    """The teacher's accuracy on the ablation prompts, graded whole and in `chunks` time segments (cached)."""
+    from distill.eval import _timing, run_model
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    run = run_model("teacher", lambda cond, noise, _rows: teacher.sample(cond, noise).latents, teacher,
+                    ctx["batches"], ctx["shape"], ctx["negative"], ctx["grader"], 0,
+                    recipe.eval.decode_batch_size, num_chunks=chunks)
+    entry = {k: v for k, v in _timing(run, ctx["grader"]).items() if "accuracy" in k}
+    path.write_text(json.dumps(entry, indent=2) + "\n")
+    return entry
+
+
+def run(args) -> None:
+    from distill.eval import eval_student, find_students, training_chunks
+    from teachers.wan import WanTeacher
+
+    out = Path(args.out)
+    (out / args.arm).mkdir(parents=True, exist_ok=True)
+    teacher = ctx = None
+    for seed in args.seeds:
+        name, result = f"{args.arm}_s{seed}", out / args.arm / f"seed{seed}.json"
+        if result.is_file():
+            print(f"ablate: {result} exists, skipping", flush=True)
+            continue
+        recipe = _recipe(args.recipe, args.overrides, out, name, seed, args.prompts, args.eval_seed)
+        t0 = time.perf_counter()
+        if not (recipe.student_dir() / "final" / "COMPLETE").is_file():
+            cmd = [sys.executable, "-m", "distill", "train", args.recipe, *args.overrides,
+                   f"output_dir={out / 'runs'}", f"student.name={name}", f"train.seed={seed}"]
+            if (recipe.student_dir()).is_dir():
+                cmd.append("train.resume_from_checkpoint=latest")
+            print("ablate:", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, cwd=ROOT)
+        train_seconds = time.perf_counter() - t0
+        if teacher is None:
+            teacher = WanTeacher.from_config(recipe.teacher, "cpu")
+            ctx = _grading(recipe, teacher)
+        folder = dict(find_students(recipe))[name]
+        entry, _ = eval_student(name, folder, teacher, recipe, ctx)
+        chunks = training_chunks(ctx["shape"][1], recipe.student)
+        teacher_entry = grade_teacher(recipe, teacher, ctx, chunks,
+                                      out / f"teacher_{args.prompts}_{args.eval_seed}.json")
+        keep = {k: entry[k] for k in ("accuracy", "chunk_accuracy", "long_rollout", "weights")}
+        result.write_text(json.dumps({"arm": args.arm, "seed": seed, "recipe": args.recipe,
+                                      "overrides": args.overrides, "prompts": args.prompts,
+                                      "eval_seed": args.eval_seed, "train_seconds": round(train_seconds, 1),
+                                      **keep, "teacher": teacher_entry}, indent=2) + "\n")
+        print(f"ablate: {args.arm} seed {seed}: all {entry['accuracy']['all']:.3f}, chunks "
+              f"{entry['chunk_accuracy']}, drift {entry['long_rollout']['segment_accuracy']}", flush=True)
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(values), 4),
+            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None, "n": len(values),
+            "values": [round(v, 4) for v in values]}
+
+
+def summarise(out: Path) -> dict[str, dict]:
+    """arm -> {"all", "chunk_<k>", "drift_first", "drift_last": stats over seeds, "seeds", "overrides"}."""
+    arms = {}
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "runs"):
+        rows = [json.loads(f.read_text()) for f in sorted(folder.glob("seed*.json"))]
+        if not rows:
+            continue
+        s = {"all": _stats([r["accuracy"]["all"] for r in rows])}
+        for k in range(len(rows[0]["chunk_accuracy"])):
+            s[f"chunk_{k}"] = _stats([r["chunk_accuracy"][k] for r in rows])
+        s["drift_first"] = _stats([r["long_rollout"]["segment_accuracy"][0] for r in rows])
+        s["drift_last"] = _stats([r["long_rollout"]["segment_accuracy"][-1] for r in rows])
+        s["seeds"] = [r["seed"] for r in rows]
+        s["overrides"] = rows[0]["overrides"]
+        s["teacher"] = {"all": rows[0]["teacher"]["accuracy"]["all"], "chunks": rows[0]["teacher"]["chunk_accuracy"]}
+        s["prompts"], s["eval_seed"] = rows[0]["prompts"], rows[0]["eval_seed"]
+        arms[folder.name] = s
+    return arms
+
+
+def summary(args) -> None:
+    arms = summarise(Path(args.out))
+    if not arms:
+        raise SystemExit(f"{args.out}: no ablation results (run `python -m benchmarks.ablate run` first)")
+    base = arms.get(args.baseline) if args.baseline else None
+    if args.baseline and base is None:
+        raise SystemExit(f"--baseline {args.baseline}: no such arm in {args.out}; arms: {', '.join(arms)}")
+    for arm, s in arms.items():
+        ratio = {} if base is None else {"delta_all_vs_baseline": round(s["all"]["mean"] - base["all"]["mean"], 4)}
+        print(json.dumps({"benchmark": "ablate", "arm": arm, **s, "ratio": ratio}))
+
+    def cell(st):
+        return f"{st['mean']:.3f} ± {st['sd']:.3f}" if st["sd"] is not None else f"{st['mean']:.3f}"
+
+    chunk_keys = [k for k in next(iter(arms.values())) if k.startswith("chunk_")]
+    print("\n| arm | seeds | all | " + " | ".join(chunk_keys) + " | 10x first | 10x last | overrides |")
+    print("|---|---|---:|" + "---:|" * len(chunk_keys) + "---:|---:|---|")
+    t = next(iter(arms.values()))["teacher"]
+    print(f"| teacher | | {t['all']:.3f} | " + " | ".join(f"{a:.3f}" for a in t["chunks"]) + " | | | |")
+    for arm, s in arms.items():
+        print(f"| {arm} | {','.join(map(str, s['seeds']))} | {cell(s['all'])} | "
+              + " | ".join(cell(s[k]) for k in chunk_keys)
+              + f" | {cell(s['drift_first'])} | {cell(s['drift_last'])} | {' '.join(s['overrides'])} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablate", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train and grade one arm over seeds")
+    r.add_argument("recipe")
+    r.add_argument("--arm", required=True)
+    r.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
+                   help="training seeds, comma-separated (default 0,1,2)")
+    r.add_argument("--out", default="outputs/ablations")
+    r.add_argument("--prompts", type=int, default=128)
+    r.add_argument("--eval-seed", type=int, default=777)
+    s = sub.add_parser("summary", help="mean and spread per arm")
+    s.add_argument("--out", default="outputs/ablations")
+    s.add_argument("--baseline", default=None)
+    args, rest = parser.parse_known_args(argv)  # KEY=VALUE overrides may stand anywhere after `run`
+    args.overrides = [a for a in rest if a != "--"]
+    bad = [a for a in args.overrides if "=" not in a or a.startswith("-") or args.command != "run"]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (recipe overrides are KEY=VALUE, after `run`)")
+    os.chdir(ROOT)
+    run(args) if args.command == "run" else summary(args)
+
+
+if __name__ == "__main__":
+    main()
