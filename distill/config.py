@@ -85,6 +85,7 @@ class TrainConfig:
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    """Clip both players' gradients to this global norm; 0: no clipping (the norm is still checked to be finite)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     ema: bool = False
@@ -120,6 +121,8 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm: must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

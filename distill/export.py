@@ -54,6 +54,11 @@ def export_student(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, 
     """Write every format of `recipe.export.formats` under `out_dir`; returns {format: path written}."""
     formats = list(dict.fromkeys(recipe.export.formats))
     _check_formats(formats, student)
+    bad = [n for n, p in student.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"export: {len(bad)} tensor(s) of student {student.cfg.name} are not finite (first: "
+                         f"{bad[0]}); nothing was exported. Export a finite checkpoint with export.checkpoint, or "
+                         "retrain")
     out_dir = Path(out_dir)
     writers = {"diffusers_lora": export_diffusers_lora, "comfyui_lora": export_comfyui_lora,
                "transformer": export_transformer, "pipeline": export_pipeline}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -87,11 +88,16 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         kt, vt = typing.get_args(tp) or (Any, Any)
         return {_convert(k, kt, f"{path}.{k}"): _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # PyYAML (YAML 1.1) reads `1e-4` without a dot as a string; YAML 1.2 and every user mean a float
-        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
-            return float(value)
+        elif isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+            number = float(value)
+        if number is not None:
+            if not math.isfinite(number):  # `nan < 0` is False: no range check downstream would catch it
+                raise RecipeError(f"{path}: must be a finite number, got {value!r}")
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -507,25 +508,28 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
                     loss, logs = algorithm.generator_loss(batch) if two_player else algorithm.loss(batch)
                     # 3. backward; accelerate scales by 1/gradient_accumulation_steps and syncs on the last micro-batch
                     # (a GAN term backpropagates through the critic: its gradients are set aside and dropped)
+                    _check_finite(loss, "generator loss" if two_player else "loss", step, student_dir)
                     with _critic_grads_set_aside(set_aside):
                         accelerator.backward(loss)
                 if two_player:
                     # 2-3'. the critic's loss on the same micro-batch (fresh draws from the same streams), backward
                     critic_loss, critic_logs = algorithm.critic_loss(batch)
+                    _check_finite(critic_loss, "critic loss", step, student_dir)
                     accelerator.backward(critic_loss)
                     logs = {**logs, **critic_logs}
                 # 4. clip and update once per optimizer step (the prepared optimizers skip non-sync micro-batches)
                 if train_generator:
-                    if accelerator.sync_gradients and tc.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                    if accelerator.sync_gradients:
+                        norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf)
+                        _check_finite(norm, "gradient norm", step, student_dir)
                     optimizer.step()
                 lr_scheduler.step()  # every step: the generator's LR follows the trainer's step clock
                 optimizer.zero_grad(set_to_none=True)
                 if two_player:
                     if accelerator.sync_gradients:
                         _all_reduce_grads(accelerator, critic_params)
-                        if tc.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(critic_params, tc.max_grad_norm)
+                        norm = accelerator.clip_grad_norm_(critic_params, tc.max_grad_norm or math.inf)
+                        _check_finite(norm, "critic gradient norm", step, student_dir)
                     critic_optimizer.step()
                     critic_scheduler.step()
                     critic_optimizer.zero_grad(set_to_none=True)
@@ -560,6 +564,23 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+class NonFiniteError(ValueError):
+    """A loss or gradient norm of a training step is NaN or infinite: training stops before the update."""
+
+
+def _check_finite(value: torch.Tensor, what: str, step: int, student_dir: Path) -> None:
+    """Stop at the first non-finite loss or gradient norm, before any weight, EMA or checkpoint takes it in: the
+    checkpoints on disk all hold finite weights. (One host sync per call.)"""
+    if torch.isfinite(value.detach()).all():
+        return
+    last = list_checkpoints(student_dir)
+    kept = f"{last[-1]} is the last checkpoint" if last else "no checkpoint was written"
+    raise NonFiniteError(
+        f"train: step {step + 1}: the {what} is {float(value.detach().float().flatten()[0])}; stopped before the "
+        f"update ({kept}). Lower train.learning_rate or set train.max_grad_norm, then resume with "
+        "train.resume_from_checkpoint=latest (or start over with a new student.name)")
 
 
 def _checkpoint(accelerator: Accelerator, path: Path, step: int, samples_per_step: int, fp: dict, tc) -> None:

@@ -225,6 +225,10 @@ def _render_batch(teacher, batch: list[dict], job: _Job, shape: tuple[int, ...])
     cond = teacher.encode([r["prompt"] for r in batch], job.negative_prompt)
     save_at = [*data.trajectory_steps, steps] if data.trajectory_steps else []
     out = teacher.sample(cond, noise, save_at=save_at)
+    bad = [r["index"] for r, lat in zip(batch, out.latents) if not torch.isfinite(lat).all()]
+    if bad:  # a NaN clip decodes to a black video and would enter the dataset as if it were a sample
+        raise ValueError(f"generate: the teacher's latents of row(s) {bad} are not finite; nothing of this batch was "
+                         "written. Check teacher.guidance_scale, teacher.shift and teacher.dtype (fp16 overflows)")
     samples = []
     for i, row in enumerate(batch):
         frames = teacher.to_uint8(teacher.decode(out.latents[i: i + 1]))[0]  # one at a time: VAE memory

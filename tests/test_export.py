@@ -169,3 +169,15 @@ def test_pipeline_format_refuses_more_than_two_experts(tmp_path, tiny_pipeline_d
     with pytest.raises(ValueError, match=r"export\.formats: 'pipeline' holds at most 2 experts"):
         export_student(recipe, student, pipe, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_non_finite_weights_are_never_exported(tmp_path, tiny_pipeline_dir):
+    recipe = recipe_for(tmp_path, tiny_pipeline_dir, ["transformer"], kind="pruned", keep_blocks=[1],
+                        denoising_steps=[1000])
+    pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
+    student = build_student(recipe.student, pipe.transformer)
+    with torch.no_grad():
+        student.experts[0].proj_out.bias[0] = float("inf")
+    with pytest.raises(ValueError, match=r"export: 1 tensor\(s\) of student .* are not finite \(first: .*proj_out"):
+        export_student(recipe, student, pipe, tmp_path / "nan_export")
+    assert not (tmp_path / "nan_export").exists()

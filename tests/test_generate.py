@@ -252,3 +252,26 @@ def test_two_processes_give_the_same_bytes(reference, tiny_pipeline_dir, tmp_pat
     assert "process 0 of 2 renders shards [0]" in res.stderr, res.stderr[-3000:]
     assert "process 1 of 2 renders shards [1]" in res.stderr, res.stderr[-3000:]
     assert tree(root / "out" / "dataset") == tree(reference / "out" / "dataset")
+
+
+def test_non_finite_teacher_latents_are_never_written(tmp_path, tiny_pipeline_dir, monkeypatch):
+    """The teacher's second batch comes back with a NaN: generate stops naming the rows; the first batch's parts
+    stay, no shard and no COMPLETE is written, and a clean rerun completes the same dataset."""
+    from teachers.wan import WanTeacher
+
+    root = make_project(tmp_path / "nan", tiny_pipeline_dir)
+    ds_dir = root / "out" / "dataset"
+    sample, calls = WanTeacher.sample, []
+
+    def nan_sample(self, *a, **k):
+        out = sample(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            out.latents[-1, 0, 0, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(WanTeacher, "sample", nan_sample)
+    with pytest.raises(ValueError, match=r"generate: the teacher's latents of row\(s\) \[3\] are not finite"):
+        run_generate(root)
+    assert sorted(tree(ds_dir)) == [".work/part-000000000.parquet", ".work/part-000000001.parquet",
+                                    "generation.json"]

@@ -436,3 +436,38 @@ def test_run_of_a_captions_only_recipe_composes_and_generates_nothing(tmp_path, 
     called.clear()
     cli.stage_run(load_recipe(path))
     assert called == ["compose", "generate", "train", "export"]
+
+
+@pytest.mark.parametrize("fault, max_grad_norm", [("loss", "1.0"), ("gradient", "0")])
+def test_non_finite_loss_or_gradient_stops_before_the_update(tmp_path, tiny_pipeline_dir, monkeypatch, fault,
+                                                             max_grad_norm, capsys):
+    """A NaN loss (or a finite loss with a NaN gradient, with clipping off) at step 3 of 4: the CLI exits 2 with one
+    line naming the step and the term; checkpoint-2 (finite) is kept; nothing later, no final, no COMPLETE."""
+    from distill.cli import main
+    from distill.flow_matching import FlowMatching
+
+    write_dataset(tmp_path / "out" / "dataset")
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "out", tiny_pipeline_dir,
+                          train={"checkpoints_total_limit": 3})
+    real, calls = FlowMatching.loss, []
+
+    def faulty(self, batch):
+        loss, logs = real(self, batch)
+        calls.append(1)
+        if len(calls) == 5:  # step 3's first micro-batch (2 micro-batches per step)
+            if fault == "loss":
+                loss = loss * float("nan")
+            else:  # value 0, gradient 0/0 = NaN
+                p = next(q for q in self.student.parameters() if q.requires_grad)
+                loss = loss + torch.sqrt((p - p.detach()).abs()).sum()
+        return loss, logs
+
+    monkeypatch.setattr(FlowMatching, "loss", faulty)
+    assert main(["train", str(recipe), f"train.max_grad_norm={max_grad_norm}"]) == 2
+    err = [line[line.index("error:"):] for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    term = "loss is nan" if fault == "loss" else "gradient norm is nan"
+    assert len(err) == 1 and "train: step 3: the " + term in err[0] and "checkpoint-2 is the last checkpoint" in err[0]
+    student_dir = tmp_path / "out" / "students" / "s"
+    assert sorted(p.name for p in student_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (student_dir / "final").exists()
+    assert all(torch.isfinite(v).all() for v in weights(student_dir / "checkpoint-2").values())
