@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow install clean toy-teacher
+.PHONY: demo test test-slow install clean toy-teacher bench-toy
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: $(STAMP)
 	$(BIN)/python -m distill run recipes/toyworld_causal_init.yaml
 	$(BIN)/python -m distill run recipes/toyworld_self_forcing.yaml
 	$(BIN)/python -m distill eval recipes/toyworld.yaml
+
+# The toy world's benchmark of record for student quality: every toy student trained to convergence and graded on
+# 256 prompts (~45 min on 2 CPU cores) -> outputs/toyworld_bench/eval/report.md; benchmarks/toy_bench.py says more.
+bench-toy: $(STAMP)
+	$(BIN)/python -m benchmarks.toy_bench
 
 # One-off: (re)train the toy teacher shipped in teachers/toyworld/pipeline (hours on 2 CPU cores; join
 # several runs with `make toy-teacher RESUME=train.resume_from_checkpoint=latest`).

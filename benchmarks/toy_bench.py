@@ -1,0 +1,107 @@
+"""The toy world's benchmark of record for student quality (`make bench-toy`): every toy student trained from the
+shipped teacher with a budget that lets it converge, graded on 256 fresh prompts.
+
+    python -m benchmarks.toy_bench [--out outputs/toyworld_bench] [--dry-run] [KEY=VALUE ...]
+
+Runs, each as a user would (`python -m distill run RECIPE ...`, so an interrupted bench resumes where it stopped):
+the teacher's dataset (128 prompts), `lora4`, `pruned`, `causal_init` and `self_forcing`
+(recipes/toyworld_self_forcing_long.yaml, from this bench's own causal_init), then `python -m distill eval` on 256
+prompts, writing `<out>/eval/report.json` (+ report.md and plots). `make demo` stays the quick tour; the figures
+differ because the budgets do. KEY=VALUE overrides apply to every stage (e.g. `eval.num_prompts=64` for a check).
+
+Prints one JSON line: per student the all-attribute accuracy, its ratio to the teacher's measured in the same run,
+the per-chunk figures and the drift of the 10x rollout (last segment - first), the sampling speedup, the seconds
+each stage took; and appends it to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+COMMON = ["data.num_prompts=128", "eval.num_prompts=256"]
+"""Every stage: 128 teacher clips (lora4's trajectories, pruned's KD data, causal_init's ODE pairs) and a 256-prompt
+eval (a 95% interval of about +-4 points near 0.9)."""
+
+
+def stages(out: str) -> list[tuple[str, str, list[str]]]:
+    """(name, recipe, overrides) in order; `name` is the student's folder (None: the dataset)."""
+    return [
+        ("dataset", "recipes/toyworld.yaml", []),
+        ("lora4", "recipes/toyworld_lora4.yaml", ["train.max_steps=600", "train.checkpointing_steps=200"]),
+        ("pruned", "recipes/toyworld_pruned.yaml", ["train.max_steps=600", "train.checkpointing_steps=200"]),
+        ("causal_init", "recipes/toyworld_causal_init.yaml", ["train.max_steps=300"]),
+        ("self_forcing", "recipes/toyworld_self_forcing_long.yaml",
+         ["student.name=self_forcing", f"student.init={out}/students/causal_init/final/expert_0"]),
+    ]
+
+
+def run_stage(name: str, recipe: str, overrides: list[str], dry_run: bool) -> float:
+    cmd = [sys.executable, "-m", "distill", "run", recipe, *overrides]
+    student_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))) / "students" / name
+    if name != "dataset" and list(student_dir.glob("checkpoint-*")) and not (student_dir / "final/COMPLETE").exists():
+        cmd.append("train.resume_from_checkpoint=latest")  # an interrupted bench picks up where it stopped
+    print("toy_bench:", " ".join(cmd), flush=True)
+    if dry_run:
+        cmd.append("--dry-run")
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL if dry_run else None)
+    return round(time.perf_counter() - t0, 1)
+
+
+def summarise(report: dict, seconds: dict[str, float]) -> dict:
+    teacher = report["teacher"]["accuracy"]["all"]
+    result = {"benchmark": "toy_bench", "num_prompts": report["num_prompts"], "eval_seed": report["seed"],
+              "teacher": {"all": teacher, "chunk_accuracy": report["teacher"].get("chunk_accuracy")},
+              "students": {}, "stage_seconds": seconds}
+    ratios = {}
+    for name, s in report["students"].items():
+        entry = {"all": s["accuracy"]["all"], "nfe": s["nfe"], "chunk_accuracy": s.get("chunk_accuracy"),
+                 "sampling_speedup": round(s["sampling_speedup"], 2)}
+        if s.get("long_rollout"):
+            curve = s["long_rollout"]["segment_accuracy"]
+            entry["drift_first_last"] = [curve[0], curve[-1]]
+        result["students"][name] = entry
+        ratios[f"ratio_all_{name}_vs_teacher"] = round(s["accuracy"]["all"] / teacher, 4) if teacher else None
+    return {**result, **ratios}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.toy_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="outputs/toyworld_bench")
+    parser.add_argument("--dry-run", action="store_true", help="check every stage's recipe, train nothing")
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if "=" not in a or a.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are KEY=VALUE)")
+    os.chdir(ROOT)
+    common = [f"output_dir={args.out}", *COMMON, *extra]
+    seconds = {}
+    for name, recipe, overrides in stages(args.out):
+        seconds[name] = run_stage(name, recipe, [*common, *overrides], args.dry_run)
+    eval_cmd = [sys.executable, "-m", "distill", "eval", "recipes/toyworld.yaml", *common,
+                "eval.students=[lora4,pruned,causal_init,self_forcing]"]
+    print("toy_bench:", " ".join(eval_cmd), flush=True)
+    if args.dry_run:
+        subprocess.run([*eval_cmd, "--dry-run"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        return
+    t0 = time.perf_counter()
+    subprocess.run(eval_cmd, check=True, cwd=ROOT)
+    seconds["eval"] = round(time.perf_counter() - t0, 1)
+    report = json.loads((Path(args.out) / "eval" / "report.json").read_text())
+    result = summarise(report, seconds)
+    print(json.dumps(result))
+    from benchmarks.results import append_result
+
+    append_result("make bench-toy", result, [k for k in result if k.startswith("ratio_")])
+
+
+if __name__ == "__main__":
+    main()
