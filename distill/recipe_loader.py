@@ -36,6 +36,23 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+def _unique_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: PyYAML keeps the last of two equal keys, so a pasted section would silently
+    override the one above it."""
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one of them",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -162,8 +179,10 @@ def read_yaml(path: Path) -> dict:
         raise RecipeError(f"{path}: recipe file not found; pass a path to a YAML file such as recipes/toyworld.yaml")
     try:
         data = yaml.load(path.read_text(), Loader=_Loader) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line: file:line and the problem (PyYAML's own text spans several)
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise RecipeError(f"{where}: not valid YAML: {problem or str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections")
     return data

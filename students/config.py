@@ -54,7 +54,7 @@ class StudentConfig:
     the KV cache (Self-Forcing's context_noise; 0 = the clean output)."""
 
     def __post_init__(self):
-        if not self.name or "/" in self.name:
+        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
             raise ValueError(f"name: must be a plain folder name, got {self.name!r}")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank: must be >= 1, got {self.lora_rank}")

@@ -190,3 +190,24 @@ def test_adam_betas_reach_both_optimizers(tmp_path):
     assert make_optimizer(params, load_recipe(path)).param_groups[0]["betas"] == (0.9, 0.999)
     opt = make_optimizer(params, load_recipe(path, ["train.adam_betas=[0.0,0.99]"]), lr=3e-4)
     assert opt.param_groups[0]["betas"] == (0.0, 0.99) and opt.param_groups[0]["lr"] == 3e-4
+
+
+def test_duplicate_keys_are_an_error_naming_the_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: a pasted second `teacher:` would silently replace the first."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("output_dir: out\nteacher:\n  pretrained: a\ndata:\n  vocabulary: v.yaml\n  num_prompts: 4\n"
+                    "teacher:\n  pretrained: b\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(e.value) == f"{path}:7: not valid YAML: duplicate key 'teacher' (first at line 2); keep one of them"
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("output_dir: out\nteacher:\n  pretrained: a\n  pretrained: b\n")
+    with pytest.raises(RecipeError, match=r"nested.yaml:4: not valid YAML: duplicate key 'pretrained'"):
+        load_recipe(nested)
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "a\\b", ""])
+def test_student_names_that_are_not_one_folder_are_refused(tmp_path, name):
+    recipe = {**MINIMAL, "student": {"name": name, "kind": "lora"}, "method": {"name": "flow_matching"}}
+    with pytest.raises(RecipeError, match="student.name: must be a plain folder name"):
+        load_recipe(write(tmp_path, "r.yaml", recipe))
