@@ -72,14 +72,14 @@ WINDOW_STREAM = 0x5E1F_0001
 so adding a window leaves every exit-step draw as it was."""
 
 
-def draw_window_end(seed: int, step: int, num_chunks: int, window: int) -> int:
-    """The chunk (exclusive) where trainer step `step`'s DMD window ends, uniform in [window, num_chunks]: the same
-    on every rank."""
-    if not 1 <= window <= num_chunks:
-        raise ValueError(f"method.self_forcing.dmd_window: must be in 1..{num_chunks} (the chunks rolled out), "
-                         f"got {window}")
+def draw_window_end(seed: int, step: int, num_chunks: int, window: int, min_start: int = 0) -> int:
+    """The chunk (exclusive) where trainer step `step`'s DMD window ends, uniform in [min_start + window, num_chunks]:
+    the same on every rank. (min_start 0 draws exactly as before the key existed.)"""
+    if not 1 <= window <= num_chunks - min_start:
+        raise ValueError(f"method.self_forcing.dmd_window: must be in 1..{num_chunks - min_start} (the chunks rolled "
+                         f"out, {num_chunks}, less dmd_window_min_start, {min_start}), got {window}")
     g = torch.Generator().manual_seed(derive_seed(derive_seed(seed, WINDOW_STREAM), step))
-    return int(torch.randint(window, num_chunks + 1, (1,), generator=g))
+    return int(torch.randint(min_start + window, num_chunks + 1, (1,), generator=g))
 
 
 def per_token_timesteps(t: torch.Tensor, x: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
@@ -124,7 +124,8 @@ class CausalRollout:
     """`distill.dmd.Rollout` of a causal student: its own chunk-by-chunk rollout from noise (module docstring)."""
 
     def __init__(self, model, sigmas: list[float], *, seed: int, samples_per_step: int, num_chunks: int | None = None,
-                 last_only: bool = False, window: int | None = None, same_across_chunks: bool = False):
+                 last_only: bool = False, window: int | None = None, same_across_chunks: bool = False,
+                 window_min_start: int = 0):
         """`model`: a `CausalWan` or `PreparedCausal`; `sigmas`: the student's levels (all > 0);
         `seed` / `samples_per_step`: train.seed and the global samples per trainer step G (step s holds the sample
         indices [s·G, (s+1)·G), `distill.data`); `num_chunks`: None rolls out the batch's latent frames;
@@ -138,6 +139,7 @@ class CausalRollout:
         self.samples_per_step, self.num_chunks, self.last_only = samples_per_step, num_chunks, last_only
         self.same_across_chunks = same_across_chunks
         self.window = window  # checked against the chunks rolled out by `draw_window_end`
+        self.window_min_start = window_min_start
         self.last_exit_steps: list[int] = []
         """The exit steps of the latest call, one per returned chunk (for logs and tests)."""
         self.last_window: tuple[int, int] = (0, 0)
@@ -159,7 +161,7 @@ class CausalRollout:
         if self.window is None:
             first, end = 0, chunks
         else:
-            end = draw_window_end(self.seed, step, chunks, self.window)
+            end = draw_window_end(self.seed, step, chunks, self.window, self.window_min_start)
             first = end - self.window
         exits = draw_exit_steps(self.seed, step, end - first, len(self.sigmas), self.last_only,
                                 self.same_across_chunks)
@@ -191,6 +193,10 @@ class SelfForcing(DMD):
         every rank), is scored as one video. With num_chunks > teacher length and dmd_window = teacher length, the
         student learns from its own states past the trained horizon (the drift of long rollouts) while the teacher
         and critic only judge clips of their own length. None: the whole rollout."""
+        dmd_window_min_start: int = 0
+        """With `dmd_window`: the earliest chunk a window may start at. 1 keeps chunk 0 (denoised with no context)
+        out of DMD, as Self-Forcing masks the first chunk out of the loss of a rollout longer than the teacher's;
+        chunk 0 then learns only through the weights it shares with the chunks that have context."""
         same_step_across_chunks: bool = False
         """`exit_step: random`: one exit step drawn per step for ALL chunks (Self-Forcing's effective default,
         `same_step_across_blocks: true`) instead of one per chunk."""
@@ -205,6 +211,13 @@ class SelfForcing(DMD):
             super().__post_init__()
             if self.num_chunks is not None and self.num_chunks < 1:
                 raise ValueError(f"num_chunks: must be >= 1 or null, got {self.num_chunks}")
+            if self.dmd_window_min_start < 0 or (self.dmd_window_min_start and self.dmd_window is None):
+                raise ValueError(f"dmd_window_min_start: must be >= 0 and needs dmd_window; got "
+                                 f"{self.dmd_window_min_start} with dmd_window {self.dmd_window}")
+            if self.dmd_window is not None and self.num_chunks is not None and \
+                    self.dmd_window + self.dmd_window_min_start > self.num_chunks:
+                raise ValueError(f"dmd_window: a window of {self.dmd_window} chunks from chunk "
+                                 f"{self.dmd_window_min_start} on does not fit in num_chunks {self.num_chunks}")
             if self.dmd_window is not None and not 1 <= self.dmd_window <= (self.num_chunks or self.dmd_window):
                 raise ValueError(f"dmd_window: must be >= 1 and <= num_chunks ({self.num_chunks}), or null; got "
                                  f"{self.dmd_window}")

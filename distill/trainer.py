@@ -267,7 +267,8 @@ def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None, nu
             rollout = CausalRollout(PreparedCausal(student, unwrapped), sigmas, seed=tc.seed,
                                     samples_per_step=tc.batch_size * tc.gradient_accumulation_steps * num_processes,
                                     num_chunks=c.num_chunks, last_only=c.exit_step == "last", window=c.dmd_window,
-                                    same_across_chunks=c.same_step_across_chunks)
+                                    same_across_chunks=c.same_step_across_chunks,
+                                    window_min_start=c.dmd_window_min_start)
             return SelfForcing(c, teacher=teacher, critic=critic, rollout=rollout)
         case _:
             raise ValueError(f"method.name: {method.name!r} is not trained by distill.trainer; use one of "

@@ -170,6 +170,38 @@ def test_windowed_rollout_scores_a_window_of_a_longer_rollout(teacher, student):
         SelfForcing.Config(num_chunks=2, dmd_window=3)
 
 
+def test_window_min_start_keeps_chunk_0_out_of_dmd(teacher, student):
+    """dmd_window_min_start=1: windows of 2 of 4 chunks end at 3 or 4 only (never chunks 0-1), drawn from the same
+    stream, so the steps whose end was already >= 3 keep their window; chunk 0 is always a no-grad context chunk."""
+    ends = [draw_window_end(0, s, 4, 2) for s in range(60)]
+    late = [draw_window_end(0, s, 4, 2, min_start=1) for s in range(60)]
+    assert set(late) == {3, 4} and set(ends) == {2, 3, 4}
+    with pytest.raises(ValueError, match=r"dmd_window: must be in 1..2 \(the chunks rolled out, 4, less "):
+        draw_window_end(0, 0, 4, 3, min_start=2)
+    rollout = CausalRollout(student.causal, SIGMAS, seed=0, samples_per_step=2, num_chunks=4, window=2,
+                            window_min_start=1)
+    for step in range(4):
+        with torch.no_grad():
+            rollout(make_batch(teacher, (2 * step, 2 * step + 1)))
+        assert rollout.last_window[0] >= 1 and rollout.last_window[1] == late[step]
+    with pytest.raises(ValueError, match="does not fit in num_chunks 4"):
+        SelfForcing.Config(num_chunks=4, dmd_window=2, dmd_window_min_start=3)
+    with pytest.raises(ValueError, match="needs dmd_window"):
+        SelfForcing.Config(num_chunks=4, dmd_window_min_start=1)
+
+
+def test_trainer_passes_the_window_min_start(tmp_path, tiny_pipeline_dir, monkeypatch):
+    import distill.self_forcing as sf
+
+    real, seen = sf.draw_window_end, []
+    monkeypatch.setattr(sf, "draw_window_end", lambda *a: seen.append(a[-1]) or real(*a))
+    write_dataset(tmp_path / "a" / "dataset")
+    recipe = write_recipe(tmp_path / "a.yaml", tmp_path / "a", tiny_pipeline_dir, **SF_SECTIONS)
+    run_train(recipe, "train.max_steps=1", "method.self_forcing.num_chunks=3", "method.self_forcing.dmd_window=1",
+              "method.self_forcing.dmd_window_min_start=1")
+    assert seen and all(m == 1 for m in seen)
+
+
 # ---- the SelfForcing losses ----------------------------------------------------------------------------------
 def self_forcing(teacher, critic, rollout, **kw):
     cfg = SelfForcing.Config(guidance_scale=3.0, min_sigma=0.1, max_sigma=0.9, shift=2.0, **kw)
