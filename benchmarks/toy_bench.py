@@ -7,7 +7,8 @@ Runs, each as a user would (`python -m distill run RECIPE ...`, so an interrupte
 the teacher's dataset (128 prompts), `lora4`, `pruned`, `causal_init` and `self_forcing`
 (recipes/toyworld_self_forcing_long.yaml, from this bench's own causal_init), then `python -m distill eval` on 256
 prompts, writing `<out>/eval/report.json` (+ report.md and plots). `make demo` stays the quick tour; the figures
-differ because the budgets do. KEY=VALUE overrides apply to every stage (e.g. `eval.num_prompts=64` for a check).
+differ because the budgets do. KEY=VALUE overrides apply to every stage, after the bench's own (e.g.
+`train.max_steps=2 eval.num_prompts=8` for a quick check of the plumbing).
 
 Prints one JSON line: per student the all-attribute accuracy, its ratio to the teacher's measured in the same run,
 the per-chunk figures and the drift of the 10x rollout (last segment - first), the sampling speedup, the seconds
@@ -77,15 +78,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.toy_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/toyworld_bench")
     parser.add_argument("--dry-run", action="store_true", help="check every stage's recipe, train nothing")
+    parser.add_argument("--results", default=None, help="the RESULTS.md to append to (default benchmarks/RESULTS.md)")
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if "=" not in a or a.startswith("-")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are KEY=VALUE)")
     os.chdir(ROOT)
-    common = [f"output_dir={args.out}", *COMMON, *extra]
+    common = [f"output_dir={args.out}", *COMMON]
     seconds = {}
-    for name, recipe, overrides in stages(args.out):
-        seconds[name] = run_stage(name, recipe, [*common, *overrides], args.dry_run)
+    for name, recipe, overrides in stages(args.out):  # the command line's overrides last: they win
+        seconds[name] = run_stage(name, recipe, [*common, *overrides, *extra], args.dry_run)
+    common += extra
     eval_cmd = [sys.executable, "-m", "distill", "eval", "recipes/toyworld.yaml", *common,
                 "eval.students=[lora4,pruned,causal_init,self_forcing]"]
     print("toy_bench:", " ".join(eval_cmd), flush=True)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result))
     from benchmarks.results import append_result
 
-    append_result("make bench-toy", result, [k for k in result if k.startswith("ratio_")])
+    append_result("make bench-toy", result, [k for k in result if k.startswith("ratio_")], args.results)
 
 
 if __name__ == "__main__":

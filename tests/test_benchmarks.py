@@ -194,3 +194,74 @@ def test_gpu_all_script_runs_at_tiny_size(tmp_path):
     bad = subprocess.run(["bash", "benchmarks/gpu_all.sh", "--size", "2b"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--size must be tiny or 1.3b" in bad.stdout
+
+
+def test_ablate_summary_means_and_spreads_by_hand(tmp_path, capsys):
+    """Two arms of seed results: mean and sample standard deviation per figure, the difference to the baseline."""
+    from benchmarks.ablate import main as ablate
+
+    def result(arm, seed, acc, chunks, curve):
+        (tmp_path / arm).mkdir(exist_ok=True)
+        (tmp_path / arm / f"seed{seed}.json").write_text(json.dumps({
+            "arm": arm, "seed": seed, "overrides": [] if arm == "base" else ["k=v"], "prompts": 8, "eval_seed": 3,
+            "accuracy": {"all": acc}, "chunk_accuracy": chunks, "long_rollout": {"segment_accuracy": curve},
+            "teacher": {"accuracy": {"all": 0.9}, "chunk_accuracy": [0.8, 0.9]}}))
+
+    result("base", 0, 0.5, [0.25, 0.5], [0.5, 0.25, 0.125])
+    result("base", 1, 0.75, [0.5, 0.5], [0.75, 0.5, 0.375])
+    for seed, acc in enumerate([0.5, 0.625, 0.875]):
+        result("other", seed, acc, [acc, acc], [acc, acc])
+    (tmp_path / "runs").mkdir()  # training folders are not arms
+    ablate(["summary", "--out", str(tmp_path), "--baseline", "base"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    by_arm = {r["arm"]: r for r in lines}
+    assert set(by_arm) == {"base", "other"}
+    base, other = by_arm["base"], by_arm["other"]
+    assert base["all"]["mean"] == 0.625 and base["all"]["sd"] == round(math.sqrt(2 * 0.125 ** 2), 4)
+    assert base["chunk_0"]["mean"] == 0.375 and base["chunk_1"]["sd"] == 0.0
+    assert base["drift_first"]["values"] == [0.5, 0.75] and base["drift_last"]["values"] == [0.125, 0.375]
+    mean = (0.5 + 0.625 + 0.875) / 3
+    sd = math.sqrt(sum((a - mean) ** 2 for a in (0.5, 0.625, 0.875)) / 2)
+    assert other["all"]["mean"] == round(mean, 4) and other["all"]["sd"] == round(sd, 4)
+    assert other["ratio"]["delta_all_vs_baseline"] == round(round(mean, 4) - 0.625, 4)
+    with pytest.raises(SystemExit):
+        ablate(["summary", "--out", str(tmp_path), "--baseline", "nope"])
+
+
+def test_toy_bench_summary_ratios_by_hand():
+    from benchmarks.toy_bench import summarise
+
+    report = {"num_prompts": 4, "seed": 1, "teacher": {"accuracy": {"all": 0.8}, "chunk_accuracy": [0.7, 0.9]},
+              "students": {
+                  "causal": {"accuracy": {"all": 0.6}, "nfe": 4.5, "chunk_accuracy": [0.5, 0.75],
+                             "sampling_speedup": 21.234, "long_rollout": {"segment_accuracy": [0.5, 0.25, 0.75]}},
+                  "lora": {"accuracy": {"all": 0.8}, "nfe": 4, "chunk_accuracy": None, "sampling_speedup": 9.0}}}
+    out = summarise(report, {"eval": 3.0})
+    assert out["ratio_all_causal_vs_teacher"] == 0.75 and out["ratio_all_lora_vs_teacher"] == 1.0
+    assert out["students"]["causal"]["drift_first_last"] == [0.5, 0.75]
+    assert "drift_first_last" not in out["students"]["lora"] and out["students"]["causal"]["sampling_speedup"] == 21.23
+    assert out["stage_seconds"] == {"eval": 3.0} and out["teacher"]["chunk_accuracy"] == [0.7, 0.9]
+
+
+@pytest.mark.slow
+def test_toy_bench_runs_end_to_end_at_a_tiny_budget(tmp_path):
+    """The whole bench with 2 training steps per student, 8 clips and 8 eval prompts: every stage runs, the report
+    holds all four students and one JSON line is printed and appended to the given RESULTS.md."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.toy_bench", "--out", str(out), "--results", str(tmp_path / "R.md"),
+         "data.num_prompts=8", "train.max_steps=2", "train.checkpointing_steps=1", "eval.num_prompts=8",
+         "eval.long_rollout_prompts=2", "eval.long_rollout_factor=2", "eval.num_previews=1",
+         "eval.student_timing_seconds=0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert set(result["students"]) == {"lora4", "pruned", "causal_init", "self_forcing"}
+    assert result["num_prompts"] == 8 and len(result["students"]["self_forcing"]["chunk_accuracy"]) == 3
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert result["ratio_all_pruned_vs_teacher"] == pytest.approx(
+        report["students"]["pruned"]["accuracy"]["all"] / report["teacher"]["accuracy"]["all"], abs=1e-4)
+    assert "make bench-toy" in (tmp_path / "R.md").read_text()
