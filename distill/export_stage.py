@@ -6,7 +6,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 
 from distill.config import Recipe
 from distill.export import export_student
@@ -45,10 +44,11 @@ def checkpoint_dir(recipe: Recipe, name: str) -> Path:
 
 def student_from_checkpoint(recipe: Recipe, teacher, path: Path) -> Student:
     """The student as training checkpoint `path` holds it: its trainable weights, replaced by the EMA's when the run
-    kept one and `export.use_ema` (accelerate saves the EMA as the first custom checkpoint, see `distill.trainer`)."""
+    kept one and `export.use_ema` (`distill.role_state`)."""
     from diffusers.training_utils import EMAModel
     from safetensors.torch import load_file
 
+    from distill.role_state import EMA_WEIGHTS, check_no_pickles, load_ema
     from distill.trainer import STUDENT_WEIGHTS
     from students.student import build_student
 
@@ -57,13 +57,13 @@ def student_from_checkpoint(recipe: Recipe, teacher, path: Path) -> Student:
     student.load_trainable_state_dict(load_file(str(weights)), where=str(weights))
     use_ema = recipe.train.ema and recipe.export.use_ema
     if use_ema:
-        ema_file = path / "custom_checkpoint_0.pkl"
-        if not ema_file.is_file():
-            raise FileNotFoundError(f"export.checkpoint: {path} has no EMA ({ema_file.name}) though train.ema is set; "
+        check_no_pickles(path)
+        if not (path / EMA_WEIGHTS).is_file():
+            raise FileNotFoundError(f"export.checkpoint: {path} has no EMA ({EMA_WEIGHTS}) though train.ema is set; "
                                     "set export.use_ema=false to export the raw weights")
         params = student.trainable_parameters()
         ema = EMAModel(params, decay=recipe.train.ema_decay)
-        ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=True))
+        load_ema(ema, path)
         ema.copy_to(params)
     logger.info("export: weights of %s%s", path, " (EMA)" if use_ema else "")
     return student

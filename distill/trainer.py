@@ -14,8 +14,9 @@ schedules run on the trainer's step clock. The critic is never DDP-wrapped (a Lo
 student's DDP holds): its gradients are all-reduced here.
 
 Outputs under `<output_dir>/students/<student.name>/`:
-    checkpoint-<step>/   accelerate state (student trainable weights, optimizer, LR scheduler, EMA, RNG per rank;
-                         two-player: the critic's optimizer_1 / scheduler_1 and its weights as a custom checkpoint)
+    checkpoint-<step>/   accelerate state (student trainable weights, optimizer, LR scheduler, RNG per rank;
+                         two-player: the critic's optimizer_1 / scheduler_1), the EMA (ema.safetensors + ema.json)
+                         and the critic's weights (critic.safetensors; `distill.role_state`: nothing is unpickled)
                          + training_state.json (step, data position, fingerprint), written last
     final/               Student.save_pretrained + training_state.json + COMPLETE (written last)
     final_ema/           the EMA weights (train.ema)
@@ -50,8 +51,9 @@ from tqdm.auto import tqdm
 
 from distill.config import Recipe, resolve_path
 from distill.data import read_prompts_file
-from students.critic import Critic, TrainableWeights, build_critic
 from distill.recipe_loader import to_dict
+from distill.role_state import check_no_pickles, load_critic, load_ema, save_critic, save_ema
+from students.critic import Critic, build_critic
 
 logger = logging.getLogger(__name__)
 
@@ -365,9 +367,8 @@ def _optimization(recipe: Recipe, accelerator: Accelerator, student):
     optimizer = make_optimizer(params, recipe)
     lr_scheduler = _lr_scheduler(recipe, optimizer, world)
     ema = EMAModel(params, decay=tc.ema_decay) if tc.ema else None
-    if ema is not None:
+    if ema is not None:  # checkpointed by `_checkpoint` as safetensors (distill.role_state), never pickled
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     if recipe.student.experts > 1 and accelerator.ddp_handler is None:
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -395,8 +396,7 @@ def _critic_optimization(recipe: Recipe, accelerator: Accelerator, critic: Criti
     optimizer = make_optimizer(groups, recipe, c.critic_learning_rate)
     scheduler = _lr_scheduler(recipe, optimizer, accelerator.num_processes)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    accelerator.register_for_checkpointing(TrainableWeights(critic))
-    return params, optimizer, scheduler
+    return params, optimizer, scheduler  # its weights: `_checkpoint` (distill.role_state)
 
 
 def _all_reduce_grads(accelerator: Accelerator, params: list[nn.Parameter]) -> None:
@@ -462,6 +462,8 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
     fp = fingerprint(recipe, world)
     resume = resolve_checkpoint(recipe)
     start_step = check_checkpoint(resume, fp)["step"] if resume is not None else 0  # fail fast, before any model
+    if resume is not None:
+        check_no_pickles(resume)
 
     set_seed(tc.seed)  # the student's initialisation (LoRA A) is the same on every rank and run
     teacher = WanTeacher.from_config(recipe.teacher, accelerator.device)
@@ -479,8 +481,11 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
         critic_params, critic_optimizer, critic_scheduler = _critic_optimization(recipe, accelerator, critic)
     if resume is not None:
         accelerator.load_state(str(resume))
-        if ema is not None:  # EMAModel.load_state_dict puts the shadow weights where the pickle had them: the CPU
+        if ema is not None:  # the shadow weights are read onto the CPU
+            load_ema(ema, resume)
             ema.to(accelerator.device)
+        if critic is not None:
+            load_critic(critic, resume)
         logger.info("resumed from %s at step %d", resume, start_step)
     algorithm = build_algorithm(recipe, teacher, model, student,
                                 None if critic is None else _autocast(accelerator, critic), num_processes=world)
@@ -544,7 +549,8 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
         bar.update(1)
         # 6. checkpoint-<step>/ (every rank writes its RNG state; rank 0 the rest, training_state.json last)
         if done % tc.checkpointing_steps == 0 or done == tc.max_steps:
-            _checkpoint(accelerator, student_dir / f"{CHECKPOINT_PREFIX}{done}", done, samples_per_step, fp, tc)
+            _checkpoint(accelerator, student_dir / f"{CHECKPOINT_PREFIX}{done}", done, samples_per_step, fp, tc,
+                        ema, critic)
         # 7. logs: the algorithm's dict plus lr and step time
         if done % tc.log_every == 0 or done == tc.max_steps:
             values = {k: float(v) for k, v in sums.items()}
@@ -584,7 +590,8 @@ def _check_finite(value: torch.Tensor, what: str, step: int, student_dir: Path) 
         "train.resume_from_checkpoint=latest (or start over with a new student.name)")
 
 
-def _checkpoint(accelerator: Accelerator, path: Path, step: int, samples_per_step: int, fp: dict, tc) -> None:
+def _checkpoint(accelerator: Accelerator, path: Path, step: int, samples_per_step: int, fp: dict, tc, ema=None,
+                critic=None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and path.exists():
         shutil.rmtree(path)  # a stale folder from an abandoned run at the same step
@@ -592,7 +599,11 @@ def _checkpoint(accelerator: Accelerator, path: Path, step: int, samples_per_ste
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_state(path, step, samples_per_step, fp)
+        if ema is not None:
+            save_ema(ema, path)
+        if critic is not None:
+            save_critic(critic, path)
+        _write_state(path, step, samples_per_step, fp)  # last: it marks the checkpoint finished
         _prune(path.parent, tc.checkpoints_total_limit)
 
 

@@ -111,19 +111,6 @@ class Critic(nn.Module):
             load_lora_state_dict(self.transformer, state, self.adapter, where)
 
 
-class TrainableWeights:
-    """`accelerator.register_for_checkpointing` target: a role's trainable weights only (custom_checkpoint_<i>)."""
-
-    def __init__(self, role: Critic):
-        self.role = role
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.role.trainable_state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.role.load_trainable_state_dict(state, "checkpoint critic weights")
-
-
 def build_critic(recipe: Recipe, teacher) -> Critic:
     """The critic of `method.<dmd|self_forcing>.critic`, from the teacher's (high-noise) transformer.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_trainer import max_diff, run_train, weights, write_dataset, write_recipe
 
 from distill.data import Batch, rand_per_sample, randint_per_sample, randn_per_sample, sample_generator
@@ -337,7 +338,7 @@ def test_dmd_trainer_checkpoints_both_players_and_resumes(tmp_path, tiny_pipelin
     ckpt = final_a.parent / "checkpoint-3"
     names = {p.name for p in ckpt.iterdir()}
     assert {"optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin"} <= names, names
-    critic_a = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=True)  # 0 is the EMA
+    critic_a = load_file(str(ckpt / "critic.safetensors"))
     assert critic_a and all(".lora_" in k for k in critic_a)
     assert any(float(v.abs().max()) > 0 for k, v in critic_a.items() if "lora_B" in k)  # the critic trained
     student_b = [v for k, v in weights(final_a).items() if "lora_B" in k]
@@ -364,7 +365,7 @@ def test_dmd_trainer_checkpoints_both_players_and_resumes(tmp_path, tiny_pipelin
     final_b = run_train(recipe_b, "train.resume_from_checkpoint=latest")
     assert max_diff(weights(final_a), weights(final_b)) == 0.0
     assert max_diff(weights(final_a.parent / "final_ema"), weights(final_b.parent / "final_ema")) == 0.0
-    critic_b = torch.load(final_b.parent / "checkpoint-3" / "custom_checkpoint_1.pkl", weights_only=True)
+    critic_b = load_file(str(final_b.parent / "checkpoint-3" / "critic.safetensors"))
     assert max_diff(critic_a, critic_b) == 0.0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 import torch.nn.functional as F
 from test_dmd import SHAPE, dmd, make_batch, teacher  # noqa: F401 (module-scoped fixture)
 from test_trainer import run_train, write_dataset, write_recipe
@@ -152,7 +153,7 @@ def test_dmd_trainer_with_gan_checkpoints_the_head(tmp_path, tiny_pipeline_dir, 
     assert len(set_aside) == 4 and all(p is not None and len(p) > 4 for p in set_aside)  # 2 steps x 2 micro-batches
 
     def head(step):
-        critic = torch.load(final.parent / f"checkpoint-{step}" / "custom_checkpoint_1.pkl", weights_only=True)
+        critic = load_file(str(final.parent / f"checkpoint-{step}" / "critic.safetensors"))
         return {k: v for k, v in critic.items() if k.startswith(GAN_HEAD_PREFIX)}
 
     assert all(torch.isfinite(v).all() for v in head(2).values())

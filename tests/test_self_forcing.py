@@ -306,7 +306,7 @@ def test_trainer_resumes_self_forcing_to_identical_weights(sf_run, tmp_path, tin
     init = load_file(str(tiny_pipeline_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
     trained = w_a["expert_0/diffusion_pytorch_model.safetensors:proj_out.weight"]
     assert float((trained - init["proj_out.weight"]).abs().max()) > 0  # the generator trained
-    critic = torch.load(final_a.parent / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=True)
+    critic = load_file(str(final_a.parent / "checkpoint-2" / "critic.safetensors"))
     assert critic and any(float(v.abs().max()) > 0 for k, v in critic.items() if "lora_B" in k)  # and the critic
     real, calls = SelfForcing.critic_loss, []
 
@@ -324,7 +324,7 @@ def test_trainer_resumes_self_forcing_to_identical_weights(sf_run, tmp_path, tin
     monkeypatch.setattr(SelfForcing, "critic_loss", real)
     final_b = run_train(recipe_b, "train.resume_from_checkpoint=latest")
     assert max_diff(w_a, weights(final_b)) == 0.0
-    critic_b = torch.load(final_b.parent / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=True)
+    critic_b = load_file(str(final_b.parent / "checkpoint-2" / "critic.safetensors"))
     assert max_diff(critic, critic_b) == 0.0
     with pytest.raises(RecipeError, match="student.kind: method self_forcing rolls out a causal student"):
         load_recipe(recipe_b, ["student.kind=full"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -131,9 +132,28 @@ def test_resume_equals_uninterrupted(lora_run, tmp_path, tiny_pipeline_dir, monk
     student_dir = tmp_path / "out" / "students" / "s"
     assert [p.name for p in student_dir.glob("checkpoint-*")] == ["checkpoint-2"]
     assert not (student_dir / "final").exists()
+    # the EMA is safetensors + JSON, no pickle; a planted pickle that would run code is never read
+    ckpt = student_dir / "checkpoint-2"
+    assert (ckpt / "ema.safetensors").is_file() and not list(ckpt.glob("custom_checkpoint_*"))
+    pwned = tmp_path / "pwned"
+    (ckpt / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_RunsCode(str(pwned))))
+    with pytest.raises(ValueError, match=r"checkpoint-2: holds pickled state \(custom_checkpoint_0.pkl\)"):
+        run_train(recipe, "train.resume_from_checkpoint=latest")
+    assert not pwned.exists()
+    (ckpt / "custom_checkpoint_0.pkl").unlink()
     final_b = run_train(recipe, "train.resume_from_checkpoint=latest")
     assert max_diff(weights(final_a), weights(final_b)) == 0.0
     assert max_diff(weights(final_a.parent / "final_ema"), weights(final_b.parent / "final_ema")) == 0.0
+
+
+class _RunsCode:
+    """Unpickling this touches a file: what a crafted checkpoint could do with a shell command instead."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
 
 
 def test_resume_errors(lora_run, tmp_path, tiny_pipeline_dir):
