@@ -78,7 +78,7 @@ def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
 
 def dmd_generator_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
                        group_frames: int | None = None) -> torch.Tensor:
-    """L_G = ½·mean (x0 - sg(x0 - grad))², grad = `dmd_gradient` (with `group_frames`); so ∂L_G/∂x0 = grad / numel(x0).
+    """L_G = ½·mean (x0 - sg(x0 - grad))², grad = `dmd_gradient` (with `group_frames`); ∂L_G/∂x0 = grad / numel(x0).
 
     x0: the student's samples [B, C, F, H, W] (with grad); x0_real: the teacher's guided x0 prediction at the
     re-noised x_σ; x0_fake: the critic's x0 prediction at the same x_σ (both without grad). float32 scalar.

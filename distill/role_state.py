@@ -1,4 +1,5 @@
-"""The EMA's and the critic's state in a training checkpoint, as safetensors + JSON: resuming never unpickles.
+"""What a training checkpoint may hold: the EMA's and the critic's state as safetensors + JSON (resuming never
+unpickles), and finite weights only (`check_finite` stops a step before a NaN or inf reaches them).
 
 accelerate's `register_for_checkpointing` would pickle both into `custom_checkpoint_<i>.pkl` and read them back
 with `weights_only=False`, so a crafted checkpoint could run code on `resume_from_checkpoint`. Here:
@@ -14,8 +15,10 @@ anything is read (`check_no_pickles`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 EMA_WEIGHTS, EMA_STATE, CRITIC_WEIGHTS = "ema.safetensors", "ema.json", "critic.safetensors"
@@ -65,4 +68,22 @@ def load_critic(critic, folder: Path) -> None:
     critic.load_trainable_state_dict(load_file(str(path)), str(path))
 
 
-__all__ = ["CRITIC_WEIGHTS", "EMA_STATE", "EMA_WEIGHTS", "check_no_pickles", "load_critic", "load_ema", "save_critic", "save_ema"]
+class NonFiniteError(ValueError):
+    """A loss or gradient norm of a training step is NaN or infinite: training stops before the update."""
+
+
+def check_finite(value: torch.Tensor, what: str, step: int, checkpoints: Callable[[], list[Path]]) -> None:
+    """Stop at the first non-finite loss or gradient norm, before any weight, EMA or checkpoint takes it in: the
+    checkpoints on disk all hold finite weights. (One host sync per call.)"""
+    if torch.isfinite(value.detach()).all():
+        return
+    last = checkpoints()  # the finished ones, oldest first
+    kept = f"{last[-1]} is the last checkpoint" if last else "no checkpoint was written"
+    raise NonFiniteError(
+        f"train: step {step + 1}: the {what} is {float(value.detach().float().flatten()[0])}; stopped before the "
+        f"update ({kept}). Lower train.learning_rate or set train.max_grad_norm, then resume with "
+        "train.resume_from_checkpoint=latest (or start over with a new student.name)")
+
+
+__all__ = ["CRITIC_WEIGHTS", "EMA_STATE", "EMA_WEIGHTS", "NonFiniteError", "check_finite", "check_no_pickles",
+           "load_critic", "load_ema", "save_critic", "save_ema"]

@@ -11,7 +11,7 @@ Two-player methods (`dmd`, `self_forcing`) also train a critic, built by `studen
 optimizer and LR scheduler (TTUR). Every step: critic_loss on each micro-batch, critic update; on the steps the
 algorithm's `trains_generator(step)` names, generator_loss first and a generator update (and EMA step) too. Both LR
 schedules run on the trainer's step clock. The critic is never DDP-wrapped (a LoRA critic lives inside the module the
-student's DDP holds): its gradients are all-reduced here.
+student's DDP holds): its gradients are all-reduced by `distill.accel.all_reduce_grads`.
 
 Outputs under `<output_dir>/students/<student.name>/`:
     checkpoint-<step>/   accelerate state (student trainable weights, optimizer, LR scheduler, RNG per rank;
@@ -31,6 +31,7 @@ Run alone with `accelerate launch -m distill.trainer RECIPE.yaml [dotted.key=val
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -52,7 +53,7 @@ from tqdm.auto import tqdm
 from distill.config import Recipe, resolve_path
 from distill.data import read_prompts_file
 from distill.recipe_loader import to_dict
-from distill.role_state import check_no_pickles, load_critic, load_ema, save_critic, save_ema
+from distill.role_state import check_finite, check_no_pickles, load_critic, load_ema, save_critic, save_ema
 from students.critic import Critic, build_critic
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,8 @@ STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps")
 """Student keys that only change sampling: a checkpoint resumes under a recipe that changed them."""
 TWO_PLAYER = ("dmd", "self_forcing")
 """Methods with a critic: the algorithm has `generator_loss`, `critic_loss` and `trains_generator(step)`."""
-TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "adam_betas", "ema", "seed", "data_source",
-                      "toyworld_pool", "toyworld_pool_refresh", "prompts_file")
+TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "adam_betas", "ema", "seed",
+                      "data_source", "toyworld_pool", "toyworld_pool_refresh", "prompts_file")
 
 
 def accelerator_kwargs(recipe: Recipe) -> dict:
@@ -378,10 +379,6 @@ def _optimization(recipe: Recipe, accelerator: Accelerator, student):
 
 
 # ---- the critic (two-player methods) ------------------------------------------------------------------
-GRAD_BUCKET_ELEMENTS = 2**25
-"""Critic gradients are all-reduced in flat buckets of at most this many elements (128 MiB in fp32)."""
-
-
 def _critic_optimization(recipe: Recipe, accelerator: Accelerator, critic: Critic):
     """(critic params in fp32, prepared optimizer, prepared LR scheduler); its weights registered for checkpoints."""
     from diffusers.training_utils import cast_training_params
@@ -397,23 +394,6 @@ def _critic_optimization(recipe: Recipe, accelerator: Accelerator, critic: Criti
     scheduler = _lr_scheduler(recipe, optimizer, accelerator.num_processes)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     return params, optimizer, scheduler  # its weights: `_checkpoint` (distill.role_state)
-
-
-def _all_reduce_grads(accelerator: Accelerator, params: list[nn.Parameter]) -> None:
-    """Average gradients over processes, as DDP would (the critic is not DDP-wrapped; see the module docstring)."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    start = 0
-    while start < len(grads):
-        end, size = start + 1, grads[start].numel()
-        while end < len(grads) and size + grads[end].numel() <= GRAD_BUCKET_ELEMENTS:
-            size, end = size + grads[end].numel(), end + 1
-        bucket = grads[start:end]
-        flat = accelerator.reduce(torch.cat([g.flatten().float() for g in bucket]), reduction="mean")
-        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-            g.copy_(part.view_as(g))
-        start = end
 
 
 @contextlib.contextmanager
@@ -447,7 +427,7 @@ def _autocast(accelerator: Accelerator, module: nn.Module):
 # ---- the loop ----------------------------------------------------------------------------------------
 def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
     """Train `recipe.student` with `recipe.method`; returns `<output_dir>/students/<name>/final/`."""
-    from distill.accel import make_accelerator
+    from distill.accel import all_reduce_grads, make_accelerator
     from distill.data import training_batches
     from students.student import build_student
     from teachers.wan import WanTeacher
@@ -499,6 +479,7 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
     bar = tqdm(total=tc.max_steps, initial=start_step, desc=f"train {recipe.student.name}", unit="step",
                disable=not accelerator.is_local_main_process)
     two_player = critic is not None
+    finished = functools.partial(list_checkpoints, student_dir)  # named by a non-finite step's error
     set_aside = critic_params if getattr(algorithm, "generator_touches_critic", False) else None
     for step in range(start_step, tc.max_steps):
         t0 = time.perf_counter()
@@ -514,28 +495,28 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
                     loss, logs = algorithm.generator_loss(batch) if two_player else algorithm.loss(batch)
                     # 3. backward; accelerate scales by 1/gradient_accumulation_steps and syncs on the last micro-batch
                     # (a GAN term backpropagates through the critic: its gradients are set aside and dropped)
-                    _check_finite(loss, "generator loss" if two_player else "loss", step, student_dir)
+                    check_finite(loss, "generator loss" if two_player else "loss", step, finished)
                     with _critic_grads_set_aside(set_aside):
                         accelerator.backward(loss)
                 if two_player:
                     # 2-3'. the critic's loss on the same micro-batch (fresh draws from the same streams), backward
                     critic_loss, critic_logs = algorithm.critic_loss(batch)
-                    _check_finite(critic_loss, "critic loss", step, student_dir)
+                    check_finite(critic_loss, "critic loss", step, finished)
                     accelerator.backward(critic_loss)
                     logs = {**logs, **critic_logs}
                 # 4. clip and update once per optimizer step (the prepared optimizers skip non-sync micro-batches)
                 if train_generator:
                     if accelerator.sync_gradients:
                         norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf)
-                        _check_finite(norm, "gradient norm", step, student_dir)
+                        check_finite(norm, "gradient norm", step, finished)
                     optimizer.step()
                 lr_scheduler.step()  # every step: the generator's LR follows the trainer's step clock
                 optimizer.zero_grad(set_to_none=True)
                 if two_player:
                     if accelerator.sync_gradients:
-                        _all_reduce_grads(accelerator, critic_params)
+                        all_reduce_grads(accelerator, critic_params)
                         norm = accelerator.clip_grad_norm_(critic_params, tc.max_grad_norm or math.inf)
-                        _check_finite(norm, "critic gradient norm", step, student_dir)
+                        check_finite(norm, "critic gradient norm", step, finished)
                     critic_optimizer.step()
                     critic_scheduler.step()
                     critic_optimizer.zero_grad(set_to_none=True)
@@ -571,23 +552,6 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
-
-
-class NonFiniteError(ValueError):
-    """A loss or gradient norm of a training step is NaN or infinite: training stops before the update."""
-
-
-def _check_finite(value: torch.Tensor, what: str, step: int, student_dir: Path) -> None:
-    """Stop at the first non-finite loss or gradient norm, before any weight, EMA or checkpoint takes it in: the
-    checkpoints on disk all hold finite weights. (One host sync per call.)"""
-    if torch.isfinite(value.detach()).all():
-        return
-    last = list_checkpoints(student_dir)
-    kept = f"{last[-1]} is the last checkpoint" if last else "no checkpoint was written"
-    raise NonFiniteError(
-        f"train: step {step + 1}: the {what} is {float(value.detach().float().flatten()[0])}; stopped before the "
-        f"update ({kept}). Lower train.learning_rate or set train.max_grad_norm, then resume with "
-        "train.resume_from_checkpoint=latest (or start over with a new student.name)")
 
 
 def _checkpoint(accelerator: Accelerator, path: Path, step: int, samples_per_step: int, fp: dict, tc, ema=None,

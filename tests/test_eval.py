@@ -363,7 +363,8 @@ def test_chunk_accuracy_grades_each_chunk_weighted_by_batch():
         videos.append(clip)
     rows = [{"prompt": "p", "seed": i, "slots": slots} for i in range(5)]
     teacher = SimpleNamespace(device=torch.device("cpu"), encode=lambda prompts, negative: None,
-                              decode=lambda latents: latents, to_uint8=lambda idx: np.stack([videos[int(i)] for i in idx]))
+                              decode=lambda latents: latents,
+                              to_uint8=lambda idx: np.stack([videos[int(i)] for i in idx]))
 
     def sampler(cond, noise, rows):
         return torch.tensor([r["seed"] for r in rows])
