@@ -39,9 +39,9 @@ def _recipe(recipe_path: str, overrides: list[str], out: Path, name: str, seed: 
 
 
 def _grading(recipe, teacher):
+    from core.recipe_loader import resolve_path
+    from core.vocabulary import load_vocabulary
     from distill.eval import choose_grader, eval_prompts, grading_context
-    from distill.config import resolve_path
-    from synth_data.composer import load_vocabulary
 
     vocab = load_vocabulary(resolve_path(recipe.data.vocabulary))
     grader = choose_grader(recipe, vocab)

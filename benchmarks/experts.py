@@ -1,6 +1,6 @@
 """Timestep experts: N = 1, 2, 4 LoRA experts at equal training steps and equal sampling steps (toy world).
 
-    python benchmarks/experts.py [--teacher DIR] [--steps 300] [--prompts 48] [--eval-prompts 64]
+    python -m benchmarks.experts [--teacher DIR] [--steps 300] [--prompts 48] [--eval-prompts 64]
                                  [--out outputs/bench_experts] [--results benchmarks/RESULTS.md]
 
 1. Data, once: `python -m distill run recipes/toyworld.yaml` (prompts -> teacher ODE trajectories).
@@ -33,17 +33,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+import benchmarks.results as results_md
+from core.flow import timestep
+from core.recipe_loader import resolve_path
+from distill import cli
+from distill.config import Recipe, load_recipe
+from students.experts import expert_index
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import benchmarks.results as results_md  # noqa: E402
-from distill import cli  # noqa: E402
-from distill.config import Recipe, load_recipe, resolve_path  # noqa: E402
-from distill.flow import timestep  # noqa: E402
-from students.experts import expert_index  # noqa: E402
 
 logger = logging.getLogger("benchmarks.experts")
 
@@ -89,7 +89,7 @@ def resolve_teacher(arg: Path | None, out: Path) -> tuple[Path, bool | None]:
 def _cli(stage: str, recipe: Path, overrides: list[str]) -> None:
     rc = cli.main([stage, str(recipe), *overrides])
     if rc != 0:
-        raise SystemExit(f"benchmarks/experts.py: `python -m distill {stage} {recipe.name}` failed (exit {rc}); "
+        raise SystemExit(f"python -m benchmarks.experts: `python -m distill {stage} {recipe.name}` failed (exit {rc}); "
                          f"see the error above")
 
 
@@ -138,11 +138,11 @@ def _jump_mse(model, states: list[torch.Tensor], sigmas: list[float], conds: lis
 @torch.no_grad()
 def evaluate(recipe: Recipe) -> dict:
     """Teacher, the undistilled 4-step reference and every student on the eval prompts; see the docstring."""
+    from core.seeding import derive_seed, sample_noise
+    from core.vocabulary import load_vocabulary
     from distill.eval import _student_sampler, eval_prompts, find_students, train_overlap
     from students.sampling import sample_student, student_sigmas
     from students.student import Student
-    from synth_data.composer import derive_seed, load_vocabulary
-    from synth_data.generate import sample_noise
     from teachers.toyworld.oracle import grade
     from teachers.wan import Cond, WanTeacher
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     line = json.dumps(report)
     print(line, flush=True)
-    command = "python benchmarks/experts.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.experts " + " ".join(sys.argv[1:] if argv is None else argv)
     results_md.append_result(command.strip(), json.loads(line), ["ratio_mse_2_vs_1", "ratio_mse_4_vs_1"],
                              path=args.results)
     return report

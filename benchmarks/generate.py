@@ -1,6 +1,6 @@
 """Synthetic-data throughput: the `generate` stage vs a plain diffusers `WanPipeline` loop, same run.
 
-    python benchmarks/generate.py [--teacher DIR] [--prompts 16] [--batch-size 8]
+    python -m benchmarks.generate [--teacher DIR] [--prompts 16] [--batch-size 8]
 
 Both render the same prompts with the same noise, steps, CFG and shift; the baseline calls
 `WanPipeline.__call__` once per prompt (how people usually script it) and encodes each video to mp4 too, so
@@ -17,20 +17,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from diffusers import WanPipeline
+
+from benchmarks.results import append_result
+from core.seeding import sample_noise
+from distill.accel import make_accelerator
+from distill.config import load_recipe
+from synth_data.compose_stage import compose_stage
+from synth_data.composer import read_prompts
+from synth_data.dataset import encode_video
+from synth_data.generate import generate
+from teachers.wan import WanTeacher
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from diffusers import WanPipeline  # noqa: E402
-
-from benchmarks.results import append_result  # noqa: E402
-from distill.accel import make_accelerator  # noqa: E402
-from distill.config import load_recipe  # noqa: E402
-from synth_data.compose_stage import compose_stage  # noqa: E402
-from synth_data.composer import read_prompts  # noqa: E402
-from synth_data.dataset import encode_video  # noqa: E402
-from synth_data.generate import generate, sample_noise  # noqa: E402
-from teachers.wan import WanTeacher  # noqa: E402
 
 
 def default_teacher(tmp: Path) -> str:
@@ -76,10 +76,10 @@ def main() -> None:
             f"output_dir={tmp / 'out'}", f"teacher.pretrained={teacher_dir}", f"data.num_prompts={args.prompts}",
             f"data.batch_size={args.batch_size}", f"teacher.num_inference_steps={args.steps}", "data.trajectory_steps=[]",
         ])
-        compose_stage(recipe)
+        compose_stage(recipe.data, recipe.out)
         rows = read_prompts(recipe.out / "prompts.jsonl")
         start = time.perf_counter()
-        generate(recipe, make_accelerator())
+        generate(recipe.data, recipe.teacher, recipe.out, make_accelerator())
         ours = time.perf_counter() - start
         base = baseline(recipe, rows)
         result = {

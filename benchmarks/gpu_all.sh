@@ -57,7 +57,7 @@ fi
 "$PY" -c "import bitsandbytes" 2>/dev/null || echo "gpu_all.sh: no bitsandbytes: the 8-bit AdamW variants report unavailable"
 
 failed=0
-bench() {  # bench SECONDS SCRIPT ARGS...: one benchmark under a time limit; its JSON line also goes to $JSONL
+bench() {  # bench SECONDS -m MODULE ARGS...: one benchmark under a time limit; its JSON line also goes to $JSONL
     local limit=$1
     shift
     echo "== $* (limit ${limit}s)" >&2
@@ -74,7 +74,7 @@ bench() {  # bench SECONDS SCRIPT ARGS...: one benchmark under a time limit; its
     rm -f "$log"
 }
 
-bench 180 benchmarks/streaming.py --size "$SIZE" --chunks "$CHUNKS" --steps 4 --warmup 1 --profile
-bench 180 benchmarks/train_step.py --size "$SIZE" --checkpointing on --optimizer both --steps 2 --warmup 1
-bench 240 benchmarks/streaming.py --size "$SIZE" --chunks "$CHUNKS" --steps 4 --warmup 1 --compile
+bench 180 -m benchmarks.streaming --size "$SIZE" --chunks "$CHUNKS" --steps 4 --warmup 1 --profile
+bench 180 -m benchmarks.train_step --size "$SIZE" --checkpointing on --optimizer both --steps 2 --warmup 1
+bench 240 -m benchmarks.streaming --size "$SIZE" --chunks "$CHUNKS" --steps 4 --warmup 1 --compile
 exit $failed

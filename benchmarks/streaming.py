@@ -1,8 +1,8 @@
 """Streaming: the causal student chunk by chunk with its KV cache vs the bidirectional teacher, same video, same run.
 
-    python benchmarks/streaming.py --size tiny  [--chunks 16] [--steps 4] [--warmup 1] [--profile]
-    python benchmarks/streaming.py --size 1.3b  [--chunks 14] [--compile [ffn|blocks]] [--local-window 21]  # CUDA
-    python benchmarks/streaming.py --size 1.3b --tiny-shape                                     # CPU smoke run
+    python -m benchmarks.streaming --size tiny  [--chunks 16] [--steps 4] [--warmup 1] [--profile]
+    python -m benchmarks.streaming --size 1.3b  [--chunks 14] [--compile [ffn|blocks]] [--local-window 21]  # CUDA
+    python -m benchmarks.streaming --size 1.3b --tiny-shape                                     # CPU smoke run
 
 Both sides make the same video: `--chunks` chunks of `frames_per_block` latent frames from the same noise, decoded
 to pixels (VAE decode included in every figure; text encoding excluded from both).
@@ -39,16 +39,21 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import (  # noqa: E402
-    Clock, random_text, ratio, require_cuda, sig, toy_teacher_dir, wan21_pipeline,
+from benchmarks.common import (
+    Clock,
+    random_text,
+    ratio,
+    require_cuda,
+    sig,
+    toy_teacher_dir,
+    wan21_pipeline,
 )
-from benchmarks.results import RESULTS, append_result  # noqa: E402
-from students.causal import ChunkModelWrapper  # noqa: E402
+from benchmarks.results import RESULTS, append_result
+from students.causal import ChunkModelWrapper
+
+ROOT = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("benchmarks.streaming")
 
@@ -324,7 +329,7 @@ def report(args, setup: Setup, student: dict, teacher: dict, device: torch.devic
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device = require_cuda("benchmarks/streaming.py", args.tiny_shape) if args.size == "1.3b" else torch.device("cpu")
+    device = require_cuda("python -m benchmarks.streaming", args.tiny_shape) if args.size == "1.3b" else torch.device("cpu")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_streaming_") as tmp:
         setup = build(args, Path(tmp), device)
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["profile_share"] = profile_shares(setup, noise, clock, device)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result), flush=True)
-    command = "python benchmarks/streaming.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.streaming " + " ".join(sys.argv[1:] if argv is None else argv)
     append_result(command.strip(), result, RATIO_KEYS, path=args.results)
     return result
 

@@ -1,9 +1,9 @@
 """One Self-Forcing training step (generator + critic): seconds per iteration and peak memory, with gradient
 checkpointing on/off and 8-bit AdamW on/off.
 
-    python benchmarks/train_step.py --size tiny [--steps 3] [--warmup 1] [--batch-size 8]
-    python benchmarks/train_step.py --size 1.3b [--checkpointing on] [--optimizer both]   # CUDA only
-    python benchmarks/train_step.py --size 1.3b --tiny-shape                              # CPU smoke run
+    python -m benchmarks.train_step --size tiny [--steps 3] [--warmup 1] [--batch-size 8]
+    python -m benchmarks.train_step --size 1.3b [--checkpointing on] [--optimizer both]   # CUDA only
+    python -m benchmarks.train_step --size 1.3b --tiny-shape                              # CPU smoke run
 
 The step is the trainer's (`distill.trainer.train`, one optimizer step with `generator_update_interval` 1, so the
 generator AND the critic update): the student, critic, optimizers, LR schedulers and EMA are built by the trainer's
@@ -36,15 +36,21 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import (  # noqa: E402
-    Clock, peak_rss_mib, random_text, ratio, require_cuda, sig, toy_teacher_dir, wan21_pipeline,
+from benchmarks.common import (
+    Clock,
+    peak_rss_mib,
+    random_text,
+    ratio,
+    require_cuda,
+    sig,
+    toy_teacher_dir,
+    wan21_pipeline,
 )
-from benchmarks.results import RESULTS, append_result  # noqa: E402
+from benchmarks.results import RESULTS, append_result
+
+ROOT = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("benchmarks.train_step")
 
@@ -119,13 +125,13 @@ def run_variant(args, checkpointing: bool, optimizer: str) -> dict:
     """Build the trainer's pieces for one variant and time `warmup + steps` trainer steps."""
     from accelerate.utils import set_seed
 
+    from core.seeding import sample_generator
     from distill import trainer
     from distill.accel import make_accelerator
-    from distill.data import Batch, sample_generator
-    from students.critic import build_critic
+    from distill.batch import Batch
     from students.student import build_student
 
-    device = require_cuda("benchmarks/train_step.py", args.tiny_shape) if args.size == "1.3b" else torch.device("cpu")
+    device = require_cuda("python -m benchmarks.train_step", args.tiny_shape) if args.size == "1.3b" else torch.device("cpu")
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
         recipe, teacher, cond, info = build(args, Path(tmp), device, checkpointing, optimizer)
         tc = recipe.train
@@ -137,7 +143,7 @@ def run_variant(args, checkpointing: bool, optimizer: str) -> dict:
             student.enable_gradient_checkpointing()
         params, opt, sched, ema = trainer._optimization(recipe, accelerator, student)
         model, opt, sched = accelerator.prepare(student, opt, sched)
-        critic = build_critic(recipe, teacher)
+        critic = trainer.make_critic(recipe, teacher)
         if tc.gradient_checkpointing:
             critic.transformer.enable_gradient_checkpointing()
         critic_params, critic_opt, critic_sched = trainer._critic_optimization(recipe, accelerator, critic)
@@ -231,7 +237,7 @@ def eight_bit_unavailable() -> str | None:
 
 
 def spawn(args, on: str, optimizer: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--size", args.size, "--steps", str(args.steps),
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--size", args.size, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--variant", f"{on}:{optimizer}"]
     cmd += ["--tiny-shape"] if args.tiny_shape else []
     cmd += ["--batch-size", str(args.batch_size)] if args.batch_size is not None else []
@@ -240,7 +246,7 @@ def spawn(args, on: str, optimizer: str) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"benchmarks/train_step.py: variant checkpointing {on}, {optimizer} failed "
+        raise SystemExit(f"python -m benchmarks.train_step: variant checkpointing {on}, {optimizer} failed "
                          f"(exit {proc.returncode}); see the error above")
     return json.loads(lines[-1])
 
@@ -284,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         variant_main(args)
         return None
     if args.size == "1.3b":
-        require_cuda("benchmarks/train_step.py", args.tiny_shape)  # fail before spawning anything
+        require_cuda("python -m benchmarks.train_step", args.tiny_shape)  # fail before spawning anything
     started = time.perf_counter()
     checkpointing = ["on", "off"] if args.checkpointing == "both" else [args.checkpointing]
     optimizers = list(OPTIMIZERS) if args.optimizer == "both" else [args.optimizer]
@@ -297,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     result = summarise(args, variants)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result), flush=True)
-    command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.train_step " + " ".join(sys.argv[1:] if argv is None else argv)
     append_result(command.strip(), result, RATIO_KEYS, path=args.results)
     return result
 

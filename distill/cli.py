@@ -8,9 +8,14 @@ import logging
 import os
 import sys
 
+from core.recipe_loader import RecipeError
+from distill.accel import make_accelerator
 from distill.config import Recipe, load_recipe
-from distill.recipe_loader import RecipeError
-from synth_data.push import PushError
+from distill.export_stage import export_stage
+from distill.trainer import train
+from synth_data.compose_stage import compose_stage
+from synth_data.layout import is_complete
+from synth_data.push import PushError, push
 
 logger = logging.getLogger("distill")
 
@@ -27,28 +32,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def stage_compose(recipe: Recipe) -> None:
-    from synth_data.compose_stage import compose_stage
-
-    compose_stage(recipe)
+    compose_stage(recipe.data, recipe.out)
 
 
 def stage_generate(recipe: Recipe) -> None:
-    from distill.accel import make_accelerator
-    from synth_data.generate import generate
+    from synth_data.generate import generate  # PyAV + datasets: absent on GPU-only training images
 
-    generate(recipe, make_accelerator())
+    generate(recipe.data, recipe.teacher, recipe.out, make_accelerator())
 
 
 def stage_push(recipe: Recipe) -> None:
-    from synth_data.push import push
-
-    logger.info("pushed to %s", push(recipe))
+    logger.info("pushed to %s", push(recipe.data, recipe.teacher.pretrained, recipe.out))
 
 
 def stage_train(recipe: Recipe) -> None:
-    from distill.accel import make_accelerator
-    from distill.trainer import train
-
     _need_student(recipe, "train")
     train(recipe, make_accelerator(
         mixed_precision=recipe.train.mixed_precision,
@@ -57,14 +54,12 @@ def stage_train(recipe: Recipe) -> None:
 
 
 def stage_export(recipe: Recipe) -> None:
-    from distill.export_stage import export_stage
-
     _need_student(recipe, "export")
     export_stage(recipe)
 
 
 def stage_eval(recipe: Recipe) -> None:
-    from distill.eval import evaluate
+    from distill.eval import evaluate  # PyAV + datasets (videos, previews): absent on GPU-only training images
 
     evaluate(recipe)
 
@@ -76,8 +71,6 @@ def _need_student(recipe: Recipe, stage: str) -> None:
 
 def stage_run(recipe: Recipe) -> None:
     """Chain the stages; each one skips itself when its outputs are already complete."""
-    from synth_data.generate import is_complete
-
     if recipe.student is not None and recipe.train.data_source != "dataset":
         logger.info("compose, generate: skipped, train.data_source: %s reads no dataset", recipe.train.data_source)
     else:

@@ -18,18 +18,25 @@ from typing import Literal
 
 import yaml
 
+from core.recipe_loader import (
+    RecipeError,
+    build,
+    deep_merge,
+    parse_override,
+    read_yaml,
+    resolve_path,
+    set_dotted,
+    to_dict,
+)
 from distill.dmd import DMD
 from distill.flow_matching import FlowMatching
 from distill.kd import KD
 from distill.ode_regression import ODERegression
-from distill.recipe_loader import RecipeError, build, deep_merge, parse_override, read_yaml, set_dotted, to_dict
 from distill.self_forcing import SelfForcing
 from distill.trajectory import Trajectory
 from students.config import StudentConfig
 from synth_data.config import DataConfig
 from teachers.config import TeacherConfig
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = ("flow_matching", "kd", "trajectory", "ode_regression", "dmd", "self_forcing")
 
@@ -253,15 +260,6 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A recipe path: as given if it exists, else relative to the project root."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    alt = PROJECT_ROOT / p
-    return alt if alt.exists() else p
 
 
 def load_recipe_dict(path: str | Path) -> dict:

@@ -16,71 +16,22 @@ Tensors: latents x0 [B, C, F, H, W] float32; trajectory [B, S, C, F, H, W] float
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from synth_data.composer import derive_seed
+from core.recipe_loader import resolve_path
+from core.seeding import derive_seed, sample_generator
+from core.vocabulary import load_vocabulary
+from distill.batch import Batch
+from synth_data.composer import compose
+from synth_data.layout import is_complete
+from teachers.toyworld.render import render_batch
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Batch:
-    """One micro-batch on the training device."""
-
-    x0: torch.Tensor | None
-    """Clean latents [B, C, F, H, W] float32 (the teacher's stored samples, or encoded rendered clips); None with
-    `train.data_source: prompts`, whose batches carry captions only (`latent_shape` says the samples' shape)."""
-    cond: object
-    """`teachers.wan.Cond`: `prompt_embeds` [B, L, D] and `negative_embeds` [B, L, D] (the negative prompt)."""
-    generators: list[torch.Generator]
-    """One CPU generator per sample, seeded with derive_seed(train.seed, index), already past the data draws."""
-    indices: list[int]
-    """Global sample indices."""
-    captions: list[str]
-    trajectory: torch.Tensor | None = None
-    """[B, S, C, F, H, W]: stored teacher ODE states, the clean endpoint last (dataset source only)."""
-    trajectory_sigmas: torch.Tensor | None = None
-    """[B, S]: σ of each stored state (the last is 0)."""
-    latent_shape: tuple[int, ...] | None = None
-    """[C, F, H, W] of one sample's latents when x0 is None (the teacher's num_frames, height, width)."""
-
-    def __post_init__(self):
-        if self.x0 is None and self.latent_shape is None:
-            raise ValueError("Batch: a batch without x0 (captions only) needs latent_shape")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """One sample's latent shape [C, F, H, W]: x0's, or `latent_shape` for a captions-only batch."""
-        return tuple(self.x0.shape[1:]) if self.x0 is not None else tuple(self.latent_shape)
-
-    @property
-    def device(self) -> torch.device:
-        return self.cond.prompt_embeds.device
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def randn_per_sample(generators: list[torch.Generator], shape: tuple[int, ...], device, dtype=torch.float32):
-    """[B, *shape] standard normal; row j drawn from generators[j] on the CPU (device-independent values)."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device=device, dtype=dtype)
-
-
-def rand_per_sample(generators: list[torch.Generator], device=None) -> torch.Tensor:
-    """[B] uniform in [0, 1); entry j drawn from generators[j]."""
-    return torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
-
-
-def randint_per_sample(generators: list[torch.Generator], high: int) -> list[int]:
-    """One integer in [0, high) per sample."""
-    return [int(torch.randint(high, (1,), generator=g)) for g in generators]
 
 
 def sample_indices(step: int, micro: int, *, batch_size: int, grad_accum: int, num_processes: int,
@@ -91,10 +42,6 @@ def sample_indices(step: int, micro: int, *, batch_size: int, grad_accum: int, n
     return list(range(start, start + batch_size))
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(seed, index))
-
-
 class StoredSamples(torch.utils.data.Dataset):
     """Sample g -> a row of the generated dataset, chosen with replacement by sample g's generator.
 
@@ -102,9 +49,6 @@ class StoredSamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, folder: Path, seed: int, need_trajectory: bool):
-        from synth_data.dataset import load_local
-        from synth_data.generate import is_complete
-
         if not folder.is_dir() or not any(folder.iterdir()):
             raise FileNotFoundError(
                 f"{folder}: no generated dataset here; run `python -m distill generate RECIPE` first "
@@ -113,6 +57,8 @@ class StoredSamples(torch.utils.data.Dataset):
         if not is_complete(folder):
             raise FileNotFoundError(f"{folder}: the dataset is incomplete (no COMPLETE marker); finish it with "
                                     "`python -m distill generate RECIPE`")
+        from synth_data.dataset import load_local  # datasets: absent on GPU-only images that train on rendered clips
+
         ds = load_local(folder)
         if len(ds) == 0:
             raise FileNotFoundError(f"{folder}: the dataset has no rows; run `python -m distill generate RECIPE`")
@@ -157,8 +103,6 @@ class ComposedPrompts:
 
     @lru_cache(maxsize=2)
     def _rows(self, step: int) -> list[dict]:
-        from synth_data.composer import compose
-
         return compose(self.vocabulary, self.per_step, derive_seed(self.seed, -(step + 1)), self.mode)
 
     def row(self, index: int) -> dict:
@@ -178,8 +122,6 @@ class RenderedSamples(ComposedPrompts, torch.utils.data.Dataset):
         return self.per_step
 
     def __getitem__(self, index: int) -> dict:
-        from teachers.toyworld.render import render_batch
-
         row = self.row(index)
         frames = render_batch([row["slots"]], *self.shape, seeds=[row["seed"]])[0]  # uint8 [F, H, W, 3]
         video = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
@@ -266,14 +208,10 @@ class RenderedPool:
 
     @lru_cache(maxsize=4)
     def _rows(self, group: int) -> list[dict]:
-        from synth_data.composer import compose
-
         return compose(self.vocabulary, self.GROUP, derive_seed(self.seed, -(group + 1)), self.mode)
 
     def _write(self, first_clip: int) -> None:
         """Render + encode clips first_clip .. first_clip + R - 1 into their slots."""
-        from teachers.toyworld.render import render_batch
-
         clips = range(first_clip, first_clip + self.refresh)
         rows = [self._rows(c // self.GROUP)[c % self.GROUP] for c in clips]
         frames = render_batch([r["slots"] for r in rows], *self.shape, seeds=[r["seed"] for r in rows])
@@ -363,8 +301,6 @@ def training_batches(recipe, teacher, *, start_step: int, num_processes: int, ra
         source = StoredSamples(recipe.out / "dataset", tc.seed, need_trajectory)
     elif tc.data_source == "prompts":
         if tc.prompts_file is not None:
-            from distill.config import resolve_path
-
             source = PromptSamples(tc.seed, prompts=read_prompts_file(resolve_path(tc.prompts_file)))
         else:
             source = PromptSamples(tc.seed, composed=ComposedPrompts(_vocabulary(recipe), per_step, tc.seed,
@@ -390,9 +326,6 @@ def training_batches(recipe, teacher, *, start_step: int, num_processes: int, ra
 
 
 def _vocabulary(recipe):
-    from distill.config import resolve_path
-    from synth_data.composer import load_vocabulary
-
     return load_vocabulary(resolve_path(recipe.data.vocabulary))
 
 
@@ -416,8 +349,3 @@ def _to_batch(raw: dict, teacher, negative: str) -> Batch:
         trajectory=None if trajectory is None else trajectory.to(teacher.device, torch.float32),
         trajectory_sigmas=None if sigmas is None else sigmas.to(teacher.device, torch.float32),
     )
-
-
-def unconditional(cond):
-    """The negative-prompt conditioning of a `Cond` as its own `Cond` (prompt_embeds = negative_embeds)."""
-    return dataclasses.replace(cond, prompt_embeds=cond.negative_embeds, negative_embeds=None)

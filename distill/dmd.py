@@ -40,8 +40,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from distill.data import Batch, rand_per_sample, randint_per_sample, randn_per_sample
-from distill.flow import add_noise, shift_sigma, timestep, velocity_target, x0_from_velocity
+from core.flow import add_noise, shift_sigma, timestep, velocity_target, x0_from_velocity
+from core.seeding import rand_per_sample, randint_per_sample, randn_per_sample
+from distill.batch import Batch
 from distill.flow_matching import Model, flow_matching_loss
 from distill.kd import teacher_velocity
 

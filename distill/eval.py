@@ -65,11 +65,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from core.recipe_loader import RecipeError, resolve_path
+from core.seeding import derive_seed, sample_noise
+from core.vocabulary import Vocabulary, load_vocabulary
 from distill import report as rep
-from distill.config import Recipe, resolve_path
-from distill.recipe_loader import RecipeError
-from synth_data.composer import Vocabulary, compose, derive_seed, load_vocabulary, read_prompts, write_prompts
-from synth_data.generate import sample_noise
+from distill.accel import make_accelerator
+from distill.config import Recipe
+from students.causal import sample_causal
+from students.sampling import sample_student, student_sampling_mode, student_sigmas
+from students.student import Student, read_student_json
+from synth_data.composer import compose, read_prompts, write_prompts
+from teachers.toyworld.oracle import grade
+from teachers.toyworld.render import SLOTS, VALUES, check_size
+from teachers.wan import WanTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +99,6 @@ def eval_prompts(recipe: Recipe) -> list[dict]:
 
 def oracle_applies(vocab: Vocabulary) -> bool:
     """True when the vocabulary's slots are the toy world's and all its values are ones the renderer draws."""
-    from teachers.toyworld.render import SLOTS, VALUES
-
     return set(vocab.slots) == set(SLOTS) and all(set(vocab.slots[s]) <= set(VALUES[s]) for s in SLOTS)
 
 
@@ -109,8 +115,6 @@ def choose_grader(recipe: Recipe, vocab: Vocabulary) -> str | None:
             )
         logger.info("eval: vocabulary %r has no oracle; reporting timings only (accuracy null)", vocab.name)
         return None
-    from teachers.toyworld.render import check_size
-
     cfg = recipe.teacher
     check_size(cfg.height, cfg.width)
     if cfg.num_frames < 2:
@@ -223,8 +227,6 @@ def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], s
             run.sampled_videos += len(rows)
         run.previews.extend(frames[: num_previews - len(run.previews)])
         if grader == "toyworld":
-            from teachers.toyworld.oracle import grade
-
             slots = [r["slots"] for r in rows]
             chunks = grade(frames, slots, num_segments=num_chunks) if num_chunks else None
             run.grades.add(grade(frames, slots), len(rows), chunks)
@@ -296,9 +298,6 @@ def find_students(recipe: Recipe) -> list[tuple[str, Path]]:
 
 
 def _student_sampler(student, teacher, latent_frames: int) -> tuple[Sampler, dict]:
-    from students.causal import sample_causal
-    from students.sampling import sample_student, student_sampling_mode, student_sigmas
-
     cfg = student.cfg
     sigmas = student_sigmas(cfg, teacher.cfg.shift, teacher.cfg.num_inference_steps)
     mode = student_sampling_mode(cfg)
@@ -332,8 +331,6 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
     if grader != "toyworld":
         logger.info("eval: no grader, so no drift curve for causal student %s", student.cfg.name)
         return None
-    from teachers.toyworld.oracle import grade
-
     factor, tcfg = recipe.eval.long_rollout_factor, teacher.cfg
     c, f, h, w = teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width)
     fpb = student.cfg.frames_per_block
@@ -365,16 +362,12 @@ def training_chunks(latent_frames: int, student_cfg) -> int:
 def teacher_chunks(students: list[tuple[str, Path]], latent_frames: int) -> int | None:
     """The time segments to grade the teacher in, so its `chunk_accuracy` lines up with the causal students': their
     chunk count when they all share one, else None (no per-chunk figure for the teacher)."""
-    from students.student import read_student_json
-
     counts = {training_chunks(latent_frames, cfg) for cfg in (read_student_json(f)[0] for _, f in students)
               if cfg.kind == "causal"}
     return counts.pop() if len(counts) == 1 else None
 
 
 def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) -> tuple[dict, _Run]:
-    from students.student import Student, read_student_json
-
     saved_cfg, _ = read_student_json(folder)
     base = teacher.transformer_for(float(teacher.num_train_timesteps))
     student = Student.from_pretrained(folder, base_transformer=base)
@@ -415,9 +408,6 @@ def grading_context(recipe: Recipe, teacher, rows: list[dict], vocab: Vocabulary
 
 def evaluate(recipe: Recipe) -> dict:
     """Grade and time the teacher and every finished student; write `<output_dir>/eval/`. Returns report.json's dict."""
-    from distill.accel import make_accelerator
-    from teachers.wan import WanTeacher
-
     accelerator = make_accelerator()
     if not accelerator.is_main_process:
         return {}

@@ -26,9 +26,9 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from core.lora import fused_transformer, lora_state_dict
 from distill.config import Recipe
 from students.experts import expert_name
-from students.lora import fused_transformer, lora_state_dict
 from students.sampling import student_sampling_mode, student_sigmas
 from students.student import Student
 

@@ -6,10 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-
 from distill.config import Recipe
 from distill.export import export_student
-from students.student import Student
+from distill.role_state import EMA_WEIGHTS, check_no_pickles, load_ema
+from distill.trainer import CHECKPOINT_PREFIX, STUDENT_WEIGHTS, TRAINING_STATE, list_checkpoints
+from students.student import Student, build_student
 from teachers.wan import WanTeacher
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,6 @@ def trained_student_dir(recipe: Recipe) -> Path:
 
 def checkpoint_dir(recipe: Recipe, name: str) -> Path:
     """The training checkpoint `export.checkpoint` names: `latest` or `checkpoint-<step>` under the student's folder."""
-    from distill.trainer import CHECKPOINT_PREFIX, TRAINING_STATE, list_checkpoints
-
     base = recipe.student_dir()
     found = list_checkpoints(base)
     if name == "latest":
@@ -47,10 +46,6 @@ def student_from_checkpoint(recipe: Recipe, teacher, path: Path) -> Student:
     kept one and `export.use_ema` (`distill.role_state`)."""
     from diffusers.training_utils import EMAModel
     from safetensors.torch import load_file
-
-    from distill.role_state import EMA_WEIGHTS, check_no_pickles, load_ema
-    from distill.trainer import STUDENT_WEIGHTS
-    from students.student import build_student
 
     student = build_student(recipe.student, teacher.pipe.transformer)
     weights = path / f"0_{STUDENT_WEIGHTS}"

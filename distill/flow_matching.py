@@ -2,7 +2,7 @@
 
     x_σ = (1 - σ)·x0 + σ·ε,    v* = ε - x0,    L = E_{σ, ε} ‖ v_θ(x_σ, 1000·σ, c) - v* ‖²
 
-σ = shift(u), u ~ U(0, 1) or logit-normal (`distill.flow.sample_training_sigmas`), the same shift the
+σ = shift(u), u ~ U(0, 1) or logit-normal (`core.flow.sample_training_sigmas`), the same shift the
 sampler uses. With `cfg_dropout` p, c is replaced by the negative-prompt embedding with probability p
 so the model learns v(x, t, ∅) too and supports classifier-free guidance. It trains the toy teacher from
 scratch and fine-tunes LoRA students on data.
@@ -17,8 +17,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from distill.data import Batch, rand_per_sample
-from distill.flow import add_noise, sample_training_sigmas, timestep, velocity_target
+from core.flow import add_noise, sample_training_sigmas, timestep, velocity_target
+from core.seeding import rand_per_sample
+from distill.batch import Batch
 
 Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """`model(x [B, C, F, H, W], t [B] = 1000·σ, encoder_hidden_states [B, L, D]) -> v [B, C, F, H, W]`."""

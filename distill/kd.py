@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.data import Batch, unconditional
-from distill.flow import add_noise, cfg, timestep, velocity_target
+from core.flow import add_noise, cfg, timestep, velocity_target
+from core.lora import adapters_disabled
+from distill.batch import Batch, unconditional
 from distill.flow_matching import Model, draw_sigma_noise
 
 
@@ -85,8 +86,6 @@ def check_layer_map(layer_map: dict[int, int], n_student: int, n_teacher: int) -
 def frozen_teacher(teacher) -> Iterator[None]:
     """LoRA adapters off on the teacher's transformers while it is queried: a LoRA student injected into the
     teacher's own module (shared base) must not leak into the teacher's answers. A no-op without adapters."""
-    from students.lora import adapters_disabled  # lazy: peft is heavy and only needed at train time
-
     with ExitStack() as stack:
         for model in (teacher.pipe.transformer, teacher.pipe.transformer_2):
             if model is not None:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.data import Batch
-from distill.flow import timestep, x0_from_velocity
+from core.flow import timestep, x0_from_velocity
+from distill.batch import Batch
 from distill.flow_matching import Model
 
 

@@ -44,12 +44,12 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.data import Batch, randn_per_sample
+from core.flow import shift_sigma
+from core.seeding import derive_seed, randn_per_sample
+from distill.batch import Batch
 from distill.dmd import DMD
-from distill.flow import shift_sigma
 from distill.flow_matching import Model
 from students.causal import ChunkModelWrapper, sample_causal
-from synth_data.composer import derive_seed
 
 EXIT_STREAM = 0x5E1F
 """Exit steps of trainer step s come from `torch.Generator().manual_seed(derive_seed(derive_seed(train.seed,

@@ -50,11 +50,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.config import Recipe, resolve_path
-from distill.data import read_prompts_file
-from distill.recipe_loader import to_dict
+from core.recipe_loader import resolve_path, to_dict
+from distill.accel import all_reduce_grads, make_accelerator
+from distill.config import MethodConfig, Recipe, TrainConfig, load_recipe
+from distill.data import read_prompts_file, training_batches
+from distill.dmd import DMD, FewStepRollout
+from distill.flow_matching import FlowMatching
+from distill.kd import KD
+from distill.ode_regression import ODERegression
 from distill.role_state import check_finite, check_no_pickles, load_critic, load_ema, save_critic, save_ema
+from distill.self_forcing import CausalRollout, PreparedCausal, SelfForcing
+from distill.trajectory import Trajectory
+from students.config import StudentConfig
 from students.critic import Critic, build_critic
+from students.sampling import student_sigmas
+from students.student import build_student
+from teachers.wan import WanTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +154,6 @@ def _default_of(dotted: str):
     """The JSON-normalised default of a fingerprinted recipe key (`student.sink`, `method.kd.shift`, ...)."""
     import dataclasses
 
-    from distill.config import MethodConfig, TrainConfig
-    from students.config import StudentConfig
-
     section, *rest = dotted.split(".")
     cls = {"student": StudentConfig, "method": MethodConfig, "train": TrainConfig}.get(section)
     for i, name in enumerate(rest):
@@ -226,30 +234,18 @@ def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None, nu
     method = recipe.method
     match method.name:
         case "flow_matching":
-            from distill.flow_matching import FlowMatching
-
             return FlowMatching(method.flow_matching, student=student, teacher_shift=teacher.cfg.shift)
         case "kd":
-            from distill.kd import KD
-
             blocks = unwrapped.transformers()[0].blocks if unwrapped.num_experts == 1 else None
             return KD(method.kd, student=student, teacher=teacher, student_blocks=blocks)
         case "trajectory":
-            from distill.trajectory import Trajectory
-            from students.sampling import student_sigmas
-
             sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
             return Trajectory(method.trajectory, student=student, student_sigmas=sigmas)
         case "ode_regression":
-            from distill.ode_regression import ODERegression
-
             # a causal student's chunks by default; a bidirectional student sees one σ per sample
             per_block = recipe.student.frames_per_block if recipe.student.kind == "causal" else None
             return ODERegression(method.ode_regression, student=student, student_frames_per_block=per_block)
         case "dmd":
-            from distill.dmd import DMD, FewStepRollout
-            from students.sampling import student_sigmas
-
             if not recipe.student.denoising_steps:
                 raise ValueError("student.denoising_steps: method dmd trains a few-step student; set its steps, "
                                  "e.g. [1000, 750, 500, 250]")
@@ -258,9 +254,6 @@ def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None, nu
             rollout = FewStepRollout(student, sigmas, method.dmd.exit_step)
             return DMD(method.dmd, teacher=teacher, critic=critic, rollout=rollout)
         case "self_forcing":
-            from distill.self_forcing import CausalRollout, PreparedCausal, SelfForcing
-            from students.sampling import student_sigmas
-
             c, tc = method.self_forcing, recipe.train
             if not recipe.student.denoising_steps:
                 raise ValueError("student.denoising_steps: method self_forcing trains a few-step causal student; set "
@@ -425,13 +418,17 @@ def _autocast(accelerator: Accelerator, module: nn.Module):
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
+def make_critic(recipe: Recipe, teacher) -> Critic:
+    """The two-player method's critic (`students.critic.build_critic`) from its `method.<name>` section."""
+    c, base = recipe.method.critic_config(), teacher.pipe.transformer
+    gan_layer = None if not c.gan_weight else (len(base.blocks) // 2 if c.gan_layer is None else c.gan_layer)
+    return build_critic(base, c.critic, lora_rank=c.critic_lora_rank, target_modules=recipe.student.lora_target_modules,
+                        gan_layer=gan_layer, gradient_checkpointing=recipe.train.gradient_checkpointing,
+                        key=f"method.{recipe.method.name}")
+
+
 def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
     """Train `recipe.student` with `recipe.method`; returns `<output_dir>/students/<name>/final/`."""
-    from distill.accel import all_reduce_grads, make_accelerator
-    from distill.data import training_batches
-    from students.student import build_student
-    from teachers.wan import WanTeacher
-
     if recipe.student is None or recipe.method is None:
         raise ValueError(f"{recipe.source}: train needs a student recipe (with `student` and `method` sections)")
     accelerator = accelerator or make_accelerator(**accelerator_kwargs(recipe))
@@ -455,7 +452,7 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
     _register_student_hooks(accelerator)
     critic = critic_params = critic_optimizer = critic_scheduler = None
     if recipe.method.name in TWO_PLAYER:
-        critic = build_critic(recipe, teacher)  # after prepare(student): see build_critic
+        critic = make_critic(recipe, teacher)  # after prepare(student): see build_critic
         if tc.gradient_checkpointing:
             critic.transformer.enable_gradient_checkpointing()
         critic_params, critic_optimizer, critic_scheduler = _critic_optimization(recipe, accelerator, critic)
@@ -573,9 +570,6 @@ def _checkpoint(accelerator: Accelerator, path: Path, step: int, samples_per_ste
 
 def main(argv: list[str] | None = None) -> int:
     """`accelerate launch -m distill.trainer RECIPE.yaml [dotted.key=value ...]`."""
-    from distill.accel import make_accelerator
-    from distill.config import load_recipe
-
     args = sys.argv[1:] if argv is None else argv
     if not args:
         print("usage: python -m distill.trainer RECIPE.yaml [dotted.key=value ...]", file=sys.stderr)

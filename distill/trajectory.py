@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.data import Batch, randint_per_sample
-from distill.flow import timestep, x0_from_velocity
+from core.flow import timestep, x0_from_velocity
+from core.seeding import randint_per_sample
+from distill.batch import Batch
 from distill.flow_matching import Model
 
 

@@ -29,9 +29,16 @@ from diffusers import WanTransformer3DModel
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from distill.flow import NUM_TRAIN_TIMESTEPS, add_noise, x0_from_velocity
+from core.flow import NUM_TRAIN_TIMESTEPS, add_noise, x0_from_velocity
 from students.causal_attention import (
-    CrossKV, KVCache, SelfAttnInputs, block_causal_mask, cross_kv, install_processors, rotary_at, visible,
+    CrossKV,
+    KVCache,
+    SelfAttnInputs,
+    block_causal_mask,
+    cross_kv,
+    install_processors,
+    rotary_at,
+    visible,
 )
 from students.config import StudentConfig
 

@@ -7,7 +7,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill.config import Recipe
+from core.lora import (
+    active_adapter,
+    add_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    set_active_adapter,
+)
+from students.pruned import prune_transformer
 
 CRITIC_ADAPTER = "critic"
 GAN_HEAD_PREFIX = "gan_head."
@@ -53,8 +61,6 @@ class Critic(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 return_logits: bool = False):
         """v [like x]; with `return_logits`, (v, the GAN head's per-token logits [B, S] float32)."""
-        from students.lora import active_adapter, set_active_adapter
-
         if return_logits and self.gan_head is None:
             raise ValueError("Critic: return_logits needs a GAN head (method.<dmd|self_forcing>.gan_weight > 0)")
         previous = None if self.adapter is None else active_adapter(self.transformer)
@@ -78,16 +84,12 @@ class Critic(nn.Module):
         return v.to(x.dtype), self.gan_head(features[0])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        from students.lora import lora_parameters
-
         head = [] if self.gan_head is None else list(self.gan_head.parameters())
         if self.adapter is None:
             return list(self.transformer.parameters()) + head
         return lora_parameters(self.transformer, self.adapter) + head
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        from students.lora import lora_state_dict
-
         state = self.transformer.state_dict() if self.adapter is None else lora_state_dict(self.transformer,
                                                                                             self.adapter)
         if self.gan_head is not None:
@@ -95,8 +97,6 @@ class Critic(nn.Module):
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], where: str = "critic state") -> None:
-        from students.lora import load_lora_state_dict
-
         head = {k[len(GAN_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(GAN_HEAD_PREFIX)}
         state = {k: v for k, v in state.items() if not k.startswith(GAN_HEAD_PREFIX)}
         if (self.gan_head is None) != (not head):
@@ -111,27 +111,23 @@ class Critic(nn.Module):
             load_lora_state_dict(self.transformer, state, self.adapter, where)
 
 
-def build_critic(recipe: Recipe, teacher) -> Critic:
-    """The critic of `method.<dmd|self_forcing>.critic`, from the teacher's (high-noise) transformer.
+def build_critic(transformer, kind: str, *, lora_rank: int, target_modules: list[str], gan_layer: int | None,
+                 gradient_checkpointing: bool, key: str) -> Critic:
+    """The critic of kind `kind` (`lora` or `full`) from the teacher's (high-noise) transformer; `key` is the recipe
+    section it comes from (e.g. `method.dmd`), named in errors.
 
-    `lora`: adapter `critic` (rank = alpha = critic_lora_rank, on student.lora_target_modules) injected into the
+    `lora`: adapter `critic` (rank = alpha = lora_rank, on `target_modules`, the student's) injected into the
     teacher's own module, so no second copy of the weights; teacher queries switch adapters off, the student
     and the critic each activate their own. Call it AFTER `accelerator.prepare(student)`: a LoRA student's DDP
     holds that module and must not see the critic's parameters. `full`: a trainable copy (Self-Forcing).
+    `gan_layer`: the block whose output feeds DMD2's GAN head; None: no head.
     """
-    c, base = recipe.method.critic_config(), teacher.pipe.transformer
-    gan_layer = None if not c.gan_weight else (len(base.blocks) // 2 if c.gan_layer is None else c.gan_layer)
-    if gan_layer is not None and c.critic == "lora" and recipe.train.gradient_checkpointing:
+    if gan_layer is not None and kind == "lora" and gradient_checkpointing:
         # the GAN term backpropagates through the critic inside the generator's loss, so the critic's adapter is
         # active when the student's checkpointed blocks re-run: they would recompute with the wrong adapter
-        raise ValueError(f"method.{recipe.method.name}.gan_weight: a GAN head on a `critic: lora` can't train with "
+        raise ValueError(f"{key}.gan_weight: a GAN head on a `critic: lora` can't train with "
                          "train.gradient_checkpointing; use `critic: full` or turn checkpointing off")
-    if c.critic == "lora":
-        from students.lora import add_lora
-
-        add_lora(base, c.critic_lora_rank, float(c.critic_lora_rank), recipe.student.lora_target_modules,
-                 CRITIC_ADAPTER)
-        return Critic(base, CRITIC_ADAPTER, gan_layer)
-    from students.pruned import prune_transformer
-
-    return Critic(prune_transformer(base, None).requires_grad_(True), None, gan_layer)
+    if kind == "lora":
+        add_lora(transformer, lora_rank, float(lora_rank), target_modules, CRITIC_ADAPTER)
+        return Critic(transformer, CRITIC_ADAPTER, gan_layer)
+    return Critic(prune_transformer(transformer, None).requires_grad_(True), None, gan_layer)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from diffusers import WanTransformer3DModel
 
-from distill.flow import NUM_TRAIN_TIMESTEPS
+from core.flow import NUM_TRAIN_TIMESTEPS
+from core.lora import add_lora
 from students.config import StudentConfig
-from students.lora import add_lora
 from students.pruned import prune_transformer
 
 

@@ -11,7 +11,7 @@ import re
 from accelerate import init_empty_weights
 from diffusers import WanTransformer3DModel
 
-from students.lora import base_state_dict
+from core.lora import base_state_dict
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
 

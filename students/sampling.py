@@ -18,7 +18,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from distill.flow import NUM_TRAIN_TIMESTEPS, add_noise, cfg, denoising_sigmas, x0_from_velocity
+from core.flow import NUM_TRAIN_TIMESTEPS, add_noise, cfg, denoising_sigmas, x0_from_velocity
 from students.config import StudentConfig
 
 SamplingMode = Literal["renoise", "euler"]

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.seeding import derive_seed, sample_noise
 from students.causal import stream_causal
+from students.sampling import student_sigmas
 from students.student import Student
-from synth_data.composer import derive_seed
 
 
 class StreamingDecoder:
@@ -90,8 +91,6 @@ def stream_video(teacher, student: Student | str | Path, prompt: str, num_chunks
     `student.frames_per_block` latent frames at the teacher's height and width (see the module docstring).
 
     `student`: a causal `Student` or the folder of a saved one; `teacher`: a `WanTeacher` (text encoder, VAE)."""
-    from students.sampling import student_sigmas
-
     if not isinstance(student, Student):
         student = load_causal_student(teacher, student)
     cfg, tcfg = student.cfg, teacher.cfg
@@ -102,8 +101,6 @@ def stream_video(teacher, student: Student | str | Path, prompt: str, num_chunks
         raise ValueError(f"num_chunks: must be >= 1, got {num_chunks}")
     sigmas = student_sigmas(cfg, tcfg.shift, tcfg.num_inference_steps)
     channels, _, height, width = teacher.latent_shape(1, tcfg.height, tcfg.width)
-    from synth_data.generate import sample_noise  # lazy: pulls in av + datasets, absent on GPU-only images
-
     noise = sample_noise(seed, (channels, num_chunks * cfg.frames_per_block, height, width))[None].to(teacher.device)
     embeds = teacher.encode([prompt], None).prompt_embeds
     generator = [torch.Generator("cpu").manual_seed(derive_seed(seed, 1))]

@@ -24,13 +24,18 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distill.recipe_loader import build, to_dict
+from core.lora import (
+    active_adapter,
+    adapters_disabled,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    set_active_adapter,
+)
+from core.recipe_loader import build, to_dict
 from students.causal import CausalWan
 from students.config import StudentConfig
 from students.experts import copied_experts, expert_index_of_timestep, expert_name, lora_experts
-from students.lora import (
-    active_adapter, adapters_disabled, load_lora_state_dict, lora_parameters, lora_state_dict, set_active_adapter,
-)
 from students.pruned import assert_same_architecture, block_count
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from distill.config import Recipe, resolve_path
-from synth_data.composer import compose, coverage, format_coverage, load_vocabulary, read_prompts, write_prompts
+from core.recipe_loader import resolve_path
+from core.vocabulary import load_vocabulary
+from synth_data.composer import compose, coverage, format_coverage, read_prompts, write_prompts
+from synth_data.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -22,16 +24,16 @@ def _write_json_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def compose_stage(recipe: Recipe) -> Path:
+def compose_stage(data: DataConfig, out: Path) -> Path:
     """Compose the prompts (deterministic from vocabulary, n, seed); rank 0 writes, others wait.
 
     An existing prompts.jsonl with different content is only replaced while no dataset was generated
     from it; otherwise the stage fails instead of silently mixing two prompt sets.
     """
-    out = recipe.out
+    out = Path(out)
     path = out / "prompts.jsonl"
-    vocab = load_vocabulary(resolve_path(recipe.data.vocabulary))
-    rows = compose(vocab, recipe.data.num_prompts, recipe.data.seed, recipe.data.mode)
+    vocab = load_vocabulary(resolve_path(data.vocabulary))
+    rows = compose(vocab, data.num_prompts, data.seed, data.mode)
     if os.environ.get("RANK", "0") != "0":
         return path  # rank 0 writes; the generate stage waits for it via accelerate
     out.mkdir(parents=True, exist_ok=True)

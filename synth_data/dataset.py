@@ -40,6 +40,8 @@ from datasets.arrow_writer import ParquetWriter
 from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCardData
 
+from core.recipe_loader import to_dict
+
 DATA_DIR = "data"
 SPLIT = "train"
 MAX_ROW_GROUP_BYTES = 100 * 2**20
@@ -184,13 +186,13 @@ def load_local(dataset_dir: str | os.PathLike, **load_kwargs) -> Dataset:
 
 
 # ---- dataset card ---------------------------------------------------------------------------------
-def dataset_card(*, recipe, features: Features, num_examples: int, num_bytes: int, vocab_name: str,
+def dataset_card(*, data, teacher, output_dir: str, features: Features, num_examples: int, num_bytes: int, vocab_name: str,
                  negative_prompt: str, coverage_text: str | None) -> str:
     """README.md: YAML front matter (configs, dataset_info, task, tags) and the generation parameters.
 
-    Deterministic (no timestamps, no token); `recipe` is a `distill.config.Recipe`.
+    Deterministic (no timestamps, no token); `data` and `teacher` are the recipe's sections (`DataConfig`,
+    `TeacherConfig`), `output_dir` its output folder.
     """
-    data, teacher = recipe.data, recipe.teacher
     card = DatasetCardData(
         pretty_name=f"{vocab_name} synthetic videos from {teacher.pretrained}",
         task_categories=["text-to-video"],
@@ -200,7 +202,7 @@ def dataset_card(*, recipe, features: Features, num_examples: int, num_bytes: in
     info = DatasetInfo(features=features, download_size=num_bytes, dataset_size=num_bytes,
                        splits=SplitDict({SPLIT: SplitInfo(name=SPLIT, num_examples=num_examples, num_bytes=num_bytes)}))
     DatasetInfosDict({"default": info}).to_dataset_card_data(card)
-    regen = {"output_dir": recipe.output_dir, "data": recipe.to_dict()["data"], "teacher": recipe.to_dict()["teacher"]}
+    regen = {"output_dir": output_dir, "data": to_dict(data), "teacher": to_dict(teacher)}
     shape = features["latents"].shape if "latents" in features else features["trajectory"].shape[1:] \
         if "trajectory" in features else None
     latents_line = f"latents [C, F, H, W] = {list(shape)}" if shape else "no latents stored"

@@ -32,18 +32,30 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from distill.config import Recipe, resolve_path
-from synth_data.composer import format_coverage, load_vocabulary, read_prompts
+from core.recipe_loader import resolve_path, to_dict
+from core.seeding import sample_noise
+from core.vocabulary import load_vocabulary
+from synth_data.composer import format_coverage, read_prompts
+from synth_data.config import DataConfig
 from synth_data.dataset import (
-    build_features, dataset_card, encode_video, features_of, read_parquet, rows_per_row_group, shard_name,
-    write_parquet, write_text_atomic,
+    build_features,
+    dataset_card,
+    encode_video,
+    features_of,
+    read_parquet,
+    rows_per_row_group,
+    shard_name,
+    write_parquet,
+    write_text_atomic,
 )
+from synth_data.layout import WORK_DIR, is_complete
+from teachers.config import TeacherConfig
+from teachers.wan import WanTeacher
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 """Bumped when the dataset layout changes; part of the fingerprint."""
-WORK_DIR = ".work"
 NOT_FINGERPRINTED = frozenset({
     "data.vocabulary",  # its effect is fingerprinted: prompts.sha256 and teacher.negative_prompt (resolved)
     "data.hub_repo_id", "data.hub_private",  # push only
@@ -51,20 +63,10 @@ NOT_FINGERPRINTED = frozenset({
 })
 
 
-def is_complete(dataset_dir: str | Path) -> bool:
-    """Whether `generate` finished this dataset folder (its COMPLETE marker exists)."""
-    return (Path(dataset_dir) / "COMPLETE").is_file()
-
-
-def sample_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The initial noise of one sample: float32 randn from a CPU generator seeded with the row's seed."""
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
-
-
 # ---- fingerprint ----------------------------------------------------------------------------------
-def fingerprint(recipe: Recipe, prompts_path: Path, negative_prompt: str) -> dict:
+def fingerprint(data: DataConfig, teacher: TeacherConfig, prompts_path: Path, negative_prompt: str) -> dict:
     """The generation-affecting config as flat dotted keys (JSON-normalised), see the module docstring."""
-    sections = recipe.to_dict()
+    sections = {"data": to_dict(data), "teacher": to_dict(teacher)}
     fp = {"format_version": FORMAT_VERSION,
           "prompts.sha256": hashlib.sha256(prompts_path.read_bytes()).hexdigest()}
     for section in ("data", "teacher"):
@@ -106,7 +108,9 @@ def check_fingerprint(dataset_dir: Path, fp: dict) -> None:
 # ---- the stage ------------------------------------------------------------------------------------
 @dataclass
 class _Job:
-    recipe: Recipe
+    data: DataConfig
+    teacher: TeacherConfig
+    out: Path
     dataset_dir: Path
     rows: list[dict]
     slot_names: list[str]
@@ -118,21 +122,21 @@ class _Job:
         return self.dataset_dir / shard_name(shard, self.num_shards)
 
     def shard_rows(self, shard: int) -> list[dict]:
-        size = self.recipe.data.shard_size
+        size = self.data.shard_size
         return self.rows[shard * size: (shard + 1) * size]
 
     def part_path(self, index: int) -> Path:
         return self.dataset_dir / WORK_DIR / f"part-{index:09d}.parquet"
 
 
-def generate(recipe: Recipe, accelerator: Accelerator) -> Path:
-    """Render every prompt of `<output_dir>/prompts.jsonl` with the teacher into `<output_dir>/dataset/`.
+def generate(data: DataConfig, teacher: TeacherConfig, out: Path, accelerator: Accelerator) -> Path:
+    """Render every prompt of `out/prompts.jsonl` (written by `compose_stage`) with the teacher into `out/dataset/`.
 
     Resumes an interrupted run (byte-identical result); returns at once when the folder is complete.
     Raises ValueError when the folder was generated with another config (see `fingerprint`).
     """
     accelerator.wait_for_everyone()  # `compose` writes prompts.jsonl on rank 0 only
-    job, fp = _prepare(recipe)
+    job, fp = _prepare(data, teacher, Path(out))
     check_fingerprint(job.dataset_dir, fp)
     if is_complete(job.dataset_dir):
         logger.info("generate: %s is complete, nothing to do", job.dataset_dir)
@@ -157,10 +161,9 @@ def generate(recipe: Recipe, accelerator: Accelerator) -> Path:
     return job.dataset_dir
 
 
-def _prepare(recipe: Recipe) -> tuple[_Job, dict]:
+def _prepare(data: DataConfig, teacher: TeacherConfig, out: Path) -> tuple[_Job, dict]:
     """Read and check the prompts and cross-section settings; no teacher needed yet."""
-    data, teacher = recipe.data, recipe.teacher
-    prompts_path = recipe.out / "prompts.jsonl"
+    prompts_path = out / "prompts.jsonl"
     if not prompts_path.is_file():
         raise FileNotFoundError(f"{prompts_path}: not found; run `python -m distill compose RECIPE` first")
     rows = read_prompts(prompts_path)
@@ -180,17 +183,15 @@ def _prepare(recipe: Recipe) -> tuple[_Job, dict]:
     vocab = load_vocabulary(resolve_path(data.vocabulary))
     negative = teacher.negative_prompt if teacher.negative_prompt is not None else vocab.negative_prompt
     num_shards = -(-len(rows) // data.shard_size)
-    job = _Job(recipe=recipe, dataset_dir=recipe.out / "dataset", rows=rows, slot_names=slot_names,
+    job = _Job(data=data, teacher=teacher, out=out, dataset_dir=out / "dataset", rows=rows, slot_names=slot_names,
                negative_prompt=negative, vocab_name=vocab.name, num_shards=num_shards)
-    return job, fingerprint(recipe, prompts_path, negative)
+    return job, fingerprint(data, teacher, prompts_path, negative)
 
 
 def _render_shards(job: _Job, shards: list[int], accelerator: Accelerator) -> None:
     """Render this process's shards batch by batch; parts first, then each shard from its parts."""
-    from teachers.wan import WanTeacher  # heavy import, only on processes with work
-
-    data = job.recipe.data
-    teacher = WanTeacher.from_config(job.recipe.teacher, accelerator.device)
+    data = job.data
+    teacher = WanTeacher.from_config(job.teacher, accelerator.device)
     cfg = teacher.cfg
     shape = teacher.latent_shape(cfg.num_frames, cfg.height, cfg.width)
     num_traj = len(data.trajectory_steps) + 1 if data.trajectory_steps else 0
@@ -220,7 +221,7 @@ def _render_shards(job: _Job, shards: list[int], accelerator: Accelerator) -> No
 
 def _render_batch(teacher, batch: list[dict], job: _Job, shape: tuple[int, ...]) -> list[dict]:
     """One teacher call (CFG batched by the teacher) for a batch of prompt rows -> one dict per sample."""
-    data, steps = job.recipe.data, teacher.cfg.num_inference_steps
+    data, steps = job.data, teacher.cfg.num_inference_steps
     noise = torch.stack([sample_noise(r["seed"], shape) for r in batch])
     cond = teacher.encode([r["prompt"] for r in batch], job.negative_prompt)
     save_at = [*data.trajectory_steps, steps] if data.trajectory_steps else []
@@ -247,16 +248,16 @@ def _render_batch(teacher, batch: list[dict], job: _Job, shape: tuple[int, ...])
 
 def _finalize(job: _Job) -> None:
     """Rank 0, after every process finished: check the shards, write README.md, drop .work/, write COMPLETE."""
-    recipe, dataset_dir = job.recipe, job.dataset_dir
+    dataset_dir = job.dataset_dir
     paths = [job.shard_path(s) for s in range(job.num_shards)]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise RuntimeError(f"{missing[0]}: missing after generation (a process failed?); rerun generate to finish it")
-    coverage_path = recipe.out / "coverage.json"
+    coverage_path = job.out / "coverage.json"
     coverage_text = (format_coverage(json.loads(coverage_path.read_text(encoding="utf-8")))
                      if coverage_path.is_file() else None)
     card = dataset_card(
-        recipe=recipe, features=features_of(paths[0]), num_examples=len(job.rows),
+        data=job.data, teacher=job.teacher, output_dir=str(job.out), features=features_of(paths[0]), num_examples=len(job.rows),
         num_bytes=sum(p.stat().st_size for p in paths), vocab_name=job.vocab_name,
         negative_prompt=job.negative_prompt, coverage_text=coverage_text,
     )

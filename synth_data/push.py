@@ -8,10 +8,12 @@ The upload only reads the local folder, so a failure leaves it as it was and `pu
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from distill.config import Recipe
+from synth_data.config import DataConfig
+from synth_data.layout import WORK_DIR, is_complete
 
 logger = logging.getLogger(__name__)
 
@@ -20,28 +22,27 @@ class PushError(RuntimeError):
     """The Hub refused or the upload failed; the local dataset is unchanged."""
 
 
-def push(recipe: Recipe) -> str:
-    """Create the dataset repo if needed (private per `data.hub_private`) and upload the folder; returns its URL."""
-    from synth_data.generate import WORK_DIR, is_complete  # imports PyAV + datasets: only when pushing
-
-    repo_id = recipe.data.hub_repo_id
+def push(data: DataConfig, teacher_name: str, out: Path) -> str:
+    """Create the dataset repo if needed (private per `data.hub_private`) and upload `out/dataset/`; returns its URL.
+    `teacher_name` (`teacher.pretrained`) goes into the commit message."""
+    repo_id = data.hub_repo_id
     if not repo_id:
         raise ValueError(
             "data.hub_repo_id: not set; set it to a dataset repo you can write to, e.g. "
             "`python -m distill push RECIPE.yaml data.hub_repo_id=me/wan21-synth`"
         )
-    dataset_dir = recipe.out / "dataset"
+    dataset_dir = Path(out) / "dataset"
     if not is_complete(dataset_dir):
         raise ValueError(
             f"{dataset_dir}: not complete (no COMPLETE marker); run `python -m distill generate RECIPE` first"
         )
     api = HfApi()  # token: HF_TOKEN or the saved login, resolved by huggingface_hub itself
     try:
-        url = api.create_repo(repo_id, repo_type="dataset", private=recipe.data.hub_private, exist_ok=True)
+        url = api.create_repo(repo_id, repo_type="dataset", private=data.hub_private, exist_ok=True)
         logger.info("push: uploading %s to %s", dataset_dir, url)
         api.upload_folder(
             repo_id=repo_id, repo_type="dataset", folder_path=dataset_dir,
-            commit_message=f"Upload synthetic dataset ({recipe.teacher.pretrained}, {recipe.data.num_prompts} prompts)",
+            commit_message=f"Upload synthetic dataset ({teacher_name}, {data.num_prompts} prompts)",
             ignore_patterns=[f"{WORK_DIR}/**", "**/.*.tmp"],
         )
     except Exception as e:  # any Hub/network error: report it, keep the local folder as is

@@ -23,8 +23,8 @@ import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from tqdm.auto import tqdm
 
-from distill.flow import cfg as apply_cfg
-from students.lora import adapters_disabled
+from core.flow import cfg as apply_cfg
+from core.lora import adapters_disabled
 from teachers.config import TeacherConfig
 
 logger = logging.getLogger(__name__)

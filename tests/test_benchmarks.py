@@ -22,7 +22,7 @@ def test_experts_benchmark_tiny(tmp_path):
     build([str(tmp_path / "init")])  # untrained toy teacher, whatever the repo ships
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "benchmarks/experts.py", "--teacher", str(tmp_path / "init"), "--steps", "2",
+        [sys.executable, "-m", "benchmarks.experts", "--teacher", str(tmp_path / "init"), "--steps", "2",
          "--prompts", "4", "--eval-prompts", "4", "--out", str(tmp_path / "out"),
          "--results", str(tmp_path / "RESULTS.md")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
@@ -58,7 +58,7 @@ def test_experts_benchmark_tiny(tmp_path):
     table = (tmp_path / "RESULTS.md").read_text()
     assert table.startswith(HEADER) and table.count("\n") == HEADER.count("\n") + 1  # header + one row
     row = table.splitlines()[-1]
-    assert "benchmarks/experts.py" in row and "ratio_mse_4_vs_1" in row and "torch " in row
+    assert "python -m benchmarks.experts" in row and "ratio_mse_4_vs_1" in row and "torch " in row
 
 
 # ---- streaming.py and train_step.py ------------------------------------------------------------------------------
@@ -80,12 +80,12 @@ def assert_one_row(path: Path, script: str, ratio_key: str) -> None:
     table = path.read_text()
     assert table.startswith(HEADER) and table.count("\n") == HEADER.count("\n") + 1  # header + one row
     row = table.splitlines()[-1]
-    assert f"benchmarks/{script}" in row and ratio_key in row
+    assert f"python -m benchmarks.{script}" in row and ratio_key in row
 
 
 @pytest.mark.slow
 def test_streaming_benchmark_tiny(tmp_path):
-    r = one_json_line(run_script("benchmarks/streaming.py", "--size", "tiny", "--chunks", "5", "--steps", "2",
+    r = one_json_line(run_script("-m", "benchmarks.streaming", "--size", "tiny", "--chunks", "5", "--steps", "2",
                                  "--warmup", "0", "--profile", "--results", str(tmp_path / "RESULTS.md")))
     assert r["benchmark"] == "streaming" and r["size"] == "tiny" and r["device"] == "cpu"
     assert r["trained"] in (True, False) and r["teacher_steps"] == r["steps"] == 2 and len(r["sigmas"]) == 2
@@ -116,12 +116,12 @@ def test_streaming_benchmark_tiny(tmp_path):
     assert set(shares) == {"self_attn", "cross_attn", "ffn", "vae_decode", "other"}
     assert all(0 < shares[k] < 1 for k in ("self_attn", "cross_attn", "ffn", "vae_decode"))
     assert sum(shares.values()) == pytest.approx(1.0, abs=2e-3)
-    assert_one_row(tmp_path / "RESULTS.md", "streaming.py", "ratio_fps_student_vs_teacher")
+    assert_one_row(tmp_path / "RESULTS.md", "streaming", "ratio_fps_student_vs_teacher")
 
 
 @pytest.mark.slow
 def test_train_step_benchmark_tiny(tmp_path):
-    r = one_json_line(run_script("benchmarks/train_step.py", "--size", "tiny", "--batch-size", "1", "--steps", "2",
+    r = one_json_line(run_script("-m", "benchmarks.train_step", "--size", "tiny", "--batch-size", "1", "--steps", "2",
                                  "--warmup", "0", "--results", str(tmp_path / "RESULTS.md")))
     assert r["benchmark"] == "train_step" and r["device"] == "cpu" and r["memory"] == "peak RSS (ru_maxrss)"
     assert r["latent_shape"] == [3, 9, 32, 32] and r["chunks"] == 3 and r["batch_size"] == 1 and r["ema"] is True
@@ -143,17 +143,17 @@ def test_train_step_benchmark_tiny(tmp_path):
     assert r["ratio_peak_mem_checkpointing_on_vs_off"] == pytest.approx(on["peak_mem_mib"] / off["peak_mem_mib"],
                                                                         rel=1e-4)
     assert r["ratio_time_adamw8bit_vs_adamw"] is None and r["ratio_peak_mem_adamw8bit_vs_adamw"] is None
-    assert_one_row(tmp_path / "RESULTS.md", "train_step.py", "ratio_time_checkpointing_on_vs_off")
+    assert_one_row(tmp_path / "RESULTS.md", "train_step", "ratio_time_checkpointing_on_vs_off")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["streaming.py", "train_step.py"])
+@pytest.mark.parametrize("script", ["streaming", "train_step"])
 def test_1_3b_size_on_cpu_exits_with_a_clear_message(tmp_path, script):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: --size 1.3b would run")
-    proc = run_script(f"benchmarks/{script}", "--size", "1.3b", "--results", str(tmp_path / "RESULTS.md"))
+    proc = run_script("-m", f"benchmarks.{script}", "--size", "1.3b", "--results", str(tmp_path / "RESULTS.md"))
     assert proc.returncode != 0 and proc.stdout.strip() == ""
     assert "--size 1.3b needs a CUDA GPU" in proc.stderr and "--tiny-shape" in proc.stderr
     assert not (tmp_path / "RESULTS.md").exists()
@@ -162,12 +162,12 @@ def test_1_3b_size_on_cpu_exits_with_a_clear_message(tmp_path, script):
 @pytest.mark.slow
 def test_1_3b_code_path_runs_at_tiny_shape_on_cpu(tmp_path):
     """The Wan2.1 1.3B path (config-built transformer in bf16, Wan VAE, random text, the Wan recipe) shrunk."""
-    s = one_json_line(run_script("benchmarks/streaming.py", "--size", "1.3b", "--tiny-shape", "--chunks", "3",
+    s = one_json_line(run_script("-m", "benchmarks.streaming", "--size", "1.3b", "--tiny-shape", "--chunks", "3",
                                  "--warmup", "0", "--results", str(tmp_path / "RESULTS.md")))
     assert s["dtype"] == "bfloat16" and (s["frames_per_block"], s["local_window"], s["sink"]) == (3, 21, 3)
     assert s["latent_shape"] == [16, 9, 8, 8] and s["pixel_frames"] == 1 + 4 * 8  # Wan VAE: 4x temporal
     assert math.isfinite(s["ratio_fps_student_vs_teacher"]) and "1.3B config (tiny shape)" in s["teacher"]
-    t = one_json_line(run_script("benchmarks/train_step.py", "--size", "1.3b", "--tiny-shape", "--steps", "1",
+    t = one_json_line(run_script("-m", "benchmarks.train_step", "--size", "1.3b", "--tiny-shape", "--steps", "1",
                                  "--warmup", "0", "--checkpointing", "on", "--optimizer", "adamw",
                                  "--results", str(tmp_path / "RESULTS.md")))
     assert t["mixed_precision"] == "bf16" and t["latent_shape"] == [16, 21, 8, 8] and t["chunks"] == 7

@@ -10,16 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from synth_data.composer import (
-    Vocabulary,
-    compose,
-    coverage,
-    derive_seed,
-    format_coverage,
-    load_vocabulary,
-    read_prompts,
-    write_prompts,
-)
+from core.seeding import derive_seed
+from core.vocabulary import Vocabulary, load_vocabulary
+from synth_data.composer import compose, coverage, format_coverage, read_prompts, write_prompts
 
 WAN_YAML = Path(__file__).resolve().parent.parent / "synth_data" / "vocab" / "wan.yaml"
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.recipe_loader import RecipeError
 from distill.cli import main
 from distill.config import Recipe, load_recipe
-from distill.recipe_loader import RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

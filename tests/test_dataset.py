@@ -10,8 +10,16 @@ from datasets import Features, Video
 
 from distill.config import load_recipe
 from synth_data.dataset import (
-    atomic_path, build_features, dataset_card, decode_video, encode_video, features_of, load_local,
-    rows_per_row_group, shard_name, write_parquet,
+    atomic_path,
+    build_features,
+    dataset_card,
+    decode_video,
+    encode_video,
+    features_of,
+    load_local,
+    rows_per_row_group,
+    shard_name,
+    write_parquet,
 )
 
 
@@ -110,7 +118,7 @@ def test_dataset_card(tmp_path):
         "train": {"max_steps": 7},
     }))
     recipe = load_recipe(tmp_path / "r.yaml")
-    kwargs = dict(recipe=recipe, features=FEATURES, num_examples=3, num_bytes=1234, vocab_name="wan",
+    kwargs = dict(data=recipe.data, teacher=recipe.teacher, output_dir=recipe.output_dir, features=FEATURES, num_examples=3, num_bytes=1234, vocab_name="wan",
                   negative_prompt="blurry", coverage_text="coverage of 3 prompts")
     card = dataset_card(**kwargs)
     assert card == dataset_card(**kwargs)  # deterministic: no timestamps

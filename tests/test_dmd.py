@@ -8,16 +8,22 @@ import torch
 from safetensors.torch import load_file
 from test_trainer import max_diff, run_train, weights, write_dataset, write_recipe
 
-from distill.data import Batch, rand_per_sample, randint_per_sample, randn_per_sample, sample_generator
+from core.flow import add_noise, expand_sigma, shift_sigma, timestep, x0_from_velocity
+from core.lora import add_lora, lora_parameters
+from core.seeding import rand_per_sample, randint_per_sample, randn_per_sample, sample_generator
+from distill.batch import Batch
 from distill.dmd import (
-    DMD, FewStepRollout, dmd_critic_loss, dmd_generator_loss, dmd_gradient, exit_step_rollout,
+    DMD,
+    FewStepRollout,
+    dmd_critic_loss,
+    dmd_generator_loss,
+    dmd_gradient,
+    exit_step_rollout,
 )
-from distill.flow import add_noise, expand_sigma, shift_sigma, timestep, x0_from_velocity
 from distill.flow_matching import flow_matching_loss
 from distill.kd import teacher_velocity
 from distill.ode_regression import ODERegression, chunk_states
 from students.config import StudentConfig
-from students.lora import add_lora, lora_parameters
 from students.sampling import sample_student
 from students.student import build_student
 from teachers.config import TeacherConfig

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from test_dmd import SHAPE, dmd, make_batch, teacher  # noqa: F401 (module-scoped fixture)
 from test_trainer import run_train, write_dataset, write_recipe
 
-from distill.data import rand_per_sample, randn_per_sample, sample_generator
+from core.flow import add_noise, shift_sigma, timestep, velocity_target, x0_from_velocity
+from core.seeding import rand_per_sample, randn_per_sample, sample_generator
 from distill.dmd import dmd_generator_loss, gan_discriminator_loss, gan_generator_loss
-from distill.flow import add_noise, shift_sigma, timestep, velocity_target, x0_from_velocity
 from students.config import StudentConfig
 from students.critic import GAN_HEAD_PREFIX, Critic
 from students.student import build_student

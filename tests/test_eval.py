@@ -18,11 +18,11 @@ import torch
 import yaml
 from PIL import Image
 
+from core.recipe_loader import PROJECT_ROOT, RecipeError
 from distill import report as rep
 from distill.cli import main
-from distill.config import PROJECT_ROOT, load_recipe
+from distill.config import load_recipe
 from distill.eval import eval_prompts, evaluate
-from distill.recipe_loader import RecipeError
 
 TOY_VOCAB = str(PROJECT_ROOT / "synth_data/vocab/toyworld.yaml")
 WAN_VOCAB = str(PROJECT_ROOT / "synth_data/vocab/wan.yaml")
@@ -66,7 +66,7 @@ def save_student(out, cfg_kw, base, perturb=False, complete=True):
 def setup(tmp_path_factory):
     from diffusers import WanTransformer3DModel
 
-    from synth_data.composer import load_vocabulary
+    from core.vocabulary import load_vocabulary
     from teachers.tiny import tiny_pipeline, words_of
 
     root = tmp_path_factory.mktemp("eval")
@@ -298,18 +298,18 @@ def test_causal_student_samples_chunk_by_chunk_and_reports_drift(setup, tmp_path
     """An untrained causal student: sampled by `sample_causal` (training length, then 3x for the drift curve)."""
     from diffusers import WanTransformer3DModel
 
-    import students.causal as causal_module
+    import distill.eval as eval_module
 
     out = tmp_path / "out"
     base = WanTransformer3DModel.from_pretrained(setup["pipe_dir"] / "transformer")
     save_student(out, dict(name="causal3", kind="causal", frames_per_block=1, denoising_steps=[1000, 500]), base)
-    calls, real = [], causal_module.sample_causal
+    calls, real = [], eval_module.sample_causal
 
     def spy(model, embeds, noise, sigmas, generator=None, exit_steps=None):
         calls.append((tuple(noise.shape), [round(s, 4) for s in sigmas], exit_steps))
         return real(model, embeds, noise, sigmas, generator, exit_steps)
 
-    monkeypatch.setattr(causal_module, "sample_causal", spy)
+    monkeypatch.setattr(eval_module, "sample_causal", spy)  # the name eval samples with
     path = write_recipe(tmp_path / "causal.yaml", out, setup["pipe_dir"], num_prompts=4, batch_size=4,
                         num_previews=1, long_rollout_factor=3)
     report = evaluate(load_recipe(path))

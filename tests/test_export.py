@@ -11,10 +11,10 @@ import yaml
 from diffusers import WanPipeline, WanTransformer3DModel
 from safetensors.torch import load_file
 
+from core.lora import merged_state_dict
+from core.recipe_loader import build
 from distill.config import Recipe
 from distill.export import export_student
-from distill.recipe_loader import build
-from students.lora import merged_state_dict
 from students.sampling import sample_student, student_sampling_mode, student_sigmas
 from students.student import build_student
 

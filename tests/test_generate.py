@@ -19,12 +19,14 @@ import pytest
 import torch
 import yaml
 
+from core.seeding import sample_noise
 from distill.accel import make_accelerator
 from distill.config import load_recipe
 from synth_data.compose_stage import compose_stage
 from synth_data.composer import read_prompts
 from synth_data.dataset import build_features, decode_video, load_local
-from synth_data.generate import generate, is_complete, sample_noise
+from synth_data.generate import generate
+from synth_data.layout import is_complete
 
 VENV_BIN = Path(sys.executable).parent
 VOCAB = {
@@ -48,13 +50,15 @@ def make_project(root: Path, pipeline_dir: Path, **data) -> Path:
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     with contextlib.chdir(root):
-        compose_stage(load_recipe("recipe.yaml"))
+        recipe = load_recipe("recipe.yaml")
+        compose_stage(recipe.data, recipe.out)
     return root
 
 
 def run_generate(root: Path, *overrides: str) -> Path:
     with contextlib.chdir(root):
-        return root / generate(load_recipe("recipe.yaml", overrides), make_accelerator())
+        recipe = load_recipe("recipe.yaml", overrides)
+        return root / generate(recipe.data, recipe.teacher, recipe.out, make_accelerator())
 
 
 def tree(folder: Path) -> dict[str, str]:
@@ -150,7 +154,8 @@ def slow_sample(self, *a, **k):
     time.sleep(0.5)
     return sample(self, *a, **k)
 WanTeacher.sample = slow_sample
-generate(load_recipe("recipe.yaml"), make_accelerator())
+recipe = load_recipe("recipe.yaml")
+generate(recipe.data, recipe.teacher, recipe.out, make_accelerator())
 """
 
 
@@ -245,7 +250,7 @@ def test_two_processes_give_the_same_bytes(reference, tiny_pipeline_dir, tmp_pat
         port = s.getsockname()[1]
     cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "synth_data._generate_cli", "recipe.yaml"]
+           str(Path(__file__).parent / "generate_probe.py"), "recipe.yaml"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -6,13 +6,14 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from distill.data import Batch, randint_per_sample, sample_generator
-from distill.flow import add_noise, sample_training_sigmas, shift_sigma, timestep
+from core.flow import add_noise, sample_training_sigmas, shift_sigma, timestep
+from core.lora import lora_parameters
+from core.seeding import randint_per_sample, sample_generator
+from distill.batch import Batch
 from distill.flow_matching import FlowMatching, draw_sigma_noise, drop_condition, flow_matching_loss
 from distill.kd import KD, block_outputs, feature_kd_loss, teacher_velocity
 from distill.trajectory import Trajectory, nearest_states, trajectory_loss
 from students.config import StudentConfig
-from students.lora import lora_parameters
 from students.student import build_student
 from teachers.config import TeacherConfig
 from teachers.wan import WanTeacher

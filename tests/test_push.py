@@ -75,7 +75,7 @@ def assert_token_nowhere(folder: Path, caplog) -> None:
 def test_push_uploads_the_dataset_folder(tmp_path, fake_hub, caplog):
     recipe = load_recipe(make_dataset(tmp_path, hub_repo_id="me/tiny-synth", hub_private=False))
     with caplog.at_level(logging.DEBUG):
-        url = push(recipe)
+        url = push(recipe.data, recipe.teacher.pretrained, recipe.out)
     assert url == "https://huggingface.co/datasets/me/tiny-synth"
     (api,) = fake_hub.instances
     assert api.init_kwargs == {}  # the token is resolved by huggingface_hub from HF_TOKEN / the login
@@ -96,18 +96,22 @@ def test_failed_upload_leaves_everything_and_can_be_retried(tmp_path, fake_hub, 
     with caplog.at_level(logging.DEBUG), pytest.raises(PushError, match=r"me/tiny-synth failed \(ConnectionError: "
                                                                          r"Connection reset by peer\); the local "
                                                                          r"dataset is unchanged"):
-        push(recipe)
+        push(recipe.data, recipe.teacher.pretrained, recipe.out)
     assert snapshot(tmp_path) == before
     assert_token_nowhere(tmp_path, caplog)
-    assert push(recipe) == "https://huggingface.co/datasets/me/tiny-synth"  # retry
+    assert push_recipe(recipe) == "https://huggingface.co/datasets/me/tiny-synth"  # retry
     assert fake_hub.instances[-1].calls[0][2]["private"] is True
     assert snapshot(tmp_path) == before
 
 
 def test_push_needs_a_repo_id_and_a_complete_dataset(tmp_path, fake_hub):
     with pytest.raises(ValueError, match=r"data.hub_repo_id: not set"):
-        push(load_recipe(make_dataset(tmp_path / "a")))
+        push_recipe(load_recipe(make_dataset(tmp_path / "a")))
     with pytest.raises(ValueError, match=r"dataset: not complete \(no COMPLETE marker\); run `python -m distill "
                                          r"generate"):
-        push(load_recipe(make_dataset(tmp_path / "b", complete=False, hub_repo_id="me/x")))
+        push_recipe(load_recipe(make_dataset(tmp_path / "b", complete=False, hub_repo_id="me/x")))
     assert fake_hub.instances == []  # nothing was contacted
+
+
+def push_recipe(recipe) -> str:
+    return push(recipe.data, recipe.teacher.pretrained, recipe.out)

@@ -18,8 +18,9 @@ import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from safetensors.torch import load_file
 
+from core.recipe_loader import PROJECT_ROOT
 from distill.cli import main
-from distill.config import PROJECT_ROOT, Recipe, load_recipe
+from distill.config import Recipe, load_recipe
 from students.sampling import student_sigmas
 
 pytestmark = pytest.mark.xdist_group("recipes")

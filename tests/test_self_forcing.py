@@ -17,19 +17,24 @@ from safetensors.torch import load_file
 from test_trainer import CAPTIONS as DATASET_CAPTIONS
 from test_trainer import free_port, max_diff, run_train, weights, write_dataset, write_recipe
 
-from distill.config import PROJECT_ROOT, load_recipe
-from distill.data import Batch, randn_per_sample, sample_generator
+from core.flow import add_noise, shift_sigma, x0_from_velocity
+from core.recipe_loader import PROJECT_ROOT, RecipeError
+from core.seeding import derive_seed, randn_per_sample, sample_generator
+from distill.batch import Batch
+from distill.config import load_recipe
 from distill.dmd import dmd_generator_loss
-from distill.flow import add_noise, shift_sigma, x0_from_velocity
 from distill.flow_matching import flow_matching_loss
-from distill.recipe_loader import RecipeError
 from distill.self_forcing import (
-    CausalRollout, PerTokenTimesteps, SelfForcing, draw_exit_steps, draw_window_end, per_token_timesteps,
+    CausalRollout,
+    PerTokenTimesteps,
+    SelfForcing,
+    draw_exit_steps,
+    draw_window_end,
+    per_token_timesteps,
 )
 from students.causal import sample_causal
 from students.config import StudentConfig
 from students.student import build_student
-from synth_data.composer import derive_seed
 from teachers.config import TeacherConfig
 from teachers.wan import WanTeacher
 
@@ -410,8 +415,8 @@ def test_stream_video_yields_the_frames_of_a_full_rollout(tmp_path):
     `sample_causal` + decode of the whole video, frame for frame."""
     from conftest import TINY_WORDS
 
+    from core.seeding import sample_noise
     from students.streaming import stream_video
-    from synth_data.generate import sample_noise
     from teachers.toyworld.pipeline import build_toy_pipeline, save_toy_pipeline
 
     pipe = build_toy_pipeline(TINY_WORDS, transformer_kwargs=dict(

@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from distill.flow import shift_sigma
+from core.flow import shift_sigma
+from core.lora import adapters_disabled, add_lora, lora_parameters, set_active_adapter
 from students.config import StudentConfig
 from students.experts import expert_index, expert_index_of_timestep, sigma_interval
-from students.lora import add_lora, adapters_disabled, lora_parameters, set_active_adapter
 from students.pruned import prune_transformer
 from students.sampling import sample_student, student_sigmas
 from students.student import Student, build_student

@@ -7,7 +7,8 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from teachers.toyworld import widen
-from teachers.toyworld.widen import main as widen_main, widen_transformer
+from teachers.toyworld.widen import main as widen_main
+from teachers.toyworld.widen import widen_transformer
 
 CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3, out_channels=3,
               text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,

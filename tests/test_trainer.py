@@ -17,8 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distill.config import PROJECT_ROOT, load_recipe
-from distill.recipe_loader import RecipeError, deep_merge
+from core.recipe_loader import PROJECT_ROOT, RecipeError, deep_merge
+from distill.config import load_recipe
 
 SHAPE = (4, 2, 2, 2)  # latents [C, F, H, W] of 5 frames at 16x16 px for the tiny VAE
 CAPTIONS = ["a red circle moving left", "a blue square moving right", "a green cat on black background",
@@ -259,7 +259,7 @@ def test_toyworld_pool_resume_ranks_and_refresh(tiny_pipeline_dir, tmp_path):
         assert b.indices == [whole.indices[j]] and b.captions[0] == whole.captions[j]
         assert torch.equal(b.x0[0], whole.x0[j])
 
-    from synth_data.composer import load_vocabulary
+    from core.vocabulary import load_vocabulary
 
     vocab = load_vocabulary("synth_data/vocab/toyworld.yaml")
     pool = RenderedPool(vocab, 8, 2, 0, "balanced", 5, 32, 32, encode=lambda v: v * 2)
@@ -405,7 +405,9 @@ def test_prompts_source_draws_lines_and_refuses_what_needs_latents(tmp_path, tin
     # without a file: every step composes its own balanced prompts from the vocabulary (4 values per slot, 4 per step)
     from collections import Counter
 
-    from synth_data.composer import compose, derive_seed, load_vocabulary
+    from core.seeding import derive_seed
+    from core.vocabulary import load_vocabulary
+    from synth_data.composer import compose
 
     composed = load_recipe(path, ["method.name=dmd", "student.kind=full", "train.data_source=prompts",
                                   "train.max_steps=3", "train.gradient_accumulation_steps=1", "train.batch_size=4"])

@@ -14,11 +14,11 @@ noise a sample starts with stayed there to the end and 44% of the flow-matching 
 from __future__ import annotations
 
 import argparse
-import re
 import logging
+import re
 from pathlib import Path
 
-from synth_data.composer import load_vocabulary
+from core.vocabulary import load_vocabulary
 from teachers.tiny import words_of
 from teachers.toyworld.pipeline import build_toy_pipeline, save_toy_pipeline
 

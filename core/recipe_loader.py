@@ -18,6 +18,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+"""The repository's root: recipe paths that do not exist as given are looked up from here."""
+
 
 class RecipeError(ValueError):
     """A recipe is invalid; the message names the file and the dotted key."""
@@ -211,3 +214,12 @@ def set_dotted(data: dict, keys: list[str], value: Any) -> None:
             raise RecipeError(f"{'.'.join(keys)}: {k} is not a section")
         node = node[k]
     node[keys[-1]] = value
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A recipe path: as given if it exists, else relative to the project root."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    alt = PROJECT_ROOT / p
+    return alt if alt.exists() else p
