@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -28,51 +28,33 @@ from core.recipe_loader import (
     set_dotted,
     to_dict,
 )
-from distill.dmd import DMD
-from distill.flow_matching import FlowMatching
-from distill.kd import KD
-from distill.ode_regression import ODERegression
-from distill.self_forcing import SelfForcing
-from distill.trajectory import Trajectory
+from distill.methods import METHODS
 from students.config import StudentConfig
 from synth_data.config import DataConfig
 from teachers.config import TeacherConfig
 
-METHODS = ("flow_matching", "kd", "trajectory", "ode_regression", "dmd", "self_forcing")
+
+def _method_config(methods: dict[str, type]) -> type:
+    """The recipe's `method` section built from the table `distill.methods.METHODS`: `name` (one of its keys) and one
+    sub-section per method, `method.<name>` of type `<class>.Config` (the other methods' sub-sections may be left
+    out, and are ignored)."""
+
+    def critic_config(self):
+        """The two-player settings (critic kind, rank, learning rate, GAN) of the method `name`."""
+        if not methods[self.name].two_player:
+            two = ", ".join(n for n, m in methods.items() if m.two_player)
+            raise ValueError(f"method.name: {self.name!r} has no critic (two-player methods: {two})")
+        return getattr(self, self.name)
+
+    fields = [("name", Literal[tuple(methods)])]  # type: ignore[misc]
+    fields += [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in methods.items()]
+    cls = make_dataclass("MethodConfig", fields, kw_only=True,
+                         namespace={"critic_config": critic_config, "__doc__": _method_config.__doc__})
+    cls.__module__ = __name__
+    return cls
 
 
-@dataclass(kw_only=True)
-class MethodConfig:
-    """`name` picks the algorithm; its own sub-section (e.g. `method.kd.layer_map`) holds its settings.
-
-    Sub-sections of the other algorithms may be left out (defaults) and are ignored.
-    """
-
-    name: Literal["flow_matching", "kd", "trajectory", "ode_regression", "dmd", "self_forcing"]
-    """The algorithm (one file each in `distill/`)."""
-    flow_matching: FlowMatching.Config = field(default_factory=FlowMatching.Config)
-    """`distill/flow_matching.py`: shift, weighting, cfg_dropout."""
-    kd: KD.Config = field(default_factory=KD.Config)
-    """`distill/kd.py`: output_weight, feature_weight, data_weight, layer_map, guidance_scale, shift, weighting."""
-    trajectory: Trajectory.Config = field(default_factory=Trajectory.Config)
-    """`distill/trajectory.py`: max_sigma_gap."""
-    ode_regression: ODERegression.Config = field(default_factory=ODERegression.Config)
-    """`distill/ode_regression.py`: frames_per_block."""
-    dmd: DMD.Config = field(default_factory=DMD.Config)
-    """`distill/dmd.py`: guidance_scale, generator_update_interval, critic_learning_rate, critic, critic_lora_rank,
-    min_sigma, max_sigma, shift, exit_step."""
-    self_forcing: SelfForcing.Config = field(default_factory=SelfForcing.Config)
-    """`distill/self_forcing.py`: DMD's keys (for the causal rollout) plus num_chunks, frame_wise_timesteps."""
-
-    def critic_config(self) -> DMD.Config:
-        """The two-player settings (critic kind, rank, learning rate) of `name`: `dmd` or `self_forcing`."""
-        match self.name:
-            case "dmd":
-                return self.dmd
-            case "self_forcing":
-                return self.self_forcing
-            case _:
-                raise ValueError(f"method.name: {self.name!r} has no critic (two-player methods: dmd, self_forcing)")
+MethodConfig = _method_config(METHODS)
 
 
 @dataclass(kw_only=True)
@@ -234,14 +216,16 @@ class Recipe:
     def __post_init__(self):
         if (self.student is None) != (self.method is None):
             raise ValueError("student/method: a student recipe needs both a `student` and a `method` section")
-        if self.method is not None and self.method.name == "self_forcing" and self.student.kind != "causal":
-            raise ValueError(f"student.kind: method self_forcing rolls out a causal student chunk by chunk; set "
-                             f"student.kind: causal (got {self.student.kind})")
+        kinds = METHODS[self.method.name].student_kinds if self.method is not None else None
+        if kinds is not None and self.student.kind not in kinds:
+            raise ValueError(f"student.kind: method {self.method.name} trains only {' or '.join(kinds)} students; set "
+                             f"student.kind: {kinds[0]} (got {self.student.kind})")
         if self.method is not None and self.train.data_source == "prompts":
-            if self.method.name not in ("dmd", "self_forcing"):
+            if not METHODS[self.method.name].data_free:
+                free = ", ".join(n for n, m in METHODS.items() if m.data_free)
                 raise ValueError(f"train.data_source: prompts gives captions only, and method {self.method.name!r} "
                                  "trains on clean latents or teacher trajectories; use data_source: dataset (or "
-                                 "toyworld), or a data-free method (dmd, self_forcing)")
+                                 f"toyworld), or a data-free method ({free})")
             if self.method.critic_config().gan_weight > 0:
                 raise ValueError(f"train.data_source: prompts gives no real clips, and method.{self.method.name}."
                                  "gan_weight > 0 needs them for the GAN head; use data_source: dataset (or "

@@ -45,6 +45,7 @@ from core.seeding import rand_per_sample, randint_per_sample, randn_per_sample
 from distill.batch import Batch
 from distill.flow_matching import Model, flow_matching_loss
 from distill.kd import teacher_velocity
+from students.sampling import student_sigmas
 
 Rollout = Callable[[Batch], torch.Tensor]
 """`rollout(batch) -> x0 [B, C, F, H, W]`: the student's samples for the batch's prompts, keeping the graph where
@@ -220,6 +221,25 @@ class DMD:
             if self.gan_weight < 0 or self.gan_critic_weight <= 0:
                 raise ValueError(f"gan_weight: must be >= 0 and gan_critic_weight > 0, got {self.gan_weight} and "
                                  f"{self.gan_critic_weight}")
+
+    two_player = True
+    """Trains a critic beside the student (`generator_loss` / `critic_loss`) instead of one `loss`."""
+    needs_trajectory = False
+    """Reads the teacher's stored ODE states (the dataset's `trajectory` column)."""
+    data_free = True
+    """Can train from captions alone (`train.data_source: prompts`)."""
+    student_kinds = None
+    """The student kinds it trains; None: every kind."""
+
+    @classmethod
+    def from_recipe(cls, recipe, *, teacher, student, unwrapped, critic=None, num_processes: int = 1) -> DMD:
+        if not recipe.student.denoising_steps:
+            raise ValueError("student.denoising_steps: method dmd trains a few-step student; set its steps, "
+                             "e.g. [1000, 750, 500, 250]")
+        assert critic is not None, "dmd needs the critic (build_critic)"
+        sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
+        rollout = FewStepRollout(student, sigmas, recipe.method.dmd.exit_step)
+        return cls(recipe.method.dmd, teacher=teacher, critic=critic, rollout=rollout)
 
     def __init__(self, config: DMD.Config, *, teacher, critic: Model, rollout: Rollout):
         """`teacher`: a `WanTeacher` (frozen); `critic`: the trainable fake score, called as a `Model`;

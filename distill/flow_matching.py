@@ -76,6 +76,19 @@ class FlowMatching:
             if not 0.0 <= self.cfg_dropout < 1.0:
                 raise ValueError(f"cfg_dropout: must be in [0, 1), got {self.cfg_dropout}")
 
+    two_player = False
+    """Trains a critic beside the student (`generator_loss` / `critic_loss`) instead of one `loss`."""
+    needs_trajectory = False
+    """Reads the teacher's stored ODE states (the dataset's `trajectory` column)."""
+    data_free = False
+    """Can train from captions alone (`train.data_source: prompts`)."""
+    student_kinds = None
+    """The student kinds it trains; None: every kind."""
+
+    @classmethod
+    def from_recipe(cls, recipe, *, teacher, student, unwrapped, critic=None, num_processes: int = 1) -> FlowMatching:
+        return cls(recipe.method.flow_matching, student=student, teacher_shift=teacher.cfg.shift)
+
     def __init__(self, config: FlowMatching.Config, *, student: Model, teacher_shift: float):
         self.config = config
         self.student = student

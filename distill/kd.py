@@ -140,6 +140,20 @@ class KD:
             if self.shift is not None and self.shift <= 0:
                 raise ValueError(f"shift: must be > 0 or null, got {self.shift}")
 
+    two_player = False
+    """Trains a critic beside the student (`generator_loss` / `critic_loss`) instead of one `loss`."""
+    needs_trajectory = False
+    """Reads the teacher's stored ODE states (the dataset's `trajectory` column)."""
+    data_free = False
+    """Can train from captions alone (`train.data_source: prompts`)."""
+    student_kinds = None
+    """The student kinds it trains; None: every kind."""
+
+    @classmethod
+    def from_recipe(cls, recipe, *, teacher, student, unwrapped, critic=None, num_processes: int = 1) -> KD:
+        blocks = unwrapped.transformers()[0].blocks if unwrapped.num_experts == 1 else None
+        return cls(recipe.method.kd, student=student, teacher=teacher, student_blocks=blocks)
+
     def __init__(self, config: KD.Config, *, student: Model, teacher, student_blocks: nn.ModuleList | None = None):
         """`student` is called as a `Model`; `student_blocks` (its transformer's `.blocks`) for feature KD."""
         self.config, self.student, self.teacher = config, student, teacher

@@ -65,6 +65,21 @@ class ODERegression:
             if self.frames_per_block is not None and self.frames_per_block < 1:
                 raise ValueError(f"frames_per_block: must be >= 1 or null, got {self.frames_per_block}")
 
+    two_player = False
+    """Trains a critic beside the student (`generator_loss` / `critic_loss`) instead of one `loss`."""
+    needs_trajectory = True
+    """Reads the teacher's stored ODE states (the dataset's `trajectory` column)."""
+    data_free = False
+    """Can train from captions alone (`train.data_source: prompts`)."""
+    student_kinds = None
+    """The student kinds it trains; None: every kind."""
+
+    @classmethod
+    def from_recipe(cls, recipe, *, teacher, student, unwrapped, critic=None, num_processes: int = 1) -> ODERegression:
+        # a causal student's chunks by default; a bidirectional student sees one σ per sample
+        per_block = recipe.student.frames_per_block if recipe.student.kind == "causal" else None
+        return cls(recipe.method.ode_regression, student=student, student_frames_per_block=per_block)
+
     def __init__(self, config: ODERegression.Config, *, student: Model, student_frames_per_block: int | None = None):
         """`student_frames_per_block`: the causal student's chunk size, used when the config leaves it None."""
         self.config, self.student = config, student

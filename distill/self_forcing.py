@@ -50,6 +50,7 @@ from distill.batch import Batch
 from distill.dmd import DMD
 from distill.flow_matching import Model
 from students.causal import ChunkModelWrapper, sample_causal
+from students.sampling import student_sigmas
 
 EXIT_STREAM = 0x5E1F
 """Exit steps of trainer step s come from `torch.Generator().manual_seed(derive_seed(derive_seed(train.seed,
@@ -221,6 +222,23 @@ class SelfForcing(DMD):
             if self.dmd_window is not None and not 1 <= self.dmd_window <= (self.num_chunks or self.dmd_window):
                 raise ValueError(f"dmd_window: must be >= 1 and <= num_chunks ({self.num_chunks}), or null; got "
                                  f"{self.dmd_window}")
+
+    student_kinds = ("causal",)
+    """Rolls out a causal student chunk by chunk (the rest as `DMD`)."""
+
+    @classmethod
+    def from_recipe(cls, recipe, *, teacher, student, unwrapped, critic=None, num_processes: int = 1) -> SelfForcing:
+        c, tc = recipe.method.self_forcing, recipe.train
+        if not recipe.student.denoising_steps:
+            raise ValueError("student.denoising_steps: method self_forcing trains a few-step causal student; set "
+                             "its steps, e.g. [1000, 750, 500, 250]")
+        assert critic is not None, "self_forcing needs the critic (build_critic)"
+        sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
+        rollout = CausalRollout(PreparedCausal(student, unwrapped), sigmas, seed=tc.seed,
+                                samples_per_step=tc.batch_size * tc.gradient_accumulation_steps * num_processes,
+                                num_chunks=c.num_chunks, last_only=c.exit_step == "last", window=c.dmd_window,
+                                same_across_chunks=c.same_step_across_chunks, window_min_start=c.dmd_window_min_start)
+        return cls(c, teacher=teacher, critic=critic, rollout=rollout)
 
     def __init__(self, config: SelfForcing.Config, *, teacher, critic: Model, rollout: CausalRollout):
         """`teacher`: a frozen `WanTeacher`; `critic`: the fake score (a bidirectional Wan transformer, called as a

@@ -2,14 +2,13 @@
 
     teacher = WanTeacher.from_config(recipe.teacher)            frozen, shared by every method
     student = build_student(recipe.student, teacher.pipe.transformer)
-    algorithm = match recipe.method.name       flow_matching | kd | trajectory | ode_regression | dmd |
-                                               self_forcing
+    algorithm = METHODS[recipe.method.name].from_recipe(...)   the table of distill/methods.py
     for step: for micro-batch in accumulate: loss, logs = algorithm.loss(batch); backward
               clip, optimizer, LR scheduler, EMA; checkpoint-<step>/; log
 
-Two-player methods (`dmd`, `self_forcing`) also train a critic, built by `students.critic.build_critic`, with its own
-optimizer and LR scheduler (TTUR). Every step: critic_loss on each micro-batch, critic update; on the steps the
-algorithm's `trains_generator(step)` names, generator_loss first and a generator update (and EMA step) too. Both LR
+Two-player methods (`two_player`: `dmd`, `self_forcing`) also train a critic, built by `students.critic.build_critic`,
+with its own optimizer and LR scheduler (TTUR). Every step: critic_loss on each micro-batch, critic update; on the steps
+the algorithm's `trains_generator(step)` names, generator_loss first and a generator update (and EMA step) too. Both LR
 schedules run on the trainer's step clock. The critic is never DDP-wrapped (a LoRA critic lives inside the module the
 student's DDP holds): its gradients are all-reduced by `distill.accel.all_reduce_grads`.
 
@@ -54,16 +53,10 @@ from core.recipe_loader import resolve_path, to_dict
 from distill.accel import all_reduce_grads, make_accelerator
 from distill.config import MethodConfig, Recipe, TrainConfig, load_recipe
 from distill.data import read_prompts_file, training_batches
-from distill.dmd import DMD, FewStepRollout
-from distill.flow_matching import FlowMatching
-from distill.kd import KD
-from distill.ode_regression import ODERegression
+from distill.methods import METHODS
 from distill.role_state import check_finite, check_no_pickles, load_critic, load_ema, save_critic, save_ema
-from distill.self_forcing import CausalRollout, PreparedCausal, SelfForcing
-from distill.trajectory import Trajectory
 from students.config import StudentConfig
 from students.critic import Critic, build_critic
-from students.sampling import student_sigmas
 from students.student import build_student
 from teachers.wan import WanTeacher
 
@@ -75,7 +68,6 @@ STUDENT_WEIGHTS = "student_trainable.safetensors"
 COMPLETE = "COMPLETE"
 STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps")
 """Student keys that only change sampling: a checkpoint resumes under a recipe that changed them."""
-TWO_PLAYER = ("dmd", "self_forcing")
 """Methods with a critic: the algorithm has `generator_loss`, `critic_loss` and `trains_generator(step)`."""
 TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "adam_betas", "ema", "seed",
                       "data_source", "toyworld_pool", "toyworld_pool_refresh", "prompts_file")
@@ -229,46 +221,11 @@ def _register_student_hooks(accelerator: Accelerator) -> None:
 
 # ---- building ----------------------------------------------------------------------------------------
 def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None, num_processes: int = 1):
-    """The method's loss object. `student` is the prepared (maybe DDP) module; `unwrapped` the `Student`;
-    `critic` the critic's callable (two-player methods); `num_processes` fixes the samples per trainer step."""
-    method = recipe.method
-    match method.name:
-        case "flow_matching":
-            return FlowMatching(method.flow_matching, student=student, teacher_shift=teacher.cfg.shift)
-        case "kd":
-            blocks = unwrapped.transformers()[0].blocks if unwrapped.num_experts == 1 else None
-            return KD(method.kd, student=student, teacher=teacher, student_blocks=blocks)
-        case "trajectory":
-            sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
-            return Trajectory(method.trajectory, student=student, student_sigmas=sigmas)
-        case "ode_regression":
-            # a causal student's chunks by default; a bidirectional student sees one σ per sample
-            per_block = recipe.student.frames_per_block if recipe.student.kind == "causal" else None
-            return ODERegression(method.ode_regression, student=student, student_frames_per_block=per_block)
-        case "dmd":
-            if not recipe.student.denoising_steps:
-                raise ValueError("student.denoising_steps: method dmd trains a few-step student; set its steps, "
-                                 "e.g. [1000, 750, 500, 250]")
-            assert critic is not None, "dmd needs the critic (build_critic)"
-            sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
-            rollout = FewStepRollout(student, sigmas, method.dmd.exit_step)
-            return DMD(method.dmd, teacher=teacher, critic=critic, rollout=rollout)
-        case "self_forcing":
-            c, tc = method.self_forcing, recipe.train
-            if not recipe.student.denoising_steps:
-                raise ValueError("student.denoising_steps: method self_forcing trains a few-step causal student; set "
-                                 "its steps, e.g. [1000, 750, 500, 250]")
-            assert critic is not None, "self_forcing needs the critic (build_critic)"
-            sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
-            rollout = CausalRollout(PreparedCausal(student, unwrapped), sigmas, seed=tc.seed,
-                                    samples_per_step=tc.batch_size * tc.gradient_accumulation_steps * num_processes,
-                                    num_chunks=c.num_chunks, last_only=c.exit_step == "last", window=c.dmd_window,
-                                    same_across_chunks=c.same_step_across_chunks,
-                                    window_min_start=c.dmd_window_min_start)
-            return SelfForcing(c, teacher=teacher, critic=critic, rollout=rollout)
-        case _:
-            raise ValueError(f"method.name: {method.name!r} is not trained by distill.trainer; use one of "
-                             "flow_matching, kd, trajectory, ode_regression, dmd, self_forcing")
+    """The method's loss object (`distill.methods.METHODS[method.name].from_recipe`). `student` is the prepared
+    (maybe DDP) module; `unwrapped` the `Student`; `critic` the critic's callable (two-player methods);
+    `num_processes` fixes the samples per trainer step."""
+    return METHODS[recipe.method.name].from_recipe(recipe, teacher=teacher, student=student, unwrapped=unwrapped,
+                                                   critic=critic, num_processes=num_processes)
 
 
 def make_optimizer(params: list, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
@@ -297,7 +254,7 @@ def _check_accelerator(accelerator: Accelerator, recipe: Recipe) -> None:
             f"train.mixed_precision: the Accelerator has {accelerator.mixed_precision!r}, the recipe "
             f"{tc.mixed_precision!r}; build it with make_accelerator(**accelerator_kwargs(recipe))"
         )
-    if recipe.method.name in TWO_PLAYER and tc.mixed_precision == "fp16":
+    if METHODS[recipe.method.name].two_player and tc.mixed_precision == "fp16":
         raise ValueError(f"train.mixed_precision: fp16 can't train method {recipe.method.name} (accelerate's one "
                          "GradScaler would unscale the critic's and the student's optimizers inconsistently); use bf16")
 
@@ -451,7 +408,7 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
     model, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     _register_student_hooks(accelerator)
     critic = critic_params = critic_optimizer = critic_scheduler = None
-    if recipe.method.name in TWO_PLAYER:
+    if METHODS[recipe.method.name].two_player:
         critic = make_critic(recipe, teacher)  # after prepare(student): see build_critic
         if tc.gradient_checkpointing:
             critic.transformer.enable_gradient_checkpointing()
@@ -468,7 +425,7 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
                                 None if critic is None else _autocast(accelerator, critic), num_processes=world)
     batches = training_batches(recipe, teacher, start_step=start_step, num_processes=world,
                                rank=accelerator.process_index,
-                               need_trajectory=recipe.method.name in ("trajectory", "ode_regression"))
+                               need_trajectory=METHODS[recipe.method.name].needs_trajectory)
     if accelerator.is_main_process:
         student_dir.mkdir(parents=True, exist_ok=True)
     _start_trackers(accelerator, recipe)

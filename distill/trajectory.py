@@ -29,6 +29,7 @@ from core.flow import timestep, x0_from_velocity
 from core.seeding import randint_per_sample
 from distill.batch import Batch
 from distill.flow_matching import Model
+from students.sampling import student_sigmas
 
 
 def trajectory_loss(model: Model, x_t: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
@@ -61,6 +62,20 @@ class Trajectory:
         def __post_init__(self):
             if not 0.0 < self.max_sigma_gap <= 1.0:
                 raise ValueError(f"max_sigma_gap: must be in (0, 1], got {self.max_sigma_gap}")
+
+    two_player = False
+    """Trains a critic beside the student (`generator_loss` / `critic_loss`) instead of one `loss`."""
+    needs_trajectory = True
+    """Reads the teacher's stored ODE states (the dataset's `trajectory` column)."""
+    data_free = False
+    """Can train from captions alone (`train.data_source: prompts`)."""
+    student_kinds = None
+    """The student kinds it trains; None: every kind."""
+
+    @classmethod
+    def from_recipe(cls, recipe, *, teacher, student, unwrapped, critic=None, num_processes: int = 1) -> Trajectory:
+        sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
+        return cls(recipe.method.trajectory, student=student, student_sigmas=sigmas)
 
     def __init__(self, config: Trajectory.Config, *, student: Model, student_sigmas: list[float]):
         """`student_sigmas`: the student's denoising levels (`students.sampling.student_sigmas`); 0 is dropped."""

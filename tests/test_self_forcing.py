@@ -331,7 +331,7 @@ def test_trainer_resumes_self_forcing_to_identical_weights(sf_run, tmp_path, tin
     assert max_diff(w_a, weights(final_b)) == 0.0
     critic_b = load_file(str(final_b.parent / "checkpoint-2" / "critic.safetensors"))
     assert max_diff(critic, critic_b) == 0.0
-    with pytest.raises(RecipeError, match="student.kind: method self_forcing rolls out a causal student"):
+    with pytest.raises(RecipeError, match="student.kind: method self_forcing trains only causal students"):
         load_recipe(recipe_b, ["student.kind=full"])
 
 
