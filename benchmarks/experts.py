@@ -140,8 +140,8 @@ def evaluate(recipe: Recipe) -> dict:
     """Teacher, the undistilled 4-step reference and every student on the eval prompts; see the docstring."""
     from core.seeding import derive_seed, sample_noise
     from core.vocabulary import load_vocabulary
-    from distill.eval import _student_sampler, eval_prompts, find_students, train_overlap
-    from students.sampling import sample_student, student_sigmas
+    from distill.eval import eval_prompts, find_students, train_overlap
+    from students.sampling import sample_student, student_sampler, student_sigmas
     from students.student import Student
     from teachers.toyworld.oracle import grade
     from teachers.wan import Cond, WanTeacher
@@ -194,7 +194,7 @@ def evaluate(recipe: Recipe) -> dict:
     for name, folder in find_students(recipe):
         student = Student.from_pretrained(folder, base_transformer=base).eval()
         try:
-            sampler, _info = _student_sampler(student, teacher, shape[1])
+            sampler, _info = student_sampler(student, teacher.cfg.shift, teacher.cfg.num_inference_steps, shape[1])
             entry = score(sampler, student)
             entry["trainable_params"] = sum(p.numel() for p in student.trainable_parameters())
             out["students"][name] = entry

@@ -10,6 +10,7 @@ import sys
 
 from core.recipe_loader import RecipeError
 from distill.accel import make_accelerator
+from distill.checkpoints import final_dir, is_finished
 from distill.config import Recipe, load_recipe
 from distill.export_stage import export_stage
 from distill.trainer import train
@@ -80,8 +81,8 @@ def stage_run(recipe: Recipe) -> None:
         else:
             stage_generate(recipe)
     if recipe.student is not None:
-        if (recipe.student_dir() / "final" / "COMPLETE").exists():
-            logger.info("train: %s is complete, skipping", recipe.student_dir() / "final")
+        if is_finished(recipe.student_dir()):
+            logger.info("train: %s is complete, skipping", final_dir(recipe.student_dir()))
         else:
             stage_train(recipe)
         stage_export(recipe)

@@ -66,13 +66,13 @@ import torch
 from tqdm.auto import tqdm
 
 from core.recipe_loader import RecipeError, resolve_path
-from core.seeding import derive_seed, sample_noise
+from core.seeding import sample_noise
 from core.vocabulary import Vocabulary, load_vocabulary
 from distill import report as rep
 from distill.accel import make_accelerator
+from distill.checkpoints import COMPLETE, final_dir, is_finished, weights_dir
 from distill.config import Recipe
-from students.causal import sample_causal
-from students.sampling import sample_student, student_sampling_mode, student_sigmas
+from students.sampling import student_sampler
 from students.student import Student, read_student_json
 from synth_data.composer import compose, read_prompts, write_prompts
 from teachers.toyworld.oracle import grade
@@ -80,9 +80,6 @@ from teachers.toyworld.render import SLOTS, VALUES, check_size
 from teachers.wan import WanTeacher
 
 logger = logging.getLogger(__name__)
-
-COMPLETE = "COMPLETE"
-"""Causal students' long rollouts (each `eval.long_rollout_factor` videos long) use the first this many prompts."""
 
 
 # ---- prompts, noise and grading ---------------------------------------------------------------
@@ -241,12 +238,6 @@ def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], s
     return run
 
 
-def causal_nfe(steps: int, num_chunks: int) -> float:
-    """Whole-video passes of a causal rollout: `steps` denoising passes over every chunk, plus one cache write
-    per chunk but the last (written lazily before the next chunk), each over 1/num_chunks of the video."""
-    return round(steps + (num_chunks - 1) / num_chunks, 3)
-
-
 def _timing(run: _Run, grader: str | None) -> dict:
     n = run.timed_videos
     return {
@@ -277,49 +268,20 @@ def teacher_nfe(teacher) -> int:
 def find_students(recipe: Recipe) -> list[tuple[str, Path]]:
     """(name, weights folder) of each student to grade, sorted by name (see `EvalConfig.students`)."""
     root = recipe.out / "students"
-    finished = sorted(p.parent.parent.name for p in root.glob(f"*/final/{COMPLETE}")) if root.is_dir() else []
+    finished = sorted(p.name for p in root.iterdir() if is_finished(p)) if root.is_dir() else []
     names = finished
     if recipe.eval.students is not None:
         missing = [n for n in recipe.eval.students if n not in finished]
         if missing:
             raise FileNotFoundError(
-                f"eval.students: {missing[0]!r} has no finished run ({root / missing[0] / 'final' / COMPLETE} is "
+                f"eval.students: {missing[0]!r} has no finished run ({final_dir(root / missing[0]) / COMPLETE} is "
                 f"missing); finished students: {finished or 'none'}; train it first or drop it from eval.students"
             )
         names = sorted(recipe.eval.students)
     if "teacher" in names:
         raise ValueError(f"{root / 'teacher'}: a student may not be named 'teacher' (the eval's name for the teacher); "
                          "rename the folder and its student.name")
-    out = []
-    for name in names:
-        ema = root / name / "final_ema"
-        out.append((name, ema if recipe.eval.use_ema and ema.is_dir() else root / name / "final"))
-    return out
-
-
-def _student_sampler(student, teacher, latent_frames: int) -> tuple[Sampler, dict]:
-    cfg = student.cfg
-    sigmas = student_sigmas(cfg, teacher.cfg.shift, teacher.cfg.num_inference_steps)
-    mode = student_sampling_mode(cfg)
-    steps = len(sigmas) if mode == "renoise" else len(sigmas) - 1
-    causal = cfg.kind == "causal"
-    if causal and (mode != "renoise" or cfg.guidance_scale != 1):
-        raise ValueError(f"student {cfg.name}: a causal student samples chunk by chunk with its few-step renoising "
-                         "sampler and no CFG; it needs student.denoising_steps and student.guidance_scale: 1.0")
-
-    def sampler(cond, noise, rows):
-        generators = [torch.Generator("cpu").manual_seed(derive_seed(r["seed"], 1)) for r in rows]
-        if causal:
-            return sample_causal(student.causal, cond.prompt_embeds, noise, sigmas, generator=generators)
-        return sample_student(student, cond.prompt_embeds, cond.negative_embeds, noise, sigmas,
-                              guidance=cfg.guidance_scale, generator=generators, mode=mode)
-
-    if causal:
-        nfe = causal_nfe(steps, -(-latent_frames // student.causal.frames_per_block))
-    else:
-        nfe = steps * (2 if cfg.guidance_scale != 1 else 1)
-    info = {"nfe": nfe, "steps": steps, "guidance_scale": cfg.guidance_scale}
-    return torch.no_grad()(sampler), info
+    return [(name, weights_dir(root / name, recipe.eval.use_ema)) for name in names]
 
 
 def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str | None) -> dict | None:
@@ -335,7 +297,7 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
     c, f, h, w = teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width)
     fpb = student.cfg.frames_per_block
     frames = math.ceil(factor * f / fpb) * fpb
-    sampler, _ = _student_sampler(student, teacher, frames)
+    sampler, _ = student_sampler(student, teacher.cfg.shift, teacher.cfg.num_inference_steps, frames)
     subset, size = rows[:recipe.eval.long_rollout_prompts], recipe.eval.batch_size
     sums, count = {}, 0  # "all" and each slot: accuracy per segment, weighted by batch size
     for start in tqdm(range(0, len(subset), size), desc=f"eval {student.cfg.name} long rollout", unit="batch",
@@ -375,7 +337,7 @@ def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) ->
         student.to(dtype=base.dtype)
     student.eval()
     try:
-        sampler, info = _student_sampler(student, teacher, ctx["shape"][1])
+        sampler, info = student_sampler(student, teacher.cfg.shift, teacher.cfg.num_inference_steps, ctx["shape"][1])
         negative = ctx["negative"] if student.cfg.guidance_scale != 1 else None
         chunks = training_chunks(ctx["shape"][1], student.cfg) if student.cfg.kind == "causal" else None
         run = run_model(name, sampler, teacher, ctx["batches"], ctx["shape"], negative, ctx["grader"],

@@ -6,10 +6,18 @@ import json
 import logging
 from pathlib import Path
 
+from distill.checkpoints import (
+    CHECKPOINT_PREFIX,
+    STUDENT_WEIGHTS,
+    TRAINING_STATE,
+    final_dir,
+    is_finished,
+    list_checkpoints,
+    weights_dir,
+)
 from distill.config import Recipe
 from distill.export import export_student
 from distill.role_state import EMA_WEIGHTS, check_no_pickles, load_ema
-from distill.trainer import CHECKPOINT_PREFIX, STUDENT_WEIGHTS, TRAINING_STATE, list_checkpoints
 from students.student import Student, build_student
 from teachers.wan import WanTeacher
 
@@ -19,11 +27,10 @@ logger = logging.getLogger(__name__)
 def trained_student_dir(recipe: Recipe) -> Path:
     """`final_ema/` when the run kept an EMA and `export.use_ema`, else `final/`; must be complete."""
     base = recipe.student_dir()
-    final = base / "final"
-    if not (final / "COMPLETE").exists():
-        raise FileNotFoundError(f"{final}: no finished training run; run `python -m distill train {recipe.source}` first")
-    ema = base / "final_ema"
-    return ema if recipe.export.use_ema and ema.exists() else final
+    if not is_finished(base):
+        raise FileNotFoundError(f"{final_dir(base)}: no finished training run; run `python -m distill train "
+                                f"{recipe.source}` first")
+    return weights_dir(base, recipe.export.use_ema)
 
 
 def checkpoint_dir(recipe: Recipe, name: str) -> Path:

@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -49,153 +47,34 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from core.recipe_loader import resolve_path, to_dict
 from distill.accel import all_reduce_grads, make_accelerator
-from distill.config import MethodConfig, Recipe, TrainConfig, load_recipe
-from distill.data import read_prompts_file, training_batches
+from distill.checkpoints import (
+    CHECKPOINT_PREFIX,
+    COMPLETE,
+    FINAL_EMA,
+    STUDENT_WEIGHTS,
+    check_checkpoint,
+    final_dir,
+    fingerprint,
+    list_checkpoints,
+    prune,
+    resolve_checkpoint,
+    write_state,
+)
+from distill.config import Recipe, load_recipe
+from distill.data import training_batches
 from distill.methods import METHODS
 from distill.role_state import check_finite, check_no_pickles, load_critic, load_ema, save_critic, save_ema
-from students.config import StudentConfig
 from students.critic import Critic, build_critic
 from students.student import build_student
 from teachers.wan import WanTeacher
 
 logger = logging.getLogger(__name__)
 
-TRAINING_STATE = "training_state.json"
-CHECKPOINT_PREFIX = "checkpoint-"
-STUDENT_WEIGHTS = "student_trainable.safetensors"
-COMPLETE = "COMPLETE"
-STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps")
-"""Student keys that only change sampling: a checkpoint resumes under a recipe that changed them."""
-"""Methods with a critic: the algorithm has `generator_loss`, `critic_loss` and `trains_generator(step)`."""
-TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "adam_betas", "ema", "seed",
-                      "data_source", "toyworld_pool", "toyworld_pool_refresh", "prompts_file")
-
-
 def accelerator_kwargs(recipe: Recipe) -> dict:
     """What `make_accelerator(**...)` needs from the recipe."""
     return {"mixed_precision": recipe.train.mixed_precision,
             "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps}
-
-
-def is_complete(recipe: Recipe) -> bool:
-    return (recipe.student_dir() / "final" / COMPLETE).is_file()
-
-
-# ---- checkpoints -----------------------------------------------------------------------------------
-def fingerprint(recipe: Recipe, num_processes: int) -> dict:
-    """Dotted keys a checkpoint must agree on to resume: student layout, method, teacher, training shape."""
-    fp = {"teacher.pretrained": recipe.teacher.pretrained}
-    fp.update({f"student.{k}": v for k, v in to_dict(recipe.student).items() if k not in STUDENT_NOT_FINGERPRINTED})
-    name = recipe.method.name
-    fp["method.name"] = name
-    sub = to_dict(recipe.method).get(name)
-    if isinstance(sub, dict):
-        fp.update({f"method.{name}.{k}": v for k, v in sub.items()})
-    fp.update({f"train.{k}": getattr(recipe.train, k) for k in TRAIN_FINGERPRINTED})
-    if recipe.train.data_source == "prompts":  # an edited prompt list must not resume into the old run's draws
-        source = resolve_path(recipe.train.prompts_file or recipe.data.vocabulary)
-        if recipe.train.prompts_file:
-            read_prompts_file(source)  # fails fast, naming the file and line, before any model loads
-        fp["train.prompts_sha256"] = hashlib.sha256(source.read_bytes()).hexdigest()
-    fp["num_processes"] = num_processes
-    return json.loads(json.dumps(fp))  # JSON-normalised (int dict keys -> str), as read back from disk
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX):])
-
-
-def list_checkpoints(student_dir: Path) -> list[Path]:
-    """Finished `checkpoint-<step>/` folders (with training_state.json, written last), oldest first."""
-    found = [p for p in student_dir.glob(f"{CHECKPOINT_PREFIX}*")
-             if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name) and (p / TRAINING_STATE).is_file()]
-    return sorted(found, key=_step_of)
-
-
-def resolve_checkpoint(recipe: Recipe) -> Path | None:
-    """The checkpoint `train.resume_from_checkpoint` names (`latest` or a path), or None."""
-    want, student_dir = recipe.train.resume_from_checkpoint, recipe.student_dir()
-    if want is None:
-        found = list_checkpoints(student_dir)
-        if found:  # a fresh run would interleave its checkpoints with the old run's (and prune the wrong ones)
-            raise ValueError(
-                f"train.resume_from_checkpoint: null, but {student_dir} already has {found[-1].name} from an earlier "
-                "run; set it to `latest` to continue, or delete that folder (or pick a new student.name) to start over"
-            )
-        return None
-    if want == "latest":
-        found = list_checkpoints(student_dir)
-        if not found:
-            raise FileNotFoundError(
-                f"train.resume_from_checkpoint: latest: no finished checkpoint-<step>/ in {student_dir}; "
-                "train without it first (set it to null)"
-            )
-        return found[-1]
-    path = Path(want)
-    if not (path / TRAINING_STATE).is_file():
-        raise FileNotFoundError(
-            f"train.resume_from_checkpoint: {path} is not a finished checkpoint (no {TRAINING_STATE}); "
-            f"give a checkpoint-<step>/ folder from {student_dir} or `latest`"
-        )
-    return path
-
-
-def _default_of(dotted: str):
-    """The JSON-normalised default of a fingerprinted recipe key (`student.sink`, `method.kd.shift`, ...)."""
-    import dataclasses
-
-    section, *rest = dotted.split(".")
-    cls = {"student": StudentConfig, "method": MethodConfig, "train": TrainConfig}.get(section)
-    for i, name in enumerate(rest):
-        field = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
-        if field is None:
-            return "<unset>"
-        if field.default is not dataclasses.MISSING:
-            value = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            value = field.default_factory()
-        else:
-            return "<unset>"
-        if i < len(rest) - 1:
-            cls = type(value) if dataclasses.is_dataclass(value) else None
-    return json.loads(json.dumps(to_dict(value)))
-
-
-def check_checkpoint(path: Path, expected: dict) -> dict:
-    """Read a checkpoint's training_state.json; fail fast, naming the keys, if it came from another recipe."""
-    state = json.loads((path / TRAINING_STATE).read_text())
-    saved = state["fingerprint"]
-    unset = "<unset>"
-    # A key the checkpoint lacks was added to the toolkit after it was written: the run behaved as its default.
-    saved = {**{k: default for k in expected if k not in saved if (default := _default_of(k)) is not unset}, **saved}
-    diff = [k for k in dict.fromkeys([*saved, *expected]) if saved.get(k, unset) != expected.get(k, unset)]
-    if diff:
-        shown = "; ".join(f"{k}: checkpoint has {saved.get(k, unset)!r}, recipe has {expected.get(k, unset)!r}"
-                          for k in diff[:4])
-        raise ValueError(
-            f"train.resume_from_checkpoint: {path} was written by another recipe ({shown}); resume with the "
-            "recipe that wrote it, or set train.resume_from_checkpoint: null and a new student.name"
-        )
-    return state
-
-
-def _write_state(path: Path, step: int, samples_per_step: int, fp: dict) -> None:
-    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
-    state = {"step": step, "data_position": step * samples_per_step, "samples_per_step": samples_per_step,
-             "fingerprint": fp, "fingerprint_sha256": digest}
-    tmp = path / f".{TRAINING_STATE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path / TRAINING_STATE)
-
-
-def _prune(student_dir: Path, limit: int | None) -> None:
-    if limit is None:
-        return
-    for old in list_checkpoints(student_dir)[:-limit]:
-        shutil.rmtree(old)
-        logger.info("removed %s (train.checkpoints_total_limit=%d)", old, limit)
 
 
 def _register_student_hooks(accelerator: Accelerator) -> None:
@@ -280,7 +159,7 @@ def _start_trackers(accelerator: Accelerator, recipe: Recipe) -> None:
 
 
 def _save_final(recipe: Recipe, student, ema, step: int, samples_per_step: int, fp: dict) -> Path:
-    final = recipe.student_dir() / "final"
+    final = final_dir(recipe.student_dir())
     if final.exists():
         shutil.rmtree(final)
     student.save_pretrained(final)
@@ -288,12 +167,12 @@ def _save_final(recipe: Recipe, student, ema, step: int, samples_per_step: int, 
         params = student.trainable_parameters()
         ema.store(params)
         ema.copy_to(params)
-        ema_dir = recipe.student_dir() / "final_ema"
+        ema_dir = recipe.student_dir() / FINAL_EMA
         if ema_dir.exists():
             shutil.rmtree(ema_dir)
         student.save_pretrained(ema_dir)
         ema.restore(params)
-    _write_state(final, step, samples_per_step, fp)
+    write_state(final, step, samples_per_step, fp)
     (final / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
     return final
 
@@ -499,7 +378,7 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
     bar.close()
 
     accelerator.wait_for_everyone()
-    final = student_dir / "final"
+    final = final_dir(student_dir)
     if accelerator.is_main_process:
         final = _save_final(recipe, student, ema, tc.max_steps, samples_per_step, fp)
         logger.info("train: wrote %s", final)
@@ -521,8 +400,8 @@ def _checkpoint(accelerator: Accelerator, path: Path, step: int, samples_per_ste
             save_ema(ema, path)
         if critic is not None:
             save_critic(critic, path)
-        _write_state(path, step, samples_per_step, fp)  # last: it marks the checkpoint finished
-        _prune(path.parent, tc.checkpoints_total_limit)
+        write_state(path, step, samples_per_step, fp)  # last: it marks the checkpoint finished
+        prune(path.parent, tc.checkpoints_total_limit)
 
 
 def main(argv: list[str] | None = None) -> int:

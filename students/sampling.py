@@ -19,6 +19,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from core.flow import NUM_TRAIN_TIMESTEPS, add_noise, cfg, denoising_sigmas, x0_from_velocity
+from core.seeding import derive_seed
+from students.causal import sample_causal
 from students.config import StudentConfig
 
 SamplingMode = Literal["renoise", "euler"]
@@ -98,3 +100,39 @@ def sample_student(
         eps = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = add_noise(x0, eps, sigmas[i + 1])
     raise AssertionError("unreachable")
+
+
+def causal_nfe(steps: int, num_chunks: int) -> float:
+    """Whole-video passes of a causal rollout: `steps` denoising passes over every chunk, plus one cache write
+    per chunk but the last (written lazily before the next chunk), each over 1/num_chunks of the video."""
+    return round(steps + (num_chunks - 1) / num_chunks, 3)
+
+
+def student_sampler(student, teacher_shift: float, teacher_steps: int, latent_frames: int) -> tuple[Callable, dict]:
+    """A finished `Student`'s sampler as the eval and the benchmarks run it: `sampler(cond, noise, rows)` -> latents
+    [B, C, F, H, W] for `cond` (a teacher's `Cond`), the initial noise [B, C, F, H, W] and one prompt row per video
+    (its `seed` seeds the re-noising draws: derive_seed(seed, 1)), without grad; a causal student chunk by chunk.
+    Also {"nfe": transformer passes per video, "steps", "guidance_scale"} for `latent_frames` latent frames.
+    `teacher_shift` / `teacher_steps` place the student's levels (`student_sigmas`)."""
+    cfg = student.cfg
+    sigmas = student_sigmas(cfg, teacher_shift, teacher_steps)
+    mode = student_sampling_mode(cfg)
+    steps = len(sigmas) if mode == "renoise" else len(sigmas) - 1
+    causal = cfg.kind == "causal"
+    if causal and (mode != "renoise" or cfg.guidance_scale != 1):
+        raise ValueError(f"student {cfg.name}: a causal student samples chunk by chunk with its few-step renoising "
+                         "sampler and no CFG; it needs student.denoising_steps and student.guidance_scale: 1.0")
+
+    def sampler(cond, noise, rows):
+        generators = [torch.Generator("cpu").manual_seed(derive_seed(r["seed"], 1)) for r in rows]
+        if causal:
+            return sample_causal(student.causal, cond.prompt_embeds, noise, sigmas, generator=generators)
+        return sample_student(student, cond.prompt_embeds, cond.negative_embeds, noise, sigmas,
+                              guidance=cfg.guidance_scale, generator=generators, mode=mode)
+
+    if causal:
+        nfe = causal_nfe(steps, -(-latent_frames // student.causal.frames_per_block))
+    else:
+        nfe = steps * (2 if cfg.guidance_scale != 1 else 1)
+    info = {"nfe": nfe, "steps": steps, "guidance_scale": cfg.guidance_scale}
+    return torch.no_grad()(sampler), info

@@ -298,18 +298,18 @@ def test_causal_student_samples_chunk_by_chunk_and_reports_drift(setup, tmp_path
     """An untrained causal student: sampled by `sample_causal` (training length, then 3x for the drift curve)."""
     from diffusers import WanTransformer3DModel
 
-    import distill.eval as eval_module
+    import students.sampling as sampling_module
 
     out = tmp_path / "out"
     base = WanTransformer3DModel.from_pretrained(setup["pipe_dir"] / "transformer")
     save_student(out, dict(name="causal3", kind="causal", frames_per_block=1, denoising_steps=[1000, 500]), base)
-    calls, real = [], eval_module.sample_causal
+    calls, real = [], sampling_module.sample_causal
 
     def spy(model, embeds, noise, sigmas, generator=None, exit_steps=None):
         calls.append((tuple(noise.shape), [round(s, 4) for s in sigmas], exit_steps))
         return real(model, embeds, noise, sigmas, generator, exit_steps)
 
-    monkeypatch.setattr(eval_module, "sample_causal", spy)  # the name eval samples with
+    monkeypatch.setattr(sampling_module, "sample_causal", spy)  # the name student_sampler calls
     path = write_recipe(tmp_path / "causal.yaml", out, setup["pipe_dir"], num_prompts=4, batch_size=4,
                         num_previews=1, long_rollout_factor=3)
     report = evaluate(load_recipe(path))

@@ -332,7 +332,7 @@ def test_checkpoint_without_a_newer_key_resumes_only_at_its_default(tmp_path):
     """A key added to the toolkit after a checkpoint was written counts as its default, nothing else."""
     import json
 
-    from distill.trainer import TRAINING_STATE, check_checkpoint
+    from distill.checkpoints import TRAINING_STATE, check_checkpoint
 
     expected = {"student.kind": "full", "student.sink": 0, "method.name": "flow_matching"}
     (tmp_path / TRAINING_STATE).write_text(json.dumps({"step": 2, "fingerprint": {
@@ -427,7 +427,7 @@ def test_prompts_source_draws_lines_and_refuses_what_needs_latents(tmp_path, tin
 
 
 def test_edited_prompts_file_refuses_to_resume(tmp_path, tiny_pipeline_dir):
-    from distill.trainer import _write_state, check_checkpoint, fingerprint
+    from distill.checkpoints import check_checkpoint, fingerprint, write_state
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
@@ -435,7 +435,7 @@ def test_edited_prompts_file_refuses_to_resume(tmp_path, tiny_pipeline_dir):
     overrides = ["method.name=dmd", "student.kind=full", "train.data_source=prompts", f"train.prompts_file={prompts}"]
     checkpoint = tmp_path / "checkpoint-1"
     checkpoint.mkdir()
-    _write_state(checkpoint, 1, 2, fingerprint(load_recipe(path, overrides), 1))
+    write_state(checkpoint, 1, 2, fingerprint(load_recipe(path, overrides), 1))
     assert check_checkpoint(checkpoint, fingerprint(load_recipe(path, overrides), 1))["step"] == 1
     prompts.write_text("a red circle\na blue square\n")
     with pytest.raises(ValueError, match="train.prompts_sha256: checkpoint has"):

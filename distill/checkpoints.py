@@ -1,0 +1,174 @@
+"""A training run's folder, `<output_dir>/students/<name>/`, and how a run resumes:
+
+    checkpoint-<step>/   accelerate state + the student's trainable weights (`0_student_trainable.safetensors`),
+                         the EMA and critic (`distill.role_state`), training_state.json written last
+    final/               Student.save_pretrained + training_state.json + COMPLETE (written last)
+    final_ema/           the EMA weights (train.ema)
+
+A checkpoint resumes only under the recipe that wrote it: its training_state.json keeps a fingerprint of every key
+that changes what training computes (`fingerprint`, checked by `check_checkpoint`). The trainer writes this layout;
+export, eval and the CLI read it through the functions here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from core.recipe_loader import resolve_path, to_dict
+from distill.config import MethodConfig, Recipe, TrainConfig
+from distill.data import read_prompts_file
+from students.config import StudentConfig
+
+logger = logging.getLogger(__name__)
+
+FINAL = "final"
+FINAL_EMA = "final_ema"
+TRAINING_STATE = "training_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+STUDENT_WEIGHTS = "student_trainable.safetensors"
+COMPLETE = "COMPLETE"
+STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps")
+"""Student keys that only change sampling: a checkpoint resumes under a recipe that changed them."""
+TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "adam_betas", "ema", "seed",
+                      "data_source", "toyworld_pool", "toyworld_pool_refresh", "prompts_file")
+
+
+
+def final_dir(student_dir: Path) -> Path:
+    """`final/`: the finished run's weights (`Student.save_pretrained`), training_state.json, COMPLETE written last."""
+    return Path(student_dir) / FINAL
+
+
+def is_finished(student_dir: Path) -> bool:
+    """Whether the run in `student_dir` finished (`final/COMPLETE` exists)."""
+    return (final_dir(student_dir) / COMPLETE).is_file()
+
+
+def weights_dir(student_dir: Path, use_ema: bool) -> Path:
+    """The finished run's weights to use: `final_ema/` when the run kept an EMA and `use_ema`, else `final/`."""
+    ema = Path(student_dir) / FINAL_EMA
+    return ema if use_ema and ema.is_dir() else final_dir(student_dir)
+
+
+def is_complete(recipe: Recipe) -> bool:
+    return is_finished(recipe.student_dir())
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+def fingerprint(recipe: Recipe, num_processes: int) -> dict:
+    """Dotted keys a checkpoint must agree on to resume: student layout, method, teacher, training shape."""
+    fp = {"teacher.pretrained": recipe.teacher.pretrained}
+    fp.update({f"student.{k}": v for k, v in to_dict(recipe.student).items() if k not in STUDENT_NOT_FINGERPRINTED})
+    name = recipe.method.name
+    fp["method.name"] = name
+    sub = to_dict(recipe.method).get(name)
+    if isinstance(sub, dict):
+        fp.update({f"method.{name}.{k}": v for k, v in sub.items()})
+    fp.update({f"train.{k}": getattr(recipe.train, k) for k in TRAIN_FINGERPRINTED})
+    if recipe.train.data_source == "prompts":  # an edited prompt list must not resume into the old run's draws
+        source = resolve_path(recipe.train.prompts_file or recipe.data.vocabulary)
+        if recipe.train.prompts_file:
+            read_prompts_file(source)  # fails fast, naming the file and line, before any model loads
+        fp["train.prompts_sha256"] = hashlib.sha256(source.read_bytes()).hexdigest()
+    fp["num_processes"] = num_processes
+    return json.loads(json.dumps(fp))  # JSON-normalised (int dict keys -> str), as read back from disk
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def list_checkpoints(student_dir: Path) -> list[Path]:
+    """Finished `checkpoint-<step>/` folders (with training_state.json, written last), oldest first."""
+    found = [p for p in student_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name) and (p / TRAINING_STATE).is_file()]
+    return sorted(found, key=step_of)
+
+
+def resolve_checkpoint(recipe: Recipe) -> Path | None:
+    """The checkpoint `train.resume_from_checkpoint` names (`latest` or a path), or None."""
+    want, student_dir = recipe.train.resume_from_checkpoint, recipe.student_dir()
+    if want is None:
+        found = list_checkpoints(student_dir)
+        if found:  # a fresh run would interleave its checkpoints with the old run's (and prune the wrong ones)
+            raise ValueError(
+                f"train.resume_from_checkpoint: null, but {student_dir} already has {found[-1].name} from an earlier "
+                "run; set it to `latest` to continue, or delete that folder (or pick a new student.name) to start over"
+            )
+        return None
+    if want == "latest":
+        found = list_checkpoints(student_dir)
+        if not found:
+            raise FileNotFoundError(
+                f"train.resume_from_checkpoint: latest: no finished checkpoint-<step>/ in {student_dir}; "
+                "train without it first (set it to null)"
+            )
+        return found[-1]
+    path = Path(want)
+    if not (path / TRAINING_STATE).is_file():
+        raise FileNotFoundError(
+            f"train.resume_from_checkpoint: {path} is not a finished checkpoint (no {TRAINING_STATE}); "
+            f"give a checkpoint-<step>/ folder from {student_dir} or `latest`"
+        )
+    return path
+
+
+def _default_of(dotted: str):
+    """The JSON-normalised default of a fingerprinted recipe key (`student.sink`, `method.kd.shift`, ...)."""
+    section, *rest = dotted.split(".")
+    cls = {"student": StudentConfig, "method": MethodConfig, "train": TrainConfig}.get(section)
+    for i, name in enumerate(rest):
+        field = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
+        if field is None:
+            return "<unset>"
+        if field.default is not dataclasses.MISSING:
+            value = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+        else:
+            return "<unset>"
+        if i < len(rest) - 1:
+            cls = type(value) if dataclasses.is_dataclass(value) else None
+    return json.loads(json.dumps(to_dict(value)))
+
+
+def check_checkpoint(path: Path, expected: dict) -> dict:
+    """Read a checkpoint's training_state.json; fail fast, naming the keys, if it came from another recipe."""
+    state = json.loads((path / TRAINING_STATE).read_text())
+    saved = state["fingerprint"]
+    unset = "<unset>"
+    # A key the checkpoint lacks was added to the toolkit after it was written: the run behaved as its default.
+    saved = {**{k: default for k in expected if k not in saved if (default := _default_of(k)) is not unset}, **saved}
+    diff = [k for k in dict.fromkeys([*saved, *expected]) if saved.get(k, unset) != expected.get(k, unset)]
+    if diff:
+        shown = "; ".join(f"{k}: checkpoint has {saved.get(k, unset)!r}, recipe has {expected.get(k, unset)!r}"
+                          for k in diff[:4])
+        raise ValueError(
+            f"train.resume_from_checkpoint: {path} was written by another recipe ({shown}); resume with the "
+            "recipe that wrote it, or set train.resume_from_checkpoint: null and a new student.name"
+        )
+    return state
+
+
+def write_state(path: Path, step: int, samples_per_step: int, fp: dict) -> None:
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+    state = {"step": step, "data_position": step * samples_per_step, "samples_per_step": samples_per_step,
+             "fingerprint": fp, "fingerprint_sha256": digest}
+    tmp = path / f".{TRAINING_STATE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, path / TRAINING_STATE)
+
+
+def prune(student_dir: Path, limit: int | None) -> None:
+    if limit is None:
+        return
+    for old in list_checkpoints(student_dir)[:-limit]:
+        shutil.rmtree(old)
+        logger.info("removed %s (train.checkpoints_total_limit=%d)", old, limit)
