@@ -33,9 +33,19 @@ ROOT = Path(__file__).resolve().parent.parent
 def _recipe(recipe_path: str, overrides: list[str], out: Path, name: str, seed: int, prompts: int, eval_seed: int):
     from distill.config import load_recipe
 
-    return load_recipe(recipe_path, [*overrides, f"output_dir={out / 'runs'}", f"student.name={name}",
-                                     f"train.seed={seed}", f"eval.num_prompts={prompts}", f"eval.seed={eval_seed}",
-                                     "eval.num_previews=0", "eval.student_timing_seconds=0"])
+    return load_recipe(
+        recipe_path,
+        [
+            *overrides,
+            f"output_dir={out / 'runs'}",
+            f"student.name={name}",
+            f"train.seed={seed}",
+            f"eval.num_prompts={prompts}",
+            f"eval.seed={eval_seed}",
+            "eval.num_previews=0",
+            "eval.student_timing_seconds=0",
+        ],
+    )
 
 
 def _grading(recipe, teacher):
@@ -56,9 +66,18 @@ def grade_teacher(recipe, teacher, ctx: dict, chunks: int, path: Path) -> dict:
 
     if path.is_file():
         return json.loads(path.read_text())
-    run = run_model("teacher", lambda cond, noise, _rows: teacher.sample(cond, noise).latents, teacher,
-                    ctx["batches"], ctx["shape"], ctx["negative"], ctx["grader"], 0,
-                    recipe.eval.decode_batch_size, num_chunks=chunks)
+    run = run_model(
+        "teacher",
+        lambda cond, noise, _rows: teacher.sample(cond, noise).latents,
+        teacher,
+        ctx["batches"],
+        ctx["shape"],
+        ctx["negative"],
+        ctx["grader"],
+        0,
+        recipe.eval.decode_batch_size,
+        num_chunks=chunks,
+    )
     entry = {k: v for k, v in _timing(run, ctx["grader"]).items() if "accuracy" in k}
     path.write_text(json.dumps(entry, indent=2) + "\n")
     return entry
@@ -79,8 +98,17 @@ def run(args) -> None:
         recipe = _recipe(args.recipe, args.overrides, out, name, seed, args.prompts, args.eval_seed)
         t0 = time.perf_counter()
         if not (recipe.student_dir() / "final" / "COMPLETE").is_file():
-            cmd = [sys.executable, "-m", "distill", "train", args.recipe, *args.overrides,
-                   f"output_dir={out / 'runs'}", f"student.name={name}", f"train.seed={seed}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "distill",
+                "train",
+                args.recipe,
+                *args.overrides,
+                f"output_dir={out / 'runs'}",
+                f"student.name={name}",
+                f"train.seed={seed}",
+            ]
             if (recipe.student_dir()).is_dir():
                 cmd.append("train.resume_from_checkpoint=latest")
             print("ablate:", " ".join(cmd), flush=True)
@@ -92,21 +120,41 @@ def run(args) -> None:
         folder = dict(find_students(recipe))[name]
         entry, _ = eval_student(name, folder, teacher, recipe, ctx)
         chunks = training_chunks(ctx["shape"][1], recipe.student)
-        teacher_entry = grade_teacher(recipe, teacher, ctx, chunks,
-                                      out / f"teacher_{args.prompts}_{args.eval_seed}.json")
+        teacher_entry = grade_teacher(
+            recipe, teacher, ctx, chunks, out / f"teacher_{args.prompts}_{args.eval_seed}.json"
+        )
         keep = {k: entry[k] for k in ("accuracy", "chunk_accuracy", "long_rollout", "weights")}
-        result.write_text(json.dumps({"arm": args.arm, "seed": seed, "recipe": args.recipe,
-                                      "overrides": args.overrides, "prompts": args.prompts,
-                                      "eval_seed": args.eval_seed, "train_seconds": round(train_seconds, 1),
-                                      **keep, "teacher": teacher_entry}, indent=2) + "\n")
-        print(f"ablate: {args.arm} seed {seed}: all {entry['accuracy']['all']:.3f}, chunks "
-              f"{entry['chunk_accuracy']}, drift {entry['long_rollout']['segment_accuracy']}", flush=True)
+        result.write_text(
+            json.dumps(
+                {
+                    "arm": args.arm,
+                    "seed": seed,
+                    "recipe": args.recipe,
+                    "overrides": args.overrides,
+                    "prompts": args.prompts,
+                    "eval_seed": args.eval_seed,
+                    "train_seconds": round(train_seconds, 1),
+                    **keep,
+                    "teacher": teacher_entry,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(
+            f"ablate: {args.arm} seed {seed}: all {entry['accuracy']['all']:.3f}, chunks "
+            f"{entry['chunk_accuracy']}, drift {entry['long_rollout']['segment_accuracy']}",
+            flush=True,
+        )
 
 
 def _stats(values: list[float]) -> dict:
-    return {"mean": round(statistics.fmean(values), 4),
-            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None, "n": len(values),
-            "values": [round(v, 4) for v in values]}
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+        "n": len(values),
+        "values": [round(v, 4) for v in values],
+    }
 
 
 def summarise(out: Path) -> dict[str, dict]:
@@ -149,9 +197,11 @@ def summary(args) -> None:
     t = next(iter(arms.values()))["teacher"]
     print(f"| teacher | | {t['all']:.3f} | " + " | ".join(f"{a:.3f}" for a in t["chunks"]) + " | | | |")
     for arm, s in arms.items():
-        print(f"| {arm} | {','.join(map(str, s['seeds']))} | {cell(s['all'])} | "
-              + " | ".join(cell(s[k]) for k in chunk_keys)
-              + f" | {cell(s['drift_first'])} | {cell(s['drift_last'])} | {' '.join(s['overrides'])} |")
+        print(
+            f"| {arm} | {','.join(map(str, s['seeds']))} | {cell(s['all'])} | "
+            + " | ".join(cell(s[k]) for k in chunk_keys)
+            + f" | {cell(s['drift_first'])} | {cell(s['drift_last'])} | {' '.join(s['overrides'])} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,8 +210,12 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run", help="train and grade one arm over seeds")
     r.add_argument("recipe")
     r.add_argument("--arm", required=True)
-    r.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
-                   help="training seeds, comma-separated (default 0,1,2)")
+    r.add_argument(
+        "--seeds",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[0, 1, 2],
+        help="training seeds, comma-separated (default 0,1,2)",
+    )
     r.add_argument("--out", default="outputs/ablations")
     r.add_argument("--prompts", type=int, default=128)
     r.add_argument("--eval-seed", type=int, default=777)

@@ -56,8 +56,12 @@ BOUNDARIES = {1: [], 2: [0.8], 4: [0.95, 0.8, 0.6]}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", type=Path, default=None,
-                   help="WanPipeline folder (default: teachers/toyworld/pipeline, else an untrained toy pipeline)")
+    p.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="WanPipeline folder (default: teachers/toyworld/pipeline, else an untrained toy pipeline)",
+    )
     p.add_argument("--steps", type=int, default=300, help="train.max_steps of every student")
     p.add_argument("--prompts", type=int, default=48, help="data.num_prompts (training prompts)")
     p.add_argument("--eval-prompts", type=int, default=64, help="eval.num_prompts (fresh prompts)")
@@ -89,13 +93,19 @@ def resolve_teacher(arg: Path | None, out: Path) -> tuple[Path, bool | None]:
 def _cli(stage: str, recipe: Path, overrides: list[str]) -> None:
     rc = cli.main([stage, str(recipe), *overrides])
     if rc != 0:
-        raise SystemExit(f"python -m benchmarks.experts: `python -m distill {stage} {recipe.name}` failed (exit {rc}); "
-                         f"see the error above")
+        raise SystemExit(
+            f"python -m benchmarks.experts: `python -m distill {stage} {recipe.name}` failed (exit {rc}); "
+            f"see the error above"
+        )
 
 
 def student_overrides(n: int, steps: int) -> list[str]:
-    return [f"student.name=experts{n}", f"student.experts={n}",
-            f"student.expert_boundaries={json.dumps(BOUNDARIES[n])}", f"train.max_steps={steps}"]
+    return [
+        f"student.name=experts{n}",
+        f"student.experts={n}",
+        f"student.expert_boundaries={json.dumps(BOUNDARIES[n])}",
+        f"train.max_steps={steps}",
+    ]
 
 
 def train_students(common: list[str], steps: int) -> None:
@@ -111,7 +121,7 @@ def train_students(common: list[str], steps: int) -> None:
 
 # ---- evaluation --------------------------------------------------------------------------------------
 def _decode(teacher, latents: torch.Tensor) -> np.ndarray:
-    return np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + 1])) for i in range(len(latents))])
+    return np.concatenate([teacher.to_uint8(teacher.decode(latents[i : i + 1])) for i in range(len(latents))])
 
 
 def _score(latents: torch.Tensor, videos: np.ndarray, reference: torch.Tensor, slots: list[dict]) -> dict:
@@ -154,7 +164,7 @@ def evaluate(recipe: Recipe) -> dict:
     vocab = load_vocabulary(resolve_path(recipe.data.vocabulary))
     negative = tcfg.negative_prompt if tcfg.negative_prompt is not None else vocab.negative_prompt
     shape = teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width)
-    batches = [rows[i: i + recipe.eval.batch_size] for i in range(0, len(rows), recipe.eval.batch_size)]
+    batches = [rows[i : i + recipe.eval.batch_size] for i in range(0, len(rows), recipe.eval.batch_size)]
     conds = [teacher.encode([r["prompt"] for r in b], negative) for b in batches]
     noises = [torch.stack([sample_noise(r["seed"], shape) for r in b]).to(device) for b in batches]
 
@@ -167,10 +177,17 @@ def evaluate(recipe: Recipe) -> dict:
     ref = torch.cat([o.latents for o in samples])
     states = [o.trajectory for o in samples]
     state_sigmas = samples[0].sigmas[recipe.data.trajectory_steps].tolist()
-    out = {"teacher": {"accuracy": grade(_decode(teacher, ref), slots)["accuracy"],
-                       "steps": tcfg.num_inference_steps, "guidance_scale": tcfg.guidance_scale},
-           "eval_prompts": len(rows), "train_overlap": train_overlap(recipe, rows), "students": {},
-           "state_sigmas": state_sigmas}
+    out = {
+        "teacher": {
+            "accuracy": grade(_decode(teacher, ref), slots)["accuracy"],
+            "steps": tcfg.num_inference_steps,
+            "guidance_scale": tcfg.guidance_scale,
+        },
+        "eval_prompts": len(rows),
+        "train_overlap": train_overlap(recipe, rows),
+        "students": {},
+        "state_sigmas": state_sigmas,
+    }
 
     def score(sampler, model) -> dict:
         entry = _score(*run(sampler), ref, slots)
@@ -217,8 +234,12 @@ def main(argv: list[str] | None = None) -> dict:
     train_students(common, args.steps)
     # 3. eval: the experts students only (OUT may hold others)
     names = [f"experts{n}" for n in BOUNDARIES]
-    recipe = load_recipe(STUDENT_RECIPE, common + student_overrides(1, args.steps) + [
-        f"eval.num_prompts={args.eval_prompts}", f"eval.students={json.dumps(names)}"])
+    recipe = load_recipe(
+        STUDENT_RECIPE,
+        common
+        + student_overrides(1, args.steps)
+        + [f"eval.num_prompts={args.eval_prompts}", f"eval.students={json.dumps(names)}"],
+    )
     ev = evaluate(recipe)
     results = {str(n): ev["students"][f"experts{n}"] for n in BOUNDARIES}
     mse1 = results["1"]["fidelity_mse"]
@@ -226,20 +247,26 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "experts",
         "teacher": {"path": str(teacher_dir), "trained": trained, **ev["teacher"]},
-        "train_steps": args.steps, "train_prompts": args.prompts, "eval_prompts": ev["eval_prompts"],
-        "train_overlap": ev["train_overlap"], "sampling_sigmas": ev["sampling_sigmas"],
+        "train_steps": args.steps,
+        "train_prompts": args.prompts,
+        "eval_prompts": ev["eval_prompts"],
+        "train_overlap": ev["train_overlap"],
+        "sampling_sigmas": ev["sampling_sigmas"],
         "state_sigmas": ev["state_sigmas"],
         "boundaries": {str(n): b for n, b in BOUNDARIES.items()},
         "expert_of_sigma": {str(n): [expert_index(x, b) for x in ev["sampling_sigmas"]] for n, b in BOUNDARIES.items()},
-        "results": results, "undistilled_4step": ev["undistilled_4step"],
-        "ratio_mse_2_vs_1": ratio["2"], "ratio_mse_4_vs_1": ratio["4"],
+        "results": results,
+        "undistilled_4step": ev["undistilled_4step"],
+        "ratio_mse_2_vs_1": ratio["2"],
+        "ratio_mse_4_vs_1": ratio["4"],
         "seconds": round(time.perf_counter() - start, 1),
     }
     line = json.dumps(report)
     print(line, flush=True)
     command = "python -m benchmarks.experts " + " ".join(sys.argv[1:] if argv is None else argv)
-    results_md.append_result(command.strip(), json.loads(line), ["ratio_mse_2_vs_1", "ratio_mse_4_vs_1"],
-                             path=args.results)
+    results_md.append_result(
+        command.strip(), json.loads(line), ["ratio_mse_2_vs_1", "ratio_mse_4_vs_1"], path=args.results
+    )
     return report
 
 

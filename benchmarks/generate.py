@@ -54,9 +54,16 @@ def baseline(recipe, rows) -> float:
     start = time.perf_counter()
     for row in rows:
         video = pipe(
-            row["prompt"], negative_prompt=t.negative_prompt or "blurry, noise", height=t.height, width=t.width,
-            num_frames=t.num_frames, num_inference_steps=t.num_inference_steps, guidance_scale=t.guidance_scale,
-            latents=sample_noise(row["seed"], shape)[None], output_type="np", max_sequence_length=t.max_sequence_length,
+            row["prompt"],
+            negative_prompt=t.negative_prompt or "blurry, noise",
+            height=t.height,
+            width=t.width,
+            num_frames=t.num_frames,
+            num_inference_steps=t.num_inference_steps,
+            guidance_scale=t.guidance_scale,
+            latents=sample_noise(row["seed"], shape)[None],
+            output_type="np",
+            max_sequence_length=t.max_sequence_length,
         ).frames[0]
         encode_video((video * 255).round().clip(0, 255).astype("uint8"), fps=8)
     return time.perf_counter() - start
@@ -72,10 +79,17 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_generate_"))
     try:
         teacher_dir = args.teacher or default_teacher(tmp)
-        recipe = load_recipe(ROOT / "recipes/toyworld.yaml", [
-            f"output_dir={tmp / 'out'}", f"teacher.pretrained={teacher_dir}", f"data.num_prompts={args.prompts}",
-            f"data.batch_size={args.batch_size}", f"teacher.num_inference_steps={args.steps}", "data.trajectory_steps=[]",
-        ])
+        recipe = load_recipe(
+            ROOT / "recipes/toyworld.yaml",
+            [
+                f"output_dir={tmp / 'out'}",
+                f"teacher.pretrained={teacher_dir}",
+                f"data.num_prompts={args.prompts}",
+                f"data.batch_size={args.batch_size}",
+                f"teacher.num_inference_steps={args.steps}",
+                "data.trajectory_steps=[]",
+            ],
+        )
         compose_stage(recipe.data, recipe.out)
         rows = read_prompts(recipe.out / "prompts.jsonl")
         start = time.perf_counter()
@@ -83,10 +97,16 @@ def main() -> None:
         ours = time.perf_counter() - start
         base = baseline(recipe, rows)
         result = {
-            "benchmark": "generate", "teacher": teacher_dir, "prompts": args.prompts, "steps": args.steps,
-            "batch_size": args.batch_size, "generate_videos_per_hour": round(3600 * args.prompts / ours, 1),
+            "benchmark": "generate",
+            "teacher": teacher_dir,
+            "prompts": args.prompts,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "generate_videos_per_hour": round(3600 * args.prompts / ours, 1),
             "pipeline_loop_videos_per_hour": round(3600 * args.prompts / base, 1),
-            "ratio": round(base / ours, 3), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "ratio": round(base / ours, 3),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
         }
         print(json.dumps(result))
         append_result(" ".join(["python", *sys.argv]), result, ratio_keys=["ratio"])

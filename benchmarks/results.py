@@ -42,7 +42,8 @@ def append_result(command: str, result: dict, ratio_keys: list[str], path: Path 
         path.write_text(HEADER)
     ratios = {k: result[k] for k in ratio_keys if k in result}
     figures = {k: v for k, v in result.items() if k not in ratios}
-    row = (f"| {datetime.date.today()} | `{command}` | {machine()} | `{json.dumps(figures)}` | "
-           f"`{json.dumps(ratios)}` |\n")
+    row = (
+        f"| {datetime.date.today()} | `{command}` | {machine()} | `{json.dumps(figures)}` | `{json.dumps(ratios)}` |\n"
+    )
     with path.open("a") as f:
         f.write(row)

@@ -63,27 +63,42 @@ PROMPT, NEGATIVE = "a red circle moving left on a white background", "blurry, no
 DEFAULT_CHUNKS = {"tiny": 16, "1.3b": 14}
 """Long enough that most chunks run with a full cache (toy window: 3 chunks; Wan recipe: 7)."""
 COMPILE_RECOMPILE_LIMIT = 256
-RATIO_KEYS = ["ratio_fps_student_vs_teacher", "ratio_chunk_latency_last_vs_first_quarter",
-              "ratio_first_chunk_latency_vs_teacher_seconds"]
+RATIO_KEYS = [
+    "ratio_fps_student_vs_teacher",
+    "ratio_chunk_latency_last_vs_first_quarter",
+    "ratio_first_chunk_latency_vs_teacher_seconds",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["tiny", "1.3b"], default="tiny")
-    p.add_argument("--tiny-shape", action="store_true",
-                   help="--size 1.3b only: a few layers, 64x64 px and a small VAE (a CPU smoke run of the code path)")
+    p.add_argument(
+        "--tiny-shape",
+        action="store_true",
+        help="--size 1.3b only: a few layers, 64x64 px and a small VAE (a CPU smoke run of the code path)",
+    )
     p.add_argument("--chunks", type=int, default=None, help="chunks in the video (default: tiny 16, 1.3b 14)")
     p.add_argument("--steps", type=int, default=4, help="student denoising steps per chunk")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher sampler steps (default: --steps)")
     p.add_argument("--teacher-guidance", type=float, default=1.0, help="teacher CFG w (1: none, one pass per step)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rollouts of each side before timing")
     p.add_argument("--local-window", type=int, default=None, help="student.local_window in latent frames")
-    p.add_argument("--compile", nargs="?", const="ffn", choices=["ffn", "blocks"], default=None,
-                   help="torch.compile, both sides: `ffn` (default) each block's feed-forward, one graph for all "
-                        "layers; `blocks` whole blocks (diffusers' compile_repeated_blocks): recompiles per layer "
-                        "and per call kind, since the causal processors index their layer's cache by a Python int")
-    p.add_argument("--profile", action="store_true",
-                   help="one more rollout with hooks: share of self-attn / cross-attn / FFN / VAE decode")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="ffn",
+        choices=["ffn", "blocks"],
+        default=None,
+        help="torch.compile, both sides: `ffn` (default) each block's feed-forward, one graph for all "
+        "layers; `blocks` whole blocks (diffusers' compile_repeated_blocks): recompiles per layer "
+        "and per call kind, since the causal processors index their layer's cache by a Python int",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more rollout with hooks: share of self-attn / cross-attn / FFN / VAE decode",
+    )
     p.add_argument("--results", type=Path, default=RESULTS, help="Markdown table the row is appended to")
     args = p.parse_args(argv)
     if args.tiny_shape and args.size != "1.3b":
@@ -132,8 +147,9 @@ def build(args, tmp: Path, device: torch.device) -> Setup:
 
     if args.size == "tiny":
         folder, trained = toy_teacher_dir(tmp)
-        recipe = load_recipe(TOY_RECIPE, [f"output_dir={tmp / 'out'}", f"teacher.pretrained={folder}",
-                                          *student_overrides(args)])
+        recipe = load_recipe(
+            TOY_RECIPE, [f"output_dir={tmp / 'out'}", f"teacher.pretrained={folder}", *student_overrides(args)]
+        )
         teacher = WanTeacher.from_config(recipe.teacher, device)
         cond = teacher.encode([PROMPT], NEGATIVE)
         info = {"teacher": str(folder), "trained": trained, "dtype": recipe.teacher.dtype}
@@ -143,8 +159,10 @@ def build(args, tmp: Path, device: torch.device) -> Setup:
         pipe = wan21_pipeline(device, torch.bfloat16, tiny_shape=args.tiny_shape)
         teacher = WanTeacher(pipe, recipe.teacher, device)
         text_dim = pipe.transformer.config.text_dim
-        cond = Cond(prompt_embeds=random_text(1, text_dim, device, seed=0),
-                    negative_embeds=random_text(1, text_dim, device, seed=1))
+        cond = Cond(
+            prompt_embeds=random_text(1, text_dim, device, seed=0),
+            negative_embeds=random_text(1, text_dim, device, seed=1),
+        )
         shape = " (tiny shape)" if args.tiny_shape else ""
         info = {"teacher": f"random weights, Wan2.1-T2V-1.3B config{shape}", "trained": False, "dtype": "bfloat16"}
     causal = CausalWan(teacher.pipe.transformer, recipe.student)  # processors only: the teacher still runs as before
@@ -155,9 +173,15 @@ def build(args, tmp: Path, device: torch.device) -> Setup:
     pixel_frames = 1 + teacher.pipe.vae_scale_factor_temporal * (frames - 1)
     latent_shape = teacher.latent_shape(pixel_frames, t.height, t.width)
     sigmas = student_sigmas(recipe.student, t.shift, t.num_inference_steps)
-    info.update(height=t.height, width=t.width, frames_per_block=causal.frames_per_block,
-                local_window=recipe.student.local_window, sink=recipe.student.sink,
-                sigmas=[sig(s) for s in sigmas], params=sum(p.numel() for p in teacher.pipe.transformer.parameters()))
+    info.update(
+        height=t.height,
+        width=t.width,
+        frames_per_block=causal.frames_per_block,
+        local_window=recipe.student.local_window,
+        sink=recipe.student.sink,
+        sigmas=[sig(s) for s in sigmas],
+        params=sum(p.numel() for p in teacher.pipe.transformer.parameters()),
+    )
     return Setup(teacher=teacher, causal=causal, cond=cond, sigmas=sigmas, latent_shape=latent_shape, info=info)
 
 
@@ -222,8 +246,9 @@ def student_rollout(setup: Setup, noise: torch.Tensor, clock: Clock) -> dict:
             video = decoder(latents)
             now = clock()
             denoise, cache_write = timed.take()
-            chunks.append({"latency": now - previous, "denoise": denoise, "cache_write": cache_write,
-                           "decode": now - begin})
+            chunks.append(
+                {"latency": now - previous, "denoise": denoise, "cache_write": cache_write, "decode": now - begin}
+            )
             frames += video.shape[2]
             previous = now
     finally:
@@ -267,8 +292,9 @@ class ModuleTimes:
     def _hook(self, module, label: str) -> None:
         stack = []
         self.handles.append(module.register_forward_pre_hook(lambda m, a: stack.append(self._mark())))
-        self.handles.append(module.register_forward_hook(
-            lambda m, a, o: self.spans[label].append((stack.pop(), self._mark()))))
+        self.handles.append(
+            module.register_forward_hook(lambda m, a, o: self.spans[label].append((stack.pop(), self._mark())))
+        )
 
     def totals(self) -> dict[str, float]:
         if self.cuda:
@@ -308,28 +334,45 @@ def report(args, setup: Setup, student: dict, teacher: dict, device: torch.devic
     student_fps, teacher_fps = student["frames"] / student["seconds"], teacher["frames"] / teacher["seconds"]
     first = latencies[0]
     return {
-        "benchmark": "streaming", "size": args.size, "tiny_shape": args.tiny_shape, "device": device.type,
-        **setup.info, "chunks": args.chunks, "latent_shape": list(setup.latent_shape),
-        "pixel_frames": student["frames"], "steps": args.steps, "teacher_steps": args.teacher_steps,
-        "teacher_guidance": args.teacher_guidance, "compile": args.compile, "warmup": args.warmup,
-        "student_fps": sig(student_fps), "teacher_fps": sig(teacher_fps),
-        "student_seconds": sig(student["seconds"]), "teacher_seconds": sig(teacher["seconds"]),
-        "teacher_sample_s": sig(teacher["sample"]), "teacher_decode_s": sig(teacher["decode"]),
-        "first_chunk_latency_s": sig(first), "chunk_latency_s": [sig(x, 4) for x in latencies],
-        "chunk_latency_first_quarter_s": sig(first_q), "chunk_latency_last_quarter_s": sig(last_q),
+        "benchmark": "streaming",
+        "size": args.size,
+        "tiny_shape": args.tiny_shape,
+        "device": device.type,
+        **setup.info,
+        "chunks": args.chunks,
+        "latent_shape": list(setup.latent_shape),
+        "pixel_frames": student["frames"],
+        "steps": args.steps,
+        "teacher_steps": args.teacher_steps,
+        "teacher_guidance": args.teacher_guidance,
+        "compile": args.compile,
+        "warmup": args.warmup,
+        "student_fps": sig(student_fps),
+        "teacher_fps": sig(teacher_fps),
+        "student_seconds": sig(student["seconds"]),
+        "teacher_seconds": sig(teacher["seconds"]),
+        "teacher_sample_s": sig(teacher["sample"]),
+        "teacher_decode_s": sig(teacher["decode"]),
+        "first_chunk_latency_s": sig(first),
+        "chunk_latency_s": [sig(x, 4) for x in latencies],
+        "chunk_latency_first_quarter_s": sig(first_q),
+        "chunk_latency_last_quarter_s": sig(last_q),
         "split_mean_s": {k: sig(v, 4) for k, v in split.items()},
         "split_share": {k: sig(v / (sum(latencies) / len(chunks)), 4) for k, v in split.items()},
         "ratio_fps_student_vs_teacher": ratio(student_fps, teacher_fps),
         "ratio_chunk_latency_last_vs_first_quarter": ratio(last_q, first_q),
         "ratio_first_chunk_latency_vs_teacher_seconds": ratio(first, teacher["seconds"]),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device = require_cuda("python -m benchmarks.streaming", args.tiny_shape) if args.size == "1.3b" else torch.device("cpu")
+    device = (
+        require_cuda("python -m benchmarks.streaming", args.tiny_shape) if args.size == "1.3b" else torch.device("cpu")
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_streaming_") as tmp:
         setup = build(args, Path(tmp), device)

@@ -39,8 +39,11 @@ def stages(out: str) -> list[tuple[str, str, list[str]]]:
         ("lora4", "recipes/toyworld_lora4.yaml", ["train.max_steps=600", "train.checkpointing_steps=200"]),
         ("pruned", "recipes/toyworld_pruned.yaml", ["train.max_steps=600", "train.checkpointing_steps=200"]),
         ("causal_init", "recipes/toyworld_causal_init.yaml", ["train.max_steps=300"]),
-        ("self_forcing", "recipes/toyworld_self_forcing_long.yaml",
-         ["student.name=self_forcing", f"student.init={out}/students/causal_init/final/expert_0"]),
+        (
+            "self_forcing",
+            "recipes/toyworld_self_forcing_long.yaml",
+            ["student.name=self_forcing", f"student.init={out}/students/causal_init/final/expert_0"],
+        ),
     ]
 
 
@@ -59,13 +62,22 @@ def run_stage(name: str, recipe: str, overrides: list[str], dry_run: bool) -> fl
 
 def summarise(report: dict, seconds: dict[str, float]) -> dict:
     teacher = report["teacher"]["accuracy"]["all"]
-    result = {"benchmark": "toy_bench", "num_prompts": report["num_prompts"], "eval_seed": report["seed"],
-              "teacher": {"all": teacher, "chunk_accuracy": report["teacher"].get("chunk_accuracy")},
-              "students": {}, "stage_seconds": seconds}
+    result = {
+        "benchmark": "toy_bench",
+        "num_prompts": report["num_prompts"],
+        "eval_seed": report["seed"],
+        "teacher": {"all": teacher, "chunk_accuracy": report["teacher"].get("chunk_accuracy")},
+        "students": {},
+        "stage_seconds": seconds,
+    }
     ratios = {}
     for name, s in report["students"].items():
-        entry = {"all": s["accuracy"]["all"], "nfe": s["nfe"], "chunk_accuracy": s.get("chunk_accuracy"),
-                 "sampling_speedup": round(s["sampling_speedup"], 2)}
+        entry = {
+            "all": s["accuracy"]["all"],
+            "nfe": s["nfe"],
+            "chunk_accuracy": s.get("chunk_accuracy"),
+            "sampling_speedup": round(s["sampling_speedup"], 2),
+        }
         if s.get("long_rollout"):
             curve = s["long_rollout"]["segment_accuracy"]
             entry["drift_first_last"] = [curve[0], curve[-1]]
@@ -89,8 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     for name, recipe, overrides in stages(args.out):  # the command line's overrides last: they win
         seconds[name] = run_stage(name, recipe, [*common, *overrides, *extra], args.dry_run)
     common += extra
-    eval_cmd = [sys.executable, "-m", "distill", "eval", "recipes/toyworld.yaml", *common,
-                "eval.students=[lora4,pruned,causal_init,self_forcing]"]
+    eval_cmd = [
+        sys.executable,
+        "-m",
+        "distill",
+        "eval",
+        "recipes/toyworld.yaml",
+        *common,
+        "eval.students=[lora4,pruned,causal_init,self_forcing]",
+    ]
     print("toy_bench:", " ".join(eval_cmd), flush=True)
     if args.dry_run:
         subprocess.run([*eval_cmd, "--dry-run"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -59,16 +59,23 @@ WAN_RECIPE = ROOT / "recipes" / "wan21_1.3b_self_forcing.yaml"
 CAPTIONS = ["a red circle moving left", "a blue square bouncing", "a green triangle on a white background"]
 NEGATIVE = "blurry, noise"
 OPTIMIZERS = ("adamw", "adamw8bit")
-RATIO_KEYS = ["ratio_time_checkpointing_on_vs_off", "ratio_step_mem_checkpointing_on_vs_off",
-              "ratio_peak_mem_checkpointing_on_vs_off", "ratio_time_adamw8bit_vs_adamw",
-              "ratio_peak_mem_adamw8bit_vs_adamw"]
+RATIO_KEYS = [
+    "ratio_time_checkpointing_on_vs_off",
+    "ratio_step_mem_checkpointing_on_vs_off",
+    "ratio_peak_mem_checkpointing_on_vs_off",
+    "ratio_time_adamw8bit_vs_adamw",
+    "ratio_peak_mem_adamw8bit_vs_adamw",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["tiny", "1.3b"], default="tiny")
-    p.add_argument("--tiny-shape", action="store_true",
-                   help="--size 1.3b only: a few layers and 64x64 px (a CPU smoke run of the code path)")
+    p.add_argument(
+        "--tiny-shape",
+        action="store_true",
+        help="--size 1.3b only: a few layers and 64x64 px (a CPU smoke run of the code path)",
+    )
     p.add_argument("--steps", type=int, default=3, help="timed training steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first allocates optimizer states)")
     p.add_argument("--batch-size", type=int, default=None, help="train.batch_size (default: the recipe's)")
@@ -94,9 +101,14 @@ def build(args, tmp: Path, device: torch.device, checkpointing: bool, optimizer:
     from distill.config import load_recipe
     from teachers.wan import Cond, WanTeacher
 
-    common = [f"output_dir={tmp / 'out'}", "student.init=null", "method.self_forcing.generator_update_interval=1",
-              f"train.gradient_checkpointing={str(checkpointing).lower()}", f"train.optimizer={optimizer}",
-              "train.log_with=none"]
+    common = [
+        f"output_dir={tmp / 'out'}",
+        "student.init=null",
+        "method.self_forcing.generator_update_interval=1",
+        f"train.gradient_checkpointing={str(checkpointing).lower()}",
+        f"train.optimizer={optimizer}",
+        "train.log_with=none",
+    ]
     if args.batch_size is not None:
         common.append(f"train.batch_size={args.batch_size}")
     if args.size == "tiny":
@@ -131,7 +143,9 @@ def run_variant(args, checkpointing: bool, optimizer: str) -> dict:
     from distill.batch import Batch
     from students.student import build_student
 
-    device = require_cuda("python -m benchmarks.train_step", args.tiny_shape) if args.size == "1.3b" else torch.device("cpu")
+    device = (
+        require_cuda("python -m benchmarks.train_step", args.tiny_shape) if args.size == "1.3b" else torch.device("cpu")
+    )
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
         recipe, teacher, cond, info = build(args, Path(tmp), device, checkpointing, optimizer)
         tc = recipe.train
@@ -153,8 +167,14 @@ def run_variant(args, checkpointing: bool, optimizer: str) -> dict:
 
         def batch(step: int) -> Batch:
             indices = list(range(step * b, (step + 1) * b))
-            return Batch(x0=None, latent_shape=tuple(shape), cond=cond, indices=indices,  # captions only
-                         generators=[sample_generator(tc.seed, i) for i in indices], captions=[""] * b)
+            return Batch(
+                x0=None,
+                latent_shape=tuple(shape),
+                cond=cond,
+                indices=indices,  # captions only
+                generators=[sample_generator(tc.seed, i) for i in indices],
+                captions=[""] * b,
+            )
 
         def train_step(step: int) -> dict:
             """One step of `distill.trainer.train`'s loop with train_generator = True (its steps 2-5)."""
@@ -180,11 +200,17 @@ def run_variant(args, checkpointing: bool, optimizer: str) -> dict:
 
         figures = measure(train_step, args.warmup, args.steps, device)
         return {
-            "status": "ok", **figures,
+            "status": "ok",
+            **figures,
             "student_trainable_params": sum(p.numel() for p in params),
             "critic_trainable_params": sum(p.numel() for p in critic_params),
-            "latent_shape": list(shape), "batch_size": b, "chunks": -(-shape[1] // recipe.student.frames_per_block),
-            "mixed_precision": tc.mixed_precision, "ema": tc.ema, "device": device.type, **info,
+            "latent_shape": list(shape),
+            "batch_size": b,
+            "chunks": -(-shape[1] // recipe.student.frames_per_block),
+            "mixed_precision": tc.mixed_precision,
+            "ema": tc.ema,
+            "device": device.type,
+            **info,
         }
 
 
@@ -207,9 +233,14 @@ def measure(train_step, warmup: int, steps: int, device: torch.device) -> dict:
     else:
         peak = peak_rss_mib()
         step_mem = peak - held
-    return {"s_per_it": sum(seconds) / len(seconds), "step_seconds": [sig(s, 4) for s in seconds],
-            "peak_mem_mib": peak, "step_mem_mib": step_mem, "losses": logs,
-            "memory": "cuda max_memory_allocated" if cuda else "peak RSS (ru_maxrss)"}
+    return {
+        "s_per_it": sum(seconds) / len(seconds),
+        "step_seconds": [sig(s, 4) for s in seconds],
+        "peak_mem_mib": peak,
+        "step_mem_mib": step_mem,
+        "losses": logs,
+        "memory": "cuda max_memory_allocated" if cuda else "peak RSS (ru_maxrss)",
+    }
 
 
 def current_rss_mib() -> float:
@@ -237,8 +268,19 @@ def eight_bit_unavailable() -> str | None:
 
 
 def spawn(args, on: str, optimizer: str) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.train_step", "--size", args.size, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--variant", f"{on}:{optimizer}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.train_step",
+        "--size",
+        args.size,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--variant",
+        f"{on}:{optimizer}",
+    ]
     cmd += ["--tiny-shape"] if args.tiny_shape else []
     cmd += ["--batch-size", str(args.batch_size)] if args.batch_size is not None else []
     cmd += ["--frames", str(args.frames)] if args.frames is not None else []
@@ -246,8 +288,10 @@ def spawn(args, on: str, optimizer: str) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"python -m benchmarks.train_step: variant checkpointing {on}, {optimizer} failed "
-                         f"(exit {proc.returncode}); see the error above")
+        raise SystemExit(
+            f"python -m benchmarks.train_step: variant checkpointing {on}, {optimizer} failed "
+            f"(exit {proc.returncode}); see the error above"
+        )
     return json.loads(lines[-1])
 
 
@@ -257,15 +301,35 @@ def summarise(args, variants: dict[str, dict]) -> dict:
         return v if v is not None and v["status"] == "ok" else None
 
     first = next((v for v in variants.values() if v["status"] == "ok"), {})
-    shared = {k: first[k] for k in ("device", "teacher", "trained", "latent_shape", "batch_size", "chunks",
-                                    "mixed_precision", "ema", "memory") if k in first}
-    out = {"benchmark": "train_step", "size": args.size, "tiny_shape": args.tiny_shape, **shared,
-           "steps": args.steps, "warmup": args.warmup}
+    shared = {
+        k: first[k]
+        for k in (
+            "device",
+            "teacher",
+            "trained",
+            "latent_shape",
+            "batch_size",
+            "chunks",
+            "mixed_precision",
+            "ema",
+            "memory",
+        )
+        if k in first
+    }
+    out = {
+        "benchmark": "train_step",
+        "size": args.size,
+        "tiny_shape": args.tiny_shape,
+        **shared,
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
     for key, v in variants.items():
         if v["status"] == "ok":
             v = {**v, **{k: sig(v[k]) for k in ("s_per_it", "peak_mem_mib", "step_mem_mib")}}
             v = {k: x for k, x in v.items() if k not in shared}
         out[key] = v
+
     def pair(a, b, key):
         return ratio(a[key], b[key]) if a and b else None
 

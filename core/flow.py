@@ -59,7 +59,10 @@ def timestep(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def sample_training_sigmas(
-    shape: tuple[int, ...], shift: float, generator: torch.Generator | None = None, device=None,
+    shape: tuple[int, ...],
+    shift: float,
+    generator: torch.Generator | None = None,
+    device=None,
     weighting: str = "uniform",
 ) -> torch.Tensor:
     """Training noise levels: u ~ U(0,1) (or logit-normal), then shifted like the sampler."""
@@ -69,7 +72,7 @@ def sample_training_sigmas(
         u = torch.sigmoid(torch.randn(shape, generator=generator, device=device))
     else:
         raise ValueError(f"weighting: expected 'uniform' or 'logit_normal', got {weighting!r}")
-    return shift_sigma(u.clamp(1e-4, 1.0), shift)
+    return torch.as_tensor(shift_sigma(u.clamp(1e-4, 1.0), shift))
 
 
 def denoising_sigmas(denoising_steps: list[int], shift: float, warp: bool = True) -> list[float]:

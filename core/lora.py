@@ -126,8 +126,9 @@ def lora_state_dict(transformer: WanTransformer3DModel, adapter_name: str) -> di
     return get_peft_model_state_dict(transformer, adapter_name=adapter_name)
 
 
-def load_lora_state_dict(transformer: WanTransformer3DModel, state: dict[str, torch.Tensor], adapter_name: str,
-                         where: str) -> None:
+def load_lora_state_dict(
+    transformer: WanTransformer3DModel, state: dict[str, torch.Tensor], adapter_name: str, where: str
+) -> None:
     """Load `lora_state_dict` output into an existing adapter; any missing/unexpected key is an error."""
     expected = set(lora_state_dict(transformer, adapter_name))
     got = set(state)
@@ -151,9 +152,7 @@ def load_lora_state_dict(transformer: WanTransformer3DModel, state: dict[str, to
 
 def base_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
     """The transformer's own weights, without any injected LoRA layers (`base_layer.` folded away)."""
-    return {
-        k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if ".lora_" not in k
-    }
+    return {k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if ".lora_" not in k}
 
 
 @torch.no_grad()

@@ -42,13 +42,16 @@ _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False
 def _unique_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
     """A mapping whose keys are unique: PyYAML keeps the last of two equal keys, so a pasted section would silently
     override the one above it."""
-    seen = {}
+    seen: dict[Any, Any] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one of them",
-                key_node.start_mark)
+                None,
+                None,
+                f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one of them",
+                key_node.start_mark,
+            )
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=deep)
 
@@ -93,7 +96,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if value is None:
             return None
         raise RecipeError(f"{path}: expected null, got {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise RecipeError(f"{path}: expected a mapping of {tp.__name__} keys, got {value!r}")
         return build(tp, value, path)
@@ -145,7 +148,8 @@ def build(cls: type, data: dict, path: str = "") -> Any:
             raise RecipeError(f"{prefix}{key}: unknown key{hint}")
         kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
     missing = [
-        n for n, f in fields.items()
+        n
+        for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:

@@ -48,5 +48,12 @@ def sample_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 
-__all__ = ["SEED_MASK", "derive_seed", "rand_per_sample", "randint_per_sample", "randn_per_sample", "sample_generator",
-           "sample_noise"]
+__all__ = [
+    "SEED_MASK",
+    "derive_seed",
+    "rand_per_sample",
+    "randint_per_sample",
+    "randn_per_sample",
+    "sample_generator",
+    "sample_noise",
+]

@@ -65,7 +65,7 @@ class Vocabulary:
             for value, w in zip(values, weights):
                 _check_weight(f"{where}: slots.{slot}: {value!r}", w)
         if not isinstance(self.templates, list) or not self.templates:
-            raise ValueError(f"{where}: templates: expected a non-empty list of strings, e.g. [\"{{subject}} ...\"]")
+            raise ValueError(f'{where}: templates: expected a non-empty list of strings, e.g. ["{{subject}} ..."]')
         for i, template in enumerate(self.templates):
             _check_template(f"{where}: templates[{i}]", template, list(self.slots))
         if not isinstance(self.exclusions, list):
@@ -155,8 +155,7 @@ def load_vocabulary(path: str | os.PathLike) -> Vocabulary:
     where = str(path)
     if not Path(path).is_file():
         raise FileNotFoundError(
-            f"{where}: vocabulary file not found; pass the path of a vocabulary YAML, "
-            "e.g. synth_data/vocab/wan.yaml"
+            f"{where}: vocabulary file not found; pass the path of a vocabulary YAML, e.g. synth_data/vocab/wan.yaml"
         )
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))

@@ -36,9 +36,18 @@ STUDENT_WEIGHTS = "student_trainable.safetensors"
 COMPLETE = "COMPLETE"
 STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps")
 """Student keys that only change sampling: a checkpoint resumes under a recipe that changed them."""
-TRAIN_FINGERPRINTED = ("batch_size", "gradient_accumulation_steps", "optimizer", "adam_betas", "ema", "seed",
-                      "data_source", "toyworld_pool", "toyworld_pool_refresh", "prompts_file")
-
+TRAIN_FINGERPRINTED = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "adam_betas",
+    "ema",
+    "seed",
+    "data_source",
+    "toyworld_pool",
+    "toyworld_pool_refresh",
+    "prompts_file",
+)
 
 
 def final_dir(student_dir: Path) -> Path:
@@ -82,13 +91,16 @@ def fingerprint(recipe: Recipe, num_processes: int) -> dict:
 
 
 def step_of(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX):])
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
 
 
 def list_checkpoints(student_dir: Path) -> list[Path]:
     """Finished `checkpoint-<step>/` folders (with training_state.json, written last), oldest first."""
-    found = [p for p in student_dir.glob(f"{CHECKPOINT_PREFIX}*")
-             if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name) and (p / TRAINING_STATE).is_file()]
+    found = [
+        p
+        for p in student_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name) and (p / TRAINING_STATE).is_file()
+    ]
     return sorted(found, key=step_of)
 
 
@@ -148,8 +160,9 @@ def check_checkpoint(path: Path, expected: dict) -> dict:
     saved = {**{k: default for k in expected if k not in saved if (default := _default_of(k)) is not unset}, **saved}
     diff = [k for k in dict.fromkeys([*saved, *expected]) if saved.get(k, unset) != expected.get(k, unset)]
     if diff:
-        shown = "; ".join(f"{k}: checkpoint has {saved.get(k, unset)!r}, recipe has {expected.get(k, unset)!r}"
-                          for k in diff[:4])
+        shown = "; ".join(
+            f"{k}: checkpoint has {saved.get(k, unset)!r}, recipe has {expected.get(k, unset)!r}" for k in diff[:4]
+        )
         raise ValueError(
             f"train.resume_from_checkpoint: {path} was written by another recipe ({shown}); resume with the "
             "recipe that wrote it, or set train.resume_from_checkpoint: null and a new student.name"
@@ -159,8 +172,13 @@ def check_checkpoint(path: Path, expected: dict) -> dict:
 
 def write_state(path: Path, step: int, samples_per_step: int, fp: dict) -> None:
     digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
-    state = {"step": step, "data_position": step * samples_per_step, "samples_per_step": samples_per_step,
-             "fingerprint": fp, "fingerprint_sha256": digest}
+    state = {
+        "step": step,
+        "data_position": step * samples_per_step,
+        "samples_per_step": samples_per_step,
+        "fingerprint": fp,
+        "fingerprint_sha256": digest,
+    }
     tmp = path / f".{TRAINING_STATE}.tmp"
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     os.replace(tmp, path / TRAINING_STATE)

@@ -48,10 +48,13 @@ def stage_push(recipe: Recipe) -> None:
 
 def stage_train(recipe: Recipe) -> None:
     _need_student(recipe, "train")
-    train(recipe, make_accelerator(
-        mixed_precision=recipe.train.mixed_precision,
-        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
-    ))
+    train(
+        recipe,
+        make_accelerator(
+            mixed_precision=recipe.train.mixed_precision,
+            gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+        ),
+    )
 
 
 def stage_export(recipe: Recipe) -> None:
@@ -92,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # Log on rank 0 only (accelerate sets RANK for every process it launches).
     rank0 = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank0 else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as e:

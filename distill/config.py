@@ -1,13 +1,13 @@
 """The recipe: one YAML file with typed sections, one optional `base:` level, dotted overrides.
 
-    output_dir: outputs/toyworld
-    data: {...}      synth_data.config.DataConfig
-    teacher: {...}   teachers.config.TeacherConfig
-    student: {...}   students.config.StudentConfig   (student recipes only)
-    method: {...}    MethodConfig                     (student recipes only)
-    train: {...}     TrainConfig
-    export: {...}    ExportConfig
-    eval: {...}      EvalConfig
+output_dir: outputs/toyworld
+data: {...}      synth_data.config.DataConfig
+teacher: {...}   teachers.config.TeacherConfig
+student: {...}   students.config.StudentConfig   (student recipes only)
+method: {...}    MethodConfig                     (student recipes only)
+train: {...}     TrainConfig
+export: {...}    ExportConfig
+eval: {...}      EvalConfig
 """
 
 from __future__ import annotations
@@ -48,8 +48,12 @@ def _method_config(methods: dict[str, type]) -> type:
 
     fields = [("name", Literal[tuple(methods)])]  # type: ignore[misc]
     fields += [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in methods.items()]
-    cls = make_dataclass("MethodConfig", fields, kw_only=True,
-                         namespace={"critic_config": critic_config, "__doc__": _method_config.__doc__})
+    cls = make_dataclass(
+        "MethodConfig",
+        fields,
+        kw_only=True,
+        namespace={"critic_config": critic_config, "__doc__": _method_config.__doc__},
+    )
     cls.__module__ = __name__
     return cls
 
@@ -117,18 +121,24 @@ class TrainConfig:
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"checkpoints_total_limit: must be >= 1 or null, got {self.checkpoints_total_limit}")
         if self.toyworld_pool < 0 or self.toyworld_pool_refresh < 1:
-            raise ValueError(f"toyworld_pool / toyworld_pool_refresh: must be >= 0 / >= 1, got "
-                             f"{self.toyworld_pool} / {self.toyworld_pool_refresh}")
+            raise ValueError(
+                f"toyworld_pool / toyworld_pool_refresh: must be >= 0 / >= 1, got "
+                f"{self.toyworld_pool} / {self.toyworld_pool_refresh}"
+            )
         if self.toyworld_pool and self.toyworld_pool % self.toyworld_pool_refresh:
-            raise ValueError(f"toyworld_pool: must be a multiple of toyworld_pool_refresh "
-                             f"({self.toyworld_pool_refresh}), got {self.toyworld_pool}")
+            raise ValueError(
+                f"toyworld_pool: must be a multiple of toyworld_pool_refresh "
+                f"({self.toyworld_pool_refresh}), got {self.toyworld_pool}"
+            )
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"adam_betas: need two values in [0, 1), e.g. [0.9, 0.999]; got {self.adam_betas}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
         if self.prompts_file is not None and self.data_source != "prompts":
-            raise ValueError(f"prompts_file: only read with data_source: prompts (got data_source: {self.data_source});"
-                             " set data_source: prompts or drop prompts_file")
+            raise ValueError(
+                f"prompts_file: only read with data_source: prompts (got data_source: {self.data_source});"
+                " set data_source: prompts or drop prompts_file"
+            )
 
 
 @dataclass(kw_only=True)
@@ -187,8 +197,14 @@ class EvalConfig:
     this many pixels (toy-world frames are 32 px); Wan's 480p frames stay as they are."""
 
     def __post_init__(self):
-        for key in ("num_prompts", "batch_size", "long_rollout_factor", "preview_size", "decode_batch_size",
-                    "long_rollout_prompts"):
+        for key in (
+            "num_prompts",
+            "batch_size",
+            "long_rollout_factor",
+            "preview_size",
+            "decode_batch_size",
+            "long_rollout_prompts",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.student_timing_seconds < 0:
@@ -218,18 +234,24 @@ class Recipe:
             raise ValueError("student/method: a student recipe needs both a `student` and a `method` section")
         kinds = METHODS[self.method.name].student_kinds if self.method is not None else None
         if kinds is not None and self.student.kind not in kinds:
-            raise ValueError(f"student.kind: method {self.method.name} trains only {' or '.join(kinds)} students; set "
-                             f"student.kind: {kinds[0]} (got {self.student.kind})")
+            raise ValueError(
+                f"student.kind: method {self.method.name} trains only {' or '.join(kinds)} students; set "
+                f"student.kind: {kinds[0]} (got {self.student.kind})"
+            )
         if self.method is not None and self.train.data_source == "prompts":
             if not METHODS[self.method.name].data_free:
                 free = ", ".join(n for n, m in METHODS.items() if m.data_free)
-                raise ValueError(f"train.data_source: prompts gives captions only, and method {self.method.name!r} "
-                                 "trains on clean latents or teacher trajectories; use data_source: dataset (or "
-                                 f"toyworld), or a data-free method ({free})")
+                raise ValueError(
+                    f"train.data_source: prompts gives captions only, and method {self.method.name!r} "
+                    "trains on clean latents or teacher trajectories; use data_source: dataset (or "
+                    f"toyworld), or a data-free method ({free})"
+                )
             if self.method.critic_config().gan_weight > 0:
-                raise ValueError(f"train.data_source: prompts gives no real clips, and method.{self.method.name}."
-                                 "gan_weight > 0 needs them for the GAN head; use data_source: dataset (or "
-                                 "toyworld), or set gan_weight: 0")
+                raise ValueError(
+                    f"train.data_source: prompts gives no real clips, and method.{self.method.name}."
+                    "gan_weight > 0 needs them for the GAN head; use data_source: dataset (or "
+                    "toyworld), or set gan_weight: 0"
+                )
 
     @property
     def out(self) -> Path:

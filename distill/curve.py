@@ -1,6 +1,7 @@
-"""Plot a training run's loss curve from its tensorboard logs (e.g. the toy teacher curve in teachers/toyworld/README.md).
+"""Plot a training run's loss curve from its tensorboard logs (e.g. the toy teacher curve in
+teachers/toyworld/README.md).
 
-    python -m distill.curve outputs/toyworld_teacher/students/teacher/logs teachers/toyworld/curve.png
+python -m distill.curve outputs/toyworld_teacher/students/teacher/logs teachers/toyworld/curve.png
 """
 
 from __future__ import annotations

@@ -34,8 +34,9 @@ from teachers.toyworld.render import render_batch
 logger = logging.getLogger(__name__)
 
 
-def sample_indices(step: int, micro: int, *, batch_size: int, grad_accum: int, num_processes: int,
-                   rank: int) -> list[int]:
+def sample_indices(
+    step: int, micro: int, *, batch_size: int, grad_accum: int, num_processes: int, rank: int
+) -> list[int]:
     """Global sample indices of micro-batch `micro` of optimizer step `step` on `rank` (module docstring)."""
     per_step = batch_size * grad_accum * num_processes
     start = step * per_step + rank * batch_size * grad_accum + micro * batch_size
@@ -55,8 +56,10 @@ class StoredSamples(torch.utils.data.Dataset):
                 "(or set train.data_source: toyworld to train on freshly rendered clips)"
             )
         if not is_complete(folder):
-            raise FileNotFoundError(f"{folder}: the dataset is incomplete (no COMPLETE marker); finish it with "
-                                    "`python -m distill generate RECIPE`")
+            raise FileNotFoundError(
+                f"{folder}: the dataset is incomplete (no COMPLETE marker); finish it with "
+                "`python -m distill generate RECIPE`"
+            )
         from synth_data.dataset import load_local  # datasets: absent on GPU-only images that train on rendered clips
 
         ds = load_local(folder)
@@ -64,16 +67,20 @@ class StoredSamples(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{folder}: the dataset has no rows; run `python -m distill generate RECIPE`")
         has = set(ds.column_names)
         if need_trajectory and "trajectory" not in has:
-            raise ValueError(f"{folder}: the dataset has no `trajectory` column; set data.trajectory_steps "
-                             "(e.g. to the student's denoising steps) and regenerate it")
+            raise ValueError(
+                f"{folder}: the dataset has no `trajectory` column; set data.trajectory_steps "
+                "(e.g. to the student's denoising steps) and regenerate it"
+            )
         if "latents" not in has and "trajectory" not in has:
-            raise ValueError(f"{folder}: the dataset has no `latents` column; set data.save_latents: true and "
-                             "regenerate it")
+            raise ValueError(
+                f"{folder}: the dataset has no `latents` column; set data.save_latents: true and regenerate it"
+            )
         self.x0_column = "latents" if "latents" in has else "trajectory"
         tensors = [self.x0_column] + (["trajectory", "trajectory_sigmas"] if need_trajectory else [])
         tensors = list(dict.fromkeys(tensors))
-        self.rows = ds.select_columns(["caption", *tensors]).with_format("torch", columns=tensors,
-                                                                           output_all_columns=True)
+        self.rows = ds.select_columns(["caption", *tensors]).with_format(
+            "torch", columns=tensors, output_all_columns=True
+        )
         self.seed = seed
         self.need_trajectory = need_trajectory
 
@@ -101,7 +108,7 @@ class ComposedPrompts:
     def __init__(self, vocabulary, per_step: int, seed: int, mode: str):
         self.vocabulary, self.per_step, self.seed, self.mode = vocabulary, per_step, seed, mode
 
-    @lru_cache(maxsize=2)
+    @lru_cache(maxsize=2)  # noqa: B019 (one object per training run: the cache lives as long as the run)
     def _rows(self, step: int) -> list[dict]:
         return compose(self.vocabulary, self.per_step, derive_seed(self.seed, -(step + 1)), self.mode)
 
@@ -125,8 +132,12 @@ class RenderedSamples(ComposedPrompts, torch.utils.data.Dataset):
         row = self.row(index)
         frames = render_batch([row["slots"]], *self.shape, seeds=[row["seed"]])[0]  # uint8 [F, H, W, 3]
         video = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
-        return {"index": index, "rng_state": sample_generator(self.seed, index).get_state(),
-                "caption": row["prompt"], "video": video}
+        return {
+            "index": index,
+            "rng_state": sample_generator(self.seed, index).get_state(),
+            "caption": row["prompt"],
+            "video": video,
+        }
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -136,8 +147,10 @@ def read_prompts_file(path: str | Path) -> list[str]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"train.prompts_file: {path} does not exist; give a text file with one prompt per "
-                                "line, or a .jsonl with a `prompt` field per row (e.g. <output_dir>/prompts.jsonl)")
+        raise FileNotFoundError(
+            f"train.prompts_file: {path} does not exist; give a text file with one prompt per "
+            "line, or a .jsonl with a `prompt` field per row (e.g. <output_dir>/prompts.jsonl)"
+        )
     prompts = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -150,8 +163,9 @@ def read_prompts_file(path: str | Path) -> list[str]:
                 except (json.JSONDecodeError, AttributeError):
                     prompt = None
                 if not isinstance(prompt, str) or not prompt.strip():
-                    raise ValueError(f"{path}:{number}: expected a JSON object with a non-empty string `prompt`, "
-                                     f"got {line[:80]!r}")
+                    raise ValueError(
+                        f"{path}:{number}: expected a JSON object with a non-empty string `prompt`, got {line[:80]!r}"
+                    )
                 line = prompt.strip()
             prompts.append(line)
     if not prompts:
@@ -196,17 +210,28 @@ class RenderedPool:
 
     GROUP = 64
 
-    def __init__(self, vocabulary, size: int, refresh: int, seed: int, mode: str, num_frames: int, height: int,
-                 width: int, encode):
+    def __init__(
+        self,
+        vocabulary,
+        size: int,
+        refresh: int,
+        seed: int,
+        mode: str,
+        num_frames: int,
+        height: int,
+        width: int,
+        encode,
+    ):
         if size % refresh:
-            raise ValueError(f"train.toyworld_pool: must be a multiple of train.toyworld_pool_refresh "
-                             f"({refresh}), got {size}")
+            raise ValueError(
+                f"train.toyworld_pool: must be a multiple of train.toyworld_pool_refresh ({refresh}), got {size}"
+            )
         self.vocabulary, self.size, self.refresh, self.seed, self.mode = vocabulary, size, refresh, seed, mode
         self.shape, self.encode = (num_frames, height, width), encode
         self.x0: torch.Tensor | None = None
         self.captions: list[str] = [""] * size
 
-    @lru_cache(maxsize=4)
+    @lru_cache(maxsize=4)  # noqa: B019 (one pool per training run)
     def _rows(self, group: int) -> list[dict]:
         return compose(self.vocabulary, self.GROUP, derive_seed(self.seed, -(group + 1)), self.mode)
 
@@ -220,8 +245,8 @@ class RenderedPool:
         if self.x0 is None:
             self.x0 = torch.empty(self.size, *latents.shape[1:])
         slot = first_clip % self.size
-        self.x0[slot:slot + self.refresh] = latents
-        self.captions[slot:slot + self.refresh] = [r["prompt"] for r in rows]
+        self.x0[slot : slot + self.refresh] = latents
+        self.captions[slot : slot + self.refresh] = [r["prompt"] for r in rows]
 
     def build(self, step: int) -> None:
         """The pool as it is before the refresh of `step`: slot j holds the newest clip c ≡ j (mod P) written."""
@@ -239,8 +264,12 @@ class RenderedPool:
     def take(self, indices: list[int]) -> dict:
         generators = [sample_generator(self.seed, g) for g in indices]
         slots = [int(torch.randint(self.size, (1,), generator=g)) for g in generators]
-        return {"index": indices, "rng_state": [g.get_state() for g in generators],
-                "caption": [self.captions[j] for j in slots], "x0": self.x0[slots]}
+        return {
+            "index": indices,
+            "rng_state": [g.get_state() for g in generators],
+            "caption": [self.captions[j] for j in slots],
+            "x0": self.x0[slots],
+        }
 
 
 def _pool_batches(pool: RenderedPool, start_step: int, max_steps: int, **shape) -> Iterator[dict]:
@@ -267,8 +296,11 @@ class _StepSampler(torch.utils.data.Sampler):
 
 
 def _collate(items: list[dict]) -> dict:
-    out = {"index": [it["index"] for it in items], "rng_state": [it["rng_state"] for it in items],
-           "caption": [it["caption"] for it in items]}
+    out = {
+        "index": [it["index"] for it in items],
+        "rng_state": [it["rng_state"] for it in items],
+        "caption": [it["caption"] for it in items],
+    }
     for key in ("x0", "trajectory", "trajectory_sigmas", "video"):
         if key in items[0]:
             out[key] = torch.stack([it[key] for it in items])
@@ -282,8 +314,9 @@ def negative_prompt(recipe) -> str:
     return _vocabulary(recipe).negative_prompt
 
 
-def training_batches(recipe, teacher, *, start_step: int, num_processes: int, rank: int,
-                     need_trajectory: bool = False) -> Iterator[Batch]:
+def training_batches(
+    recipe, teacher, *, start_step: int, num_processes: int, rank: int, need_trajectory: bool = False
+) -> Iterator[Batch]:
     """This rank's micro-batches from optimizer step `start_step` on, as `Batch`es on the teacher's device.
 
     `train.data_source: dataset` reads `<output_dir>/dataset/`; `toyworld` renders clips on the fly at the
@@ -291,33 +324,48 @@ def training_batches(recipe, teacher, *, start_step: int, num_processes: int, ra
     (`train.prompts_file`, else composed from `data.vocabulary`), with x0 None.
     """
     tc = recipe.train
-    shape = dict(batch_size=tc.batch_size, grad_accum=tc.gradient_accumulation_steps,
-                 num_processes=num_processes, rank=rank)
+    shape = dict(
+        batch_size=tc.batch_size, grad_accum=tc.gradient_accumulation_steps, num_processes=num_processes, rank=rank
+    )
     per_step = tc.batch_size * tc.gradient_accumulation_steps * num_processes
     if tc.data_source != "dataset" and need_trajectory:
-        raise ValueError(f"train.data_source: {tc.data_source} has no teacher trajectories; method "
-                         f"{recipe.method.name!r} needs train.data_source: dataset")
+        raise ValueError(
+            f"train.data_source: {tc.data_source} has no teacher trajectories; method "
+            f"{recipe.method.name!r} needs train.data_source: dataset"
+        )
     if tc.data_source == "dataset":
         source = StoredSamples(recipe.out / "dataset", tc.seed, need_trajectory)
     elif tc.data_source == "prompts":
         if tc.prompts_file is not None:
             source = PromptSamples(tc.seed, prompts=read_prompts_file(resolve_path(tc.prompts_file)))
         else:
-            source = PromptSamples(tc.seed, composed=ComposedPrompts(_vocabulary(recipe), per_step, tc.seed,
-                                                                     recipe.data.mode))
+            source = PromptSamples(
+                tc.seed, composed=ComposedPrompts(_vocabulary(recipe), per_step, tc.seed, recipe.data.mode)
+            )
     else:
         t = teacher.cfg
         vocabulary = _vocabulary(recipe)
         if tc.toyworld_pool:
-            pool = RenderedPool(vocabulary, tc.toyworld_pool, tc.toyworld_pool_refresh, tc.seed, recipe.data.mode,
-                                t.num_frames, t.height, t.width, encode=teacher.encode_video)
+            pool = RenderedPool(
+                vocabulary,
+                tc.toyworld_pool,
+                tc.toyworld_pool_refresh,
+                tc.seed,
+                recipe.data.mode,
+                t.num_frames,
+                t.height,
+                t.width,
+                encode=teacher.encode_video,
+            )
             negative = negative_prompt(recipe)
             for raw in _pool_batches(pool, start_step, tc.max_steps, **shape):
                 yield _to_batch(raw, teacher, negative)
             return
         source = RenderedSamples(vocabulary, per_step, tc.seed, recipe.data.mode, t.num_frames, t.height, t.width)
     loader = torch.utils.data.DataLoader(
-        source, batch_sampler=_StepSampler(start_step, tc.max_steps, **shape), collate_fn=_collate,
+        source,
+        batch_sampler=_StepSampler(start_step, tc.max_steps, **shape),
+        collate_fn=_collate,
         num_workers=tc.dataloader_num_workers,
     )
     negative = negative_prompt(recipe)
@@ -345,7 +393,9 @@ def _to_batch(raw: dict, teacher, negative: str) -> Batch:
         x0=None if x0 is None else x0.to(teacher.device, torch.float32),
         latent_shape=tuple(teacher.latent_shape(t.num_frames, t.height, t.width)) if x0 is None else None,
         cond=teacher.encode(raw["caption"], negative),
-        generators=generators, indices=raw["index"], captions=raw["caption"],
+        generators=generators,
+        indices=raw["index"],
+        captions=raw["caption"],
         trajectory=None if trajectory is None else trajectory.to(teacher.device, torch.float32),
         trajectory_sigmas=None if sigmas is None else sigmas.to(teacher.device, torch.float32),
     )

@@ -56,8 +56,9 @@ NORMALISER_MIN = 1e-6
 """Lower clamp of the per-sample normaliser mean|x0 - x0_real| (a sample equal to the teacher's x0 gives 0)."""
 
 
-def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
-                 group_frames: int | None = None) -> torch.Tensor:
+def dmd_gradient(
+    x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, group_frames: int | None = None
+) -> torch.Tensor:
     """grad = (x0_fake - x0_real) / max(mean_{C,F,H,W} |x0 - x0_real|, NORMALISER_MIN), float32, no graph.
 
     x0, x0_real, x0_fake: [B, C, F, H, W]; the normaliser is one number per sample (DMD eq. 8), or with
@@ -78,8 +79,9 @@ def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
         return torch.nan_to_num((x0_fake.float() - real) / normaliser.clamp_min(NORMALISER_MIN))
 
 
-def dmd_generator_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
-                       group_frames: int | None = None) -> torch.Tensor:
+def dmd_generator_loss(
+    x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, group_frames: int | None = None
+) -> torch.Tensor:
     """L_G = ½·mean (x0 - sg(x0 - grad))², grad = `dmd_gradient` (with `group_frames`); ∂L_G/∂x0 = grad / numel(x0).
 
     x0: the student's samples [B, C, F, H, W] (with grad); x0_real: the teacher's guided x0 prediction at the
@@ -91,8 +93,9 @@ def dmd_generator_loss(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.T
     return 0.5 * F.mse_loss(x0, (x0.detach() - grad))
 
 
-def dmd_critic_loss(critic: Model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
-                    embeds: torch.Tensor) -> torch.Tensor:
+def dmd_critic_loss(
+    critic: Model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor
+) -> torch.Tensor:
     """L_C = flow matching of the critic on the DETACHED student samples x0 [B, C, F, H, W] (no gradient
     reaches the student): `flow_matching_loss(critic, sg(x0), ε, σ, c)`; noise like x0, sigma [B]."""
     return flow_matching_loss(critic, x0.detach(), noise, sigma, embeds)
@@ -108,8 +111,14 @@ def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor)
     return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
 
 
-def exit_step_rollout(student: Model, embeds: torch.Tensor, noise: torch.Tensor, renoise: list[torch.Tensor],
-                      sigmas: list[float], exit_steps: torch.Tensor) -> torch.Tensor:
+def exit_step_rollout(
+    student: Model,
+    embeds: torch.Tensor,
+    noise: torch.Tensor,
+    renoise: list[torch.Tensor],
+    sigmas: list[float],
+    exit_steps: torch.Tensor,
+) -> torch.Tensor:
     """Few-step sampling (`students.sampling`'s renoise mode) keeping the graph of ONE step per sample.
 
     noise: x at σ_0, [B, C, F, H, W]; renoise: n-1 fresh noises like it; sigmas: σ_0 > ... > σ_{n-1} > 0;
@@ -143,8 +152,9 @@ class FewStepRollout:
     def __init__(self, student: Model, sigmas: list[float], exit_step: Literal["random", "last"] = "random"):
         """`sigmas`: the student's denoising levels (`students.sampling.student_sigmas`), all > 0."""
         if not sigmas or any(s <= 0 for s in sigmas):
-            raise ValueError(f"student.denoising_steps: DMD samples the student at every σ, all must be > 0; "
-                             f"got σ's {sigmas}")
+            raise ValueError(
+                f"student.denoising_steps: DMD samples the student at every σ, all must be > 0; got σ's {sigmas}"
+            )
         self.student, self.sigmas, self.exit_step = student, list(sigmas), exit_step
 
     def __call__(self, batch: Batch) -> torch.Tensor:
@@ -209,18 +219,23 @@ class DMD:
             if self.critic_lora_rank < 1:
                 raise ValueError(f"critic_lora_rank: must be >= 1, got {self.critic_lora_rank}")
             if not 0.0 < self.min_sigma < self.max_sigma <= 1.0:
-                raise ValueError(f"min_sigma: need 0 < min_sigma < max_sigma <= 1, got {self.min_sigma} and "
-                                 f"max_sigma {self.max_sigma}")
+                raise ValueError(
+                    f"min_sigma: need 0 < min_sigma < max_sigma <= 1, got {self.min_sigma} and "
+                    f"max_sigma {self.max_sigma}"
+                )
             if self.shift is not None and self.shift <= 0:
                 raise ValueError(f"shift: must be > 0 or null, got {self.shift}")
             if self.gan_learning_rate is not None and self.gan_learning_rate <= 0:
                 raise ValueError(f"gan_learning_rate: must be > 0 or null, got {self.gan_learning_rate}")
             if self.gan_max_sigma is not None and not self.min_sigma < self.gan_max_sigma <= 1.0:
-                raise ValueError(f"gan_max_sigma: must be in (min_sigma={self.min_sigma}, 1] or null, got "
-                                 f"{self.gan_max_sigma}")
+                raise ValueError(
+                    f"gan_max_sigma: must be in (min_sigma={self.min_sigma}, 1] or null, got {self.gan_max_sigma}"
+                )
             if self.gan_weight < 0 or self.gan_critic_weight <= 0:
-                raise ValueError(f"gan_weight: must be >= 0 and gan_critic_weight > 0, got {self.gan_weight} and "
-                                 f"{self.gan_critic_weight}")
+                raise ValueError(
+                    f"gan_weight: must be >= 0 and gan_critic_weight > 0, got {self.gan_weight} and "
+                    f"{self.gan_critic_weight}"
+                )
 
     two_player = True
     """Trains a critic beside the student (`generator_loss` / `critic_loss`) instead of one `loss`."""
@@ -234,8 +249,10 @@ class DMD:
     @classmethod
     def from_recipe(cls, recipe, *, teacher, student, unwrapped, critic=None, num_processes: int = 1) -> DMD:
         if not recipe.student.denoising_steps:
-            raise ValueError("student.denoising_steps: method dmd trains a few-step student; set its steps, "
-                             "e.g. [1000, 750, 500, 250]")
+            raise ValueError(
+                "student.denoising_steps: method dmd trains a few-step student; set its steps, "
+                "e.g. [1000, 750, 500, 250]"
+            )
         assert critic is not None, "dmd needs the critic (build_critic)"
         sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
         rollout = FewStepRollout(student, sigmas, recipe.method.dmd.exit_step)
@@ -295,8 +312,9 @@ class DMD:
                 x0_fake = x0_from_velocity(x_t, self.critic(x_t, t, embeds).float(), sigma)
             if c.gan_weight > 0:  # the GAN's own low σ_g, with its graph to x0
                 sigma_g, noise_g = self.draw_gan_sigma_noise(batch.generators, x0)
-                logits = self.critic(add_noise(x0.float(), noise_g, sigma_g), timestep(sigma_g), embeds,
-                                     return_logits=True)[1]
+                logits = self.critic(
+                    add_noise(x0.float(), noise_g, sigma_g), timestep(sigma_g), embeds, return_logits=True
+                )[1]
         # 4. the DMD loss: its gradient w.r.t. x0 is the normalised score difference (+ the GAN term)
         group = self.normaliser_frames()
         loss = dmd_generator_loss(x0, x0_real, x0_fake, group)
@@ -324,24 +342,38 @@ class DMD:
         embeds, real = batch.cond.prompt_embeds, batch.x0.float()
         if self.config.gan_max_sigma is None:
             if sigma.ndim == 2 and real.shape[2] != x0.shape[2]:
-                raise ValueError(f"gan_weight: with frame_wise_timesteps the real clips ({real.shape[2]} latent "
-                                 f"frames) must be as long as the scored rollout ({x0.shape[2]}); set dmd_window to "
-                                 "the teacher's length in chunks, or set gan_max_sigma")
+                raise ValueError(
+                    f"gan_weight: with frame_wise_timesteps the real clips ({real.shape[2]} latent "
+                    f"frames) must be as long as the scored rollout ({x0.shape[2]}); set dmd_window to "
+                    "the teacher's length in chunks, or set gan_max_sigma"
+                )
             v, logits_fake = self.critic(add_noise(x0, noise, sigma), timestep(sigma), embeds, return_logits=True)
             loss, sigma_g = F.mse_loss(v.float(), velocity_target(x0, noise).float()), sigma
         else:
             loss = dmd_critic_loss(self.critic, x0, noise, sigma, embeds)
             sigma_g, noise_g = self.draw_gan_sigma_noise(batch.generators, x0)
-            logits_fake = self.critic(add_noise(x0, noise_g, sigma_g), timestep(sigma_g), embeds,
-                                      return_logits=True)[1]
+            logits_fake = self.critic(add_noise(x0, noise_g, sigma_g), timestep(sigma_g), embeds, return_logits=True)[1]
         real_noise = randn_per_sample(batch.generators, tuple(real.shape[1:]), real.device)
-        _, logits_real = self.critic(add_noise(real, real_noise, sigma_g), timestep(sigma_g), embeds,
-                                     return_logits=True)
+        _, logits_real = self.critic(
+            add_noise(real, real_noise, sigma_g), timestep(sigma_g), embeds, return_logits=True
+        )
         gan = gan_discriminator_loss(logits_real, logits_fake)
         return loss + self.config.gan_critic_weight * gan, {
-            "loss/critic": loss.detach(), "loss/gan_critic": gan.detach(),
-            "gan/real_acc": (logits_real > 0).float().mean(), "gan/fake_acc": (logits_fake < 0).float().mean()}
+            "loss/critic": loss.detach(),
+            "loss/gan_critic": gan.detach(),
+            "gan/real_acc": (logits_real > 0).float().mean(),
+            "gan/fake_acc": (logits_fake < 0).float().mean(),
+        }
 
 
-__all__ = ["DMD", "FewStepRollout", "Rollout", "dmd_critic_loss", "dmd_generator_loss", "dmd_gradient",
-           "exit_step_rollout", "gan_discriminator_loss", "gan_generator_loss"]
+__all__ = [
+    "DMD",
+    "FewStepRollout",
+    "Rollout",
+    "dmd_critic_loss",
+    "dmd_generator_loss",
+    "dmd_gradient",
+    "exit_step_rollout",
+    "gan_discriminator_loss",
+    "gan_generator_loss",
+]

@@ -21,8 +21,8 @@
    the VAE decode of every other batch (the device is synchronised first); with a single batch it runs twice.
    Students' samplers then re-run the timed batches until their timed sampling reaches
    `eval.student_timing_seconds` (a 4-step student's pass is short and noisy); their sampling time is the mean per
-   pass. Text encoding and grading are not timed; both are shared. `seconds_per_video` = sampling + decode per timed video and
-   `speedup` = teacher seconds_per_video / student seconds_per_video (end to end), `sampling_speedup` the same
+   pass. Text encoding and grading are not timed; both are shared. `seconds_per_video` = sampling + decode per timed
+   video and `speedup` = teacher seconds_per_video / student seconds_per_video (end to end), `sampling_speedup` the same
    for the sampler alone (noise -> latents, what distillation changes; the VAE decode is shared).
 4. Grading: the toy world's oracle (`teachers.toyworld.oracle.grade`) when the vocabulary is the toy world's
    (`eval.grader`). No oracle exists for other vocabularies (real Wan prompts): accuracy is then null, never
@@ -41,8 +41,8 @@ report.json:
      "students": {<name>: {"nfe", "causal", "kind", "weights", "steps", "guidance_scale", "accuracy",
                            "chunk_accuracy" (causal students: per chunk of the training length; else null),
                            "seconds_per_video", "sample_seconds_per_video", "decode_seconds_per_video",
-                           "speedup", "sampling_speedup", "long_rollout" (causal students only: {"length_factor", "num_frames",
-                           "num_prompts", "segment_accuracy": [...]} or null without a grader)}}}
+                           "speedup", "sampling_speedup", "long_rollout" (causal students only: {"length_factor",
+                           "num_frames", "num_prompts", "segment_accuracy": [...]} or null without a grader)}}}
 NFE counts transformer forward passes per video: steps × 2 where CFG runs (guidance != 1), else × 1; a causal
 student's chunks also run one cache write each but the last: steps + (chunks - 1) / chunks whole-video passes.
 
@@ -100,7 +100,7 @@ def oracle_applies(vocab: Vocabulary) -> bool:
 
 
 def choose_grader(recipe: Recipe, vocab: Vocabulary) -> str | None:
-    """"toyworld" or None (see `EvalConfig.grader`); checks the frame size up front when grading."""
+    """ "toyworld" or None (see `EvalConfig.grader`); checks the frame size up front when grading."""
     want = recipe.eval.grader
     if want == "none":
         return None
@@ -176,17 +176,28 @@ class _Run:
 def decode_videos(teacher, latents: torch.Tensor, per_call: int) -> np.ndarray:
     """uint8 [B, F, H, W, 3], `per_call` (`eval.decode_batch_size`) videos per VAE call: 1, as `generate` does, for
     long clips, whose decode is memory-bound."""
-    return np.concatenate([teacher.to_uint8(teacher.decode(latents[i: i + per_call]))
-                           for i in range(0, len(latents), per_call)])
+    return np.concatenate(
+        [teacher.to_uint8(teacher.decode(latents[i : i + per_call])) for i in range(0, len(latents), per_call)]
+    )
 
 
 MAX_TIMING_PASSES = 10
 """`eval.student_timing_seconds` re-runs a student's timed batches at most this many times in all."""
 
 
-def run_model(name: str, sampler: Sampler, teacher, batches: list[list[dict]], shape: tuple[int, ...],
-              negative: str | None, grader: str | None, num_previews: int, decode_batch: int = 1,
-              timing_seconds: float = 0.0, num_chunks: int | None = None) -> _Run:
+def run_model(
+    name: str,
+    sampler: Sampler,
+    teacher,
+    batches: list[list[dict]],
+    shape: tuple[int, ...],
+    negative: str | None,
+    grader: str | None,
+    num_previews: int,
+    decode_batch: int = 1,
+    timing_seconds: float = 0.0,
+    num_chunks: int | None = None,
+) -> _Run:
     """Sample, decode and grade one model over all batches; time all but the first (the warm-up). Then, while the
     timed sampling adds up to less than `timing_seconds` (and at most MAX_TIMING_PASSES passes), the sampler runs
     the timed batches again (the same work: seeded noise and generators); its time is the mean per pass. Decode
@@ -279,8 +290,10 @@ def find_students(recipe: Recipe) -> list[tuple[str, Path]]:
             )
         names = sorted(recipe.eval.students)
     if "teacher" in names:
-        raise ValueError(f"{root / 'teacher'}: a student may not be named 'teacher' (the eval's name for the teacher); "
-                         "rename the folder and its student.name")
+        raise ValueError(
+            f"{root / 'teacher'}: a student may not be named 'teacher' (the eval's name for the teacher); "
+            "rename the folder and its student.name"
+        )
     return [(name, weights_dir(root / name, recipe.eval.use_ema)) for name in names]
 
 
@@ -298,11 +311,12 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
     fpb = student.cfg.frames_per_block
     frames = math.ceil(factor * f / fpb) * fpb
     sampler, _ = student_sampler(student, teacher.cfg.shift, teacher.cfg.num_inference_steps, frames)
-    subset, size = rows[:recipe.eval.long_rollout_prompts], recipe.eval.batch_size
+    subset, size = rows[: recipe.eval.long_rollout_prompts], recipe.eval.batch_size
     sums, count = {}, 0  # "all" and each slot: accuracy per segment, weighted by batch size
-    for start in tqdm(range(0, len(subset), size), desc=f"eval {student.cfg.name} long rollout", unit="batch",
-                      leave=False):
-        batch = subset[start: start + size]
+    for start in tqdm(
+        range(0, len(subset), size), desc=f"eval {student.cfg.name} long rollout", unit="batch", leave=False
+    ):
+        batch = subset[start : start + size]
         cond = teacher.encode([r["prompt"] for r in batch], None)
         noise = torch.stack([sample_noise(r["seed"], (c, frames, h, w)) for r in batch]).to(teacher.device)
         latents = sampler(cond, noise, batch)
@@ -312,8 +326,13 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
             sums[key] = sums.get(key, 0) + np.asarray(acc) * len(batch)
         count += len(batch)
     means = {key: [float(a) for a in v / count] for key, v in sums.items()}
-    return {"length_factor": factor, "num_frames": frames, "num_prompts": count,
-            "segment_accuracy": means.pop("all"), "segment_slot_accuracy": means}
+    return {
+        "length_factor": factor,
+        "num_frames": frames,
+        "num_prompts": count,
+        "segment_accuracy": means.pop("all"),
+        "segment_slot_accuracy": means,
+    }
 
 
 def training_chunks(latent_frames: int, student_cfg) -> int:
@@ -324,8 +343,11 @@ def training_chunks(latent_frames: int, student_cfg) -> int:
 def teacher_chunks(students: list[tuple[str, Path]], latent_frames: int) -> int | None:
     """The time segments to grade the teacher in, so its `chunk_accuracy` lines up with the causal students': their
     chunk count when they all share one, else None (no per-chunk figure for the teacher)."""
-    counts = {training_chunks(latent_frames, cfg) for cfg in (read_student_json(f)[0] for _, f in students)
-              if cfg.kind == "causal"}
+    counts = {
+        training_chunks(latent_frames, cfg)
+        for cfg in (read_student_json(f)[0] for _, f in students)
+        if cfg.kind == "causal"
+    }
     return counts.pop() if len(counts) == 1 else None
 
 
@@ -340,12 +362,28 @@ def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) ->
         sampler, info = student_sampler(student, teacher.cfg.shift, teacher.cfg.num_inference_steps, ctx["shape"][1])
         negative = ctx["negative"] if student.cfg.guidance_scale != 1 else None
         chunks = training_chunks(ctx["shape"][1], student.cfg) if student.cfg.kind == "causal" else None
-        run = run_model(name, sampler, teacher, ctx["batches"], ctx["shape"], negative, ctx["grader"],
-                        ctx["num_previews"], recipe.eval.decode_batch_size, recipe.eval.student_timing_seconds,
-                        num_chunks=chunks)
-        entry = {"nfe": info["nfe"], "causal": saved_cfg.kind == "causal", "kind": saved_cfg.kind,
-                 "weights": folder.name, "steps": info["steps"], "guidance_scale": info["guidance_scale"],
-                 **_timing(run, ctx["grader"])}
+        run = run_model(
+            name,
+            sampler,
+            teacher,
+            ctx["batches"],
+            ctx["shape"],
+            negative,
+            ctx["grader"],
+            ctx["num_previews"],
+            recipe.eval.decode_batch_size,
+            recipe.eval.student_timing_seconds,
+            num_chunks=chunks,
+        )
+        entry = {
+            "nfe": info["nfe"],
+            "causal": saved_cfg.kind == "causal",
+            "kind": saved_cfg.kind,
+            "weights": folder.name,
+            "steps": info["steps"],
+            "guidance_scale": info["guidance_scale"],
+            **_timing(run, ctx["grader"]),
+        }
         if entry["causal"]:
             entry["long_rollout"] = long_rollout(student, teacher, recipe, ctx["rows"], ctx["grader"])
     finally:
@@ -363,9 +401,15 @@ def grading_context(recipe: Recipe, teacher, rows: list[dict], vocab: Vocabulary
     prompt, the grader and the number of previews."""
     tcfg, cfg = teacher.cfg, recipe.eval
     negative = tcfg.negative_prompt if tcfg.negative_prompt is not None else vocab.negative_prompt
-    return {"batches": [rows[i: i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)],
-            "shape": teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width), "negative": negative,
-            "grader": grader, "num_previews": min(cfg.num_previews, len(rows)), "n": len(rows), "rows": rows}
+    return {
+        "batches": [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)],
+        "shape": teacher.latent_shape(tcfg.num_frames, tcfg.height, tcfg.width),
+        "negative": negative,
+        "grader": grader,
+        "num_previews": min(cfg.num_previews, len(rows)),
+        "n": len(rows),
+        "rows": rows,
+    }
 
 
 def evaluate(recipe: Recipe) -> dict:
@@ -378,8 +422,13 @@ def evaluate(recipe: Recipe) -> dict:
     vocab = load_vocabulary(resolve_path(recipe.data.vocabulary))
     grader = choose_grader(recipe, vocab)
     students = find_students(recipe)
-    logger.info("eval: %d prompts (seed %d), teacher + %d student(s): %s", len(rows), cfg.seed, len(students),
-                ", ".join(n for n, _ in students) or "none")
+    logger.info(
+        "eval: %d prompts (seed %d), teacher + %d student(s): %s",
+        len(rows),
+        cfg.seed,
+        len(students),
+        ", ".join(n for n, _ in students) or "none",
+    )
     teacher = WanTeacher.from_config(recipe.teacher, accelerator.device)
     tcfg = teacher.cfg
     ctx = grading_context(recipe, teacher, rows, vocab, grader)
@@ -388,23 +437,43 @@ def evaluate(recipe: Recipe) -> dict:
     # 1. the teacher, before any LoRA student borrows its transformer
     nfe = teacher_nfe(teacher)
     uses_cfg = nfe > tcfg.num_inference_steps
-    runs = {"teacher": run_model("teacher", lambda cond, noise, _rows: teacher.sample(cond, noise).latents, teacher,
-                                 ctx["batches"], ctx["shape"], negative if uses_cfg else None, grader, num_previews,
-                                 cfg.decode_batch_size, num_chunks=teacher_chunks(students, ctx["shape"][1]))}
+    runs = {
+        "teacher": run_model(
+            "teacher",
+            lambda cond, noise, _rows: teacher.sample(cond, noise).latents,
+            teacher,
+            ctx["batches"],
+            ctx["shape"],
+            negative if uses_cfg else None,
+            grader,
+            num_previews,
+            cfg.decode_batch_size,
+            num_chunks=teacher_chunks(students, ctx["shape"][1]),
+        )
+    }
     report = {
-        "num_prompts": len(rows), "seed": cfg.seed, "prompt_mode": cfg.prompt_mode, "vocabulary": vocab.name,
-        "grader": grader, "device": str(teacher.device), "train_overlap": train_overlap(recipe, rows),
+        "num_prompts": len(rows),
+        "seed": cfg.seed,
+        "prompt_mode": cfg.prompt_mode,
+        "vocabulary": vocab.name,
+        "grader": grader,
+        "device": str(teacher.device),
+        "train_overlap": train_overlap(recipe, rows),
         "num_previews": num_previews,
-        "teacher": {"nfe": nfe, "steps": tcfg.num_inference_steps, "guidance_scale": tcfg.guidance_scale,
-                    "shift": tcfg.shift, **_timing(runs["teacher"], grader)},
+        "teacher": {
+            "nfe": nfe,
+            "steps": tcfg.num_inference_steps,
+            "guidance_scale": tcfg.guidance_scale,
+            "shift": tcfg.shift,
+            **_timing(runs["teacher"], grader),
+        },
         "students": {},
     }
     # 2. every student, on the same prompts and noise
     for name, folder in tqdm(students, desc="eval students", unit="student", disable=not students):
         entry, runs[name] = eval_student(name, folder, teacher, recipe, ctx)
         entry["speedup"] = report["teacher"]["seconds_per_video"] / entry["seconds_per_video"]
-        entry["sampling_speedup"] = (report["teacher"]["sample_seconds_per_video"]
-                                     / entry["sample_seconds_per_video"])
+        entry["sampling_speedup"] = report["teacher"]["sample_seconds_per_video"] / entry["sample_seconds_per_video"]
         report["students"][name] = entry
     # 3. files
     write_outputs(recipe, report, rows, {m: r.previews for m, r in runs.items()})
@@ -438,8 +507,9 @@ def write_outputs(recipe: Recipe, report: dict, rows: list[dict], previews: dict
     return final
 
 
-def _write_previews(folder: Path, previews: dict[str, list[np.ndarray]], rows: list[dict], recipe: Recipe,
-                    files: dict[str, str]) -> dict[str, dict[str, str]]:
+def _write_previews(
+    folder: Path, previews: dict[str, list[np.ndarray]], rows: list[dict], recipe: Recipe, files: dict[str, str]
+) -> dict[str, dict[str, str]]:
     """preview_<model>.mp4/.gif (the preview prompts side by side), compare.mp4 (one row per model) and
     first_frames.png; returns model -> {"mp4", "gif"} file names."""
     fps = recipe.data.fps
@@ -455,6 +525,7 @@ def _write_previews(folder: Path, previews: dict[str, list[np.ndarray]], rows: l
         out[model] = {"mp4": f"{stem}.mp4", "gif": f"{stem}.gif"}
     files["compare"] = rep.write_mp4(folder / "compare.mp4", rep.tile(list(big.values())), fps).name
     prompts = [r["prompt"] for r in rows[: len(previews["teacher"])]]
-    files["first_frames"] = rep.plot_first_frames({m: [v[0] for v in vids] for m, vids in previews.items()},
-                                                  prompts, folder / "first_frames.png").name
+    files["first_frames"] = rep.plot_first_frames(
+        {m: [v[0] for v in vids] for m, vids in previews.items()}, prompts, folder / "first_frames.png"
+    ).name
     return out

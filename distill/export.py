@@ -38,30 +38,43 @@ LORA_FORMATS = ("diffusers_lora", "comfyui_lora")
 EXPERTS_JSON = "experts.json"
 # diffusers module suffix inside a Wan block -> Wan-native (ComfyUI / original checkpoint) name.
 COMFY_NAMES = {
-    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
     "attn1.to_out.0": "self_attn.o",
-    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
     "attn2.to_out.0": "cross_attn.o",
-    "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
-    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
 }
 _LORA_KEY = re.compile(r"^blocks\.(\d+)\.(.+)\.lora_([AB])\.weight$")
 _SECRET = re.compile(r"token|secret|password", re.IGNORECASE)
 
 
-def export_student(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, out_dir: Path,
-                   eval_report: dict | None = None) -> dict[str, Path]:
+def export_student(
+    recipe: Recipe, student: Student, teacher_pipe: WanPipeline, out_dir: Path, eval_report: dict | None = None
+) -> dict[str, Path]:
     """Write every format of `recipe.export.formats` under `out_dir`; returns {format: path written}."""
     formats = list(dict.fromkeys(recipe.export.formats))
     _check_formats(formats, student)
     bad = [n for n, p in student.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        raise ValueError(f"export: {len(bad)} tensor(s) of student {student.cfg.name} are not finite (first: "
-                         f"{bad[0]}); nothing was exported. Export a finite checkpoint with export.checkpoint, or "
-                         "retrain")
+        raise ValueError(
+            f"export: {len(bad)} tensor(s) of student {student.cfg.name} are not finite (first: "
+            f"{bad[0]}); nothing was exported. Export a finite checkpoint with export.checkpoint, or "
+            "retrain"
+        )
     out_dir = Path(out_dir)
-    writers = {"diffusers_lora": export_diffusers_lora, "comfyui_lora": export_comfyui_lora,
-               "transformer": export_transformer, "pipeline": export_pipeline}
+    writers = {
+        "diffusers_lora": export_diffusers_lora,
+        "comfyui_lora": export_comfyui_lora,
+        "transformer": export_transformer,
+        "pipeline": export_pipeline,
+    }
     written = {}
     for fmt in tqdm(formats, desc=f"export {student.cfg.name}", disable=len(formats) < 2):
         folder = out_dir / _FOLDERS[fmt]
@@ -71,8 +84,12 @@ def export_student(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, 
     return written
 
 
-_FOLDERS = {"diffusers_lora": "diffusers", "comfyui_lora": "comfyui", "transformer": "transformer",
-            "pipeline": "pipeline"}
+_FOLDERS = {
+    "diffusers_lora": "diffusers",
+    "comfyui_lora": "comfyui",
+    "transformer": "transformer",
+    "pipeline": "pipeline",
+}
 
 
 def _check_formats(formats: list[str], student: Student) -> None:
@@ -97,9 +114,11 @@ def _check_formats(formats: list[str], student: Student) -> None:
 
 
 def _write_experts_json(folder: Path, student: Student, files: list[str]) -> None:
-    meta = {"boundaries": student.boundaries, "experts": files,
-            "rule": "expert i serves boundaries[i-1] > sigma >= boundaries[i] "
-                    "(sigma = t/1000; expert 0: highest noise)"}
+    meta = {
+        "boundaries": student.boundaries,
+        "experts": files,
+        "rule": "expert i serves boundaries[i-1] > sigma >= boundaries[i] (sigma = t/1000; expert 0: highest noise)",
+    }
     (folder / EXPERTS_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -115,7 +134,8 @@ def export_diffusers_lora(recipe: Recipe, student: Student, teacher_pipe: WanPip
         name = student.adapter_names[i]
         layers = {k: v.detach().contiguous() for k, v in lora_state_dict(student.transformer, name).items()}
         WanPipeline.save_lora_weights(
-            d, transformer_lora_layers=layers,
+            d,
+            transformer_lora_layers=layers,
             transformer_lora_adapter_metadata=student.transformer.peft_config[name].to_dict(),
         )
     if student.num_experts > 1:
@@ -141,9 +161,11 @@ def comfyui_state_dict(lora_sd: dict[str, torch.Tensor], alpha: float) -> dict[s
 def export_comfyui_lora(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     name = student.cfg.name
-    files = [f"{name}.safetensors"] if student.num_experts == 1 else [
-        f"{name}_{expert_name(i)}.safetensors" for i in range(student.num_experts)
-    ]
+    files = (
+        [f"{name}.safetensors"]
+        if student.num_experts == 1
+        else [f"{name}_{expert_name(i)}.safetensors" for i in range(student.num_experts)]
+    )
     for i, fname in enumerate(files):
         sd = comfyui_state_dict(lora_state_dict(student.transformer, student.adapter_names[i]), student.cfg.lora_alpha)
         save_file(sd, str(folder / fname), metadata={"format": "pt"})
@@ -180,8 +202,11 @@ def export_pipeline(recipe: Recipe, student: Student, teacher_pipe: WanPipeline,
     """A WanPipeline folder: the teacher's tokenizer, text encoder and VAE with the student transformer(s)."""
     transformers = student_transformers(student)
     pipe = WanPipeline(
-        tokenizer=teacher_pipe.tokenizer, text_encoder=teacher_pipe.text_encoder, vae=teacher_pipe.vae,
-        scheduler=student_scheduler(recipe), transformer=transformers[0],
+        tokenizer=teacher_pipe.tokenizer,
+        text_encoder=teacher_pipe.text_encoder,
+        vae=teacher_pipe.vae,
+        scheduler=student_scheduler(recipe),
+        transformer=transformers[0],
         transformer_2=transformers[1] if len(transformers) == 2 else None,
         boundary_ratio=student.boundaries[0] if len(transformers) == 2 else None,
         expand_timesteps=teacher_pipe.config.expand_timesteps,
@@ -225,22 +250,30 @@ def model_card(recipe: Recipe, student: Student, fmt: str, eval_report: dict | N
     steps = len(sigmas) if mode == "renoise" else len(sigmas) - 1
     method = recipe.method.name if recipe.method is not None else "?"
     lines = [
-        "---", data.to_yaml(), "---", "",
-        f"# {cfg.name}", "",
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {cfg.name}",
+        "",
         f"A `{cfg.kind}` student distilled with `{method}` from `{base or recipe.teacher.pretrained}` by the "
         "wan-distill toolkit.",
-        f"Sampling: {steps} steps ({mode}: " + (
-            "x0 prediction then fresh noise at each step" if mode == "renoise" else "Euler flow steps"
-        ) + f"), guidance_scale {cfg.guidance_scale}, shift {recipe.teacher.shift}; "
+        f"Sampling: {steps} steps ({mode}: "
+        + ("x0 prediction then fresh noise at each step" if mode == "renoise" else "Euler flow steps")
+        + f"), guidance_scale {cfg.guidance_scale}, shift {recipe.teacher.shift}; "
         f"σ = {[round(s, 4) for s in sigmas]}.",
     ]
     if cfg.experts > 1:
-        lines.append(f"Timestep experts: {cfg.experts}, σ boundaries {cfg.expert_boundaries} (expert 0 = highest "
-                     "noise; σ >= boundary goes to the higher-noise expert, as Wan2.2's boundary_ratio); "
-                     "see experts.json.")
+        lines.append(
+            f"Timestep experts: {cfg.experts}, σ boundaries {cfg.expert_boundaries} (expert 0 = highest "
+            "noise; σ >= boundary goes to the higher-noise expert, as Wan2.2's boundary_ratio); "
+            "see experts.json."
+        )
     if mode == "renoise" and steps > 1:
-        lines.append("Note: `WanPipeline` places its own timesteps for `num_inference_steps`; the exact σ above "
-                     "are those of `students.sampling.sample_student` in wan-distill.")
+        lines.append(
+            "Note: `WanPipeline` places its own timesteps for `num_inference_steps`; the exact σ above "
+            "are those of `students.sampling.sample_student` in wan-distill."
+        )
     lines += ["", "## Usage", "", _usage(recipe, fmt, base, steps), ""]
     if eval_report:
         lines += ["## Evaluation", "", "```json", json.dumps(_scrub(eval_report), indent=2, default=str), "```", ""]
@@ -258,29 +291,51 @@ def _usage(recipe: Recipe, fmt: str, base: str | None, steps: int) -> str:
     if fmt == "diffusers_lora":
         sub = "" if cfg.experts == 1 else ', subfolder="expert_0"'
         note = [] if cfg.experts == 1 else ["# one adapter per σ interval (expert_0: highest noise), see experts.json"]
-        return "\n".join([
-            "```python", "import torch", "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline", "",
-            *note,
-            f'pipe = WanPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
-            f'pipe.load_lora_weights("path/to/export/diffusers"{sub})', *scheduler, call, "```",
-        ])
+        return "\n".join(
+            [
+                "```python",
+                "import torch",
+                "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline",
+                "",
+                *note,
+                f'pipe = WanPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
+                f'pipe.load_lora_weights("path/to/export/diffusers"{sub})',
+                *scheduler,
+                call,
+                "```",
+            ]
+        )
     if fmt == "comfyui_lora":
-        return (f"Copy `{cfg.name}*.safetensors` to `ComfyUI/models/loras/` and apply it to the Wan model with a "
-                "`LoraLoaderModelOnly` node (strength 1.0)"
-                + (", one file per expert (high-noise expert_0 first)." if cfg.experts > 1 else ".")
-                + f" Sample with {steps} steps, CFG {cfg.guidance_scale}, shift {recipe.teacher.shift}.")
+        return (
+            f"Copy `{cfg.name}*.safetensors` to `ComfyUI/models/loras/` and apply it to the Wan model with a "
+            "`LoraLoaderModelOnly` node (strength 1.0)"
+            + (", one file per expert (high-noise expert_0 first)." if cfg.experts > 1 else ".")
+            + f" Sample with {steps} steps, CFG {cfg.guidance_scale}, shift {recipe.teacher.shift}."
+        )
     if fmt == "transformer":
         sub = "" if cfg.experts == 1 else ', subfolder="expert_0"'
-        return "\n".join([
-            "```python", "import torch",
-            "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel", "",
-            f'transformer = WanTransformer3DModel.from_pretrained("path/to/export/transformer"{sub}, '
-            "torch_dtype=torch.bfloat16)",
-            f'pipe = WanPipeline.from_pretrained("{base}", transformer=transformer, torch_dtype=torch.bfloat16)',
-            *scheduler, call, "```",
-        ])
-    return "\n".join([
-        "```python", "import torch", "from diffusers import WanPipeline", "",
-        'pipe = WanPipeline.from_pretrained("path/to/export/pipeline", torch_dtype=torch.bfloat16).to("cuda")',
-        call, "```",
-    ])
+        return "\n".join(
+            [
+                "```python",
+                "import torch",
+                "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel",
+                "",
+                f'transformer = WanTransformer3DModel.from_pretrained("path/to/export/transformer"{sub}, '
+                "torch_dtype=torch.bfloat16)",
+                f'pipe = WanPipeline.from_pretrained("{base}", transformer=transformer, torch_dtype=torch.bfloat16)',
+                *scheduler,
+                call,
+                "```",
+            ]
+        )
+    return "\n".join(
+        [
+            "```python",
+            "import torch",
+            "from diffusers import WanPipeline",
+            "",
+            'pipe = WanPipeline.from_pretrained("path/to/export/pipeline", torch_dtype=torch.bfloat16).to("cuda")',
+            call,
+            "```",
+        ]
+    )

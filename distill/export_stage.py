@@ -28,8 +28,9 @@ def trained_student_dir(recipe: Recipe) -> Path:
     """`final_ema/` when the run kept an EMA and `export.use_ema`, else `final/`; must be complete."""
     base = recipe.student_dir()
     if not is_finished(base):
-        raise FileNotFoundError(f"{final_dir(base)}: no finished training run; run `python -m distill train "
-                                f"{recipe.source}` first")
+        raise FileNotFoundError(
+            f"{final_dir(base)}: no finished training run; run `python -m distill train {recipe.source}` first"
+        )
     return weights_dir(base, recipe.export.use_ema)
 
 
@@ -43,8 +44,10 @@ def checkpoint_dir(recipe: Recipe, name: str) -> Path:
         return found[-1]
     path = base / name
     if not name.startswith(CHECKPOINT_PREFIX) or not (path / TRAINING_STATE).is_file():
-        raise FileNotFoundError(f"export.checkpoint: {path} is not a finished checkpoint; use `latest` or one of "
-                                f"{[p.name for p in found] or 'none yet'}")
+        raise FileNotFoundError(
+            f"export.checkpoint: {path} is not a finished checkpoint; use `latest` or one of "
+            f"{[p.name for p in found] or 'none yet'}"
+        )
     return path
 
 
@@ -61,8 +64,10 @@ def student_from_checkpoint(recipe: Recipe, teacher, path: Path) -> Student:
     if use_ema:
         check_no_pickles(path)
         if not (path / EMA_WEIGHTS).is_file():
-            raise FileNotFoundError(f"export.checkpoint: {path} has no EMA ({EMA_WEIGHTS}) though train.ema is set; "
-                                    "set export.use_ema=false to export the raw weights")
+            raise FileNotFoundError(
+                f"export.checkpoint: {path} has no EMA ({EMA_WEIGHTS}) though train.ema is set; "
+                "set export.use_ema=false to export the raw weights"
+            )
         params = student.trainable_parameters()
         ema = EMAModel(params, decay=recipe.train.ema_decay)
         load_ema(ema, path)

@@ -25,8 +25,9 @@ Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """`model(x [B, C, F, H, W], t [B] = 1000·σ, encoder_hidden_states [B, L, D]) -> v [B, C, F, H, W]`."""
 
 
-def flow_matching_loss(model: Model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
-                       embeds: torch.Tensor) -> torch.Tensor:
+def flow_matching_loss(
+    model: Model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor
+) -> torch.Tensor:
     """L = mean ‖ model(x_σ, 1000σ, c) - (ε - x0) ‖² with x_σ = (1-σ)·x0 + σ·ε.
 
     x0, noise: [B, C, F, H, W]; sigma: [B]; embeds: [B, L, D]. Returns a float32 scalar (mean over every
@@ -101,8 +102,11 @@ class FlowMatching:
         embeds, dropped = drop_condition(batch.generators, batch.cond, c.cfg_dropout)
         # 2. regress the student's velocity at x_σ onto ε - x0
         loss = flow_matching_loss(self.student, batch.x0, noise, sigma, embeds)
-        return loss, {"loss/flow_matching": loss.detach(), "sigma/mean": sigma.mean(),
-                      "cfg_dropped": dropped.float().mean()}
+        return loss, {
+            "loss/flow_matching": loss.detach(),
+            "sigma/mean": sigma.mean(),
+            "cfg_dropped": dropped.float().mean(),
+        }
 
 
 __all__ = ["FlowMatching", "flow_matching_loss", "draw_sigma_noise", "drop_condition"]

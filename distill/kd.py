@@ -36,8 +36,9 @@ def output_kd_loss(v_student: torch.Tensor, v_teacher: torch.Tensor) -> torch.Te
     return F.mse_loss(v_student.float(), v_teacher.float())
 
 
-def feature_kd_loss(student_features: dict[int, torch.Tensor], teacher_features: dict[int, torch.Tensor],
-                    layer_map: dict[int, int]) -> torch.Tensor:
+def feature_kd_loss(
+    student_features: dict[int, torch.Tensor], teacher_features: dict[int, torch.Tensor], layer_map: dict[int, int]
+) -> torch.Tensor:
     """L_feat = mean over the map of mean ‖h_S^i - h_T^j‖²; features [B, N, D] keyed by block index."""
     losses = []
     for i, j in layer_map.items():
@@ -61,6 +62,7 @@ def block_outputs(blocks: nn.ModuleList, indices: list[int]) -> Iterator[dict[in
     out: dict[int, torch.Tensor] = {}
     handles = []
     for i in indices:
+
         def hook(_module, _args, output, i=i):
             out[i] = output[0] if isinstance(output, tuple) else output
 
@@ -75,11 +77,15 @@ def block_outputs(blocks: nn.ModuleList, indices: list[int]) -> Iterator[dict[in
 def check_layer_map(layer_map: dict[int, int], n_student: int, n_teacher: int) -> None:
     for i, j in layer_map.items():
         if not 0 <= i < n_student:
-            raise ValueError(f"method.kd.layer_map: student block {i} does not exist; the student has "
-                             f"{n_student} blocks (0..{n_student - 1})")
+            raise ValueError(
+                f"method.kd.layer_map: student block {i} does not exist; the student has "
+                f"{n_student} blocks (0..{n_student - 1})"
+            )
         if not 0 <= j < n_teacher:
-            raise ValueError(f"method.kd.layer_map: teacher block {j} (for student block {i}) does not exist; the "
-                             f"teacher has {n_teacher} blocks (0..{n_teacher - 1})")
+            raise ValueError(
+                f"method.kd.layer_map: teacher block {j} (for student block {i}) does not exist; the "
+                f"teacher has {n_teacher} blocks (0..{n_teacher - 1})"
+            )
 
 
 @contextmanager
@@ -135,8 +141,9 @@ class KD:
             if self.feature_weight > 0 and not self.layer_map:
                 raise ValueError("layer_map: feature_weight > 0 needs a student->teacher block map, e.g. {0: 0, 1: 3}")
             if self.layer_map and self.feature_weight == 0:
-                raise ValueError("feature_weight: layer_map is set but feature_weight is 0; set a weight or drop "
-                                 "the map")
+                raise ValueError(
+                    "feature_weight: layer_map is set but feature_weight is 0; set a weight or drop the map"
+                )
             if self.shift is not None and self.shift <= 0:
                 raise ValueError(f"shift: must be > 0 or null, got {self.shift}")
 
@@ -162,11 +169,15 @@ class KD:
         self.student_blocks = student_blocks
         if config.feature_weight > 0:
             if student_blocks is None:
-                raise ValueError("method.kd.feature_weight: feature KD needs a single-expert student "
-                                 "(student.experts: 1); set feature_weight: 0")
+                raise ValueError(
+                    "method.kd.feature_weight: feature KD needs a single-expert student "
+                    "(student.experts: 1); set feature_weight: 0"
+                )
             if teacher.boundary is not None:
-                raise ValueError("method.kd.feature_weight: feature KD supports single-expert teachers only "
-                                 "(this one has transformer_2); set feature_weight: 0")
+                raise ValueError(
+                    "method.kd.feature_weight: feature KD supports single-expert teachers only "
+                    "(this one has transformer_2); set feature_weight: 0"
+                )
             check_layer_map(config.layer_map, len(student_blocks), len(teacher.pipe.transformer.blocks))
 
     def _teacher(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -25,8 +25,9 @@ from distill.batch import Batch
 from distill.flow_matching import Model
 
 
-def ode_regression_loss(model: Model, x_t: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
-                        x0_target: torch.Tensor) -> torch.Tensor:
+def ode_regression_loss(
+    model: Model, x_t: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, x0_target: torch.Tensor
+) -> torch.Tensor:
     """L = mean ‖ x - σ·model(x, 1000σ, c) - x0_T ‖².
 
     x_t, x0_target: [B, C, F, H, W]; sigma: [B] or per frame [B, F]; embeds [B, L, D]. A [B, F] σ that is equal
@@ -38,8 +39,9 @@ def ode_regression_loss(model: Model, x_t: torch.Tensor, sigma: torch.Tensor, em
     return F.mse_loss(x0_from_velocity(x_t.float(), v.float(), sigma), x0_target.float())
 
 
-def chunk_states(trajectory: torch.Tensor, sigmas: torch.Tensor, picks: torch.Tensor,
-                 frames_per_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_states(
+    trajectory: torch.Tensor, sigmas: torch.Tensor, picks: torch.Tensor, frames_per_block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix stored states chunk by chunk: returns (x [B, C, F, H, W], σ [B, F]).
 
     trajectory: [B, S, C, F, H, W]; sigmas: [B, S]; picks: [B, num_chunks] state index per chunk.
@@ -87,19 +89,24 @@ class ODERegression:
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if batch.trajectory is None or batch.trajectory_sigmas is None:
-            raise ValueError("method.name: ode_regression needs the dataset's `trajectory` column "
-                             "(set data.trajectory_steps and regenerate)")
+            raise ValueError(
+                "method.name: ode_regression needs the dataset's `trajectory` column "
+                "(set data.trajectory_steps and regenerate)"
+            )
         traj, sigmas = batch.trajectory, batch.trajectory_sigmas
         if traj.shape[1] < 2 or bool((sigmas[:, -1] != 0).any()):
-            raise ValueError(f"trajectory_sigmas: need >= 1 noisy state and the clean endpoint (σ = 0) last, got "
-                             f"{[round(s, 4) for s in sigmas[0].tolist()]}; regenerate with data.trajectory_steps "
-                             "ending at the teacher's last step")
+            raise ValueError(
+                f"trajectory_sigmas: need >= 1 noisy state and the clean endpoint (σ = 0) last, got "
+                f"{[round(s, 4) for s in sigmas[0].tolist()]}; regenerate with data.trajectory_steps "
+                "ending at the teacher's last step"
+            )
         num_frames = traj.shape[4]
         per_block = self.frames_per_block or num_frames
         num_chunks = -(-num_frames // per_block)
         # 1. one stored state per chunk, from each sample's generator (never the clean endpoint)
-        picks = torch.stack([torch.randint(traj.shape[1] - 1, (num_chunks,), generator=g)
-                             for g in batch.generators]).to(traj.device)
+        picks = torch.stack(
+            [torch.randint(traj.shape[1] - 1, (num_chunks,), generator=g) for g in batch.generators]
+        ).to(traj.device)
         # 2. the mixed input and its per-frame σ
         x_t, sigma = chunk_states(traj, sigmas, picks, per_block)
         # 3. regress the student's one-jump x0 onto the endpoint

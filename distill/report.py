@@ -47,19 +47,40 @@ def summary_table(report: dict) -> str:
     keys = attribute_keys(report)
     ci = ["acc all 95% CI"] if keys else []
     chunked = any(e.get("chunk_accuracy") for e in [report["teacher"], *report["students"].values()])
-    head = ["model", "NFE", *(f"acc {k}" for k in keys[:1]), *ci, *(["acc per chunk"] if chunked else []),
-            *(f"acc {k}" for k in keys[1:]), "s/video", "speedup", "sampling speedup"]
+    head = [
+        "model",
+        "NFE",
+        *(f"acc {k}" for k in keys[:1]),
+        *ci,
+        *(["acc per chunk"] if chunked else []),
+        *(f"acc {k}" for k in keys[1:]),
+        "s/video",
+        "speedup",
+        "sampling speedup",
+    ]
     rows = [["teacher", report["teacher"], 1.0, 1.0]]
     rows += [[name, s, s["speedup"], s["sampling_speedup"]] for name, s in report["students"].items()]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name, entry, speedup, sampling in rows:
         acc = entry["accuracy"]
-        interval = [] if not keys else ["n/a" if acc is None else
-                                        "{:.2f}–{:.2f}".format(*wilson_interval(acc["all"], report["num_prompts"]))]
+        interval = (
+            []
+            if not keys
+            else ["n/a" if acc is None else "{:.2f}–{:.2f}".format(*wilson_interval(acc["all"], report["num_prompts"]))]
+        )
         values = [_fmt(None if acc is None else acc[k], ".3f") for k in keys]
         per_chunk = [] if not chunked else [" / ".join(f"{a:.3f}" for a in entry.get("chunk_accuracy") or []) or "n/a"]
-        cells = [name, str(entry["nfe"]), *values[:1], *interval, *per_chunk, *values[1:],
-                 _fmt(entry["seconds_per_video"], ".4g"), f"{speedup:.2f}x", f"{sampling:.2f}x"]
+        cells = [
+            name,
+            str(entry["nfe"]),
+            *values[:1],
+            *interval,
+            *per_chunk,
+            *values[1:],
+            _fmt(entry["seconds_per_video"], ".4g"),
+            f"{speedup:.2f}x",
+            f"{sampling:.2f}x",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -72,11 +93,15 @@ def markdown_report(report: dict, files: dict[str, str], previews: dict[str, dic
     """
     grader, overlap = report["grader"], report["train_overlap"]
     lines = [
-        "# Eval report", "",
+        "# Eval report",
+        "",
         f"{report['num_prompts']} fresh prompts from vocabulary `{report['vocabulary']}` (eval.seed={report['seed']}, "
         f"mode={report['prompt_mode']}); teacher and students share each prompt's noise. "
-        + ("No training prompts.jsonl was found to compare with." if overlap is None else
-           f"{overlap:.0%} of their slot combinations also occur in the training prompts (the noise never does)."),
+        + (
+            "No training prompts.jsonl was found to compare with."
+            if overlap is None
+            else f"{overlap:.0%} of their slot combinations also occur in the training prompts (the noise never does)."
+        ),
         "",
         f"Grader: {'the toy-world oracle (fraction of videos with the slot read back right)' if grader else 'none'}"
         + ("" if grader else " — this vocabulary has no oracle, so accuracy is n/a; timings are real."),
@@ -84,7 +109,9 @@ def markdown_report(report: dict, files: dict[str, str], previews: dict[str, dic
         "sampling: the mean of their timing passes); "
         "speedup = teacher s/video ÷ student s/video, measured in this run; sampling speedup = the same for the "
         "sampler alone (noise to latents), without the VAE decode both share.",
-        "", summary_table(report), "",
+        "",
+        summary_table(report),
+        "",
     ]
     if "accuracy" in files:
         lines += ["## Accuracy per attribute", "", f"![per-attribute accuracy]({files['accuracy']})", ""]
@@ -191,7 +218,7 @@ def tile(videos: list[list[np.ndarray]]) -> np.ndarray:
             if video.shape != (f, h, w, 3):
                 raise ValueError(f"tile: video [{r}][{c}] has shape {video.shape}, expected {(f, h, w, 3)}")
             y, x = r * (h + GAP), c * (w + GAP)
-            grid[:, y: y + h, x: x + w] = video
+            grid[:, y : y + h, x : x + w] = video
     return upscale_nearest(grid, 1)
 
 

@@ -28,9 +28,11 @@ def check_no_pickles(folder: Path) -> None:
     """Refuse a checkpoint with pickled custom state: accelerate would unpickle it with weights_only=False."""
     found = sorted(p.name for p in folder.glob("custom_checkpoint_*.pkl"))
     if found:
-        raise ValueError(f"{folder}: holds pickled state ({', '.join(found)}), which this version never reads (a "
-                         "pickle can run code); resume from a checkpoint this version wrote, or start over with a new "
-                         "student.name")
+        raise ValueError(
+            f"{folder}: holds pickled state ({', '.join(found)}), which this version never reads (a "
+            "pickle can run code); resume from a checkpoint this version wrote, or start over with a new "
+            "student.name"
+        )
 
 
 def _require(path: Path) -> Path:
@@ -42,8 +44,9 @@ def _require(path: Path) -> Path:
 def save_ema(ema, folder: Path) -> None:
     state = ema.state_dict()
     shadow = state.pop("shadow_params")
-    save_file({f"shadow_params.{i}": t.detach().cpu().contiguous() for i, t in enumerate(shadow)},
-              str(folder / EMA_WEIGHTS))
+    save_file(
+        {f"shadow_params.{i}": t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, str(folder / EMA_WEIGHTS)
+    )
     (folder / EMA_STATE).write_text(json.dumps(state) + "\n")
 
 
@@ -53,14 +56,18 @@ def load_ema(ema, folder: Path) -> None:
     state = json.loads(_require(folder / EMA_STATE).read_text())
     n = len(ema.shadow_params)
     if sorted(tensors) != sorted(f"shadow_params.{i}" for i in range(n)):
-        raise ValueError(f"{folder / EMA_WEIGHTS}: holds {len(tensors)} EMA tensors, this student has {n} trainable "
-                         "tensors; resume with the recipe that wrote it")
+        raise ValueError(
+            f"{folder / EMA_WEIGHTS}: holds {len(tensors)} EMA tensors, this student has {n} trainable "
+            "tensors; resume with the recipe that wrote it"
+        )
     ema.load_state_dict({**state, "shadow_params": [tensors[f"shadow_params.{i}"] for i in range(n)]})
 
 
 def save_critic(critic, folder: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in critic.trainable_state_dict().items()},
-              str(folder / CRITIC_WEIGHTS))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in critic.trainable_state_dict().items()},
+        str(folder / CRITIC_WEIGHTS),
+    )
 
 
 def load_critic(critic, folder: Path) -> None:
@@ -82,8 +89,19 @@ def check_finite(value: torch.Tensor, what: str, step: int, checkpoints: Callabl
     raise NonFiniteError(
         f"train: step {step + 1}: the {what} is {float(value.detach().float().flatten()[0])}; stopped before the "
         f"update ({kept}). Lower train.learning_rate or set train.max_grad_norm, then resume with "
-        "train.resume_from_checkpoint=latest (or start over with a new student.name)")
+        "train.resume_from_checkpoint=latest (or start over with a new student.name)"
+    )
 
 
-__all__ = ["CRITIC_WEIGHTS", "EMA_STATE", "EMA_WEIGHTS", "NonFiniteError", "check_finite", "check_no_pickles",
-           "load_critic", "load_ema", "save_critic", "save_ema"]
+__all__ = [
+    "CRITIC_WEIGHTS",
+    "EMA_STATE",
+    "EMA_WEIGHTS",
+    "NonFiniteError",
+    "check_finite",
+    "check_no_pickles",
+    "load_critic",
+    "load_ema",
+    "save_critic",
+    "save_ema",
+]

@@ -57,8 +57,9 @@ EXIT_STREAM = 0x5E1F
 EXIT_STREAM), s))`: a stream no per-sample generator (derive_seed(train.seed, index >= 0)) shares."""
 
 
-def draw_exit_steps(seed: int, step: int, num_chunks: int, num_steps: int, last_only: bool = False,
-                    same_across_chunks: bool = False) -> list[int]:
+def draw_exit_steps(
+    seed: int, step: int, num_chunks: int, num_steps: int, last_only: bool = False, same_across_chunks: bool = False
+) -> list[int]:
     """One exit step per chunk, uniform in [0, num_steps), for trainer step `step`: the same on every rank.
     `same_across_chunks`: the first chunk's draw for every chunk (Self-Forcing's `same_step_across_blocks`)."""
     if last_only:
@@ -77,8 +78,10 @@ def draw_window_end(seed: int, step: int, num_chunks: int, window: int, min_star
     """The chunk (exclusive) where trainer step `step`'s DMD window ends, uniform in [min_start + window, num_chunks]:
     the same on every rank. (min_start 0 draws exactly as before the key existed.)"""
     if not 1 <= window <= num_chunks - min_start:
-        raise ValueError(f"method.self_forcing.dmd_window: must be in 1..{num_chunks - min_start} (the chunks rolled "
-                         f"out, {num_chunks}, less dmd_window_min_start, {min_start}), got {window}")
+        raise ValueError(
+            f"method.self_forcing.dmd_window: must be in 1..{num_chunks - min_start} (the chunks rolled "
+            f"out, {num_chunks}, less dmd_window_min_start, {min_start}), got {window}"
+        )
     g = torch.Generator().manual_seed(derive_seed(derive_seed(seed, WINDOW_STREAM), step))
     return int(torch.randint(min_start + window, num_chunks + 1, (1,), generator=g))
 
@@ -124,9 +127,19 @@ class PreparedCausal(ChunkModelWrapper):
 class CausalRollout:
     """`distill.dmd.Rollout` of a causal student: its own chunk-by-chunk rollout from noise (module docstring)."""
 
-    def __init__(self, model, sigmas: list[float], *, seed: int, samples_per_step: int, num_chunks: int | None = None,
-                 last_only: bool = False, window: int | None = None, same_across_chunks: bool = False,
-                 window_min_start: int = 0):
+    def __init__(
+        self,
+        model,
+        sigmas: list[float],
+        *,
+        seed: int,
+        samples_per_step: int,
+        num_chunks: int | None = None,
+        last_only: bool = False,
+        window: int | None = None,
+        same_across_chunks: bool = False,
+        window_min_start: int = 0,
+    ):
         """`model`: a `CausalWan` or `PreparedCausal`; `sigmas`: the student's levels (all > 0);
         `seed` / `samples_per_step`: train.seed and the global samples per trainer step G (step s holds the sample
         indices [s·G, (s+1)·G), `distill.data`); `num_chunks`: None rolls out the batch's latent frames;
@@ -134,8 +147,10 @@ class CausalRollout:
         trainer step (`draw_window_end`): the chunks before them are rolled out as at inference (every step, no
         grad) and only fill the cache; later chunks are not rolled out at all."""
         if not sigmas or any(s <= 0 for s in sigmas):
-            raise ValueError(f"student.denoising_steps: the causal rollout samples the student at every σ, all must "
-                             f"be > 0; got σ's {sigmas}")
+            raise ValueError(
+                f"student.denoising_steps: the causal rollout samples the student at every σ, all must "
+                f"be > 0; got σ's {sigmas}"
+            )
         self.model, self.sigmas, self.seed = model, list(sigmas), seed
         self.samples_per_step, self.num_chunks, self.last_only = samples_per_step, num_chunks, last_only
         self.same_across_chunks = same_across_chunks
@@ -164,16 +179,22 @@ class CausalRollout:
         else:
             end = draw_window_end(self.seed, step, chunks, self.window, self.window_min_start)
             first = end - self.window
-        exits = draw_exit_steps(self.seed, step, end - first, len(self.sigmas), self.last_only,
-                                self.same_across_chunks)
+        exits = draw_exit_steps(self.seed, step, end - first, len(self.sigmas), self.last_only, self.same_across_chunks)
         self.last_exit_steps, self.last_window = exits, (first, end)
         c, _, h, w = batch.shape
-        noise = randn_per_sample(batch.generators, (c, frames, h, w), batch.device)[:, :, :end * fpb]
+        noise = randn_per_sample(batch.generators, (c, frames, h, w), batch.device)[:, :, : end * fpb]
         # 2. chunk by chunk with the KV cache, as at inference; only each returned chunk's exit step keeps its graph
         context = [len(self.sigmas) - 1] * first
-        x0 = sample_causal(self.model, batch.cond.prompt_embeds, noise, self.sigmas, generator=batch.generators,
-                           exit_steps=context + exits, grad_from_chunk=first)
-        return x0[:, :, first * fpb:]
+        x0 = sample_causal(
+            self.model,
+            batch.cond.prompt_embeds,
+            noise,
+            self.sigmas,
+            generator=batch.generators,
+            exit_steps=context + exits,
+            grad_from_chunk=first,
+        )
+        return x0[:, :, first * fpb :]
 
 
 class SelfForcing(DMD):
@@ -213,15 +234,23 @@ class SelfForcing(DMD):
             if self.num_chunks is not None and self.num_chunks < 1:
                 raise ValueError(f"num_chunks: must be >= 1 or null, got {self.num_chunks}")
             if self.dmd_window_min_start < 0 or (self.dmd_window_min_start and self.dmd_window is None):
-                raise ValueError(f"dmd_window_min_start: must be >= 0 and needs dmd_window; got "
-                                 f"{self.dmd_window_min_start} with dmd_window {self.dmd_window}")
-            if self.dmd_window is not None and self.num_chunks is not None and \
-                    self.dmd_window + self.dmd_window_min_start > self.num_chunks:
-                raise ValueError(f"dmd_window: a window of {self.dmd_window} chunks from chunk "
-                                 f"{self.dmd_window_min_start} on does not fit in num_chunks {self.num_chunks}")
+                raise ValueError(
+                    f"dmd_window_min_start: must be >= 0 and needs dmd_window; got "
+                    f"{self.dmd_window_min_start} with dmd_window {self.dmd_window}"
+                )
+            if (
+                self.dmd_window is not None
+                and self.num_chunks is not None
+                and self.dmd_window + self.dmd_window_min_start > self.num_chunks
+            ):
+                raise ValueError(
+                    f"dmd_window: a window of {self.dmd_window} chunks from chunk "
+                    f"{self.dmd_window_min_start} on does not fit in num_chunks {self.num_chunks}"
+                )
             if self.dmd_window is not None and not 1 <= self.dmd_window <= (self.num_chunks or self.dmd_window):
-                raise ValueError(f"dmd_window: must be >= 1 and <= num_chunks ({self.num_chunks}), or null; got "
-                                 f"{self.dmd_window}")
+                raise ValueError(
+                    f"dmd_window: must be >= 1 and <= num_chunks ({self.num_chunks}), or null; got {self.dmd_window}"
+                )
 
     student_kinds = ("causal",)
     """Rolls out a causal student chunk by chunk (the rest as `DMD`)."""
@@ -230,14 +259,23 @@ class SelfForcing(DMD):
     def from_recipe(cls, recipe, *, teacher, student, unwrapped, critic=None, num_processes: int = 1) -> SelfForcing:
         c, tc = recipe.method.self_forcing, recipe.train
         if not recipe.student.denoising_steps:
-            raise ValueError("student.denoising_steps: method self_forcing trains a few-step causal student; set "
-                             "its steps, e.g. [1000, 750, 500, 250]")
+            raise ValueError(
+                "student.denoising_steps: method self_forcing trains a few-step causal student; set "
+                "its steps, e.g. [1000, 750, 500, 250]"
+            )
         assert critic is not None, "self_forcing needs the critic (build_critic)"
         sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
-        rollout = CausalRollout(PreparedCausal(student, unwrapped), sigmas, seed=tc.seed,
-                                samples_per_step=tc.batch_size * tc.gradient_accumulation_steps * num_processes,
-                                num_chunks=c.num_chunks, last_only=c.exit_step == "last", window=c.dmd_window,
-                                same_across_chunks=c.same_step_across_chunks, window_min_start=c.dmd_window_min_start)
+        rollout = CausalRollout(
+            PreparedCausal(student, unwrapped),
+            sigmas,
+            seed=tc.seed,
+            samples_per_step=tc.batch_size * tc.gradient_accumulation_steps * num_processes,
+            num_chunks=c.num_chunks,
+            last_only=c.exit_step == "last",
+            window=c.dmd_window,
+            same_across_chunks=c.same_step_across_chunks,
+            window_min_start=c.dmd_window_min_start,
+        )
         return cls(c, teacher=teacher, critic=critic, rollout=rollout)
 
     def __init__(self, config: SelfForcing.Config, *, teacher, critic: Model, rollout: CausalRollout):
@@ -274,5 +312,12 @@ class SelfForcing(DMD):
         return loss, {**logs, "self_forcing/exit_step_mean": exits.mean()}
 
 
-__all__ = ["CausalRollout", "PerTokenTimesteps", "PreparedCausal", "SelfForcing", "draw_exit_steps",
-           "draw_window_end", "per_token_timesteps"]
+__all__ = [
+    "CausalRollout",
+    "PerTokenTimesteps",
+    "PreparedCausal",
+    "SelfForcing",
+    "draw_exit_steps",
+    "draw_window_end",
+    "per_token_timesteps",
+]

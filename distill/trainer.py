@@ -71,10 +71,13 @@ from teachers.wan import WanTeacher
 
 logger = logging.getLogger(__name__)
 
+
 def accelerator_kwargs(recipe: Recipe) -> dict:
     """What `make_accelerator(**...)` needs from the recipe."""
-    return {"mixed_precision": recipe.train.mixed_precision,
-            "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps}
+    return {
+        "mixed_precision": recipe.train.mixed_precision,
+        "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,
+    }
 
 
 def _register_student_hooks(accelerator: Accelerator) -> None:
@@ -84,8 +87,10 @@ def _register_student_hooks(accelerator: Accelerator) -> None:
         if accelerator.is_main_process:
             for i, model in enumerate(models):
                 state = accelerator.unwrap_model(model).trainable_state_dict()
-                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-                          str(Path(output_dir) / f"{i}_{STUDENT_WEIGHTS}"))
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in state.items()},
+                    str(Path(output_dir) / f"{i}_{STUDENT_WEIGHTS}"),
+                )
         weights.clear()  # nothing else: accelerate would write the whole module (teacher base included)
 
     def load_hook(models, input_dir):
@@ -103,8 +108,9 @@ def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None, nu
     """The method's loss object (`distill.methods.METHODS[method.name].from_recipe`). `student` is the prepared
     (maybe DDP) module; `unwrapped` the `Student`; `critic` the critic's callable (two-player methods);
     `num_processes` fixes the samples per trainer step."""
-    return METHODS[recipe.method.name].from_recipe(recipe, teacher=teacher, student=student, unwrapped=unwrapped,
-                                                   critic=critic, num_processes=num_processes)
+    return METHODS[recipe.method.name].from_recipe(
+        recipe, teacher=teacher, student=student, unwrapped=unwrapped, critic=critic, num_processes=num_processes
+    )
 
 
 def make_optimizer(params: list, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
@@ -115,8 +121,10 @@ def make_optimizer(params: list, recipe: Recipe, lr: float | None = None) -> tor
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ValueError("train.optimizer: adamw8bit needs bitsandbytes (CUDA only: pip install "
-                             "'wan-distill[gpu]'); or set train.optimizer: adamw") from None
+            raise ValueError(
+                "train.optimizer: adamw8bit needs bitsandbytes (CUDA only: pip install "
+                "'wan-distill[gpu]'); or set train.optimizer: adamw"
+            ) from None
         return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
 
@@ -134,8 +142,10 @@ def _check_accelerator(accelerator: Accelerator, recipe: Recipe) -> None:
             f"{tc.mixed_precision!r}; build it with make_accelerator(**accelerator_kwargs(recipe))"
         )
     if METHODS[recipe.method.name].two_player and tc.mixed_precision == "fp16":
-        raise ValueError(f"train.mixed_precision: fp16 can't train method {recipe.method.name} (accelerate's one "
-                         "GradScaler would unscale the critic's and the student's optimizers inconsistently); use bf16")
+        raise ValueError(
+            f"train.mixed_precision: fp16 can't train method {recipe.method.name} (accelerate's one "
+            "GradScaler would unscale the critic's and the student's optimizers inconsistently); use bf16"
+        )
 
 
 def _start_trackers(accelerator: Accelerator, recipe: Recipe) -> None:
@@ -182,7 +192,9 @@ def _lr_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, world: int):
 
     tc = recipe.train
     return get_scheduler(  # accelerate steps a prepared scheduler once per process: scale like diffusers
-        tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps * world,
+        tc.lr_scheduler,
+        optimizer,
+        num_warmup_steps=tc.lr_warmup_steps * world,
         num_training_steps=tc.max_steps * world,
     )
 
@@ -217,8 +229,10 @@ def _critic_optimization(recipe: Recipe, accelerator: Accelerator, critic: Criti
     groups: list = params
     if critic.gan_head is not None and c.gan_learning_rate is not None:  # the new head learns faster than the critic
         head = {id(p) for p in critic.gan_head.parameters()}
-        groups = [{"params": [p for p in params if id(p) not in head]},
-                  {"params": list(critic.gan_head.parameters()), "lr": c.gan_learning_rate}]
+        groups = [
+            {"params": [p for p in params if id(p) not in head]},
+            {"params": list(critic.gan_head.parameters()), "lr": c.gan_learning_rate},
+        ]
     optimizer = make_optimizer(groups, recipe, c.critic_learning_rate)
     scheduler = _lr_scheduler(recipe, optimizer, accelerator.num_processes)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
@@ -258,9 +272,15 @@ def make_critic(recipe: Recipe, teacher) -> Critic:
     """The two-player method's critic (`students.critic.build_critic`) from its `method.<name>` section."""
     c, base = recipe.method.critic_config(), teacher.pipe.transformer
     gan_layer = None if not c.gan_weight else (len(base.blocks) // 2 if c.gan_layer is None else c.gan_layer)
-    return build_critic(base, c.critic, lora_rank=c.critic_lora_rank, target_modules=recipe.student.lora_target_modules,
-                        gan_layer=gan_layer, gradient_checkpointing=recipe.train.gradient_checkpointing,
-                        key=f"method.{recipe.method.name}")
+    return build_critic(
+        base,
+        c.critic,
+        lora_rank=c.critic_lora_rank,
+        target_modules=recipe.student.lora_target_modules,
+        gan_layer=gan_layer,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+        key=f"method.{recipe.method.name}",
+    )
 
 
 def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
@@ -300,17 +320,28 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
         if critic is not None:
             load_critic(critic, resume)
         logger.info("resumed from %s at step %d", resume, start_step)
-    algorithm = build_algorithm(recipe, teacher, model, student,
-                                None if critic is None else _autocast(accelerator, critic), num_processes=world)
-    batches = training_batches(recipe, teacher, start_step=start_step, num_processes=world,
-                               rank=accelerator.process_index,
-                               need_trajectory=METHODS[recipe.method.name].needs_trajectory)
+    algorithm = build_algorithm(
+        recipe, teacher, model, student, None if critic is None else _autocast(accelerator, critic), num_processes=world
+    )
+    batches = training_batches(
+        recipe,
+        teacher,
+        start_step=start_step,
+        num_processes=world,
+        rank=accelerator.process_index,
+        need_trajectory=METHODS[recipe.method.name].needs_trajectory,
+    )
     if accelerator.is_main_process:
         student_dir.mkdir(parents=True, exist_ok=True)
     _start_trackers(accelerator, recipe)
 
-    bar = tqdm(total=tc.max_steps, initial=start_step, desc=f"train {recipe.student.name}", unit="step",
-               disable=not accelerator.is_local_main_process)
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=start_step,
+        desc=f"train {recipe.student.name}",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    )
     two_player = critic is not None
     finished = functools.partial(list_checkpoints, student_dir)  # named by a non-finite step's error
     set_aside = critic_params if getattr(algorithm, "generator_touches_critic", False) else None
@@ -363,8 +394,9 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
         bar.update(1)
         # 6. checkpoint-<step>/ (every rank writes its RNG state; rank 0 the rest, training_state.json last)
         if done % tc.checkpointing_steps == 0 or done == tc.max_steps:
-            _checkpoint(accelerator, student_dir / f"{CHECKPOINT_PREFIX}{done}", done, samples_per_step, fp, tc,
-                        ema, critic)
+            _checkpoint(
+                accelerator, student_dir / f"{CHECKPOINT_PREFIX}{done}", done, samples_per_step, fp, tc, ema, critic
+            )
         # 7. logs: the algorithm's dict plus lr and step time
         if done % tc.log_every == 0 or done == tc.max_steps:
             values = {k: float(v) for k, v in sums.items()}
@@ -387,8 +419,9 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
     return final
 
 
-def _checkpoint(accelerator: Accelerator, path: Path, step: int, samples_per_step: int, fp: dict, tc, ema=None,
-                critic=None) -> None:
+def _checkpoint(
+    accelerator: Accelerator, path: Path, step: int, samples_per_step: int, fp: dict, tc, ema=None, critic=None
+) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and path.exists():
         shutil.rmtree(path)  # a stale folder from an abandoned run at the same step

@@ -32,8 +32,9 @@ from distill.flow_matching import Model
 from students.sampling import student_sigmas
 
 
-def trajectory_loss(model: Model, x_t: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
-                    x0_target: torch.Tensor) -> torch.Tensor:
+def trajectory_loss(
+    model: Model, x_t: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, x0_target: torch.Tensor
+) -> torch.Tensor:
     """L = mean ‖ (x_σ - σ·model(x_σ, 1000σ, c)) - x0_T ‖².
 
     x_t, x0_target: [B, C, F, H, W]; sigma: [B] (> 0); embeds: [B, L, D]. float32 scalar.

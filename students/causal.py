@@ -59,11 +59,14 @@ class CausalWan(nn.Module):
         for key in ("frames_per_block", "local_window", "sink"):
             value = getattr(cfg, key)
             if value is not None and value % p_t:
-                raise ValueError(f"student.{key}: must be a multiple of the transformer's temporal patch size "
-                                 f"{p_t}, got {value}")
+                raise ValueError(
+                    f"student.{key}: must be a multiple of the transformer's temporal patch size {p_t}, got {value}"
+                )
         if transformer.config.added_kv_proj_dim is not None:
-            raise ValueError("student.kind=causal: image-conditioned (I2V) Wan transformers are not supported; "
-                             "use a text-to-video teacher")
+            raise ValueError(
+                "student.kind=causal: image-conditioned (I2V) Wan transformers are not supported; "
+                "use a text-to-video teacher"
+            )
         install_processors(transformer)
         self.transformer = transformer
         self.cfg = cfg
@@ -85,8 +88,9 @@ class CausalWan(nn.Module):
         p_t, p_h, p_w = self.transformer.config.patch_size
         _, _, f, h, w = x.shape
         if f % p_t or h % p_h or w % p_w:
-            raise ValueError(f"latents {tuple(x.shape)}: frames/height/width must be multiples of the patch "
-                             f"{(p_t, p_h, p_w)}")
+            raise ValueError(
+                f"latents {tuple(x.shape)}: frames/height/width must be multiples of the patch {(p_t, p_h, p_w)}"
+            )
         return f // p_t, h // p_h, w // p_w
 
     def _frame_timesteps(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +125,9 @@ class CausalWan(nn.Module):
         proj = proj.repeat_interleave(hw, dim=1).unflatten(2, (6, -1))  # [B, S, 6, D]
         return temb, proj, text
 
-    def _run(self, x: torch.Tensor, temb: torch.Tensor, proj: torch.Tensor, text, attn: SelfAttnInputs,
-             checkpoint: bool) -> torch.Tensor:
+    def _run(
+        self, x: torch.Tensor, temb: torch.Tensor, proj: torch.Tensor, text, attn: SelfAttnInputs, checkpoint: bool
+    ) -> torch.Tensor:
         """Patch-embed, the blocks, and the output head of `WanTransformer3DModel.forward`."""
         tr = self.transformer
         b, _, f, h, w = x.shape
@@ -169,8 +174,9 @@ class CausalWan(nn.Module):
         n = len(tr.blocks)
         return KVCache(cross_k=list(ks), cross_v=list(vs), self_k=[None] * n, self_v=[None] * n)
 
-    def forward_chunk(self, x: torch.Tensor, t: torch.Tensor | float, cache: KVCache, frame_offset: int,
-                      update_cache: bool) -> torch.Tensor:
+    def forward_chunk(
+        self, x: torch.Tensor, t: torch.Tensor | float, cache: KVCache, frame_offset: int, update_cache: bool
+    ) -> torch.Tensor:
         """v [B, C, n, H, W] for one chunk x (n <= frames_per_block latent frames starting at `frame_offset`).
 
         The chunk attends to the cached frames its window allows and to itself; RoPE uses its true frames
@@ -179,15 +185,21 @@ class CausalWan(nn.Module):
         """
         n_pos, hh, ww = self._grid(x)
         if frame_offset < 0 or frame_offset % self.p_t or not 1 <= n_pos <= self.block:
-            raise ValueError(f"forward_chunk: frame_offset {frame_offset} must be a multiple of {self.p_t} and the "
-                             f"chunk 1..{self.cfg.frames_per_block} frames, got {x.shape[2]}")
+            raise ValueError(
+                f"forward_chunk: frame_offset {frame_offset} must be a multiple of {self.p_t} and the "
+                f"chunk 1..{self.cfg.frames_per_block} frames, got {x.shape[2]}"
+            )
         start = frame_offset // self.p_t
         if start < cache.end:
-            raise ValueError(f"forward_chunk: frame_offset {frame_offset} overlaps the cache (frames up to "
-                             f"{cache.end * self.p_t} are cached); chunks must come in order")
+            raise ValueError(
+                f"forward_chunk: frame_offset {frame_offset} overlaps the cache (frames up to "
+                f"{cache.end * self.p_t} are cached); chunks must come in order"
+            )
         if x.shape[0] != cache.batch_size or cache.grid not in (None, (hh, ww)):
-            raise ValueError(f"forward_chunk: chunk {tuple(x.shape)} does not match the cache (batch "
-                             f"{cache.batch_size}, grid {cache.grid}); use init_cache for a new video")
+            raise ValueError(
+                f"forward_chunk: chunk {tuple(x.shape)} does not match the cache (batch "
+                f"{cache.batch_size}, grid {cache.grid}); use init_cache for a new video"
+            )
         cache.grid = (hh, ww)
         end = start + n_pos
         new_pos = torch.arange(start, end)
@@ -195,15 +207,22 @@ class CausalWan(nn.Module):
         seen = visible(all_pos, end, self.window, self.sink)  # keys this chunk sees = what the cache keeps
         index = seen.nonzero().flatten().to(x.device)
         attend = None if bool(seen.all()) else index
-        attn = SelfAttnInputs(*rotary_at(self.transformer, new_pos, hh, ww, x.device), n_pos,
-                              past_k=list(cache.self_k), past_v=list(cache.self_v), attend=attend,
-                              keep=index if update_cache else None, cache=cache)
+        attn = SelfAttnInputs(
+            *rotary_at(self.transformer, new_pos, hh, ww, x.device),
+            n_pos,
+            past_k=list(cache.self_k),
+            past_v=list(cache.self_v),
+            attend=attend,
+            keep=index if update_cache else None,
+            cache=cache,
+        )
         t = self._frame_timesteps(t, x)
         # The text K/V are cached: an empty text batch skips re-projecting it in the condition embedder.
         empty_text = torch.zeros(x.shape[0], 0, self.transformer.config.text_dim, device=x.device, dtype=self.dtype)
         temb, proj, _ = self._embed(t, empty_text, n_pos, hh * ww)
-        v = self._run(x.to(self.dtype), temb, proj, CrossKV(cache.cross_k, cache.cross_v), attn,
-                      checkpoint=not update_cache)  # a recompute would write the cache again
+        v = self._run(
+            x.to(self.dtype), temb, proj, CrossKV(cache.cross_k, cache.cross_v), attn, checkpoint=not update_cache
+        )  # a recompute would write the cache again
         if update_cache:
             cache.positions = all_pos[seen]
         return v.to(x.dtype)
@@ -231,9 +250,15 @@ class ChunkModelWrapper:
 
 
 # ---- the few-step causal sampler ---------------------------------------------------------------------------
-def stream_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tensor, sigmas: list[float],
-                  generator: torch.Generator | list[torch.Generator] | None = None,
-                  exit_steps: int | list[int] | None = None, grad_from_chunk: int = 0) -> Iterator[torch.Tensor]:
+def stream_causal(
+    model: CausalWan,
+    cond_embeds: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: list[float],
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    exit_steps: int | list[int] | None = None,
+    grad_from_chunk: int = 0,
+) -> Iterator[torch.Tensor]:
     """Yield each finished chunk's latents x0 [B, C, <=frames_per_block, H, W], chunk by chunk.
 
     Per chunk (Self-Forcing's inference and training rollout): start from `noise`'s frames (x at σ_0); at
@@ -260,22 +285,22 @@ def stream_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tens
     for chunk, start in enumerate(starts):
         if previous is not None:
             _write_context(model, cache, *previous, sigma_ctx, generator)
-        x = noise[:, :, start:start + fpb]
+        x = noise[:, :, start : start + fpb]
         for i in range(exits[chunk] + 1):
             last = i == exits[chunk]
             t = torch.full((batch,), sigmas[i], dtype=torch.float32, device=x.device) * NUM_TRAIN_TIMESTEPS
             with torch.set_grad_enabled(grad and last and chunk >= grad_from_chunk):
                 x0 = x0_from_velocity(x, model.forward_chunk(x, t, cache, start, update_cache=False), sigmas[i])
             if not last:
-                x = add_noise(x0, randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype),
-                              sigmas[i + 1])
+                x = add_noise(
+                    x0, randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype), sigmas[i + 1]
+                )
         previous = (x0, start)
         yield x0
 
 
 @torch.no_grad()
-def _write_context(model: CausalWan, cache: KVCache, x0: torch.Tensor, start: int, sigma_ctx: float,
-                   generator) -> None:
+def _write_context(model: CausalWan, cache: KVCache, x0: torch.Tensor, start: int, sigma_ctx: float, generator) -> None:
     """Append a finished chunk to the cache: its x0 (re-noised to `sigma_ctx` when > 0) at t = context_noise."""
     context = x0.detach()
     if sigma_ctx > 0:
@@ -285,12 +310,19 @@ def _write_context(model: CausalWan, cache: KVCache, x0: torch.Tensor, start: in
     model.forward_chunk(context, t_ctx, cache, start, update_cache=True)
 
 
-def sample_causal(model: CausalWan, cond_embeds: torch.Tensor, noise: torch.Tensor, sigmas: list[float],
-                  generator: torch.Generator | list[torch.Generator] | None = None,
-                  exit_steps: int | list[int] | None = None, grad_from_chunk: int = 0) -> torch.Tensor:
+def sample_causal(
+    model: CausalWan,
+    cond_embeds: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: list[float],
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    exit_steps: int | list[int] | None = None,
+    grad_from_chunk: int = 0,
+) -> torch.Tensor:
     """The whole causal rollout [B, C, F, H, W] (`stream_causal`'s chunks concatenated on frames)."""
-    return torch.cat(list(stream_causal(model, cond_embeds, noise, sigmas, generator, exit_steps, grad_from_chunk)),
-                     dim=2)
+    return torch.cat(
+        list(stream_causal(model, cond_embeds, noise, sigmas, generator, exit_steps, grad_from_chunk)), dim=2
+    )
 
 
 def _exit_steps(exit_steps: int | list[int] | None, num_chunks: int, num_steps: int) -> list[int]:
@@ -298,6 +330,7 @@ def _exit_steps(exit_steps: int | list[int] | None, num_chunks: int, num_steps: 
         return [num_steps - 1] * num_chunks
     exits = [exit_steps] * num_chunks if isinstance(exit_steps, int) else list(exit_steps)
     if len(exits) != num_chunks or any(not 0 <= e < num_steps for e in exits):
-        raise ValueError(f"exit_steps: need one step index in 0..{num_steps - 1} per chunk ({num_chunks}), "
-                         f"got {exit_steps}")
+        raise ValueError(
+            f"exit_steps: need one step index in 0..{num_steps - 1} per chunk ({num_chunks}), got {exit_steps}"
+        )
     return exits

@@ -40,8 +40,9 @@ def visible(key_pos: torch.Tensor, end: torch.Tensor | int, window: int | None, 
     return seen
 
 
-def block_causal_mask(num_pos: int, tokens_per_pos: int, block: int, window: int | None, sink: int,
-                      device: torch.device) -> torch.Tensor | None:
+def block_causal_mask(
+    num_pos: int, tokens_per_pos: int, block: int, window: int | None, sink: int, device: torch.device
+) -> torch.Tensor | None:
     """SDPA mask [S, S] (True = attend), S = num_pos·tokens_per_pos, over chunks of `block` positions.
 
     A chunk ends at min((c+1)·block, num_pos). None when every token sees every token (no mask needed).
@@ -56,8 +57,9 @@ def block_causal_mask(num_pos: int, tokens_per_pos: int, block: int, window: int
     return vis[tok][:, tok].to(device)
 
 
-def rotary_at(transformer: WanTransformer3DModel, positions: torch.Tensor, hh: int, ww: int,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_at(
+    transformer: WanTransformer3DModel, positions: torch.Tensor, hh: int, ww: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Wan's 3-D RoPE (cos, sin) [1, n·hh·ww, 1, head_dim] for temporal positions `positions` [n] (any
     values, past `rope_max_seq_len` too) and the spatial grid hh × ww, in Wan's token order.
 
@@ -68,8 +70,14 @@ def rotary_at(transformer: WanTransformer3DModel, positions: torch.Tensor, hh: i
     if max(hh, ww) > rope.max_seq_len:
         raise ValueError(f"latent grid {hh}x{ww} tokens exceeds the transformer's rope_max_seq_len {rope.max_seq_len}")
     freqs_dtype = torch.float32 if torch.backends.mps.is_available() else torch.float64  # as WanRotaryPosEmbed
-    cos_t, sin_t = get_1d_rotary_pos_embed(rope.t_dim, positions.to("cpu", freqs_dtype), ROPE_THETA, use_real=True,
-                                           repeat_interleave_real=True, freqs_dtype=freqs_dtype)
+    cos_t, sin_t = get_1d_rotary_pos_embed(
+        rope.t_dim,
+        positions.to("cpu", freqs_dtype),
+        ROPE_THETA,
+        use_real=True,
+        repeat_interleave_real=True,
+        freqs_dtype=freqs_dtype,
+    )
     split = [rope.t_dim, rope.h_dim, rope.w_dim]
     n = len(positions)
     out = []
@@ -170,8 +178,14 @@ class CausalSelfAttnProcessor(WanAttnProcessor):
         super().__init__()
         self.layer = layer
 
-    def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, rotary_emb=None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        rotary_emb=None,
+    ) -> torch.Tensor:
         if not isinstance(rotary_emb, SelfAttnInputs):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         ctx = rotary_emb
@@ -205,8 +219,14 @@ class CausalCrossAttnProcessor(WanAttnProcessor):
         super().__init__()
         self.layer = layer
 
-    def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, rotary_emb=None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        rotary_emb=None,
+    ) -> torch.Tensor:
         if not isinstance(encoder_hidden_states, CrossKV):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))

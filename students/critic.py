@@ -58,8 +58,9 @@ class Critic(nn.Module):
             self.gan_head = GANHead(transformer.config.num_attention_heads * transformer.config.attention_head_dim)
             self.gan_head.to(transformer.device)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                return_logits: bool = False):
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, return_logits: bool = False
+    ):
         """v [like x]; with `return_logits`, (v, the GAN head's per-token logits [B, S] float32)."""
         if return_logits and self.gan_head is None:
             raise ValueError("Critic: return_logits needs a GAN head (method.<dmd|self_forcing>.gan_weight > 0)")
@@ -70,10 +71,15 @@ class Critic(nn.Module):
         hook = None
         if return_logits:  # a forward hook reads the block's output, so the diffusers forward runs unchanged
             hook = self.transformer.blocks[self.gan_layer].register_forward_hook(
-                lambda module, args, out: features.append(out[0] if isinstance(out, tuple) else out))
+                lambda module, args, out: features.append(out[0] if isinstance(out, tuple) else out)
+            )
         try:
-            v = self.transformer(hidden_states=x.to(dtype), timestep=t,
-                                 encoder_hidden_states=encoder_hidden_states.to(dtype), return_dict=False)[0]
+            v = self.transformer(
+                hidden_states=x.to(dtype),
+                timestep=t,
+                encoder_hidden_states=encoder_hidden_states.to(dtype),
+                return_dict=False,
+            )[0]
         finally:
             if hook is not None:
                 hook.remove()
@@ -90,19 +96,22 @@ class Critic(nn.Module):
         return lora_parameters(self.transformer, self.adapter) + head
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        state = self.transformer.state_dict() if self.adapter is None else lora_state_dict(self.transformer,
-                                                                                            self.adapter)
+        state = (
+            self.transformer.state_dict() if self.adapter is None else lora_state_dict(self.transformer, self.adapter)
+        )
         if self.gan_head is not None:
             state = {**state, **{GAN_HEAD_PREFIX + k: v for k, v in self.gan_head.state_dict().items()}}
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], where: str = "critic state") -> None:
-        head = {k[len(GAN_HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(GAN_HEAD_PREFIX)}
+        head = {k[len(GAN_HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(GAN_HEAD_PREFIX)}
         state = {k: v for k, v in state.items() if not k.startswith(GAN_HEAD_PREFIX)}
         if (self.gan_head is None) != (not head):
-            raise ValueError(f"{where}: the checkpoint {'has' if head else 'lacks'} a GAN head and this recipe's "
-                             f"critic {'lacks' if self.gan_head is None else 'has'} one (gan_weight); resume with "
-                             "the recipe that wrote it")
+            raise ValueError(
+                f"{where}: the checkpoint {'has' if head else 'lacks'} a GAN head and this recipe's "
+                f"critic {'lacks' if self.gan_head is None else 'has'} one (gan_weight); resume with "
+                "the recipe that wrote it"
+            )
         if self.gan_head is not None:
             self.gan_head.load_state_dict(head, strict=True)
         if self.adapter is None:
@@ -111,8 +120,16 @@ class Critic(nn.Module):
             load_lora_state_dict(self.transformer, state, self.adapter, where)
 
 
-def build_critic(transformer, kind: str, *, lora_rank: int, target_modules: list[str], gan_layer: int | None,
-                 gradient_checkpointing: bool, key: str) -> Critic:
+def build_critic(
+    transformer,
+    kind: str,
+    *,
+    lora_rank: int,
+    target_modules: list[str],
+    gan_layer: int | None,
+    gradient_checkpointing: bool,
+    key: str,
+) -> Critic:
     """The critic of kind `kind` (`lora` or `full`) from the teacher's (high-noise) transformer; `key` is the recipe
     section it comes from (e.g. `method.dmd`), named in errors.
 
@@ -125,8 +142,10 @@ def build_critic(transformer, kind: str, *, lora_rank: int, target_modules: list
     if gan_layer is not None and kind == "lora" and gradient_checkpointing:
         # the GAN term backpropagates through the critic inside the generator's loss, so the critic's adapter is
         # active when the student's checkpointed blocks re-run: they would recompute with the wrong adapter
-        raise ValueError(f"{key}.gan_weight: a GAN head on a `critic: lora` can't train with "
-                         "train.gradient_checkpointing; use `critic: full` or turn checkpointing off")
+        raise ValueError(
+            f"{key}.gan_weight: a GAN head on a `critic: lora` can't train with "
+            "train.gradient_checkpointing; use `critic: full` or turn checkpointing off"
+        )
     if kind == "lora":
         add_lora(transformer, lora_rank, float(lora_rank), target_modules, CRITIC_ADAPTER)
         return Critic(transformer, CRITIC_ADAPTER, gan_layer)

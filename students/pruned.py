@@ -42,7 +42,7 @@ def prune_transformer(transformer: WanTransformer3DModel, keep_blocks: list[int]
         prefix = f"blocks.{j}."
         for key, value in source.items():
             if key.startswith(prefix):
-                state[f"blocks.{i}.{key[len(prefix):]}"] = value.detach().clone()
+                state[f"blocks.{i}.{key[len(prefix) :]}"] = value.detach().clone()
     config = dict(transformer.config)
     config["num_layers"] = len(keep)
     # Parameters on the meta device (buffers such as RoPE tables stay real), then adopt the copies.

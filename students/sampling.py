@@ -47,8 +47,9 @@ def student_sigmas(student_cfg: StudentConfig, teacher_shift: float, teacher_ste
     return scheduler.sigmas.tolist()
 
 
-def _velocity(model: Callable, x: torch.Tensor, sigma: float, cond: torch.Tensor, neg: torch.Tensor | None,
-              guidance: float) -> torch.Tensor:
+def _velocity(
+    model: Callable, x: torch.Tensor, sigma: float, cond: torch.Tensor, neg: torch.Tensor | None, guidance: float
+) -> torch.Tensor:
     # t in float32 exactly as FlowMatchEulerDiscreteScheduler computes its timesteps (sigmas * 1000).
     t = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device) * NUM_TRAIN_TIMESTEPS
     if guidance == 1.0:
@@ -120,15 +121,25 @@ def student_sampler(student, teacher_shift: float, teacher_steps: int, latent_fr
     steps = len(sigmas) if mode == "renoise" else len(sigmas) - 1
     causal = cfg.kind == "causal"
     if causal and (mode != "renoise" or cfg.guidance_scale != 1):
-        raise ValueError(f"student {cfg.name}: a causal student samples chunk by chunk with its few-step renoising "
-                         "sampler and no CFG; it needs student.denoising_steps and student.guidance_scale: 1.0")
+        raise ValueError(
+            f"student {cfg.name}: a causal student samples chunk by chunk with its few-step renoising "
+            "sampler and no CFG; it needs student.denoising_steps and student.guidance_scale: 1.0"
+        )
 
     def sampler(cond, noise, rows):
         generators = [torch.Generator("cpu").manual_seed(derive_seed(r["seed"], 1)) for r in rows]
         if causal:
             return sample_causal(student.causal, cond.prompt_embeds, noise, sigmas, generator=generators)
-        return sample_student(student, cond.prompt_embeds, cond.negative_embeds, noise, sigmas,
-                              guidance=cfg.guidance_scale, generator=generators, mode=mode)
+        return sample_student(
+            student,
+            cond.prompt_embeds,
+            cond.negative_embeds,
+            noise,
+            sigmas,
+            guidance=cfg.guidance_scale,
+            generator=generators,
+            mode=mode,
+        )
 
     if causal:
         nfe = causal_nfe(steps, -(-latent_frames // student.causal.frames_per_block))

@@ -32,8 +32,8 @@ from students.student import Student
 
 
 class StreamingDecoder:
-    """`decoder(latents)`: normalised latents [B, C, f, H, W], chunk after chunk of one video -> video [B, 3, f', H', W']
-    float32 in [-1, 1], equal to the matching frames of `teacher.decode(whole video)`.
+    """`decoder(latents)`: normalised latents [B, C, f, H, W], chunk after chunk of one video -> video
+    [B, 3, f', H', W'] float32 in [-1, 1], equal to the matching frames of `teacher.decode(whole video)`.
 
     diffusers' `AutoencoderKLWan._decode` loops over latent frames with a causal conv cache (`_feat_map`) that it
     clears before and after each call; this replays that loop but keeps the cache between chunks. It uses diffusers'
@@ -60,8 +60,11 @@ class StreamingDecoder:
         frames = []
         for i in range(x.shape[2]):
             vae._conv_idx = [0]
-            frames.append(vae.decoder(x[:, :, i: i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                      first_chunk=self.first))
+            frames.append(
+                vae.decoder(
+                    x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=self.first
+                )
+            )
             self.first = False
         out = torch.cat(frames, dim=2)
         if vae.config.patch_size is not None:
@@ -85,8 +88,13 @@ def load_causal_student(teacher, folder: str | Path) -> Student:
 
 
 @torch.no_grad()
-def stream_video(teacher, student: Student | str | Path, prompt: str, num_chunks: int, seed: int,
-                 ) -> Iterator[np.ndarray]:
+def stream_video(
+    teacher,
+    student: Student | str | Path,
+    prompt: str,
+    num_chunks: int,
+    seed: int,
+) -> Iterator[np.ndarray]:
     """Yield the decoded frames of each chunk, uint8 [f, H, W, 3], for `num_chunks` chunks of
     `student.frames_per_block` latent frames at the teacher's height and width (see the module docstring).
 
@@ -95,8 +103,10 @@ def stream_video(teacher, student: Student | str | Path, prompt: str, num_chunks
         student = load_causal_student(teacher, student)
     cfg, tcfg = student.cfg, teacher.cfg
     if cfg.kind != "causal" or not cfg.denoising_steps or cfg.guidance_scale != 1:
-        raise ValueError(f"student {cfg.name}: streaming needs a causal student with denoising_steps and "
-                         "guidance_scale 1.0 (the few-step causal sampler has no CFG)")
+        raise ValueError(
+            f"student {cfg.name}: streaming needs a causal student with denoising_steps and "
+            "guidance_scale 1.0 (the few-step causal sampler has no CFG)"
+        )
     if num_chunks < 1:
         raise ValueError(f"num_chunks: must be >= 1, got {num_chunks}")
     sigmas = student_sigmas(cfg, tcfg.shift, tcfg.num_inference_steps)

@@ -54,9 +54,15 @@ class Student(nn.Module):
     `build_student` or `Student.from_pretrained`.
     """
 
-    def __init__(self, cfg: StudentConfig, *, transformer: WanTransformer3DModel | None = None,
-                 experts: list[WanTransformer3DModel] | None = None, teacher_num_layers: int,
-                 shares_teacher: bool = False):
+    def __init__(
+        self,
+        cfg: StudentConfig,
+        *,
+        transformer: WanTransformer3DModel | None = None,
+        experts: list[WanTransformer3DModel] | None = None,
+        teacher_num_layers: int,
+        shares_teacher: bool = False,
+    ):
         super().__init__()
         self.cfg = cfg
         self.teacher_num_layers = teacher_num_layers
@@ -113,8 +119,9 @@ class Student(nn.Module):
         """The distinct transformer modules (LoRA: one shared; otherwise one per expert)."""
         return [self.transformer] if self.is_lora else list(self.experts)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
-                chunk: dict | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor | None, chunk: dict | None = None
+    ) -> torch.Tensor:
         """v = ε - x0 for latents x [B, C, F, H, W] at timesteps t [B] (= 1000·σ), text embeds [B, L, D].
 
         kind=causal: the block-causal parallel forward, t may also be per frame [B, F]. With `chunk`
@@ -191,7 +198,7 @@ class Student(nn.Module):
         """Inverse of `trainable_state_dict` (strict)."""
         for i in range(self.num_experts):
             prefix = f"{expert_name(i)}."
-            sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             if self.is_lora:
                 load_lora_state_dict(self.transformer, sd, self.adapter_names[i], f"{where} [{expert_name(i)}]")
             else:
@@ -216,8 +223,11 @@ class Student(nn.Module):
                 self.transformer.peft_config[self.adapter_names[i]].save_pretrained(str(sub))
             else:
                 self.experts[i].save_pretrained(sub)
-        meta = {"config": to_dict(self.cfg), "teacher_num_layers": self.teacher_num_layers,
-                "student_num_layers": block_count(self.transformers()[0])}
+        meta = {
+            "config": to_dict(self.cfg),
+            "teacher_num_layers": self.teacher_num_layers,
+            "student_num_layers": block_count(self.transformers()[0]),
+        }
         (directory / STUDENT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
 
@@ -247,8 +257,9 @@ class Student(nn.Module):
                 self.experts[i].load_state_dict(loaded.state_dict(), strict=True)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, base_transformer: WanTransformer3DModel,
-                        cfg: StudentConfig | None = None) -> Student:
+    def from_pretrained(
+        cls, directory: str | Path, base_transformer: WanTransformer3DModel, cfg: StudentConfig | None = None
+    ) -> Student:
         """Rebuild a saved student. LoRA: adapters are injected into `base_transformer` (as `build_student`
         does); pruned / full: the saved expert folders are loaded (onto `base_transformer`'s device).
 
@@ -331,8 +342,9 @@ def build_student(cfg: StudentConfig, base_transformer: WanTransformer3DModel) -
         logger.info("student %s: initialised from %s", cfg.name, cfg.init)
     if cfg.kind == "lora":
         lora_experts(source, cfg)
-        return Student(cfg, transformer=source, teacher_num_layers=block_count(source),
-                       shares_teacher=source is base_transformer)
+        return Student(
+            cfg, transformer=source, teacher_num_layers=block_count(source), shares_teacher=source is base_transformer
+        )
     if cfg.kind in ("pruned", "full", "causal"):
         experts = copied_experts(source, cfg)
         for m in experts:

@@ -66,8 +66,9 @@ def compose(vocab: Vocabulary, num_prompts: int, seed: int, mode: str = "balance
     for i in range(num_prompts):
         assign = {s: vocab.slots[s][cols[k][i]] for k, s in enumerate(slots)}
         prompt = vocab.templates[template_col[i]].format(**assign)
-        rows.append({"index": i, "prompt": prompt[:1].upper() + prompt[1:], "slots": assign,
-                     "seed": derive_seed(seed, i)})
+        rows.append(
+            {"index": i, "prompt": prompt[:1].upper() + prompt[1:], "slots": assign, "seed": derive_seed(seed, i)}
+        )
     return rows
 
 
@@ -161,8 +162,14 @@ def _repair_exclusions(cols, excl, ok, rng: random.Random, vocab: Vocabulary) ->
                 break
             for s, _ in sorted(broken, key=lambda _: rng.random()):
                 col, start = cols[s], rng.randrange(n)
-                j = next((j for j in (*range(start, n), *range(start)) if col[j] != col[r]
-                          and ok(r, s, col[j]) and ok(j, s, col[r])), None)
+                j = next(
+                    (
+                        j
+                        for j in (*range(start, n), *range(start))
+                        if col[j] != col[r] and ok(r, s, col[j]) and ok(j, s, col[r])
+                    ),
+                    None,
+                )
                 if j is not None:
                     col[r], col[j] = col[j], col[r]
                     break
@@ -227,8 +234,14 @@ def _balance_pairs(cols: list[list[int]], sizes: list[int], ok, rng: random.Rand
                     for _, d, dt, ct in other:
                         p, q = ct[i], ct[j]
                         if p != q:
-                            d[x][p] -= 1; d[y][q] -= 1; d[y][p] += 1; d[x][q] += 1  # noqa: E702
-                            dt[p][x] -= 1; dt[q][y] -= 1; dt[p][y] += 1; dt[q][x] += 1  # noqa: E702
+                            d[x][p] -= 1
+                            d[y][q] -= 1
+                            d[y][p] += 1
+                            d[x][q] += 1  # noqa: E702
+                            dt[p][x] -= 1
+                            dt[q][y] -= 1
+                            dt[p][y] += 1
+                            dt[q][x] += 1  # noqa: E702
                     break
         if moves == 0:
             break
@@ -348,7 +361,9 @@ def coverage(rows: list[dict], vocab: Vocabulary) -> dict:
             counts[r[k]] += 1
         out["slots"][s] = {
             "counts": dict(zip(vocab.slots[s], counts)),
-            "min": min(counts), "max": max(counts), "spread": max(counts) - min(counts),
+            "min": min(counts),
+            "max": max(counts),
+            "spread": max(counts) - min(counts),
             "unused": counts.count(0),
         }
     for (a, s), (b, t) in combinations(enumerate(slot_names), 2):
@@ -359,8 +374,12 @@ def coverage(rows: list[dict], vocab: Vocabulary) -> dict:
         values = list(pair_counts.values())
         covered = sum(1 for c in values if c > 0)
         out["pairs"][f"{s}|{t}"] = {
-            "allowed": len(values), "covered": covered, "fraction": covered / len(values),
-            "min": min(values), "max": max(values), "spread": max(values) - min(values),
+            "allowed": len(values),
+            "covered": covered,
+            "fraction": covered / len(values),
+            "min": min(values),
+            "max": max(values),
+            "spread": max(values) - min(values),
         }
     return out
 

@@ -78,8 +78,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 # ---- features and parquet -------------------------------------------------------------------------
-def build_features(slot_names: list[str], latent_shape: tuple[int, int, int, int], save_latents: bool,
-                   num_trajectory: int) -> Features:
+def build_features(
+    slot_names: list[str], latent_shape: tuple[int, int, int, int], save_latents: bool, num_trajectory: int
+) -> Features:
     """The dataset's features; `latent_shape` is (C, F, H, W), `num_trajectory` 0 means no trajectory columns."""
     features = {
         "index": Value("int64"),
@@ -105,8 +106,9 @@ def rows_per_row_group(features: Features, max_rows: int) -> int:
     return max(1, min(max_rows, MAX_ROW_GROUP_BYTES // row_bytes))
 
 
-def write_parquet(path: str | os.PathLike, data: dict[str, list] | pa.Table, features: Features,
-                  rows_per_group: int) -> None:
+def write_parquet(
+    path: str | os.PathLike, data: dict[str, list] | pa.Table, features: Features, rows_per_group: int
+) -> None:
     """Write rows (a column dict or an Arrow table) atomically with datasets' ParquetWriter.
 
     Deterministic: the same rows give the same bytes (fixed row order and options, no timestamps).
@@ -186,8 +188,18 @@ def load_local(dataset_dir: str | os.PathLike, **load_kwargs) -> Dataset:
 
 
 # ---- dataset card ---------------------------------------------------------------------------------
-def dataset_card(*, data, teacher, output_dir: str, features: Features, num_examples: int, num_bytes: int, vocab_name: str,
-                 negative_prompt: str, coverage_text: str | None) -> str:
+def dataset_card(
+    *,
+    data,
+    teacher,
+    output_dir: str,
+    features: Features,
+    num_examples: int,
+    num_bytes: int,
+    vocab_name: str,
+    negative_prompt: str,
+    coverage_text: str | None,
+) -> str:
     """README.md: YAML front matter (configs, dataset_info, task, tags) and the generation parameters.
 
     Deterministic (no timestamps, no token); `data` and `teacher` are the recipe's sections (`DataConfig`,
@@ -199,19 +211,34 @@ def dataset_card(*, data, teacher, output_dir: str, features: Features, num_exam
         tags=["synthetic", "video", "distillation", "wan-distill"],
         configs=[{"config_name": "default", "data_files": [{"split": SPLIT, "path": f"{DATA_DIR}/{SPLIT}-*"}]}],
     )
-    info = DatasetInfo(features=features, download_size=num_bytes, dataset_size=num_bytes,
-                       splits=SplitDict({SPLIT: SplitInfo(name=SPLIT, num_examples=num_examples, num_bytes=num_bytes)}))
+    info = DatasetInfo(
+        features=features,
+        download_size=num_bytes,
+        dataset_size=num_bytes,
+        splits=SplitDict({SPLIT: SplitInfo(name=SPLIT, num_examples=num_examples, num_bytes=num_bytes)}),
+    )
     DatasetInfosDict({"default": info}).to_dataset_card_data(card)
     regen = {"output_dir": output_dir, "data": to_dict(data), "teacher": to_dict(teacher)}
-    shape = features["latents"].shape if "latents" in features else features["trajectory"].shape[1:] \
-        if "trajectory" in features else None
+    shape = (
+        features["latents"].shape
+        if "latents" in features
+        else features["trajectory"].shape[1:]
+        if "trajectory" in features
+        else None
+    )
     latents_line = f"latents [C, F, H, W] = {list(shape)}" if shape else "no latents stored"
     lines = [
-        "---", card.to_yaml(), "---", "",
-        f"# {vocab_name} synthetic videos from `{teacher.pretrained}`", "",
+        "---",
+        card.to_yaml(),
+        "---",
+        "",
+        f"# {vocab_name} synthetic videos from `{teacher.pretrained}`",
+        "",
         f"{num_examples} text-to-video samples rendered by a frozen teacher with wan-distill, "
-        "for distilling it into a small student.", "",
-        "## Generation", "",
+        "for distilling it into a small student.",
+        "",
+        "## Generation",
+        "",
         f"- teacher: `{teacher.pretrained}`" + (f" @ `{teacher.revision}`" if teacher.revision else ""),
         f"- sampler: {teacher.num_inference_steps} steps, CFG {teacher.guidance_scale}"
         + (f" (low-noise expert {teacher.guidance_scale_2})" if teacher.guidance_scale_2 is not None else "")
@@ -222,19 +249,29 @@ def dataset_card(*, data, teacher, output_dir: str, features: Features, num_exam
         f"- seeds: global seed {data.seed}; sample i uses noise seed `derive_seed({data.seed}, i)` "
         "(first 8 bytes of sha256(f\"{seed}:{i}\"), 63 bits) with `torch.Generator('cpu')` float32 randn",
         f"- trajectory: states before steps {data.trajectory_steps} + the clean latents"
-        if data.trajectory_steps else "- trajectory: none",
-        f"- vocabulary: `{vocab_name}` (`{data.vocabulary}`), {data.num_prompts} prompts, mode `{data.mode}`", "",
-        "## Coverage", "",
+        if data.trajectory_steps
+        else "- trajectory: none",
+        f"- vocabulary: `{vocab_name}` (`{data.vocabulary}`), {data.num_prompts} prompts, mode `{data.mode}`",
+        "",
+        "## Coverage",
+        "",
         *(["```", coverage_text, "```"] if coverage_text else ["No coverage.json was found next to prompts.jsonl."]),
         "",
-        "## Loading", "",
+        "## Loading",
+        "",
         "```python",
         "from synth_data.dataset import load_local, decode_video",
-        "ds = load_local(\"path/to/dataset\")  # or datasets.load_dataset(repo_id, split=\"train\")",
-        "frames = decode_video(ds[0][\"video\"])  # uint8 [F, H, W, 3]",
-        "```", "",
-        "## Recipe (data + teacher sections, resolved)", "",
+        'ds = load_local("path/to/dataset")  # or datasets.load_dataset(repo_id, split="train")',
+        'frames = decode_video(ds[0]["video"])  # uint8 [F, H, W, 3]',
+        "```",
+        "",
+        "## Recipe (data + teacher sections, resolved)",
+        "",
         "Regenerate exactly with `python -m distill generate recipe.yaml` (same library versions and device type):",
-        "", "```yaml", yaml.safe_dump(regen, sort_keys=False).rstrip(), "```", "",
+        "",
+        "```yaml",
+        yaml.safe_dump(regen, sort_keys=False).rstrip(),
+        "```",
+        "",
     ]
     return "\n".join(lines)

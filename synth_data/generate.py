@@ -56,19 +56,22 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 """Bumped when the dataset layout changes; part of the fingerprint."""
-NOT_FINGERPRINTED = frozenset({
-    "data.vocabulary",  # its effect is fingerprinted: prompts.sha256 and teacher.negative_prompt (resolved)
-    "data.hub_repo_id", "data.hub_private",  # push only
-    "teacher.offload", "teacher.encode_cache_size",  # memory placement / caching: same numbers
-})
+NOT_FINGERPRINTED = frozenset(
+    {
+        "data.vocabulary",  # its effect is fingerprinted: prompts.sha256 and teacher.negative_prompt (resolved)
+        "data.hub_repo_id",
+        "data.hub_private",  # push only
+        "teacher.offload",
+        "teacher.encode_cache_size",  # memory placement / caching: same numbers
+    }
+)
 
 
 # ---- fingerprint ----------------------------------------------------------------------------------
 def fingerprint(data: DataConfig, teacher: TeacherConfig, prompts_path: Path, negative_prompt: str) -> dict:
     """The generation-affecting config as flat dotted keys (JSON-normalised), see the module docstring."""
     sections = {"data": to_dict(data), "teacher": to_dict(teacher)}
-    fp = {"format_version": FORMAT_VERSION,
-          "prompts.sha256": hashlib.sha256(prompts_path.read_bytes()).hexdigest()}
+    fp = {"format_version": FORMAT_VERSION, "prompts.sha256": hashlib.sha256(prompts_path.read_bytes()).hexdigest()}
     for section in ("data", "teacher"):
         for key, value in sections[section].items():
             if f"{section}.{key}" not in NOT_FINGERPRINTED:
@@ -96,8 +99,11 @@ def check_fingerprint(dataset_dir: Path, fp: dict) -> None:
             )
         return
     old = json.loads(path.read_text(encoding="utf-8"))
-    changed = [f"{k}: {_show(old.get(k, _ABSENT))} -> {_show(fp.get(k, _ABSENT))}"
-               for k in sorted(set(old) | set(fp)) if old.get(k, _ABSENT) != fp.get(k, _ABSENT)]
+    changed = [
+        f"{k}: {_show(old.get(k, _ABSENT))} -> {_show(fp.get(k, _ABSENT))}"
+        for k in sorted(set(old) | set(fp))
+        if old.get(k, _ABSENT) != fp.get(k, _ABSENT)
+    ]
     if changed:
         raise ValueError(
             f"{dataset_dir} was generated with another config ({'; '.join(changed)}); "
@@ -123,7 +129,7 @@ class _Job:
 
     def shard_rows(self, shard: int) -> list[dict]:
         size = self.data.shard_size
-        return self.rows[shard * size: (shard + 1) * size]
+        return self.rows[shard * size : (shard + 1) * size]
 
     def part_path(self, index: int) -> Path:
         return self.dataset_dir / WORK_DIR / f"part-{index:09d}.parquet"
@@ -150,8 +156,9 @@ def generate(data: DataConfig, teacher: TeacherConfig, out: Path, accelerator: A
             write_text_atomic(job.dataset_dir / "generation.json", json.dumps(fp, indent=2) + "\n")
     accelerator.wait_for_everyone()
     with accelerator.split_between_processes(pending) as mine:
-        logger.info("generate: process %d of %d renders shards %s", accelerator.process_index,
-                    accelerator.num_processes, mine)
+        logger.info(
+            "generate: process %d of %d renders shards %s", accelerator.process_index, accelerator.num_processes, mine
+        )
         if mine:
             _render_shards(job, mine, accelerator)
     accelerator.wait_for_everyone()
@@ -183,8 +190,17 @@ def _prepare(data: DataConfig, teacher: TeacherConfig, out: Path) -> tuple[_Job,
     vocab = load_vocabulary(resolve_path(data.vocabulary))
     negative = teacher.negative_prompt if teacher.negative_prompt is not None else vocab.negative_prompt
     num_shards = -(-len(rows) // data.shard_size)
-    job = _Job(data=data, teacher=teacher, out=out, dataset_dir=out / "dataset", rows=rows, slot_names=slot_names,
-               negative_prompt=negative, vocab_name=vocab.name, num_shards=num_shards)
+    job = _Job(
+        data=data,
+        teacher=teacher,
+        out=out,
+        dataset_dir=out / "dataset",
+        rows=rows,
+        slot_names=slot_names,
+        negative_prompt=negative,
+        vocab_name=vocab.name,
+        num_shards=num_shards,
+    )
     return job, fingerprint(data, teacher, prompts_path, negative)
 
 
@@ -202,7 +218,7 @@ def _render_shards(job: _Job, shards: list[int], accelerator: Accelerator) -> No
     for shard in shards:
         rows = job.shard_rows(shard)
         for start in range(0, len(rows), data.batch_size):
-            batch = rows[start: start + data.batch_size]
+            batch = rows[start : start + data.batch_size]
             missing = {r["index"] for r in batch if not job.part_path(r["index"]).is_file()}
             if not missing:
                 continue
@@ -228,13 +244,18 @@ def _render_batch(teacher, batch: list[dict], job: _Job, shape: tuple[int, ...])
     out = teacher.sample(cond, noise, save_at=save_at)
     bad = [r["index"] for r, lat in zip(batch, out.latents) if not torch.isfinite(lat).all()]
     if bad:  # a NaN clip decodes to a black video and would enter the dataset as if it were a sample
-        raise ValueError(f"generate: the teacher's latents of row(s) {bad} are not finite; nothing of this batch was "
-                         "written. Check teacher.guidance_scale, teacher.shift and teacher.dtype (fp16 overflows)")
+        raise ValueError(
+            f"generate: the teacher's latents of row(s) {bad} are not finite; nothing of this batch was "
+            "written. Check teacher.guidance_scale, teacher.shift and teacher.dtype (fp16 overflows)"
+        )
     samples = []
     for i, row in enumerate(batch):
-        frames = teacher.to_uint8(teacher.decode(out.latents[i: i + 1]))[0]  # one at a time: VAE memory
+        frames = teacher.to_uint8(teacher.decode(out.latents[i : i + 1]))[0]  # one at a time: VAE memory
         sample = {
-            "index": row["index"], "caption": row["prompt"], "slots": row["slots"], "seed": row["seed"],
+            "index": row["index"],
+            "caption": row["prompt"],
+            "slots": row["slots"],
+            "seed": row["seed"],
             "video": {"bytes": encode_video(frames, data.fps, data.video_crf), "path": None},
         }
         if data.save_latents:
@@ -254,12 +275,19 @@ def _finalize(job: _Job) -> None:
     if missing:
         raise RuntimeError(f"{missing[0]}: missing after generation (a process failed?); rerun generate to finish it")
     coverage_path = job.out / "coverage.json"
-    coverage_text = (format_coverage(json.loads(coverage_path.read_text(encoding="utf-8")))
-                     if coverage_path.is_file() else None)
+    coverage_text = (
+        format_coverage(json.loads(coverage_path.read_text(encoding="utf-8"))) if coverage_path.is_file() else None
+    )
     card = dataset_card(
-        data=job.data, teacher=job.teacher, output_dir=str(job.out), features=features_of(paths[0]), num_examples=len(job.rows),
-        num_bytes=sum(p.stat().st_size for p in paths), vocab_name=job.vocab_name,
-        negative_prompt=job.negative_prompt, coverage_text=coverage_text,
+        data=job.data,
+        teacher=job.teacher,
+        output_dir=str(job.out),
+        features=features_of(paths[0]),
+        num_examples=len(job.rows),
+        num_bytes=sum(p.stat().st_size for p in paths),
+        vocab_name=job.vocab_name,
+        negative_prompt=job.negative_prompt,
+        coverage_text=coverage_text,
     )
     write_text_atomic(dataset_dir / "README.md", card)
     shutil.rmtree(dataset_dir / WORK_DIR, ignore_errors=True)

@@ -41,7 +41,9 @@ def push(data: DataConfig, teacher_name: str, out: Path) -> str:
         url = api.create_repo(repo_id, repo_type="dataset", private=data.hub_private, exist_ok=True)
         logger.info("push: uploading %s to %s", dataset_dir, url)
         api.upload_folder(
-            repo_id=repo_id, repo_type="dataset", folder_path=dataset_dir,
+            repo_id=repo_id,
+            repo_type="dataset",
+            folder_path=dataset_dir,
             commit_message=f"Upload synthetic dataset ({teacher_name}, {data.num_prompts} prompts)",
             ignore_patterns=[f"{WORK_DIR}/**", "**/.*.tmp"],
         )

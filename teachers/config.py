@@ -42,8 +42,7 @@ class TeacherConfig:
     def __post_init__(self):
         if not self.pretrained:
             raise ValueError("pretrained: give a Hub id or a local WanPipeline folder")
-        for key in ("height", "width", "num_frames", "num_inference_steps", "max_sequence_length",
-                    "encode_cache_size"):
+        for key in ("height", "width", "num_frames", "num_inference_steps", "max_sequence_length", "encode_cache_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.guidance_scale < 0:

@@ -39,14 +39,25 @@ def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_text_encoder(vocab_size: int, d_model: int = 32, num_layers: int = 1, num_heads: int = 2,
-                      d_ff: int = 64, seed: int = 0) -> UMT5EncoderModel:
+def tiny_text_encoder(
+    vocab_size: int, d_model: int = 32, num_layers: int = 1, num_heads: int = 2, d_ff: int = 64, seed: int = 0
+) -> UMT5EncoderModel:
     torch.manual_seed(seed)
     cfg = UMT5Config(
-        vocab_size=vocab_size, d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff, num_layers=num_layers,
-        num_heads=num_heads, relative_attention_num_buckets=8, relative_attention_max_distance=32,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
     )
     return UMT5EncoderModel(cfg).eval()
 
@@ -55,25 +66,49 @@ def tiny_vae(z_dim: int = 4, base_dim: int = 3, seed: int = 0) -> AutoencoderKLW
     """A random Wan VAE with the real 4x temporal / 8x spatial compression (like diffusers' tests)."""
     torch.manual_seed(seed)
     return AutoencoderKLWan(
-        base_dim=base_dim, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-        temperal_downsample=[False, True, True], latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+        base_dim=base_dim,
+        z_dim=z_dim,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
     ).eval()
 
 
-def tiny_transformer(in_channels: int = 4, text_dim: int = 32, num_layers: int = 2, num_heads: int = 2,
-                     head_dim: int = 12, ffn_dim: int = 32, patch_size=(1, 2, 2), seed: int = 0,
-                     **kwargs) -> WanTransformer3DModel:
+def tiny_transformer(
+    in_channels: int = 4,
+    text_dim: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    head_dim: int = 12,
+    ffn_dim: int = 32,
+    patch_size=(1, 2, 2),
+    seed: int = 0,
+    **kwargs,
+) -> WanTransformer3DModel:
     torch.manual_seed(seed)
     return WanTransformer3DModel(
-        patch_size=tuple(patch_size), num_attention_heads=num_heads, attention_head_dim=head_dim,
-        in_channels=in_channels, out_channels=in_channels, text_dim=text_dim, freq_dim=32, ffn_dim=ffn_dim,
-        num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-        rope_max_seq_len=32, **kwargs,
+        patch_size=tuple(patch_size),
+        num_attention_heads=num_heads,
+        attention_head_dim=head_dim,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        text_dim=text_dim,
+        freq_dim=32,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=32,
+        **kwargs,
     ).eval()
 
 
-def tiny_pipeline(words: list[str], num_layers: int = 2, two_experts: bool = False, seed: int = 0,
-                  flow_shift: float = 3.0) -> WanPipeline:
+def tiny_pipeline(
+    words: list[str], num_layers: int = 2, two_experts: bool = False, seed: int = 0, flow_shift: float = 3.0
+) -> WanPipeline:
     """A random tiny `WanPipeline` (optionally Wan2.2-style with `transformer_2` and boundary_ratio=0.875)."""
     tokenizer = word_tokenizer(words)
     text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
@@ -82,6 +117,11 @@ def tiny_pipeline(words: list[str], num_layers: int = 2, two_experts: bool = Fal
     transformer_2 = tiny_transformer(num_layers=num_layers, seed=seed + 1) if two_experts else None
     scheduler = FlowMatchEulerDiscreteScheduler(shift=flow_shift)
     return WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler,
-        transformer_2=transformer_2, boundary_ratio=0.875 if two_experts else None,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+        transformer_2=transformer_2,
+        boundary_ratio=0.875 if two_experts else None,
     )

@@ -182,8 +182,12 @@ class WanTeacher:
         elif cfg.offload == "group":
             for model in (pipe.transformer, pipe.transformer_2):
                 if model is not None:
-                    model.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                               offload_type="block_level", num_blocks_per_group=1)
+                    model.enable_group_offload(
+                        onload_device=device,
+                        offload_device=torch.device("cpu"),
+                        offload_type="block_level",
+                        num_blocks_per_group=1,
+                    )
             pipe.text_encoder.to(device)
             pipe.vae.to(device)
         else:
@@ -236,7 +240,9 @@ class WanTeacher:
         missing = list(dict.fromkeys(p for p in texts if p not in self._cache))
         if missing:
             embeds, _ = self.pipe.encode_prompt(
-                missing, do_classifier_free_guidance=False, max_sequence_length=self.cfg.max_sequence_length,
+                missing,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.cfg.max_sequence_length,
                 device=self.device,
             )
             for text, e in zip(missing, embeds):
@@ -284,9 +290,7 @@ class WanTeacher:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.shape[0] != x.shape[0] or t.ndim > 2 or (t.ndim == 2 and t.shape[1] != x.shape[2]):
-            raise ValueError(
-                f"velocity: t must be [B] or [B, F] for latents {tuple(x.shape)}, got {tuple(t.shape)}"
-            )
+            raise ValueError(f"velocity: t must be [B] or [B, F] for latents {tuple(x.shape)}, got {tuple(t.shape)}")
         return t
 
     def _velocity(self, x, t, cond: Cond, guidance=None, guidance_2=None) -> torch.Tensor:
@@ -309,15 +313,15 @@ class WanTeacher:
             return forward(x_in, t_in, pos)
         neg = cond.negative_embeds.to(self.device, dtype)
         if self.cfg.cfg_batch:
-            v_cond, v_uncond = forward(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]),
-                                       torch.cat([pos, neg])).chunk(2)
+            v_cond, v_uncond = forward(torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), torch.cat([pos, neg])).chunk(2)
         else:
             v_cond, v_uncond = forward(x_in, t_in, pos), forward(x_in, t_in, neg)
         return apply_cfg(v_uncond, v_cond, w)
 
     @torch.no_grad()
-    def velocity(self, x: torch.Tensor, t, cond: Cond, guidance: float | None = None,
-                 guidance_2: float | None = None) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, t, cond: Cond, guidance: float | None = None, guidance_2: float | None = None
+    ) -> torch.Tensor:
         """Guided velocity v = v_u + w·(v_c - v_u), float32 [B, C, F, H, W].
 
         x: latents [B, C, F, H, W]; t: timesteps 1000·σ as a scalar, [B], or per latent frame [B, F].
@@ -335,9 +339,16 @@ class WanTeacher:
         return _with_shift(self.scheduler, self.cfg.shift if shift is None else shift)
 
     @torch.no_grad()
-    def sample(self, cond: Cond, noise: torch.Tensor, steps: int | None = None, guidance: float | None = None,
-               shift: float | None = None, save_at: Sequence[int] = (), guidance_2: float | None = None,
-               ) -> SampleOutput:
+    def sample(
+        self,
+        cond: Cond,
+        noise: torch.Tensor,
+        steps: int | None = None,
+        guidance: float | None = None,
+        shift: float | None = None,
+        save_at: Sequence[int] = (),
+        guidance_2: float | None = None,
+    ) -> SampleOutput:
         """Run the pipeline's sampler from `noise` [B, C, F, H, W]; identical to
         `WanPipeline.__call__(prompt_embeds=..., latents=noise, output_type="latent")` with the same steps,
         guidance (and guidance_scale_2 = `guidance_2`) and scheduler shift.
@@ -360,10 +371,17 @@ class WanTeacher:
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
         if len(timesteps) in save:
             trajectory.append(latents)
-        traj = torch.stack(trajectory, dim=1) if trajectory else latents.new_empty((latents.shape[0], 0,
-                                                                                     *latents.shape[1:]))
-        return SampleOutput(latents=latents, trajectory=traj, timesteps=timesteps,
-                            sigmas=scheduler.sigmas[: len(timesteps) + 1].to(self.device))
+        traj = (
+            torch.stack(trajectory, dim=1)
+            if trajectory
+            else latents.new_empty((latents.shape[0], 0, *latents.shape[1:]))
+        )
+        return SampleOutput(
+            latents=latents,
+            trajectory=traj,
+            timesteps=timesteps,
+            sigmas=scheduler.sigmas[: len(timesteps) + 1].to(self.device),
+        )
 
     # ---- pixels --------------------------------------------------------------------------------
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,9 +402,7 @@ class WanTeacher:
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """Video [B, 3, F, H, W] in [-1, 1] (F = 1 + 4k) -> normalised latents (posterior mode), float32."""
         if video.ndim != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % VAE_TEMPORAL_CHUNK:
-            raise ValueError(
-                f"encode_video: expected [B, 3, F, H, W] with F = 1 + 4k frames, got {tuple(video.shape)}"
-            )
+            raise ValueError(f"encode_video: expected [B, 3, F, H, W] with F = 1 + 4k frames, got {tuple(video.shape)}")
         z = self.pipe.vae.encode(video.to(self.device, self.pipe.vae.dtype)).latent_dist.mode()
         mean, std = self._latent_stats(z)
         return ((z - mean) / std).float()

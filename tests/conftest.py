@@ -12,8 +12,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 TINY_WORDS = [
-    "a", "an", "the", "red", "green", "blue", "cat", "dog", "circle", "square", "moving", "left", "right",
-    "on", "with", "background", "black", "white", "blurry", "noise", "beside", "it",
+    "a",
+    "an",
+    "the",
+    "red",
+    "green",
+    "blue",
+    "cat",
+    "dog",
+    "circle",
+    "square",
+    "moving",
+    "left",
+    "right",
+    "on",
+    "with",
+    "background",
+    "black",
+    "white",
+    "blurry",
+    "noise",
+    "beside",
+    "it",
 ]
 
 

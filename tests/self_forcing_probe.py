@@ -1,5 +1,6 @@
 """`accelerate launch tests/self_forcing_probe.py OUT_DIR RECIPE [dotted.key=value ...]`: the trainer, recording per
-rank the world size and the exit steps of every causal rollout into OUT_DIR/rank<r>.json (tests/test_self_forcing.py)."""
+rank the world size and the exit steps of every causal rollout into OUT_DIR/rank<r>.json
+(tests/test_self_forcing.py)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,15 @@ def main() -> int:
 
     def record(self, batch):
         x0 = real(self, batch)
-        calls.append({"world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                      "rank": dist.get_rank() if dist.is_initialized() else 0,
-                      "indices": list(batch.indices), "exit_steps": list(self.last_exit_steps),
-                      "grad": torch.is_grad_enabled()})
+        calls.append(
+            {
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "rank": dist.get_rank() if dist.is_initialized() else 0,
+                "indices": list(batch.indices),
+                "exit_steps": list(self.last_exit_steps),
+                "grad": torch.is_grad_enabled(),
+            }
+        )
         return x0
 
     self_forcing.CausalRollout.__call__ = record

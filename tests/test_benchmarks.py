@@ -22,10 +22,28 @@ def test_experts_benchmark_tiny(tmp_path):
     build([str(tmp_path / "init")])  # untrained toy teacher, whatever the repo ships
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.experts", "--teacher", str(tmp_path / "init"), "--steps", "2",
-         "--prompts", "4", "--eval-prompts", "4", "--out", str(tmp_path / "out"),
-         "--results", str(tmp_path / "RESULTS.md")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.experts",
+            "--teacher",
+            str(tmp_path / "init"),
+            "--steps",
+            "2",
+            "--prompts",
+            "4",
+            "--eval-prompts",
+            "4",
+            "--out",
+            str(tmp_path / "out"),
+            "--results",
+            str(tmp_path / "RESULTS.md"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
@@ -85,8 +103,23 @@ def assert_one_row(path: Path, script: str, ratio_key: str) -> None:
 
 @pytest.mark.slow
 def test_streaming_benchmark_tiny(tmp_path):
-    r = one_json_line(run_script("-m", "benchmarks.streaming", "--size", "tiny", "--chunks", "5", "--steps", "2",
-                                 "--warmup", "0", "--profile", "--results", str(tmp_path / "RESULTS.md")))
+    r = one_json_line(
+        run_script(
+            "-m",
+            "benchmarks.streaming",
+            "--size",
+            "tiny",
+            "--chunks",
+            "5",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--profile",
+            "--results",
+            str(tmp_path / "RESULTS.md"),
+        )
+    )
     assert r["benchmark"] == "streaming" and r["size"] == "tiny" and r["device"] == "cpu"
     assert r["trained"] in (True, False) and r["teacher_steps"] == r["steps"] == 2 and len(r["sigmas"]) == 2
     # recipes/toyworld_self_forcing.yaml's causal settings; the toy VAE decodes one pixel frame per latent frame
@@ -101,9 +134,11 @@ def test_streaming_benchmark_tiny(tmp_path):
     assert r["student_fps"] == pytest.approx(15 / r["student_seconds"], rel=1e-4)
     assert r["teacher_fps"] == pytest.approx(15 / r["teacher_seconds"], rel=1e-4)
     assert r["teacher_seconds"] == pytest.approx(r["teacher_sample_s"] + r["teacher_decode_s"], rel=1e-4)
-    for key, value in [("ratio_fps_student_vs_teacher", r["student_fps"] / r["teacher_fps"]),
-                       ("ratio_chunk_latency_last_vs_first_quarter", lat[-1] / lat[0]),
-                       ("ratio_first_chunk_latency_vs_teacher_seconds", lat[0] / r["teacher_seconds"])]:
+    for key, value in [
+        ("ratio_fps_student_vs_teacher", r["student_fps"] / r["teacher_fps"]),
+        ("ratio_chunk_latency_last_vs_first_quarter", lat[-1] / lat[0]),
+        ("ratio_first_chunk_latency_vs_teacher_seconds", lat[0] / r["teacher_seconds"]),
+    ]:
         assert math.isfinite(r[key]) and r[key] > 0 and r[key] == pytest.approx(value, rel=2e-3), key
     split = r["split_mean_s"]
     assert set(split) == {"denoise", "cache_write", "decode", "other"}
@@ -121,8 +156,22 @@ def test_streaming_benchmark_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_train_step_benchmark_tiny(tmp_path):
-    r = one_json_line(run_script("-m", "benchmarks.train_step", "--size", "tiny", "--batch-size", "1", "--steps", "2",
-                                 "--warmup", "0", "--results", str(tmp_path / "RESULTS.md")))
+    r = one_json_line(
+        run_script(
+            "-m",
+            "benchmarks.train_step",
+            "--size",
+            "tiny",
+            "--batch-size",
+            "1",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--results",
+            str(tmp_path / "RESULTS.md"),
+        )
+    )
     assert r["benchmark"] == "train_step" and r["device"] == "cpu" and r["memory"] == "peak RSS (ru_maxrss)"
     assert r["latent_shape"] == [3, 9, 32, 32] and r["chunks"] == 3 and r["batch_size"] == 1 and r["ema"] is True
     on, off = r["checkpointing_on/adamw"], r["checkpointing_off/adamw"]
@@ -138,10 +187,12 @@ def test_train_step_benchmark_tiny(tmp_path):
     for key in ("checkpointing_on/adamw8bit", "checkpointing_off/adamw8bit"):
         assert r[key]["status"] == "unavailable" and "bitsandbytes" in r[key]["reason"]
     assert r["ratio_time_checkpointing_on_vs_off"] == pytest.approx(on["s_per_it"] / off["s_per_it"], rel=1e-4)
-    assert r["ratio_step_mem_checkpointing_on_vs_off"] == pytest.approx(on["step_mem_mib"] / off["step_mem_mib"],
-                                                                        rel=1e-4)
-    assert r["ratio_peak_mem_checkpointing_on_vs_off"] == pytest.approx(on["peak_mem_mib"] / off["peak_mem_mib"],
-                                                                        rel=1e-4)
+    assert r["ratio_step_mem_checkpointing_on_vs_off"] == pytest.approx(
+        on["step_mem_mib"] / off["step_mem_mib"], rel=1e-4
+    )
+    assert r["ratio_peak_mem_checkpointing_on_vs_off"] == pytest.approx(
+        on["peak_mem_mib"] / off["peak_mem_mib"], rel=1e-4
+    )
     assert r["ratio_time_adamw8bit_vs_adamw"] is None and r["ratio_peak_mem_adamw8bit_vs_adamw"] is None
     assert_one_row(tmp_path / "RESULTS.md", "train_step", "ratio_time_checkpointing_on_vs_off")
 
@@ -162,14 +213,43 @@ def test_1_3b_size_on_cpu_exits_with_a_clear_message(tmp_path, script):
 @pytest.mark.slow
 def test_1_3b_code_path_runs_at_tiny_shape_on_cpu(tmp_path):
     """The Wan2.1 1.3B path (config-built transformer in bf16, Wan VAE, random text, the Wan recipe) shrunk."""
-    s = one_json_line(run_script("-m", "benchmarks.streaming", "--size", "1.3b", "--tiny-shape", "--chunks", "3",
-                                 "--warmup", "0", "--results", str(tmp_path / "RESULTS.md")))
+    s = one_json_line(
+        run_script(
+            "-m",
+            "benchmarks.streaming",
+            "--size",
+            "1.3b",
+            "--tiny-shape",
+            "--chunks",
+            "3",
+            "--warmup",
+            "0",
+            "--results",
+            str(tmp_path / "RESULTS.md"),
+        )
+    )
     assert s["dtype"] == "bfloat16" and (s["frames_per_block"], s["local_window"], s["sink"]) == (3, 21, 3)
     assert s["latent_shape"] == [16, 9, 8, 8] and s["pixel_frames"] == 1 + 4 * 8  # Wan VAE: 4x temporal
     assert math.isfinite(s["ratio_fps_student_vs_teacher"]) and "1.3B config (tiny shape)" in s["teacher"]
-    t = one_json_line(run_script("-m", "benchmarks.train_step", "--size", "1.3b", "--tiny-shape", "--steps", "1",
-                                 "--warmup", "0", "--checkpointing", "on", "--optimizer", "adamw",
-                                 "--results", str(tmp_path / "RESULTS.md")))
+    t = one_json_line(
+        run_script(
+            "-m",
+            "benchmarks.train_step",
+            "--size",
+            "1.3b",
+            "--tiny-shape",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--checkpointing",
+            "on",
+            "--optimizer",
+            "adamw",
+            "--results",
+            str(tmp_path / "RESULTS.md"),
+        )
+    )
     assert t["mixed_precision"] == "bf16" and t["latent_shape"] == [16, 21, 8, 8] and t["chunks"] == 7
     assert t["checkpointing_on/adamw"]["status"] == "ok" and "checkpointing_off/adamw" not in t
     assert t["ratio_time_checkpointing_on_vs_off"] is None
@@ -182,17 +262,27 @@ def test_1_3b_code_path_runs_at_tiny_shape_on_cpu(tmp_path):
 def test_gpu_all_script_runs_at_tiny_size(tmp_path):
     """The one-call GPU script, checked on the CPU: every benchmark in it prints its JSON line, OUT gets the rows."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "OUT": str(tmp_path)}
-    proc = subprocess.run(["bash", "benchmarks/gpu_all.sh", "--size", "tiny"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_all.sh", "--size", "tiny"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(ln) for ln in (tmp_path / "gpu_all.jsonl").read_text().splitlines()]
-    assert [(r["benchmark"], r["size"]) for r in lines] == [("streaming", "tiny"), ("train_step", "tiny"),
-                                                           ("streaming", "tiny")]
+    assert [(r["benchmark"], r["size"]) for r in lines] == [
+        ("streaming", "tiny"),
+        ("train_step", "tiny"),
+        ("streaming", "tiny"),
+    ]
     assert "profile_share" in lines[0] and lines[2]["compile"] == "ffn"
     rows = [ln for ln in (tmp_path / "RESULTS.md").read_text().splitlines() if ln.startswith("| 20")]
     assert len(rows) == 3
-    bad = subprocess.run(["bash", "benchmarks/gpu_all.sh", "--size", "2b"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        ["bash", "benchmarks/gpu_all.sh", "--size", "2b"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "--size must be tiny or 1.3b" in bad.stdout
 
 
@@ -202,10 +292,21 @@ def test_ablate_summary_means_and_spreads_by_hand(tmp_path, capsys):
 
     def result(arm, seed, acc, chunks, curve):
         (tmp_path / arm).mkdir(exist_ok=True)
-        (tmp_path / arm / f"seed{seed}.json").write_text(json.dumps({
-            "arm": arm, "seed": seed, "overrides": [] if arm == "base" else ["k=v"], "prompts": 8, "eval_seed": 3,
-            "accuracy": {"all": acc}, "chunk_accuracy": chunks, "long_rollout": {"segment_accuracy": curve},
-            "teacher": {"accuracy": {"all": 0.9}, "chunk_accuracy": [0.8, 0.9]}}))
+        (tmp_path / arm / f"seed{seed}.json").write_text(
+            json.dumps(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "overrides": [] if arm == "base" else ["k=v"],
+                    "prompts": 8,
+                    "eval_seed": 3,
+                    "accuracy": {"all": acc},
+                    "chunk_accuracy": chunks,
+                    "long_rollout": {"segment_accuracy": curve},
+                    "teacher": {"accuracy": {"all": 0.9}, "chunk_accuracy": [0.8, 0.9]},
+                }
+            )
+        )
 
     result("base", 0, 0.5, [0.25, 0.5], [0.5, 0.25, 0.125])
     result("base", 1, 0.75, [0.5, 0.5], [0.75, 0.5, 0.375])
@@ -217,7 +318,7 @@ def test_ablate_summary_means_and_spreads_by_hand(tmp_path, capsys):
     by_arm = {r["arm"]: r for r in lines}
     assert set(by_arm) == {"base", "other"}
     base, other = by_arm["base"], by_arm["other"]
-    assert base["all"]["mean"] == 0.625 and base["all"]["sd"] == round(math.sqrt(2 * 0.125 ** 2), 4)
+    assert base["all"]["mean"] == 0.625 and base["all"]["sd"] == round(math.sqrt(2 * 0.125**2), 4)
     assert base["chunk_0"]["mean"] == 0.375 and base["chunk_1"]["sd"] == 0.0
     assert base["drift_first"]["values"] == [0.5, 0.75] and base["drift_last"]["values"] == [0.125, 0.375]
     mean = (0.5 + 0.625 + 0.875) / 3
@@ -231,11 +332,21 @@ def test_ablate_summary_means_and_spreads_by_hand(tmp_path, capsys):
 def test_toy_bench_summary_ratios_by_hand():
     from benchmarks.toy_bench import summarise
 
-    report = {"num_prompts": 4, "seed": 1, "teacher": {"accuracy": {"all": 0.8}, "chunk_accuracy": [0.7, 0.9]},
-              "students": {
-                  "causal": {"accuracy": {"all": 0.6}, "nfe": 4.5, "chunk_accuracy": [0.5, 0.75],
-                             "sampling_speedup": 21.234, "long_rollout": {"segment_accuracy": [0.5, 0.25, 0.75]}},
-                  "lora": {"accuracy": {"all": 0.8}, "nfe": 4, "chunk_accuracy": None, "sampling_speedup": 9.0}}}
+    report = {
+        "num_prompts": 4,
+        "seed": 1,
+        "teacher": {"accuracy": {"all": 0.8}, "chunk_accuracy": [0.7, 0.9]},
+        "students": {
+            "causal": {
+                "accuracy": {"all": 0.6},
+                "nfe": 4.5,
+                "chunk_accuracy": [0.5, 0.75],
+                "sampling_speedup": 21.234,
+                "long_rollout": {"segment_accuracy": [0.5, 0.25, 0.75]},
+            },
+            "lora": {"accuracy": {"all": 0.8}, "nfe": 4, "chunk_accuracy": None, "sampling_speedup": 9.0},
+        },
+    }
     out = summarise(report, {"eval": 3.0})
     assert out["ratio_all_causal_vs_teacher"] == 0.75 and out["ratio_all_lora_vs_teacher"] == 1.0
     assert out["students"]["causal"]["drift_first_last"] == [0.5, 0.75]
@@ -250,11 +361,29 @@ def test_toy_bench_runs_end_to_end_at_a_tiny_budget(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.toy_bench", "--out", str(out), "--results", str(tmp_path / "R.md"),
-         "data.num_prompts=8", "train.max_steps=2", "train.checkpointing_steps=1", "eval.num_prompts=8",
-         "eval.long_rollout_prompts=2", "eval.long_rollout_factor=2", "eval.num_previews=1",
-         "eval.student_timing_seconds=0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.toy_bench",
+            "--out",
+            str(out),
+            "--results",
+            str(tmp_path / "R.md"),
+            "data.num_prompts=8",
+            "train.max_steps=2",
+            "train.checkpointing_steps=1",
+            "eval.num_prompts=8",
+            "eval.long_rollout_prompts=2",
+            "eval.long_rollout_factor=2",
+            "eval.num_previews=1",
+            "eval.student_timing_seconds=0",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1
@@ -263,5 +392,6 @@ def test_toy_bench_runs_end_to_end_at_a_tiny_budget(tmp_path):
     assert result["num_prompts"] == 8 and len(result["students"]["self_forcing"]["chunk_accuracy"]) == 3
     report = json.loads((out / "eval" / "report.json").read_text())
     assert result["ratio_all_pruned_vs_teacher"] == pytest.approx(
-        report["students"]["pruned"]["accuracy"]["all"] / report["teacher"]["accuracy"]["all"], abs=1e-4)
+        report["students"]["pruned"]["accuracy"]["all"] / report["teacher"]["accuracy"]["all"], abs=1e-4
+    )
     assert "make bench-toy" in (tmp_path / "R.md").read_text()

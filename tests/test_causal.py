@@ -40,7 +40,7 @@ def chunked(model: CausalWan, x, t, ehs, offsets=None):
     outs, sizes = [], []
     for i, start in enumerate(range(0, x.shape[2], fpb)):
         offset = start if offsets is None else offsets[i]
-        outs.append(model.forward_chunk(x[:, :, start:start + fpb], t[:, start:start + fpb], cache, offset, True))
+        outs.append(model.forward_chunk(x[:, :, start : start + fpb], t[:, start : start + fpb], cache, offset, True))
         sizes.append(cache.num_tokens())
     return torch.cat(outs, dim=2), cache, sizes
 
@@ -109,12 +109,12 @@ def test_a_chunk_only_influences_itself_and_later_chunks(tiny_transformer, what)
         v, v2 = model(x, t, ehs), model(x2, t2, ehs)
     assert (v2[:, :, : 2 * k] - v[:, :, : 2 * k]).abs().max() <= 1e-6  # earlier chunks: unchanged
     for c in (k, k + 1):
-        assert (v2[:, :, 2 * c: 2 * c + 2] - v[:, :, 2 * c: 2 * c + 2]).abs().max() > 1e-3
+        assert (v2[:, :, 2 * c : 2 * c + 2] - v[:, :, 2 * c : 2 * c + 2]).abs().max() > 1e-3
     # Same in the cached rollout.
     c1, _, _ = chunked(model, x, t, ehs)
     c2, _, _ = chunked(model, x2, t2, ehs)
     assert torch.equal(c1[:, :, : 2 * k], c2[:, :, : 2 * k])
-    assert (c2[:, :, 2 * k:] - c1[:, :, 2 * k:]).abs().max() > 1e-3
+    assert (c2[:, :, 2 * k :] - c1[:, :, 2 * k :]).abs().max() > 1e-3
 
 
 # ---- 5. bounded cache, rollouts past the trained length --------------------------------------------------
@@ -158,10 +158,10 @@ def test_one_step_rollout_is_teacher_forcing_on_its_own_output(tiny_transformer)
         video = sample_causal(model, ehs, noise, [1.0])
         for c in range(3):
             s = 2 * c
-            x_in = torch.cat([video[:, :, :s], noise[:, :, s:s + 2]], dim=2)
+            x_in = torch.cat([video[:, :, :s], noise[:, :, s : s + 2]], dim=2)
             t_in = torch.cat([torch.zeros(B, s), torch.full((B, 2), 1000.0)], dim=1)
             x0 = x_in[:, :, s:] - model(x_in, t_in, ehs)[:, :, s:]
-            assert (x0 - video[:, :, s:s + 2]).abs().max() <= 1e-5
+            assert (x0 - video[:, :, s : s + 2]).abs().max() <= 1e-5
     assert (video[:, :, 2:] - (noise - model(noise, 1000.0, ehs))[:, :, 2:]).abs().max() > 1e-3
 
 
@@ -172,8 +172,13 @@ def test_stream_chunks_context_noise_and_exit_steps(tiny_transformer):
     with torch.no_grad():
         chunks = list(stream_causal(model, ehs, noise, sigmas, torch.Generator().manual_seed(3)))
         video = sample_causal(model, ehs, noise, sigmas, torch.Generator().manual_seed(3))
-        noisy_ctx = sample_causal(CausalWan(tiny_transformer, causal_cfg(frames_per_block=3, context_noise=500)),
-                                  ehs, noise, sigmas, torch.Generator().manual_seed(3))
+        noisy_ctx = sample_causal(
+            CausalWan(tiny_transformer, causal_cfg(frames_per_block=3, context_noise=500)),
+            ehs,
+            noise,
+            sigmas,
+            torch.Generator().manual_seed(3),
+        )
     assert [ch.shape[2] for ch in chunks] == [3, 3, 1]
     assert torch.equal(torch.cat(chunks, dim=2), video)
     # context_noise only changes what later chunks see (chunk 0 draws the same renoise first).
@@ -242,8 +247,11 @@ def test_gradient_checkpointing_keeps_the_mask_and_the_cache_snapshot(tiny_trans
             tiny_transformer.enable_gradient_checkpointing()
         for run in ("parallel", "rollout"):  # the rollout's recompute happens after later chunks changed the cache
             tiny_transformer.zero_grad()
-            out = model(x, t, ehs) if run == "parallel" else sample_causal(model, ehs, x, [1.0, 0.5], exit_steps=1,
-                                                                           generator=torch.Generator().manual_seed(0))
+            out = (
+                model(x, t, ehs)
+                if run == "parallel"
+                else sample_causal(model, ehs, x, [1.0, 0.5], exit_steps=1, generator=torch.Generator().manual_seed(0))
+            )
             out.square().mean().backward()
             grads.append(tiny_transformer.blocks[0].attn1.to_k.weight.grad.clone())
     for plain, checkpointed in zip(grads[:2], grads[2:]):

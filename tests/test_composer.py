@@ -94,7 +94,10 @@ def test_weights_respected(n):
 @pytest.mark.parametrize("mode", ["balanced", "random"])
 def test_exclusions_always_hold(mode):
     exclusions = [
-        {"a": "a0", "b": "b0"}, {"a": "a0", "b": "b1"}, {"b": "b2", "c": "c4"}, {"a": "a1", "b": "b3", "c": "c0"},
+        {"a": "a0", "b": "b0"},
+        {"a": "a0", "b": "b1"},
+        {"b": "b2", "c": "c4"},
+        {"a": "a1", "b": "b3", "c": "c0"},
     ]
     vocab = small_vocab(exclusions=exclusions)
     for seed in range(25):
@@ -107,8 +110,12 @@ def test_exclusions_always_hold(mode):
 
 def test_unsatisfiable_exclusions_raise():
     vocab = Vocabulary(
-        name="tight", slots={"a": ["x", "y"], "b": ["p", "q"]}, weights={"a": [9.0, 1.0], "b": [9.0, 1.0]},
-        templates=["{a} {b}"], exclusions=[{"a": "x", "b": "p"}], source="tight.yaml",
+        name="tight",
+        slots={"a": ["x", "y"], "b": ["p", "q"]},
+        weights={"a": [9.0, 1.0], "b": [9.0, 1.0]},
+        templates=["{a} {b}"],
+        exclusions=[{"a": "x", "b": "p"}],
+        source="tight.yaml",
     )
     with pytest.raises(ValueError, match=r"tight\.yaml: exclusions: cannot place 10 balanced prompts"):
         compose(vocab, 10, seed=0)
@@ -230,8 +237,11 @@ def test_vocabulary_errors_name_file_and_key(tmp_path, old, new, key, what):
 
 def test_exclusions_that_block_a_value_through_another_slot(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(GOOD_YAML.replace("[{subject: a cat, props: a ball}]",
-                                      "[{subject: a cat, props: a ball}, {subject: a cat, props: a box}]"))
+    path.write_text(
+        GOOD_YAML.replace(
+            "[{subject: a cat, props: a ball}]", "[{subject: a cat, props: a ball}, {subject: a cat, props: a box}]"
+        )
+    )
     with pytest.raises(ValueError, match=r"exclusions: slot 'subject' value 'a cat' can never be used"):
         load_vocabulary(path)
 

@@ -47,7 +47,14 @@ def test_wan_recipes_carry_the_documented_settings():
     r = load_recipe(ROOT / "recipes/wan21_t2v_1.3b_synth.yaml")
     t = r.teacher
     assert (t.pretrained, t.height, t.width, t.num_frames, t.num_inference_steps, t.guidance_scale, t.shift) == (
-        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 480, 832, 81, 50, 5.0, 3.0)
+        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        480,
+        832,
+        81,
+        50,
+        5.0,
+        3.0,
+    )
     r = load_recipe(ROOT / "recipes/wan22_t2v_a14b_synth.yaml")
     assert r.teacher.pretrained == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
     assert (r.teacher.dtype, r.teacher.offload) == ("bfloat16", "group")
@@ -118,8 +125,12 @@ def test_dry_run_prints_resolved_recipe(tmp_path, capsys):
 
 def test_cli_reports_bad_key_without_traceback(tmp_path):
     path = write(tmp_path, "r.yaml", MINIMAL)
-    proc = subprocess.run([sys.executable, "-m", "distill", "compose", str(path), "data.num_promptz=3"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill", "compose", str(path), "data.num_promptz=3"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     assert "data.num_promptz: unknown key (did you mean data.num_prompts?)" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -173,8 +184,10 @@ def test_cli_and_trainer_import_without_pyav_or_datasets():
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['av'] = sys.modules['datasets'] = None\n"
-            "import distill.cli, distill.trainer, distill.export_stage, distill.data")
+    code = (
+        "import sys; sys.modules['av'] = sys.modules['datasets'] = None\n"
+        "import distill.cli, distill.trainer, distill.export_stage, distill.data"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -195,8 +208,10 @@ def test_adam_betas_reach_both_optimizers(tmp_path):
 def test_duplicate_keys_are_an_error_naming_the_line(tmp_path):
     """PyYAML keeps the last of two equal keys: a pasted second `teacher:` would silently replace the first."""
     path = tmp_path / "dup.yaml"
-    path.write_text("output_dir: out\nteacher:\n  pretrained: a\ndata:\n  vocabulary: v.yaml\n  num_prompts: 4\n"
-                    "teacher:\n  pretrained: b\n")
+    path.write_text(
+        "output_dir: out\nteacher:\n  pretrained: a\ndata:\n  vocabulary: v.yaml\n  num_prompts: 4\n"
+        "teacher:\n  pretrained: b\n"
+    )
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
     assert str(e.value) == f"{path}:7: not valid YAML: duplicate key 'teacher' (first at line 2); keep one of them"

@@ -33,8 +33,10 @@ def smooth_video(f=5, h=16, w=16) -> np.ndarray:
 def rows(n: int, seed: int = 0) -> dict[str, list]:
     rng = np.random.default_rng(seed)
     return {
-        "index": list(range(n)), "caption": [f"a red cat {i}" for i in range(n)],
-        "slots": [{"color": "red", "thing": f"cat {i}"} for i in range(n)], "seed": [100 + i for i in range(n)],
+        "index": list(range(n)),
+        "caption": [f"a red cat {i}" for i in range(n)],
+        "slots": [{"color": "red", "thing": f"cat {i}"} for i in range(n)],
+        "seed": [100 + i for i in range(n)],
         "video": [{"bytes": encode_video(smooth_video(), fps=8), "path": None} for _ in range(n)],
         "latents": [rng.standard_normal((4, 2, 2, 2), dtype=np.float32) for _ in range(n)],
         "trajectory": [rng.standard_normal((3, 4, 2, 2, 2), dtype=np.float32) for _ in range(n)],
@@ -99,8 +101,11 @@ def test_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
 
 
 def test_load_local_without_shards_names_the_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}: no parquet shards in data/; run `python -m distill "
-                                                rf"generate"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"{tmp_path}: no parquet shards in data/; run `python -m distill "
+        rf"generate",
+    ):
         load_local(tmp_path)
 
 
@@ -112,14 +117,28 @@ def test_row_groups_stay_small_for_big_latents():
 
 
 def test_dataset_card(tmp_path):
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
-        "output_dir": "out", "data": {"vocabulary": "v.yaml", "num_prompts": 3, "trajectory_steps": [0, 2]},
-        "teacher": {"pretrained": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "revision": "abc123"},
-        "train": {"max_steps": 7},
-    }))
+    (tmp_path / "r.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": "out",
+                "data": {"vocabulary": "v.yaml", "num_prompts": 3, "trajectory_steps": [0, 2]},
+                "teacher": {"pretrained": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "revision": "abc123"},
+                "train": {"max_steps": 7},
+            }
+        )
+    )
     recipe = load_recipe(tmp_path / "r.yaml")
-    kwargs = dict(data=recipe.data, teacher=recipe.teacher, output_dir=recipe.output_dir, features=FEATURES, num_examples=3, num_bytes=1234, vocab_name="wan",
-                  negative_prompt="blurry", coverage_text="coverage of 3 prompts")
+    kwargs = dict(
+        data=recipe.data,
+        teacher=recipe.teacher,
+        output_dir=recipe.output_dir,
+        features=FEATURES,
+        num_examples=3,
+        num_bytes=1234,
+        vocab_name="wan",
+        negative_prompt="blurry",
+        coverage_text="coverage of 3 prompts",
+    )
     card = dataset_card(**kwargs)
     assert card == dataset_card(**kwargs)  # deterministic: no timestamps
     front = yaml.safe_load(card.split("---\n")[1])
@@ -127,9 +146,18 @@ def test_dataset_card(tmp_path):
     assert front["dataset_info"]["splits"] == [{"name": "train", "num_bytes": 1234, "num_examples": 3}]
     assert Features._from_yaml_list(front["dataset_info"]["features"]) == FEATURES
     assert front["task_categories"] == ["text-to-video"]
-    for text in ("`Wan-AI/Wan2.1-T2V-1.3B-Diffusers` @ `abc123`", "50 steps, CFG 5.0", "flow shift 3.0",
-                 "81 frames of 832x480 px at 16 fps", "latents [C, F, H, W] = [4, 2, 2, 2]", "'blurry'",
-                 "global seed 0", "before steps [0, 2]", "`wan` (`v.yaml`)", "coverage of 3 prompts"):
+    for text in (
+        "`Wan-AI/Wan2.1-T2V-1.3B-Diffusers` @ `abc123`",
+        "50 steps, CFG 5.0",
+        "flow shift 3.0",
+        "81 frames of 832x480 px at 16 fps",
+        "latents [C, F, H, W] = [4, 2, 2, 2]",
+        "'blurry'",
+        "global seed 0",
+        "before steps [0, 2]",
+        "`wan` (`v.yaml`)",
+        "coverage of 3 prompts",
+    ):
         assert text in card, text
     regen = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
     assert list(regen) == ["output_dir", "data", "teacher"]  # student/train sections don't belong to the data

@@ -34,16 +34,31 @@ SHAPE = (4, 2, 2, 2)  # latents [C, F, H, W] of 5 frames at 16x16 px for the tin
 
 @pytest.fixture(scope="module")
 def teacher(tiny_pipeline_dir):
-    cfg = TeacherConfig(pretrained=str(tiny_pipeline_dir), dtype="float32", height=16, width=16, num_frames=5,
-                        num_inference_steps=4, guidance_scale=3.0, max_sequence_length=8, negative_prompt="blurry")
+    cfg = TeacherConfig(
+        pretrained=str(tiny_pipeline_dir),
+        dtype="float32",
+        height=16,
+        width=16,
+        num_frames=5,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        max_sequence_length=8,
+        negative_prompt="blurry",
+    )
     return WanTeacher.from_config(cfg, "cpu")
 
 
 def make_batch(teacher, n=2, trajectory=None, sigmas=None) -> Batch:
     captions = ["a red cat moving left", "a blue square on white background", "a green dog"][:n]
-    return Batch(x0=torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(7)),
-                 cond=teacher.encode(captions, "blurry noise"), generators=[sample_generator(0, i) for i in range(n)],
-                 indices=list(range(n)), captions=captions, trajectory=trajectory, trajectory_sigmas=sigmas)
+    return Batch(
+        x0=torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(7)),
+        cond=teacher.encode(captions, "blurry noise"),
+        generators=[sample_generator(0, i) for i in range(n)],
+        indices=list(range(n)),
+        captions=captions,
+        trajectory=trajectory,
+        trajectory_sigmas=sigmas,
+    )
 
 
 # ---- the pure DMD losses ----------------------------------------------------------------------------
@@ -57,10 +72,12 @@ def test_dmd_gradient_matches_the_closed_form():
     norm = (x0.detach() - real).abs().flatten(1).mean(1).view(2, 1, 1, 1, 1)
     grad = (fake - real) / norm
     torch.testing.assert_close(x0.grad, grad / 8, atol=1e-7, rtol=1e-6)
-    torch.testing.assert_close(loss, 0.5 * (grad ** 2).mean())
+    torch.testing.assert_close(loss, 0.5 * (grad**2).mean())
     torch.testing.assert_close(dmd_gradient(x0, real, fake), grad)
-    print(f"normalisers {norm.flatten().tolist()}, loss {float(loss.detach()):.6f}, "
-          f"max |∂L/∂x0 - grad/8| = {float((x0.grad - grad / 8).abs().max()):.2e}")
+    print(
+        f"normalisers {norm.flatten().tolist()}, loss {float(loss.detach()):.6f}, "
+        f"max |∂L/∂x0 - grad/8| = {float((x0.grad - grad / 8).abs().max()):.2e}"
+    )
     # the normaliser is clamped away from 0 (x0 == real), and fake == real gives zero loss and gradient
     assert torch.isfinite(dmd_gradient(real, real, fake)).all()
     x1 = x0.detach().clone().requires_grad_(True)
@@ -84,7 +101,8 @@ def test_dmd_gradient_per_chunk_normaliser_by_hand():
     # one normaliser per video differs: the near chunk's small error no longer scales its own gradient up
     assert not torch.allclose(dmd_gradient(x0, real, fake), expected)
     assert float(dmd_gradient(x0, real, fake, group_frames=2)[0, :, 2:].abs().mean()) > 10 * float(
-        dmd_gradient(x0, real, fake)[0, :, 2:].abs().mean())
+        dmd_gradient(x0, real, fake)[0, :, 2:].abs().mean()
+    )
     with pytest.raises(ValueError, match="whole groups of 3"):
         dmd_gradient(x0, real, fake, group_frames=3)
 
@@ -188,8 +206,12 @@ def test_generator_loss_wires_teacher_critic_and_sigma(teacher):
     c_loss, _ = algo.critic_loss(batch2)
     gens = [sample_generator(0, j) for j in range(2)]
     sigma2 = 0.1 + 0.8 * shift_sigma(rand_per_sample(gens), 2.0)
-    torch.testing.assert_close(c_loss, flow_matching_loss(critic, sample.detach(), randn_per_sample(gens, SHAPE, "cpu"),
-                                                          sigma2, batch2.cond.prompt_embeds))
+    torch.testing.assert_close(
+        c_loss,
+        flow_matching_loss(
+            critic, sample.detach(), randn_per_sample(gens, SHAPE, "cpu"), sigma2, batch2.cond.prompt_embeds
+        ),
+    )
     assert algo.trains_generator(0) and not algo.trains_generator(4) and algo.trains_generator(5)
 
 
@@ -198,8 +220,10 @@ def test_gradients_reach_only_their_player(teacher):
     from students.critic import Critic
 
     torch.manual_seed(0)
-    student = build_student(StudentConfig(name="s", kind="lora", lora_rank=4, lora_alpha=4.0,
-                                          denoising_steps=[1000, 500]), teacher.pipe.transformer)
+    student = build_student(
+        StudentConfig(name="s", kind="lora", lora_rank=4, lora_alpha=4.0, denoising_steps=[1000, 500]),
+        teacher.pipe.transformer,
+    )
     base = teacher.pipe.transformer
     batch = make_batch(teacher)
     x, t = batch.x0, torch.tensor([900.0, 300.0])
@@ -222,11 +246,11 @@ def test_gradients_reach_only_their_player(teacher):
             return [None if p.grad is None else p.grad.clone() for p in s_params + c_params]
 
         g_gen, g_critic = grads(algo.generator_loss), grads(algo.critic_loss)
-        g_s, g_c = g_gen[:len(s_params)], g_gen[len(s_params):]
+        g_s, g_c = g_gen[: len(s_params)], g_gen[len(s_params) :]
         assert all(g is not None for g in g_s) and any(g.abs().sum() > 0 for g in g_s)
         assert all(g is None for g in g_c)
         assert all(p.grad is None for n, p in base.named_parameters() if "lora_" not in n)
-        g_s, g_c = g_critic[:len(s_params)], g_critic[len(s_params):]
+        g_s, g_c = g_critic[: len(s_params)], g_critic[len(s_params) :]
         assert all(g is None for g in g_s)
         assert all(g is not None for g in g_c) and any(g.abs().sum() > 0 for g in g_c)
         assert all(p.requires_grad for p in s_params + c_params)  # flags survive the adapter switches
@@ -256,8 +280,13 @@ def test_generator_gradient_does_not_depend_on_the_batch_split(teacher):
     full = make_batch(teacher)
 
     def grad(rows):
-        b = Batch(x0=full.x0[rows], cond=full.cond[rows], generators=[sample_generator(0, j) for j in rows],
-                  indices=rows, captions=[full.captions[j] for j in rows])
+        b = Batch(
+            x0=full.x0[rows],
+            cond=full.cond[rows],
+            generators=[sample_generator(0, j) for j in rows],
+            indices=rows,
+            captions=[full.captions[j] for j in rows],
+        )
         student.zero_grad(set_to_none=True)
         algo.generator_loss(b)[0].backward()
         return torch.cat([p.grad.flatten() for p in student.trainable_parameters()])
@@ -317,7 +346,8 @@ def test_ode_regression_grads_reach_only_lora(teacher):
     student = build_student(StudentConfig(name="s", kind="lora", lora_rank=4, lora_alpha=4.0), teacher.pipe.transformer)
     try:
         loss, _ = ODERegression(ODERegression.Config(), student=student).loss(
-            make_batch(teacher, trajectory=traj, sigmas=sig))
+            make_batch(teacher, trajectory=traj, sigmas=sig)
+        )
         loss.backward()
         trainable = {id(p) for p in student.trainable_parameters()}
         assert all((p.grad is not None) == (id(p) in trainable) for p in student.parameters())
@@ -329,10 +359,17 @@ def test_ode_regression_grads_reach_only_lora(teacher):
 # ---- trainer ----------------------------------------------------------------------------------------
 DMD_SECTIONS = dict(
     student={"denoising_steps": [1000, 500]},
-    method={"name": "dmd",
-            "dmd": {"generator_update_interval": 2, "critic_lora_rank": 4, "critic_learning_rate": 3e-3}},
-    train={"max_steps": 3, "gradient_accumulation_steps": 1, "checkpointing_steps": 1, "checkpoints_total_limit": 3,
-           "lr_warmup_steps": 0},
+    method={
+        "name": "dmd",
+        "dmd": {"generator_update_interval": 2, "critic_lora_rank": 4, "critic_learning_rate": 3e-3},
+    },
+    train={
+        "max_steps": 3,
+        "gradient_accumulation_steps": 1,
+        "checkpointing_steps": 1,
+        "checkpoints_total_limit": 3,
+        "lr_warmup_steps": 0,
+    },
 )
 
 
@@ -377,9 +414,13 @@ def test_dmd_trainer_checkpoints_both_players_and_resumes(tmp_path, tiny_pipelin
 
 def test_ode_regression_trainer_smoke(tmp_path, tiny_pipeline_dir):
     write_dataset(tmp_path / "out" / "dataset", trajectory_sigmas=[1.0, 0.75, 0.0])
-    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir,
-                          method={"name": "ode_regression", "ode_regression": {"frames_per_block": 2}},
-                          train={"max_steps": 2, "gradient_accumulation_steps": 1, "ema": False})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "out",
+        tiny_pipeline_dir,
+        method={"name": "ode_regression", "ode_regression": {"frames_per_block": 2}},
+        train={"max_steps": 2, "gradient_accumulation_steps": 1, "ema": False},
+    )
     final = run_train(recipe)
     lora_b = [v for k, v in weights(final).items() if "lora_B" in k]
     assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)
@@ -392,8 +433,14 @@ def test_few_step_rollout_takes_its_shape_from_a_captions_only_batch(teacher):
     student = build_student(StudentConfig(name="s", kind="full", denoising_steps=[1000, 500]), teacher.pipe.transformer)
     rollout = FewStepRollout(student, [1.0, 0.5])
     full = make_batch(teacher)
-    bare = Batch(x0=None, latent_shape=SHAPE, cond=full.cond, generators=[sample_generator(0, i) for i in range(2)],
-                 indices=full.indices, captions=full.captions)
+    bare = Batch(
+        x0=None,
+        latent_shape=SHAPE,
+        cond=full.cond,
+        generators=[sample_generator(0, i) for i in range(2)],
+        indices=full.indices,
+        captions=full.captions,
+    )
     with torch.no_grad():
         a, b = rollout(full), rollout(bare)
     assert b.shape == (2, *SHAPE) and torch.equal(a, b)  # x0's values never entered the rollout

@@ -29,8 +29,9 @@ def test_gan_losses_are_the_non_saturating_ones():
     fake = torch.tensor([[-3.0, 1.0], [0.0, 4.0]])
     log_sigmoid = torch.nn.functional.logsigmoid
     torch.testing.assert_close(gan_generator_loss(fake), -log_sigmoid(fake).mean())
-    torch.testing.assert_close(gan_discriminator_loss(real, fake),
-                               -log_sigmoid(real).mean() - torch.log1p(-torch.sigmoid(fake)).mean())
+    torch.testing.assert_close(
+        gan_discriminator_loss(real, fake), -log_sigmoid(real).mean() - torch.log1p(-torch.sigmoid(fake)).mean()
+    )
     # a discriminator that is right by a wide margin has ~0 loss; the generator it fools has ~0 loss too
     assert float(gan_discriminator_loss(torch.full((2, 3), 30.0), torch.full((2, 3), -30.0))) < 1e-10
     assert float(gan_generator_loss(torch.full((2, 3), 30.0))) < 1e-10
@@ -59,11 +60,14 @@ def test_critic_head_reads_its_block_and_round_trips(teacher):
     assert {GAN_HEAD_PREFIX + k for k in critic.gan_head.state_dict()} <= set(state)
     other = full_critic(teacher, gan_layer=0)
     other.load_trainable_state_dict(state)
-    torch.testing.assert_close(other(x, t, batch.cond.prompt_embeds, return_logits=True)[1],
-                               critic(x, t, batch.cond.prompt_embeds, return_logits=True)[1])
+    torch.testing.assert_close(
+        other(x, t, batch.cond.prompt_embeds, return_logits=True)[1],
+        critic(x, t, batch.cond.prompt_embeds, return_logits=True)[1],
+    )
     with pytest.raises(ValueError, match="lacks a GAN head"):
         full_critic(teacher, gan_layer=0).load_trainable_state_dict(
-            {k: v for k, v in state.items() if not k.startswith(GAN_HEAD_PREFIX)})
+            {k: v for k, v in state.items() if not k.startswith(GAN_HEAD_PREFIX)}
+        )
     with pytest.raises(ValueError, match="GAN head"):
         full_critic(teacher, gan_layer=None)(x, t, batch.cond.prompt_embeds, return_logits=True)
     with pytest.raises(ValueError, match="gan_layer"):
@@ -73,8 +77,16 @@ def test_critic_head_reads_its_block_and_round_trips(teacher):
 def test_dmd_with_gan_adds_both_terms(teacher):
     critic = full_critic(teacher)
     sample = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
-    algo = dmd(teacher, critic, lambda b: sample, min_sigma=0.1, max_sigma=0.9, shift=2.0, gan_weight=0.5,
-               gan_critic_weight=0.25)
+    algo = dmd(
+        teacher,
+        critic,
+        lambda b: sample,
+        min_sigma=0.1,
+        max_sigma=0.9,
+        shift=2.0,
+        gan_weight=0.5,
+        gan_critic_weight=0.25,
+    )
     batch = make_batch(teacher)
     loss, logs = algo.generator_loss(batch)
     loss.backward()
@@ -90,12 +102,13 @@ def test_dmd_with_gan_adds_both_terms(teacher):
     v_fake, logits = critic(x_t, timestep(sigma), emb, return_logits=True)
     fake = x0_from_velocity(x_t.detach(), v_fake.detach(), sigma)
     expected = dmd_generator_loss(x0, real, fake) + 0.5 * F.softplus(-logits).mean()
-    g, = torch.autograd.grad(expected, x0)
+    (g,) = torch.autograd.grad(expected, x0)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(sample.grad, g)
     x_t = add_noise(x0, noise, sigma)
-    gan_only = torch.autograd.grad(0.5 * F.softplus(-critic(x_t, timestep(sigma), emb, return_logits=True)[1]).mean(),
-                                   x0)[0]
+    gan_only = torch.autograd.grad(
+        0.5 * F.softplus(-critic(x_t, timestep(sigma), emb, return_logits=True)[1]).mean(), x0
+    )[0]
     assert float(gan_only.abs().max()) > 1e-6  # the GAN term does reach the sample
     assert float(logs["loss/gan_generator"]) > 0
     # the critic loss: flow matching on sg(x0) + 0.25 · the discriminator loss, real = the batch's x0 re-noised at
@@ -143,12 +156,29 @@ def test_dmd_trainer_with_gan_checkpoints_the_head(tmp_path, tiny_pipeline_dir, 
     monkeypatch.setattr(trainer, "_critic_grads_set_aside", spy)
     write_dataset(tmp_path / "a" / "dataset")
     recipe = write_recipe(
-        tmp_path / "a.yaml", tmp_path / "a", tiny_pipeline_dir,
-        method={"name": "dmd", "dmd": {"generator_update_interval": 1, "critic": "full", "critic_learning_rate": 3e-3,
-                                       "gan_weight": 0.1, "gan_layer": 0, "gan_learning_rate": 0.05}},
+        tmp_path / "a.yaml",
+        tmp_path / "a",
+        tiny_pipeline_dir,
+        method={
+            "name": "dmd",
+            "dmd": {
+                "generator_update_interval": 1,
+                "critic": "full",
+                "critic_learning_rate": 3e-3,
+                "gan_weight": 0.1,
+                "gan_layer": 0,
+                "gan_learning_rate": 0.05,
+            },
+        },
         student={"denoising_steps": [1000, 500]},
-        train={"max_steps": 2, "gradient_accumulation_steps": 2, "checkpointing_steps": 1,
-               "checkpoints_total_limit": 2, "lr_warmup_steps": 0})
+        train={
+            "max_steps": 2,
+            "gradient_accumulation_steps": 2,
+            "checkpointing_steps": 1,
+            "checkpoints_total_limit": 2,
+            "lr_warmup_steps": 0,
+        },
+    )
     final = run_train(recipe)
     assert len(set_aside) == 4 and all(p is not None and len(p) > 4 for p in set_aside)  # 2 steps x 2 micro-batches
 
@@ -167,8 +197,17 @@ def test_gan_at_its_own_low_sigma(teacher):
     """gan_max_sigma: the GAN's x are re-noised at σ_g ~ U(min_sigma, gan_max_sigma), drawn after σ and ε'."""
     critic = full_critic(teacher)
     sample = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
-    algo = dmd(teacher, critic, lambda b: sample, min_sigma=0.1, max_sigma=0.9, shift=2.0, gan_weight=0.5,
-               gan_critic_weight=0.25, gan_max_sigma=0.2)
+    algo = dmd(
+        teacher,
+        critic,
+        lambda b: sample,
+        min_sigma=0.1,
+        max_sigma=0.9,
+        shift=2.0,
+        gan_weight=0.5,
+        gan_critic_weight=0.25,
+        gan_max_sigma=0.2,
+    )
     batch = make_batch(teacher)
     loss, _ = algo.generator_loss(batch)
     gens = [sample_generator(0, j) for j in range(2)]
@@ -183,8 +222,9 @@ def test_gan_at_its_own_low_sigma(teacher):
         real = x0_from_velocity(x_t, teacher.velocity(x_t, timestep(sigma), batch.cond, 3.0), sigma)
         fake = x0_from_velocity(x_t, critic(x_t, timestep(sigma), emb), sigma)
         logits = critic(add_noise(sample, noise_g, sigma_g), timestep(sigma_g), emb, return_logits=True)[1]
-    torch.testing.assert_close(loss.detach(), dmd_generator_loss(sample, real, fake).detach()
-                               + 0.5 * F.softplus(-logits).mean())
+    torch.testing.assert_close(
+        loss.detach(), dmd_generator_loss(sample, real, fake).detach() + 0.5 * F.softplus(-logits).mean()
+    )
     c_loss, _ = algo.critic_loss(make_batch(teacher))
     gens = [sample_generator(0, j) for j in range(2)]
     sigma = 0.1 + 0.8 * shift_sigma(rand_per_sample(gens), 2.0)
@@ -204,8 +244,12 @@ def test_gan_at_its_own_low_sigma(teacher):
 def test_gan_on_a_lora_critic_refuses_gradient_checkpointing(tmp_path, tiny_pipeline_dir):
     write_dataset(tmp_path / "a" / "dataset")
     recipe = write_recipe(
-        tmp_path / "a.yaml", tmp_path / "a", tiny_pipeline_dir,
+        tmp_path / "a.yaml",
+        tmp_path / "a",
+        tiny_pipeline_dir,
         method={"name": "dmd", "dmd": {"critic": "lora", "critic_lora_rank": 4, "gan_weight": 0.1}},
-        student={"denoising_steps": [1000, 500]}, train={"max_steps": 1, "gradient_checkpointing": True})
+        student={"denoising_steps": [1000, 500]},
+        train={"max_steps": 1, "gradient_checkpointing": True},
+    )
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         run_train(recipe)

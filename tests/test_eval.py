@@ -34,9 +34,17 @@ def write_recipe(path, out, pipe_dir, vocab=TOY_VOCAB, **eval_kw):
     recipe = {
         "output_dir": str(out),
         "data": {"vocabulary": vocab, "num_prompts": 8, "seed": 0},
-        "teacher": {"pretrained": str(pipe_dir), "dtype": "float32", "height": SIZE, "width": SIZE,
-                    "num_frames": FRAMES, "num_inference_steps": STEPS, "guidance_scale": CFG, "shift": 3.0,
-                    "max_sequence_length": 32},
+        "teacher": {
+            "pretrained": str(pipe_dir),
+            "dtype": "float32",
+            "height": SIZE,
+            "width": SIZE,
+            "num_frames": FRAMES,
+            "num_inference_steps": STEPS,
+            "guidance_scale": CFG,
+            "shift": 3.0,
+            "max_sequence_length": 32,
+        },
         "eval": {"num_prompts": N, "seed": SEED, "batch_size": 4, "num_previews": 2, **eval_kw},
     }
     path.write_text(yaml.safe_dump(recipe))
@@ -77,16 +85,23 @@ def setup(tmp_path_factory):
     out = root / "out"
     base = WanTransformer3DModel.from_pretrained(pipe_dir / "transformer")
     save_student(out, dict(name="pruned4", kind="pruned", keep_blocks=[0], denoising_steps=[1000, 750, 500, 250]), base)
-    save_student(out, dict(name="as_teacher", kind="lora", lora_rank=2, num_inference_steps=STEPS,
-                           guidance_scale=CFG), base)
+    save_student(
+        out, dict(name="as_teacher", kind="lora", lora_rank=2, num_inference_steps=STEPS, guidance_scale=CFG), base
+    )
     save_student(out, dict(name="lora2", kind="lora", lora_rank=2, denoising_steps=[1000, 500]), base, perturb=True)
     save_student(out, dict(name="unfinished", kind="pruned", keep_blocks=[1]), base, complete=False)
     recipe_path = write_recipe(root / "recipe.yaml", out, pipe_dir)
     assert main(["eval", str(recipe_path)]) == 0  # through the frozen CLI
     first = root / "first_eval"
     shutil.copytree(out / "eval", first)
-    return {"root": root, "out": out, "pipe_dir": pipe_dir, "recipe": recipe_path, "first": first,
-            "report": json.loads((first / "report.json").read_text())}
+    return {
+        "root": root,
+        "out": out,
+        "pipe_dir": pipe_dir,
+        "recipe": recipe_path,
+        "first": first,
+        "report": json.loads((first / "report.json").read_text()),
+    }
 
 
 def test_report_schema(setup):
@@ -106,8 +121,9 @@ def test_report_schema(setup):
         assert all(isinstance(v, float) and 0 <= v <= 1 for v in s["accuracy"].values())
         assert isinstance(s["speedup"], float) and s["speedup"] > 0
         assert s["speedup"] == pytest.approx(teacher["seconds_per_video"] / s["seconds_per_video"])
-        assert s["sampling_speedup"] == pytest.approx(teacher["sample_seconds_per_video"]
-                                                      / s["sample_seconds_per_video"])
+        assert s["sampling_speedup"] == pytest.approx(
+            teacher["sample_seconds_per_video"] / s["sample_seconds_per_video"]
+        )
         assert s["seconds_per_video"] == pytest.approx(s["sample_seconds_per_video"] + s["decode_seconds_per_video"])
     assert report["students"]["lora2"]["weights"] == "final"
     assert report["train_overlap"] is None  # no prompts.jsonl in this output_dir
@@ -124,8 +140,10 @@ def test_same_prompts_and_noise_for_teacher_and_students(setup):
     """The zero-LoRA student samples with the teacher's Euler steps, CFG and noise: same videos, same scores."""
     report, first = setup["report"], setup["first"]
     assert report["students"]["as_teacher"]["accuracy"] == report["teacher"]["accuracy"]
-    teacher, twin, other = (decode(first / f).astype(int) for f in (
-        "preview_teacher.mp4", "preview_student_as_teacher.mp4", "preview_student_lora2.mp4"))
+    teacher, twin, other = (
+        decode(first / f).astype(int)
+        for f in ("preview_teacher.mp4", "preview_student_as_teacher.mp4", "preview_student_lora2.mp4")
+    )
     assert np.abs(teacher - twin).mean() < 1  # lossy mp4: compare means
     assert np.abs(teacher - other).mean() > 5  # a different model draws other videos
 
@@ -152,8 +170,17 @@ def test_files_are_written_and_decodable(setup):
             assert gif.n_frames >= 1 and gif.size == (2 * 128 + rep.GAP, 128)
     assert decode(first / "compare.mp4").shape == (FRAMES, 4 * 128 + 3 * rep.GAP, 2 * 128 + rep.GAP, 3)
     md = (first / "report.md").read_text()
-    for needle in ("| teacher | 8 |", "| pruned4 | 4 |", "| lora2 | 2 |", "](accuracy.png)", "(preview_teacher.mp4)",
-                   "(preview_student_lora2.gif)", "(first_frames.png)", "acc subject", "acc all 95% CI"):
+    for needle in (
+        "| teacher | 8 |",
+        "| pruned4 | 4 |",
+        "| lora2 | 2 |",
+        "](accuracy.png)",
+        "(preview_teacher.mp4)",
+        "(preview_student_lora2.gif)",
+        "(first_frames.png)",
+        "acc subject",
+        "acc all 95% CI",
+    ):
         assert needle in md, needle
     rows = [json.loads(line) for line in (first / "prompts.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in eval_prompts(load_recipe(setup["recipe"]))]
@@ -178,8 +205,15 @@ def test_rerun_is_identical_and_other_seed_changes_prompts(setup):
 
 
 def test_vocabulary_without_oracle_reports_null_accuracy(setup, tmp_path):
-    path = write_recipe(tmp_path / "wan.yaml", tmp_path / "out", setup["pipe_dir"], vocab=WAN_VOCAB,
-                        num_prompts=2, batch_size=2, num_previews=1)
+    path = write_recipe(
+        tmp_path / "wan.yaml",
+        tmp_path / "out",
+        setup["pipe_dir"],
+        vocab=WAN_VOCAB,
+        num_prompts=2,
+        batch_size=2,
+        num_previews=1,
+    )
     report = evaluate(load_recipe(path))
     assert report["grader"] is None and report["teacher"]["accuracy"] is None and report["students"] == {}
     assert report["teacher"]["seconds_per_video"] > 0
@@ -217,11 +251,27 @@ def test_long_rollout_hook_writes_drift_plot(setup, tmp_path):
     recipe = load_recipe(setup["recipe"], [f"output_dir={tmp_path}"])
     acc = dict.fromkeys(SLOT_KEYS, 0.5)
     timing = {"seconds_per_video": 1.0, "accuracy": acc}
-    report = {"num_prompts": 2, "seed": SEED, "prompt_mode": "balanced", "vocabulary": "toyworld",
-              "grader": "toyworld", "device": "cpu", "train_overlap": 0.5, "num_previews": 1,
-              "teacher": {"nfe": 8, **timing},
-              "students": {"causal4": {"nfe": 4, "causal": True, "speedup": 2.0, "sampling_speedup": 3.0, **timing,
-                                       "long_rollout": {"num_frames": 90, "segment_accuracy": [0.9, 0.6, 0.3]}}}}
+    report = {
+        "num_prompts": 2,
+        "seed": SEED,
+        "prompt_mode": "balanced",
+        "vocabulary": "toyworld",
+        "grader": "toyworld",
+        "device": "cpu",
+        "train_overlap": 0.5,
+        "num_previews": 1,
+        "teacher": {"nfe": 8, **timing},
+        "students": {
+            "causal4": {
+                "nfe": 4,
+                "causal": True,
+                "speedup": 2.0,
+                "sampling_speedup": 3.0,
+                **timing,
+                "long_rollout": {"num_frames": 90, "segment_accuracy": [0.9, 0.6, 0.3]},
+            }
+        },
+    }
     video = np.random.default_rng(0).integers(0, 255, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
     rows = eval_prompts(recipe)[:2]
     folder = write_outputs(recipe, report, rows, {"teacher": [video], "causal4": [video]})
@@ -260,9 +310,12 @@ def test_warm_up_batch_is_not_timed():
         calls.append(len(rows))
         return noise
 
-    teacher = SimpleNamespace(device=torch.device("cpu"), encode=lambda prompts, negative: None,
-                              decode=lambda latents: latents,
-                              to_uint8=lambda v: np.zeros((len(v), 2, 4, 4, 3), np.uint8))
+    teacher = SimpleNamespace(
+        device=torch.device("cpu"),
+        encode=lambda prompts, negative: None,
+        decode=lambda latents: latents,
+        to_uint8=lambda v: np.zeros((len(v), 2, 4, 4, 3), np.uint8),
+    )
     rows = [{"prompt": "p", "seed": i, "slots": {}} for i in range(5)]
     run = run_model("fake", sampler, teacher, [rows[:2], rows[2:4], rows[4:]], (1, 1, 1, 1), None, None, 3)
     # every batch once; the first is the warm-up (graded and previewed, not timed)
@@ -279,8 +332,18 @@ def test_warm_up_batch_is_not_timed():
     # timing passes: the sampler re-runs the timed batches only (no decode); the time is the mean over passes
     calls.clear()
     decoded.clear()
-    run = run_model("fake", sampler, teacher, [rows[:2], rows[2:4], rows[4:]], (1, 1, 1, 1), None, None, 0,
-                    decode_batch=2, timing_seconds=0.05)  # a pass takes 0.02 s here: 3 passes reach 0.05 s
+    run = run_model(
+        "fake",
+        sampler,
+        teacher,
+        [rows[:2], rows[2:4], rows[4:]],
+        (1, 1, 1, 1),
+        None,
+        None,
+        0,
+        decode_batch=2,
+        timing_seconds=0.05,
+    )  # a pass takes 0.02 s here: 3 passes reach 0.05 s
     assert calls == [2, 2, 1, 2, 1, 2, 1] and decoded == [2, 2, 1]
     assert run.timed_videos == 3 and run.sampled_videos == 9
     from distill.eval import _timing
@@ -310,8 +373,15 @@ def test_causal_student_samples_chunk_by_chunk_and_reports_drift(setup, tmp_path
         return real(model, embeds, noise, sigmas, generator, exit_steps)
 
     monkeypatch.setattr(sampling_module, "sample_causal", spy)  # the name student_sampler calls
-    path = write_recipe(tmp_path / "causal.yaml", out, setup["pipe_dir"], num_prompts=4, batch_size=4,
-                        num_previews=1, long_rollout_factor=3)
+    path = write_recipe(
+        tmp_path / "causal.yaml",
+        out,
+        setup["pipe_dir"],
+        num_prompts=4,
+        batch_size=4,
+        num_previews=1,
+        long_rollout_factor=3,
+    )
     report = evaluate(load_recipe(path))
     entry = report["students"]["causal3"]
     # 2 steps + a cache write for 2 of the 3 one-frame chunks (none after the last)
@@ -362,9 +432,12 @@ def test_chunk_accuracy_grades_each_chunk_weighted_by_batch():
             clip[:3] = render_video(other, 9, seed=i)[:3]
         videos.append(clip)
     rows = [{"prompt": "p", "seed": i, "slots": slots} for i in range(5)]
-    teacher = SimpleNamespace(device=torch.device("cpu"), encode=lambda prompts, negative: None,
-                              decode=lambda latents: latents,
-                              to_uint8=lambda idx: np.stack([videos[int(i)] for i in idx]))
+    teacher = SimpleNamespace(
+        device=torch.device("cpu"),
+        encode=lambda prompts, negative: None,
+        decode=lambda latents: latents,
+        to_uint8=lambda idx: np.stack([videos[int(i)] for i in idx]),
+    )
 
     def sampler(cond, noise, rows):
         return torch.tensor([r["seed"] for r in rows])
@@ -386,10 +459,18 @@ def test_causal_student_and_teacher_report_chunk_accuracy(setup, tmp_path):
     out = tmp_path / "out"
     base = WanTransformer3DModel.from_pretrained(setup["pipe_dir"] / "transformer")
     save_student(out, dict(name="causal3", kind="causal", frames_per_block=1, denoising_steps=[1000, 500]), base)
-    save_student(out, dict(name="pruned4", kind="pruned", keep_blocks=[0], denoising_steps=[1000, 750, 500, 250]),
-                 base)
-    path = write_recipe(tmp_path / "causal.yaml", out, setup["pipe_dir"], num_prompts=4, batch_size=4,
-                        num_previews=0, long_rollout_factor=2, long_rollout_prompts=1, student_timing_seconds=0)
+    save_student(out, dict(name="pruned4", kind="pruned", keep_blocks=[0], denoising_steps=[1000, 750, 500, 250]), base)
+    path = write_recipe(
+        tmp_path / "causal.yaml",
+        out,
+        setup["pipe_dir"],
+        num_prompts=4,
+        batch_size=4,
+        num_previews=0,
+        long_rollout_factor=2,
+        long_rollout_prompts=1,
+        student_timing_seconds=0,
+    )
     report = evaluate(load_recipe(path))
     causal, pruned = report["students"]["causal3"], report["students"]["pruned4"]
     assert len(causal["chunk_accuracy"]) == 3 and len(report["teacher"]["chunk_accuracy"]) == 3

@@ -22,14 +22,17 @@ HUB_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
 
 def recipe_for(tmp_path, pipeline_dir, formats, **student):
-    return build(Recipe, {
-        "output_dir": str(tmp_path / "out"),
-        "data": {"vocabulary": "synth_data/vocab/wan.yaml", "num_prompts": 2},
-        "teacher": {"pretrained": str(pipeline_dir), "dtype": "float32", "shift": 3.0, "num_inference_steps": 4},
-        "student": {"name": "tiny_student", "kind": "lora", "lora_rank": 4, "lora_alpha": 8.0, **student},
-        "method": {"name": "kd"},
-        "export": {"formats": formats, "base_model": HUB_ID},
-    })
+    return build(
+        Recipe,
+        {
+            "output_dir": str(tmp_path / "out"),
+            "data": {"vocabulary": "synth_data/vocab/wan.yaml", "num_prompts": 2},
+            "teacher": {"pretrained": str(pipeline_dir), "dtype": "float32", "shift": 3.0, "num_inference_steps": 4},
+            "student": {"name": "tiny_student", "kind": "lora", "lora_rank": 4, "lora_alpha": 8.0, **student},
+            "method": {"name": "kd"},
+            "export": {"formats": formats, "base_model": HUB_ID},
+        },
+    )
 
 
 def trained_student(recipe, pipe, seed=0):
@@ -97,8 +100,14 @@ def test_diffusers_and_comfyui_lora_reproduce_the_student(tmp_path, tiny_pipelin
 
 
 def test_lora_experts_export_per_expert_and_as_a_wan22_pipeline(tmp_path, tiny_pipeline_dir):
-    recipe = recipe_for(tmp_path, tiny_pipeline_dir, ["diffusers_lora", "comfyui_lora", "pipeline"],
-                        experts=2, expert_boundaries=[0.7], num_inference_steps=4)
+    recipe = recipe_for(
+        tmp_path,
+        tiny_pipeline_dir,
+        ["diffusers_lora", "comfyui_lora", "pipeline"],
+        experts=2,
+        expert_boundaries=[0.7],
+        num_inference_steps=4,
+    )
     pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
     student = trained_student(recipe, pipe, seed=2)
     out = export_student(recipe, student, pipe, recipe.student_dir() / "export")
@@ -112,7 +121,9 @@ def test_lora_experts_export_per_expert_and_as_a_wan22_pipeline(tmp_path, tiny_p
         with torch.no_grad():
             assert (run(fresh.transformer, x, tt, ehs) - student(x, tt, ehs)).abs().max() <= 1e-5
     assert sorted(p.name for p in out["comfyui_lora"].glob("*.safetensors")) == [
-        "tiny_student_expert_0.safetensors", "tiny_student_expert_1.safetensors"]
+        "tiny_student_expert_0.safetensors",
+        "tiny_student_expert_1.safetensors",
+    ]
 
     # The pipeline folder has Wan2.2's layout and samples exactly like the student (Euler, 4 steps).
     loaded = WanPipeline.from_pretrained(out["pipeline"])
@@ -123,8 +134,16 @@ def test_lora_experts_export_per_expert_and_as_a_wan22_pipeline(tmp_path, tiny_p
     noise = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(3))
     ehs = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        got = loaded(prompt_embeds=ehs, height=32, width=32, num_frames=5, num_inference_steps=4,
-                     guidance_scale=1.0, latents=noise.clone(), output_type="latent").frames
+        got = loaded(
+            prompt_embeds=ehs,
+            height=32,
+            width=32,
+            num_frames=5,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            latents=noise.clone(),
+            output_type="latent",
+        ).frames
         want = sample_student(student, ehs, None, noise, sigmas, mode="euler")
     assert (got - want).abs().max() <= 1e-5
     meta, _ = front_matter(out["pipeline"] / "README.md")
@@ -132,8 +151,9 @@ def test_lora_experts_export_per_expert_and_as_a_wan22_pipeline(tmp_path, tiny_p
 
 
 def test_pruned_student_exports_transformer_and_pipeline(tmp_path, tiny_pipeline_dir):
-    recipe = recipe_for(tmp_path, tiny_pipeline_dir, ["transformer", "pipeline"], kind="pruned", keep_blocks=[1],
-                        denoising_steps=[1000])
+    recipe = recipe_for(
+        tmp_path, tiny_pipeline_dir, ["transformer", "pipeline"], kind="pruned", keep_blocks=[1], denoising_steps=[1000]
+    )
     pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
     student = build_student(recipe.student, pipe.transformer)
     with torch.no_grad():
@@ -151,19 +171,32 @@ def test_pruned_student_exports_transformer_and_pipeline(tmp_path, tiny_pipeline
     assert loaded.scheduler.config.stochastic_sampling
     noise = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        got = loaded(prompt_embeds=ehs[:1], height=32, width=32, num_frames=5, num_inference_steps=1,
-                     guidance_scale=1.0, latents=noise.clone(), output_type="latent").frames
+        got = loaded(
+            prompt_embeds=ehs[:1],
+            height=32,
+            width=32,
+            num_frames=5,
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            latents=noise.clone(),
+            output_type="latent",
+        ).frames
         want = sample_student(student, ehs[:1], None, noise, student_sigmas(recipe.student, 3.0, 4))
     assert (got - want).abs().max() <= 1e-5
     with pytest.raises(ValueError, match=r"export\.formats.*LoRA student"):
-        export_student(recipe_for(tmp_path, tiny_pipeline_dir, ["transformer", "comfyui_lora"], kind="pruned",
-                                  keep_blocks=[1]), student, pipe, tmp_path / "bad")
+        export_student(
+            recipe_for(tmp_path, tiny_pipeline_dir, ["transformer", "comfyui_lora"], kind="pruned", keep_blocks=[1]),
+            student,
+            pipe,
+            tmp_path / "bad",
+        )
     assert not (tmp_path / "bad").exists()
 
 
 def test_pipeline_format_refuses_more_than_two_experts(tmp_path, tiny_pipeline_dir):
-    recipe = recipe_for(tmp_path, tiny_pipeline_dir, ["diffusers_lora", "pipeline"], experts=3,
-                        expert_boundaries=[0.8, 0.4])
+    recipe = recipe_for(
+        tmp_path, tiny_pipeline_dir, ["diffusers_lora", "pipeline"], experts=3, expert_boundaries=[0.8, 0.4]
+    )
     pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
     student = build_student(recipe.student, pipe.transformer)
     with pytest.raises(ValueError, match=r"export\.formats: 'pipeline' holds at most 2 experts"):
@@ -172,8 +205,9 @@ def test_pipeline_format_refuses_more_than_two_experts(tmp_path, tiny_pipeline_d
 
 
 def test_non_finite_weights_are_never_exported(tmp_path, tiny_pipeline_dir):
-    recipe = recipe_for(tmp_path, tiny_pipeline_dir, ["transformer"], kind="pruned", keep_blocks=[1],
-                        denoising_steps=[1000])
+    recipe = recipe_for(
+        tmp_path, tiny_pipeline_dir, ["transformer"], kind="pruned", keep_blocks=[1], denoising_steps=[1000]
+    )
     pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
     student = build_student(recipe.student, pipe.transformer)
     with torch.no_grad():

@@ -43,10 +43,24 @@ def make_project(root: Path, pipeline_dir: Path, **data) -> Path:
     (root / "vocab.yaml").write_text(yaml.safe_dump(VOCAB))
     recipe = {
         "output_dir": "out",
-        "data": {"vocabulary": "vocab.yaml", "num_prompts": 6, "batch_size": 2, "shard_size": 4,
-                 "trajectory_steps": [0, 1], **data},
-        "teacher": {"pretrained": str(pipeline_dir), "dtype": "float32", "height": 16, "width": 16,
-                    "num_frames": 5, "num_inference_steps": 2, "guidance_scale": 5.0, "max_sequence_length": 16},
+        "data": {
+            "vocabulary": "vocab.yaml",
+            "num_prompts": 6,
+            "batch_size": 2,
+            "shard_size": 4,
+            "trajectory_steps": [0, 1],
+            **data,
+        },
+        "teacher": {
+            "pretrained": str(pipeline_dir),
+            "dtype": "float32",
+            "height": 16,
+            "width": 16,
+            "num_frames": 5,
+            "num_inference_steps": 2,
+            "guidance_scale": 5.0,
+            "max_sequence_length": 16,
+        },
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     with contextlib.chdir(root):
@@ -63,8 +77,11 @@ def run_generate(root: Path, *overrides: str) -> Path:
 
 def tree(folder: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under `folder` (hidden ones included)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +96,24 @@ def test_end_to_end_dataset(reference, tiny_pipeline_dir, tmp_path, monkeypatch)
     ds_dir = reference / "out" / "dataset"
     prompts = read_prompts(reference / "out" / "prompts.jsonl")
     assert is_complete(ds_dir)
-    assert sorted(tree(ds_dir)) == ["COMPLETE", "README.md", "data/train-00000-of-00002.parquet",
-                                    "data/train-00001-of-00002.parquet", "generation.json"]
+    assert sorted(tree(ds_dir)) == [
+        "COMPLETE",
+        "README.md",
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+        "generation.json",
+    ]
     ds = load_local(ds_dir, cache_dir=str(tmp_path / "cache"))
-    assert ds.column_names == ["index", "caption", "slots", "seed", "video", "latents", "trajectory",
-                               "trajectory_sigmas"]
+    assert ds.column_names == [
+        "index",
+        "caption",
+        "slots",
+        "seed",
+        "video",
+        "latents",
+        "trajectory",
+        "trajectory_sigmas",
+    ]
     cols = ds[:]
     assert cols["index"] == list(range(6))
     assert cols["caption"] == [r["prompt"] for r in prompts]
@@ -124,8 +154,17 @@ def test_end_to_end_dataset(reference, tiny_pipeline_dir, tmp_path, monkeypatch)
     assert front["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"}]
     assert front["dataset_info"]["splits"][0]["num_examples"] == 6
     assert front["task_categories"] == ["text-to-video"]
-    for text in (str(tiny_pipeline_dir), "2 steps", "CFG 5.0", "flow shift 3.0", "5 frames of 16x16",
-                 "tinyvocab", "vocab.yaml", "'blurry noise'", "color|thing"):
+    for text in (
+        str(tiny_pipeline_dir),
+        "2 steps",
+        "CFG 5.0",
+        "flow shift 3.0",
+        "5 frames of 16x16",
+        "tinyvocab",
+        "vocab.yaml",
+        "'blurry noise'",
+        "color|thing",
+    ):
         assert text in card, text
     regen = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
     assert regen["data"] == recipe.to_dict()["data"] and regen["teacher"] == recipe.to_dict()["teacher"]
@@ -163,8 +202,9 @@ def test_resume_after_sigkill_is_byte_identical(reference, tiny_pipeline_dir, tm
     root = make_project(tmp_path / "killed", tiny_pipeline_dir)
     ds_dir = root / "out" / "dataset"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_GENERATE], cwd=root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_GENERATE], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 90
     while not list(ds_dir.glob(".work/part-*.parquet")):
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -175,7 +215,7 @@ def test_resume_after_sigkill_is_byte_identical(reference, tiny_pipeline_dir, tm
     assert not is_complete(ds_dir)
     done = {int(p.stem.split("-")[1]) for p in ds_dir.glob(".work/part-*.parquet")}
     for shard in ds_dir.glob("data/train-*.parquet"):  # train-0000s-of-00002: indices 4s .. 4s+3
-        done |= set(range(6)[int(shard.name[6:11]) * 4:][:4])
+        done |= set(range(6)[int(shard.name[6:11]) * 4 :][:4])
     assert 0 < len(done) < 6
     expected_calls = sum(not {i, i + 1} <= done for i in (0, 2, 4))  # batches (0,1), (2,3), (4,5)
 
@@ -183,8 +223,9 @@ def test_resume_after_sigkill_is_byte_identical(reference, tiny_pipeline_dir, tm
 
     calls = []
     sample = WanTeacher.sample
-    monkeypatch.setattr(WanTeacher, "sample", lambda self, cond, *a, **k: calls.append(len(cond)) or
-                        sample(self, cond, *a, **k))
+    monkeypatch.setattr(
+        WanTeacher, "sample", lambda self, cond, *a, **k: calls.append(len(cond)) or sample(self, cond, *a, **k)
+    )
     run_generate(root)
     assert len(calls) == expected_calls  # finished samples are not redone
     assert tree(ds_dir) == tree(reference / "out" / "dataset")
@@ -193,8 +234,11 @@ def test_resume_after_sigkill_is_byte_identical(reference, tiny_pipeline_dir, tm
 def test_fingerprint_mismatch_names_the_changed_key(reference):
     ds_dir = reference / "out" / "dataset"
     before = tree(ds_dir)
-    with pytest.raises(ValueError, match=r"dataset was generated with another config "
-                                         r"\(teacher.num_inference_steps: 2 -> 3\); use another output_dir"):
+    with pytest.raises(
+        ValueError,
+        match=r"dataset was generated with another config "
+        r"\(teacher.num_inference_steps: 2 -> 3\); use another output_dir",
+    ):
         run_generate(reference, "teacher.num_inference_steps=3")
     with pytest.raises(ValueError, match=r"data.video_crf: 18 -> 20; teacher.guidance_scale: 5.0 -> 4.0"):
         run_generate(reference, "teacher.guidance_scale=4.0", "data.video_crf=20")
@@ -218,8 +262,7 @@ def test_bad_inputs_fail_before_writing(tmp_path, tiny_pipeline_dir):
     assert not (root / "out" / "dataset").exists()
 
 
-def test_error_mid_run_keeps_finished_samples_and_no_partial_files(reference, tiny_pipeline_dir, tmp_path,
-                                                                   monkeypatch):
+def test_error_mid_run_keeps_finished_samples_and_no_partial_files(reference, tiny_pipeline_dir, tmp_path, monkeypatch):
     from teachers.wan import WanTeacher
 
     root = make_project(tmp_path / "crash", tiny_pipeline_dir)
@@ -235,8 +278,7 @@ def test_error_mid_run_keeps_finished_samples_and_no_partial_files(reference, ti
     monkeypatch.setattr(WanTeacher, "sample", failing_sample)
     with pytest.raises(RuntimeError, match="simulated"):
         run_generate(root)
-    assert sorted(tree(ds_dir)) == [".work/part-000000000.parquet", ".work/part-000000001.parquet",
-                                    "generation.json"]
+    assert sorted(tree(ds_dir)) == [".work/part-000000000.parquet", ".work/part-000000001.parquet", "generation.json"]
     monkeypatch.setattr(WanTeacher, "sample", sample)
     run_generate(root)
     assert tree(ds_dir) == tree(reference / "out" / "dataset")
@@ -248,9 +290,23 @@ def test_two_processes_give_the_same_bytes(reference, tiny_pipeline_dir, tmp_pat
     with socket.socket() as s:  # a free port, so parallel test sessions don't collide on 29500
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(Path(__file__).parent / "generate_probe.py"), "recipe.yaml"]
+    cmd = [
+        str(VENV_BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(Path(__file__).parent / "generate_probe.py"),
+        "recipe.yaml",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -278,5 +334,4 @@ def test_non_finite_teacher_latents_are_never_written(tmp_path, tiny_pipeline_di
     monkeypatch.setattr(WanTeacher, "sample", nan_sample)
     with pytest.raises(ValueError, match=r"generate: the teacher's latents of row\(s\) \[3\] are not finite"):
         run_generate(root)
-    assert sorted(tree(ds_dir)) == [".work/part-000000000.parquet", ".work/part-000000001.parquet",
-                                    "generation.json"]
+    assert sorted(tree(ds_dir)) == [".work/part-000000000.parquet", ".work/part-000000001.parquet", "generation.json"]

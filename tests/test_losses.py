@@ -23,17 +23,32 @@ SHAPE = (4, 2, 2, 2)  # latents [C, F, H, W] of 5 frames at 16x16 px for the tin
 
 @pytest.fixture(scope="module")
 def teacher(tiny_pipeline_dir):
-    cfg = TeacherConfig(pretrained=str(tiny_pipeline_dir), dtype="float32", height=16, width=16, num_frames=5,
-                        num_inference_steps=4, guidance_scale=3.0, max_sequence_length=8, negative_prompt="blurry")
+    cfg = TeacherConfig(
+        pretrained=str(tiny_pipeline_dir),
+        dtype="float32",
+        height=16,
+        width=16,
+        num_frames=5,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        max_sequence_length=8,
+        negative_prompt="blurry",
+    )
     return WanTeacher.from_config(cfg, "cpu")
 
 
 def make_batch(teacher, n=2, seed=0, trajectory=None, sigmas=None) -> Batch:
     g = torch.Generator().manual_seed(1000 + seed)
     captions = ["a red cat moving left", "a blue square on white background", "a green dog"][:n]
-    return Batch(x0=torch.randn(n, *SHAPE, generator=g), cond=teacher.encode(captions, "blurry noise"),
-                 generators=[sample_generator(seed, i) for i in range(n)], indices=list(range(n)),
-                 captions=captions, trajectory=trajectory, trajectory_sigmas=sigmas)
+    return Batch(
+        x0=torch.randn(n, *SHAPE, generator=g),
+        cond=teacher.encode(captions, "blurry noise"),
+        generators=[sample_generator(seed, i) for i in range(n)],
+        indices=list(range(n)),
+        captions=captions,
+        trajectory=trajectory,
+        trajectory_sigmas=sigmas,
+    )
 
 
 def student_of(teacher, kind="full", **kw):
@@ -194,7 +209,7 @@ def test_kd_output_term_is_guided_teacher_and_data_term_is_flow_matching(teacher
     algo = KD(KD.Config(guidance_scale=3.0, data_weight=2.0), student=zero_student, teacher=teacher)
     loss, logs = algo.loss(batch)
     v_t = teacher.velocity(seen["x"], seen["t"], batch.cond, 3.0)
-    torch.testing.assert_close(logs["loss/kd_output"], (v_t ** 2).mean())
+    torch.testing.assert_close(logs["loss/kd_output"], (v_t**2).mean())
     sigma, eps = draw_sigma_noise([sample_generator(0, j) for j in range(2)], batch.x0, teacher.cfg.shift, "uniform")
     torch.testing.assert_close(seen["x"], add_noise(batch.x0, eps, sigma))
     torch.testing.assert_close(logs["loss/kd_data"], ((eps - batch.x0) ** 2).mean())
@@ -261,8 +276,9 @@ def test_trajectory_zero_for_endpoint_student_and_closed_form(teacher):
     # closed form: the zero-velocity student's loss is ‖x_σ - x0_T‖²
     zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731
     x_t, target = traj[:, 1], traj[:, -1]
-    torch.testing.assert_close(trajectory_loss(zero, x_t, torch.tensor([0.75, 0.75]), None, target),
-                               ((x_t - target) ** 2).mean())
+    torch.testing.assert_close(
+        trajectory_loss(zero, x_t, torch.tensor([0.75, 0.75]), None, target), ((x_t - target) ** 2).mean()
+    )
 
 
 def test_trajectory_never_picks_the_endpoint_and_checks_the_gap(teacher):

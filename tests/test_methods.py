@@ -50,7 +50,7 @@ ANCHOR = textwrap.dedent('''
             return loss, {"loss/anchor": loss.detach()}
 ''')
 
-RUN = textwrap.dedent('''
+RUN = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])                 # where the method's file lives
     import distill.methods
@@ -58,7 +58,7 @@ RUN = textwrap.dedent('''
     distill.methods.METHODS["anchor"] = Anchor      # the one table line
     from distill.cli import main
     sys.exit(main(["train", *sys.argv[2:]]))
-''')
+""")
 
 
 def test_the_recipe_section_and_the_trainer_derive_from_the_table():
@@ -77,21 +77,37 @@ def test_a_new_method_is_one_file_and_one_table_line(tmp_path, tiny_pipeline_dir
     (tmp_path / "anchor_method.py").write_text(ANCHOR)
     (tmp_path / "run.py").write_text(RUN)
     write_dataset(tmp_path / "out" / "dataset")
-    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir,
-                          method={"name": "anchor", "anchor": {"weight": 2.0}},
-                          train={"max_steps": 2, "ema": False, "gradient_accumulation_steps": 1})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "out",
+        tiny_pipeline_dir,
+        method={"name": "anchor", "anchor": {"weight": 2.0}},
+        train={"max_steps": 2, "ema": False, "gradient_accumulation_steps": 1},
+    )
     with pytest.raises(RecipeError, match="method.anchor: unknown key"):  # without the table line
         load_recipe(recipe)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(recipe)], cwd=PROJECT_ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(recipe)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = tmp_path / "out" / "students" / "s" / "final"
     assert (final / "COMPLETE").is_file()
     # the anchor trained the adapter: LoRA B starts at zero and moved
     lora = {k: v for f in final.rglob("*.safetensors") for k, v in load_file(str(f)).items() if "lora_B" in k}
     assert lora and max(float(v.abs().max()) for v in lora.values()) > 0
-    bad = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(recipe), "student.kind=full",
-                          "student.name=f"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(recipe), "student.kind=full", "student.name=f"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "method anchor trains only lora students" in bad.stderr
     assert not (Path(tmp_path) / "out" / "students" / "f").exists()

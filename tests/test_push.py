@@ -56,8 +56,11 @@ def make_dataset(tmp_path: Path, complete: bool = True, **data) -> Path:
     (ds / "generation.json").write_text("{}\n")
     if complete:
         (ds / "COMPLETE").write_text('{"num_examples": 1, "num_shards": 1}\n')
-    recipe = {"output_dir": str(out), "data": {"vocabulary": "v.yaml", "num_prompts": 1, **data},
-              "teacher": {"pretrained": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}}
+    recipe = {
+        "output_dir": str(out),
+        "data": {"vocabulary": "v.yaml", "num_prompts": 1, **data},
+        "teacher": {"pretrained": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"},
+    }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return tmp_path / "recipe.yaml"
 
@@ -93,9 +96,15 @@ def test_failed_upload_leaves_everything_and_can_be_retried(tmp_path, fake_hub, 
     recipe = load_recipe(make_dataset(tmp_path, hub_repo_id="me/tiny-synth"))
     before = snapshot(tmp_path)
     fake_hub.fail_upload = True
-    with caplog.at_level(logging.DEBUG), pytest.raises(PushError, match=r"me/tiny-synth failed \(ConnectionError: "
-                                                                         r"Connection reset by peer\); the local "
-                                                                         r"dataset is unchanged"):
+    with (
+        caplog.at_level(logging.DEBUG),
+        pytest.raises(
+            PushError,
+            match=r"me/tiny-synth failed \(ConnectionError: "
+            r"Connection reset by peer\); the local "
+            r"dataset is unchanged",
+        ),
+    ):
         push(recipe.data, recipe.teacher.pretrained, recipe.out)
     assert snapshot(tmp_path) == before
     assert_token_nowhere(tmp_path, caplog)
@@ -107,8 +116,11 @@ def test_failed_upload_leaves_everything_and_can_be_retried(tmp_path, fake_hub, 
 def test_push_needs_a_repo_id_and_a_complete_dataset(tmp_path, fake_hub):
     with pytest.raises(ValueError, match=r"data.hub_repo_id: not set"):
         push_recipe(load_recipe(make_dataset(tmp_path / "a")))
-    with pytest.raises(ValueError, match=r"dataset: not complete \(no COMPLETE marker\); run `python -m distill "
-                                         r"generate"):
+    with pytest.raises(
+        ValueError,
+        match=r"dataset: not complete \(no COMPLETE marker\); run `python -m distill "
+        r"generate",
+    ):
         push_recipe(load_recipe(make_dataset(tmp_path / "b", complete=False, hub_repo_id="me/x")))
     assert fake_hub.instances == []  # nothing was contacted
 

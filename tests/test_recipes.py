@@ -34,15 +34,24 @@ HUB_STANDINS = {
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "tiny_two_expert",
 }
 """Hub teacher -> tiny stand-in fixture. Local teacher folders (the toy world's) -> an untrained toy pipeline."""
-WAN_SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, final_sigmas_type="zero",
-                     solver_order=2, predict_x0=True, solver_type="bh2", lower_order_final=True)
+WAN_SCHEDULER = dict(
+    prediction_type="flow_prediction",
+    use_flow_sigmas=True,
+    final_sigmas_type="zero",
+    solver_order=2,
+    predict_x0=True,
+    solver_type="bh2",
+    lower_order_final=True,
+)
 """The sampler of Wan-AI's Diffusers repos (UniPCMultistepScheduler, scheduler_config.json), `flow_shift` aside."""
 TINY_STEPS = 12
 """Tiny teachers sample 12 steps: 4 would leave no stored state within max_sigma_gap of a 4-step student's σ."""
-EXPORT_FILES = {"diffusers_lora": "diffusers/pytorch_lora_weights.safetensors",
-                "comfyui_lora": "comfyui/{name}.safetensors",
-                "transformer": "transformer/diffusion_pytorch_model.safetensors",
-                "pipeline": "pipeline/model_index.json"}
+EXPORT_FILES = {
+    "diffusers_lora": "diffusers/pytorch_lora_weights.safetensors",
+    "comfyui_lora": "comfyui/{name}.safetensors",
+    "transformer": "transformer/diffusion_pytorch_model.safetensors",
+    "pipeline": "pipeline/model_index.json",
+}
 
 
 def cli(*args: str) -> int:
@@ -80,8 +89,12 @@ def narrow_transformer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def standins(tiny_pipeline_dir, tiny_two_expert_dir, toy_pipeline_dir, narrow_transformer_dir) -> dict[str, Path]:
-    return {"tiny": tiny_pipeline_dir, "tiny_two_expert": tiny_two_expert_dir, "toy": toy_pipeline_dir,
-            "student_init": narrow_transformer_dir}
+    return {
+        "tiny": tiny_pipeline_dir,
+        "tiny_two_expert": tiny_two_expert_dir,
+        "toy": toy_pipeline_dir,
+        "student_init": narrow_transformer_dir,
+    }
 
 
 def teacher_standin(recipe: Recipe, standins: dict[str, Path]) -> tuple[str, Path]:
@@ -109,8 +122,9 @@ def sigmas_at(scheduler, steps: int, indices: list[int]) -> list[float]:
 
 def tiny_trajectory_steps(recipe: Recipe, standins: dict[str, Path]) -> list[int]:
     """Indices of a TINY_STEPS Euler sampler nearest to the σ the recipe's real sampler stores."""
-    wanted = sigmas_at(original_scheduler(recipe, standins), recipe.teacher.num_inference_steps,
-                       recipe.data.trajectory_steps)
+    wanted = sigmas_at(
+        original_scheduler(recipe, standins), recipe.teacher.num_inference_steps, recipe.data.trajectory_steps
+    )
     tiny = FlowMatchEulerDiscreteScheduler(shift=recipe.teacher.shift)
     tiny.set_timesteps(TINY_STEPS)
     grid = tiny.sigmas[:-1]
@@ -119,16 +133,30 @@ def tiny_trajectory_steps(recipe: Recipe, standins: dict[str, Path]) -> list[int
 
 def smoke_overrides(recipe: Recipe, out: Path, standins: dict[str, Path]) -> list[str]:
     kind, teacher = teacher_standin(recipe, standins)
-    o = [f"output_dir={out}", "data.num_prompts=2", "data.shard_size=2", "data.batch_size=2",
-         f"teacher.pretrained={teacher}", "teacher.dtype=float32", "teacher.offload=none", "teacher.quantize=none",
-         f"teacher.num_inference_steps={TINY_STEPS}"]
+    o = [
+        f"output_dir={out}",
+        "data.num_prompts=2",
+        "data.shard_size=2",
+        "data.batch_size=2",
+        f"teacher.pretrained={teacher}",
+        "teacher.dtype=float32",
+        "teacher.offload=none",
+        "teacher.quantize=none",
+        f"teacher.num_inference_steps={TINY_STEPS}",
+    ]
     if kind != "toy":
         o += ["teacher.height=16", "teacher.width=16", "teacher.num_frames=5"]
     if recipe.data.trajectory_steps:
         o.append(f"data.trajectory_steps={tiny_trajectory_steps(recipe, standins)}")
     if recipe.student is not None:
-        o += ["train.max_steps=2", "train.batch_size=1", "train.gradient_accumulation_steps=1",
-              "train.mixed_precision=no", "train.log_with=none", "train.lr_warmup_steps=0"]
+        o += [
+            "train.max_steps=2",
+            "train.batch_size=1",
+            "train.gradient_accumulation_steps=1",
+            "train.mixed_precision=no",
+            "train.log_with=none",
+            "train.lr_warmup_steps=0",
+        ]
         if recipe.train.toyworld_pool:  # the toy teacher's 8,192-clip pool takes minutes to fill; the path stays
             o += ["train.toyworld_pool=2", "train.toyworld_pool_refresh=1"]
         if recipe.train.optimizer == "adamw8bit":
@@ -149,9 +177,12 @@ def chained_init(recipe: Recipe) -> tuple[str, str] | None:
         return None
     for name in RECIPES:
         other = recipe_of(name)
-        if other.student is not None and other.output_dir == recipe.output_dir and init.startswith(
-                f"{other.student_dir()}/"):
-            return name, init[len(prefix):]
+        if (
+            other.student is not None
+            and other.output_dir == recipe.output_dir
+            and init.startswith(f"{other.student_dir()}/")
+        ):
+            return name, init[len(prefix) :]
     pytest.fail(f"{recipe.source}: student.init={init} lies in output_dir but no recipe in recipes/ writes it")
 
 
@@ -205,11 +236,14 @@ def test_every_recipe_is_covered():
 
 
 def test_yaml_no_yes_on_off_are_strings(tmp_path):
-    """YAML 1.1 reads `no` as False: `train.mixed_precision: no` (and the override every smoke run uses) must stay 'no'."""
+    """YAML 1.1 reads `no` as False: `train.mixed_precision: no` (and the override every smoke run uses) must stay
+    'no'."""
     assert recipe_of("toyworld_lora4.yaml", "train.mixed_precision=no").train.mixed_precision == "no"
     path = tmp_path / "r.yaml"
-    path.write_text("output_dir: out\ndata: {vocabulary: v.yaml, num_prompts: 1}\nteacher: {pretrained: p}\n"
-                    "train: {mixed_precision: no, ema: false, gradient_checkpointing: true}\n")
+    path.write_text(
+        "output_dir: out\ndata: {vocabulary: v.yaml, num_prompts: 1}\nteacher: {pretrained: p}\n"
+        "train: {mixed_precision: no, ema: false, gradient_checkpointing: true}\n"
+    )
     train = load_recipe(path).train
     assert (train.mixed_precision, train.ema, train.gradient_checkpointing) == ("no", False, True)
 
@@ -232,22 +266,26 @@ def test_recipes_sharing_an_output_dir_agree_on_data_and_teacher():
     by_dir: dict[str, dict] = {}
     for name in RECIPES:
         d = recipe_of(name).to_dict()
-        gen = {f"{s}.{k}": v for s in ("data", "teacher") for k, v in d[s].items()
-               if f"{s}.{k}" not in NOT_FINGERPRINTED}
+        gen = {
+            f"{s}.{k}": v for s in ("data", "teacher") for k, v in d[s].items() if f"{s}.{k}" not in NOT_FINGERPRINTED
+        }
         first = by_dir.setdefault(d["output_dir"], {"name": name, "gen": gen})
         diff = [k for k in gen if gen[k] != first["gen"][k]]
         assert not diff, f"{name} and {first['name']} share {d['output_dir']} but differ in {diff}"
     assert recipe_of("wan21_14b_to_1.3b_kd.yaml").output_dir != recipe_of("wan21_t2v_1.3b_synth.yaml").output_dir
 
 
-@pytest.mark.parametrize("name", [n for n in RECIPES if recipe_of(n).method is not None
-                                  and recipe_of(n).method.name == "trajectory"])
+@pytest.mark.parametrize(
+    "name", [n for n in RECIPES if recipe_of(n).method is not None and recipe_of(n).method.name == "trajectory"]
+)
 def test_trajectory_recipes_store_states_at_the_students_sigmas(name, standins):
     recipe = recipe_of(name)
-    stored = sigmas_at(original_scheduler(recipe, standins), recipe.teacher.num_inference_steps,
-                       recipe.data.trajectory_steps)
-    wanted = [s for s in student_sigmas(recipe.student, recipe.teacher.shift, recipe.teacher.num_inference_steps)
-              if s > 0]
+    stored = sigmas_at(
+        original_scheduler(recipe, standins), recipe.teacher.num_inference_steps, recipe.data.trajectory_steps
+    )
+    wanted = [
+        s for s in student_sigmas(recipe.student, recipe.teacher.shift, recipe.teacher.num_inference_steps) if s > 0
+    ]
     gaps = [min(abs(s - t) for t in stored) for s in wanted]
     assert max(gaps) <= recipe.method.trajectory.max_sigma_gap, (wanted, stored)
     if name == "wan21_1.3b_kd_lora.yaml":  # the numbers its header quotes
@@ -268,8 +306,9 @@ def test_wan_recipes_key_settings():
 
 
 # ---- student.init ------------------------------------------------------------------------------------------
-def test_student_init_loads_transformer_and_pipeline_folders_and_hub_ids(tiny_pipeline_dir, narrow_transformer_dir,
-                                                                          tmp_path, monkeypatch):
+def test_student_init_loads_transformer_and_pipeline_folders_and_hub_ids(
+    tiny_pipeline_dir, narrow_transformer_dir, tmp_path, monkeypatch
+):
     from diffusers import WanTransformer3DModel
 
     import students.student as student_module
@@ -355,7 +394,11 @@ def test_feature_kd_between_different_widths_is_a_clear_error(smoke, capsys):
     """14B -> 1.3B: the tiny stand-ins differ in width (24 vs 16) like 5120 vs 1536; a layer map must fail clearly."""
     name = "wan21_14b_to_1.3b_kd.yaml"
     smoke.data(name)
-    overrides = [*smoke.overrides(name), "student.name=feature", "method.kd.feature_weight=0.1",
-                 "method.kd.layer_map={0: 0}"]
+    overrides = [
+        *smoke.overrides(name),
+        "student.name=feature",
+        "method.kd.feature_weight=0.1",
+        "method.kd.layer_map={0: 0}",
+    ]
     assert cli("train", RECIPES_DIR / name, *overrides) == 2
     assert "feature KD needs blocks of the same width" in capsys.readouterr().err

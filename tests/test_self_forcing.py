@@ -45,16 +45,27 @@ CAPTIONS = ["a red cat moving left", "a blue square on white background", "a gre
 
 @pytest.fixture(scope="module")
 def teacher(tiny_pipeline_dir):
-    cfg = TeacherConfig(pretrained=str(tiny_pipeline_dir), dtype="float32", height=16, width=16, num_frames=5,
-                        num_inference_steps=4, guidance_scale=3.0, max_sequence_length=8, negative_prompt="blurry")
+    cfg = TeacherConfig(
+        pretrained=str(tiny_pipeline_dir),
+        dtype="float32",
+        height=16,
+        width=16,
+        num_frames=5,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        max_sequence_length=8,
+        negative_prompt="blurry",
+    )
     return WanTeacher.from_config(cfg, "cpu")
 
 
 @pytest.fixture(scope="module")
 def student(teacher):
     torch.manual_seed(0)
-    s = build_student(StudentConfig(name="c", kind="causal", frames_per_block=1, context_noise=100,
-                                    denoising_steps=[1000, 750, 400]), teacher.pipe.transformer)
+    s = build_student(
+        StudentConfig(name="c", kind="causal", frames_per_block=1, context_noise=100, denoising_steps=[1000, 750, 400]),
+        teacher.pipe.transformer,
+    )
     with torch.no_grad():  # move off the teacher so the real and fake scores differ from the student
         for p in s.trainable_parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -63,8 +74,14 @@ def student(teacher):
 
 def make_batch(teacher, indices=(0, 1)) -> Batch:
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in indices]
-    return Batch(x0=None, latent_shape=SHAPE, cond=teacher.encode(captions, "blurry noise"),
-                 generators=[sample_generator(0, i) for i in indices], indices=list(indices), captions=captions)
+    return Batch(
+        x0=None,
+        latent_shape=SHAPE,
+        cond=teacher.encode(captions, "blurry noise"),
+        generators=[sample_generator(0, i) for i in indices],
+        indices=list(indices),
+        captions=captions,
+    )
 
 
 def rollout_of(student, samples_per_step=4, **kw) -> CausalRollout:
@@ -121,8 +138,13 @@ def test_gradients_flow_only_through_each_chunks_exit_step(teacher, student):
     (t0, t1, t2), ctx = [round(1000 * s) for s in SIGMAS], 100
     # chunk 0 exits at step 0 (its one forward keeps the graph); chunk 1 runs 2 forwards without grad, then its
     # exit step with grad; every cache write (at t = context_noise) without grad, and none after the last chunk
-    assert calls == [(0, t0, True, False), (0, ctx, False, True),
-                     (1, t0, False, False), (1, t1, False, False), (1, t2, True, False)]
+    assert calls == [
+        (0, t0, True, False),
+        (0, ctx, False, True),
+        (1, t0, False, False),
+        (1, t1, False, False),
+        (1, t2, True, False),
+    ]
     assert out.requires_grad
     out.sum().backward()
     # x at step 0 is the noise itself: chunk 0 (exit 0) passes gradient to its noise; chunk 1 reached its exit step
@@ -164,8 +186,7 @@ def test_windowed_rollout_scores_a_window_of_a_longer_rollout(teacher, student):
     gens = [sample_generator(0, i) for i in batch.indices]
     noise = randn_per_sample(gens, (SHAPE[0], 4, *SHAPE[2:]), "cpu")[:, :, :3]
     with torch.no_grad():
-        want = sample_causal(causal, batch.cond.prompt_embeds, noise, SIGMAS, generator=gens,
-                             exit_steps=[2] + exits)
+        want = sample_causal(causal, batch.cond.prompt_embeds, noise, SIGMAS, generator=gens, exit_steps=[2] + exits)
     torch.testing.assert_close(out.detach(), want[:, :, 1:], atol=1e-6, rtol=1e-6)
     # without a window the draws are unchanged: the whole rollout, exit steps for every chunk
     whole = rollout_of(student, samples_per_step=2, num_chunks=4)
@@ -183,8 +204,9 @@ def test_window_min_start_keeps_chunk_0_out_of_dmd(teacher, student):
     assert set(late) == {3, 4} and set(ends) == {2, 3, 4}
     with pytest.raises(ValueError, match=r"dmd_window: must be in 1..2 \(the chunks rolled out, 4, less "):
         draw_window_end(0, 0, 4, 3, min_start=2)
-    rollout = CausalRollout(student.causal, SIGMAS, seed=0, samples_per_step=2, num_chunks=4, window=2,
-                            window_min_start=1)
+    rollout = CausalRollout(
+        student.causal, SIGMAS, seed=0, samples_per_step=2, num_chunks=4, window=2, window_min_start=1
+    )
     for step in range(4):
         with torch.no_grad():
             rollout(make_batch(teacher, (2 * step, 2 * step + 1)))
@@ -202,8 +224,13 @@ def test_trainer_passes_the_window_min_start(tmp_path, tiny_pipeline_dir, monkey
     monkeypatch.setattr(sf, "draw_window_end", lambda *a: seen.append(a[-1]) or real(*a))
     write_dataset(tmp_path / "a" / "dataset")
     recipe = write_recipe(tmp_path / "a.yaml", tmp_path / "a", tiny_pipeline_dir, **SF_SECTIONS)
-    run_train(recipe, "train.max_steps=1", "method.self_forcing.num_chunks=3", "method.self_forcing.dmd_window=1",
-              "method.self_forcing.dmd_window_min_start=1")
+    run_train(
+        recipe,
+        "train.max_steps=1",
+        "method.self_forcing.num_chunks=3",
+        "method.self_forcing.dmd_window=1",
+        "method.self_forcing.dmd_window_min_start=1",
+    )
     assert seen and all(m == 1 for m in seen)
 
 
@@ -226,8 +253,14 @@ def test_generator_loss_is_dmd_on_the_whole_rollout(teacher, student):
     gens = [sample_generator(0, i) for i in (0, 1)]
     batch = make_batch(teacher)
     with torch.no_grad():
-        x0 = sample_causal(student.causal, batch.cond.prompt_embeds, randn_per_sample(gens, SHAPE, "cpu"), SIGMAS,
-                           generator=gens, exit_steps=draw_exit_steps(0, 0, 2, 3))
+        x0 = sample_causal(
+            student.causal,
+            batch.cond.prompt_embeds,
+            randn_per_sample(gens, SHAPE, "cpu"),
+            SIGMAS,
+            generator=gens,
+            exit_steps=draw_exit_steps(0, 0, 2, 3),
+        )
     u = torch.cat([torch.rand(1, generator=g) for g in gens])
     sigma = 0.1 + 0.8 * shift_sigma(u, 2.0)
     x_t = add_noise(x0, randn_per_sample(gens, SHAPE, "cpu"), sigma)
@@ -251,8 +284,14 @@ def test_frame_wise_timesteps_draw_one_sigma_per_chunk(teacher, student):
     gens = [sample_generator(0, i) for i in (0, 1)]
     batch = make_batch(teacher)
     with torch.no_grad():
-        x0 = sample_causal(student.causal, batch.cond.prompt_embeds, randn_per_sample(gens, SHAPE, "cpu"), SIGMAS,
-                           generator=gens, exit_steps=draw_exit_steps(0, 0, 2, 3))
+        x0 = sample_causal(
+            student.causal,
+            batch.cond.prompt_embeds,
+            randn_per_sample(gens, SHAPE, "cpu"),
+            SIGMAS,
+            generator=gens,
+            exit_steps=draw_exit_steps(0, 0, 2, 3),
+        )
     sigma = 0.1 + 0.8 * shift_sigma(torch.stack([torch.rand(2, generator=g) for g in gens]), 2.0)  # [B, chunks]
     assert float((sigma[:, 0] - sigma[:, 1]).abs().min()) > 1e-3  # chunks of one video sit at different levels
     x_t = add_noise(x0, randn_per_sample(gens, SHAPE, "cpu"), sigma)
@@ -263,8 +302,14 @@ def test_frame_wise_timesteps_draw_one_sigma_per_chunk(teacher, student):
     gens = [sample_generator(0, i) for i in (2, 3)]
     batch = make_batch(teacher, (2, 3))
     with torch.no_grad():
-        x0 = sample_causal(student.causal, batch.cond.prompt_embeds, randn_per_sample(gens, SHAPE, "cpu"), SIGMAS,
-                           generator=gens, exit_steps=draw_exit_steps(0, 0, 2, 3))
+        x0 = sample_causal(
+            student.causal,
+            batch.cond.prompt_embeds,
+            randn_per_sample(gens, SHAPE, "cpu"),
+            SIGMAS,
+            generator=gens,
+            exit_steps=draw_exit_steps(0, 0, 2, 3),
+        )
     sigma = 0.1 + 0.8 * shift_sigma(torch.stack([torch.rand(2, generator=g) for g in gens]), 2.0)
     noise = randn_per_sample(gens, SHAPE, "cpu")
     want = flow_matching_loss(PerTokenTimesteps(lambda x, t, c: 0.1 * x, (1, 2, 2)), x0, noise, sigma, None)
@@ -278,8 +323,9 @@ def test_per_token_timesteps_and_frame_wise_errors():
     assert per_token_timesteps(t, x, (3, 4, 4)).tolist() == [[100.0] * 4 + [700.0] * 4]
     with pytest.raises(ValueError, match="must share a timestep"):
         per_token_timesteps(torch.tensor([[1.0, 2.0, 2.0]]), torch.zeros(1, 3, 3, 4, 4), (3, 4, 4))
-    toy = SimpleNamespace(boundary=None, pipe=SimpleNamespace(transformer=SimpleNamespace(
-        config=SimpleNamespace(patch_size=(3, 4, 4)))))  # the toy teacher's temporal patch
+    toy = SimpleNamespace(
+        boundary=None, pipe=SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(patch_size=(3, 4, 4))))
+    )  # the toy teacher's temporal patch
     with pytest.raises(ValueError, match="frame_wise_timesteps: the teacher takes per-frame timesteps only"):
         SelfForcing(SelfForcing.Config(frame_wise_timesteps=True), teacher=toy, critic=None, rollout=None)
     with pytest.raises(ValueError, match="num_chunks: must be >= 1"):
@@ -289,10 +335,18 @@ def test_per_token_timesteps_and_frame_wise_errors():
 # ---- the trainer ----------------------------------------------------------------------------------------------
 SF_SECTIONS = dict(
     student={"kind": "causal", "frames_per_block": 1, "denoising_steps": [1000, 750, 400]},
-    method={"name": "self_forcing",
-            "self_forcing": {"generator_update_interval": 1, "critic_lora_rank": 4, "critic_learning_rate": 3e-3}},
-    train={"max_steps": 2, "gradient_accumulation_steps": 1, "checkpointing_steps": 1, "checkpoints_total_limit": 2,
-           "lr_warmup_steps": 0, "ema": False},
+    method={
+        "name": "self_forcing",
+        "self_forcing": {"generator_update_interval": 1, "critic_lora_rank": 4, "critic_learning_rate": 3e-3},
+    },
+    train={
+        "max_steps": 2,
+        "gradient_accumulation_steps": 1,
+        "checkpointing_steps": 1,
+        "checkpoints_total_limit": 2,
+        "lr_warmup_steps": 0,
+        "ema": False,
+    },
 )
 
 
@@ -372,10 +426,26 @@ def test_two_ranks_draw_the_same_exit_steps_and_match_one_process(sf_run):
     (out2).mkdir()
     os.symlink(root / "a" / "dataset", out2 / "dataset")
     launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(PROJECT_ROOT / "tests" / "self_forcing_probe.py"), str(probe), str(recipe), f"output_dir={out2}",
-           "train.batch_size=1"]
+    cmd = [
+        str(launcher),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(PROJECT_ROOT / "tests" / "self_forcing_probe.py"),
+        str(probe),
+        str(recipe),
+        f"output_dir={out2}",
+        "train.batch_size=1",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -419,14 +489,44 @@ def test_stream_video_yields_the_frames_of_a_full_rollout(tmp_path):
     from students.streaming import stream_video
     from teachers.toyworld.pipeline import build_toy_pipeline, save_toy_pipeline
 
-    pipe = build_toy_pipeline(TINY_WORDS, transformer_kwargs=dict(
-        patch_size=(3, 4, 4), num_attention_heads=2, attention_head_dim=8, freq_dim=32, ffn_dim=32, num_layers=1,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32), text_dim=16)
+    pipe = build_toy_pipeline(
+        TINY_WORDS,
+        transformer_kwargs=dict(
+            patch_size=(3, 4, 4),
+            num_attention_heads=2,
+            attention_head_dim=8,
+            freq_dim=32,
+            ffn_dim=32,
+            num_layers=1,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=32,
+        ),
+        text_dim=16,
+    )
     save_toy_pipeline(pipe, tmp_path / "toy")
-    toy = WanTeacher.from_config(TeacherConfig(pretrained=str(tmp_path / "toy"), dtype="float32", height=16, width=16,
-                                               num_frames=9, num_inference_steps=4, max_sequence_length=8), "cpu")
-    cfg = StudentConfig(name="sf", kind="causal", frames_per_block=3, local_window=6, sink=3, context_noise=50,
-                        denoising_steps=[1000, 500])
+    toy = WanTeacher.from_config(
+        TeacherConfig(
+            pretrained=str(tmp_path / "toy"),
+            dtype="float32",
+            height=16,
+            width=16,
+            num_frames=9,
+            num_inference_steps=4,
+            max_sequence_length=8,
+        ),
+        "cpu",
+    )
+    cfg = StudentConfig(
+        name="sf",
+        kind="causal",
+        frames_per_block=3,
+        local_window=6,
+        sink=3,
+        context_noise=50,
+        denoising_steps=[1000, 500],
+    )
     student = build_student(cfg, toy.pipe.transformer)
     student.save_pretrained(tmp_path / "sf")
     prompt, seed = "a red cat moving left", 11

@@ -48,9 +48,7 @@ def test_pruned_keeping_all_blocks_equals_teacher(tiny_transformer):
         student = prune_transformer(tiny_transformer, keep)
         assert (run(student, x, t, ehs) - ref).abs().max() <= 1e-6
         # A copy, never shared storage with the teacher.
-        assert all(
-            a.data_ptr() != b.data_ptr() for a, b in zip(student.parameters(), tiny_transformer.parameters())
-        )
+        assert all(a.data_ptr() != b.data_ptr() for a, b in zip(student.parameters(), tiny_transformer.parameters()))
 
 
 def test_pruned_copies_the_chosen_blocks_and_changes_the_output(tiny_transformer):
@@ -181,8 +179,11 @@ def test_lora_student_shares_the_teacher_and_round_trips(tmp_path, tiny_transfor
         loaded = Student.from_pretrained(tmp_path / "s", fresh, cfg)
         assert torch.equal(loaded(x, t, ehs), out)
     for key, kw in [("lora_rank", {"lora_rank": 2}), ("kind", {"kind": "full"}), ("experts", {})]:
-        bad = lora_cfg(**kw) if key != "kind" else StudentConfig(
-            name="s", kind="full", experts=2, expert_boundaries=[0.5])
+        bad = (
+            lora_cfg(**kw)
+            if key != "kind"
+            else StudentConfig(name="s", kind="full", experts=2, expert_boundaries=[0.5])
+        )
         with pytest.raises(ValueError, match=rf"student\.{key}"):
             Student.from_pretrained(tmp_path / "s", build_tiny(), bad)
     with pytest.raises(ValueError, match="3 blocks"):

@@ -20,8 +20,17 @@ FRAMES, HEIGHT, WIDTH = 9, 64, 64
 
 
 def make_cfg(path, **kw) -> TeacherConfig:
-    base = dict(pretrained=str(path), dtype="float32", max_sequence_length=SEQ, shift=SHIFT, guidance_scale=4.0,
-                num_inference_steps=4, height=HEIGHT, width=WIDTH, num_frames=FRAMES)
+    base = dict(
+        pretrained=str(path),
+        dtype="float32",
+        max_sequence_length=SEQ,
+        shift=SHIFT,
+        guidance_scale=4.0,
+        num_inference_steps=4,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+    )
     return TeacherConfig(**{**base, **kw})
 
 
@@ -33,9 +42,19 @@ def reference(path, scheduler_cls=FlowMatchEulerDiscreteScheduler, shift_key="sh
 
 
 def pipe_latents(pipe, noise, guidance, steps=4, **kw):
-    return pipe(prompt=PROMPTS, negative_prompt=NEG, num_inference_steps=steps, guidance_scale=guidance,
-                latents=noise, height=HEIGHT, width=WIDTH, num_frames=FRAMES, max_sequence_length=SEQ,
-                output_type="latent", **kw).frames
+    return pipe(
+        prompt=PROMPTS,
+        negative_prompt=NEG,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=noise,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        max_sequence_length=SEQ,
+        output_type="latent",
+        **kw,
+    ).frames
 
 
 def make_noise(teacher, batch=2, seed=0):
@@ -83,8 +102,7 @@ def test_sample_uses_recipe_shift(teacher, ref):
 
 def test_unipc_scheduler_gets_flow_shift(tmp_path, tiny_pipeline_dir):
     pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
-    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                             flow_shift=1.0)
+    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0)
     pipe.save_pretrained(tmp_path / "unipc")
     t = WanTeacher.from_config(make_cfg(tmp_path / "unipc"))
     assert isinstance(t.scheduler, UniPCMultistepScheduler) and t.scheduler.config.flow_shift == SHIFT
@@ -154,8 +172,10 @@ def test_two_expert_boundary(teacher22):
     assert teacher22.transformer_for(874.0) is pipe.transformer_2
     x = make_noise(teacher22)
     cond = teacher22.encode(PROMPTS)
-    for t, model, other in ((900.0, pipe.transformer, pipe.transformer_2), (800.0, pipe.transformer_2,
-                                                                             pipe.transformer)):
+    for t, model, other in (
+        (900.0, pipe.transformer, pipe.transformer_2),
+        (800.0, pipe.transformer_2, pipe.transformer),
+    ):
         tt = torch.full((2,), t)
         v = teacher22.velocity(x, tt, cond)
         assert torch.allclose(v, direct(model, x, tt, cond.prompt_embeds), atol=1e-6)
@@ -240,8 +260,18 @@ def test_decode_matches_pipeline(teacher, ref):
     latents = teacher.sample(cond, noise, steps=2).latents
     video = teacher.decode(latents)
     assert video.shape == (1, 3, FRAMES, HEIGHT, WIDTH) and video.min() >= -1 and video.max() <= 1
-    frames = ref(prompt=PROMPTS[:1], negative_prompt=NEG, num_inference_steps=2, guidance_scale=4.0, latents=noise,
-                 height=HEIGHT, width=WIDTH, num_frames=FRAMES, max_sequence_length=SEQ, output_type="pt").frames
+    frames = ref(
+        prompt=PROMPTS[:1],
+        negative_prompt=NEG,
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        latents=noise,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        max_sequence_length=SEQ,
+        output_type="pt",
+    ).frames
     # the pipeline's "pt" output is [B, F, 3, H, W] in [0, 1]
     assert (frames - (video / 2 + 0.5).permute(0, 2, 1, 3, 4)).abs().max() <= 1e-4
     u8 = teacher.to_uint8(video)
@@ -252,8 +282,15 @@ def test_decode_matches_pipeline(teacher, ref):
 def test_encode_video_inverts_decode_on_identity_vae(tmp_path):
     from teachers.toyworld.pipeline import build_toy_pipeline, save_toy_pipeline
 
-    kwargs = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, ffn_dim=16, num_layers=1,
-                  freq_dim=16, rope_max_seq_len=32)
+    kwargs = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        ffn_dim=16,
+        num_layers=1,
+        freq_dim=16,
+        rope_max_seq_len=32,
+    )
     save_toy_pipeline(build_toy_pipeline(["red", "cat"], transformer_kwargs=kwargs, latents_std=0.5), tmp_path)
     t = WanTeacher.from_config(TeacherConfig(pretrained=str(tmp_path), dtype="float32"))
     video = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -277,10 +314,15 @@ def test_missing_model_index(tmp_path):
     assert str(tmp_path) in str(e.value)
 
 
-@pytest.mark.parametrize("lever, match", [({"offload": "model"}, "teacher.offload"),
-                                          ({"offload": "group"}, "teacher.offload"),
-                                          ({"quantize": "int8"}, "teacher.quantize.*gpu"),
-                                          ({"quantize": "nf4"}, "teacher.quantize.*gpu")])
+@pytest.mark.parametrize(
+    "lever, match",
+    [
+        ({"offload": "model"}, "teacher.offload"),
+        ({"offload": "group"}, "teacher.offload"),
+        ({"quantize": "int8"}, "teacher.quantize.*gpu"),
+        ({"quantize": "nf4"}, "teacher.quantize.*gpu"),
+    ],
+)
 def test_memory_levers_need_an_accelerator(tiny_pipeline_dir, lever, match):
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only error")

@@ -9,10 +9,19 @@ from diffusers import WanPipeline
 
 from teachers.toyworld.pipeline import build_toy_pipeline, identity_vae, save_toy_pipeline
 
-WORDS = ("circle square triangle cross red green blue yellow dot ring bar pole moving left right up down "
-         "black navy maroon teal a with on background beside").split()
-TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, ffn_dim=32, num_layers=1,
-                   freq_dim=16, rope_max_seq_len=32)
+WORDS = (
+    "circle square triangle cross red green blue yellow dot ring bar pole moving left right up down "
+    "black navy maroon teal a with on background beside"
+).split()
+TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=8,
+    ffn_dim=32,
+    num_layers=1,
+    freq_dim=16,
+    rope_max_seq_len=32,
+)
 STD = 0.5
 SEQ = 8
 
@@ -54,8 +63,15 @@ def test_pipeline_decode_path_normalises(pipe, saved):
     for p in (pipe, saved):
         assert p.vae_scale_factor_temporal == 1 and p.vae_scale_factor_spatial == 1
     latents = torch.randn(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(1))
-    common = dict(prompt="a red circle moving left", num_inference_steps=2, guidance_scale=1.0, latents=latents,
-                  height=32, width=32, max_sequence_length=SEQ)
+    common = dict(
+        prompt="a red circle moving left",
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        latents=latents,
+        height=32,
+        width=32,
+        max_sequence_length=SEQ,
+    )
     z = saved(**common, output_type="latent").frames
     frames = saved(**common, output_type="pt").frames  # [B, F, 3, H, W] in [0, 1]
     expected = (z * STD).clamp(-1, 1) / 2 + 0.5  # latents·std + mean, then the identity VAE
@@ -65,9 +81,18 @@ def test_pipeline_decode_path_normalises(pipe, saved):
 
 def test_pipeline_call_runs(pipe):
     latents = torch.randn(2, 3, 9, 32, 32, generator=torch.Generator().manual_seed(0))
-    out = pipe(prompt=["a red circle moving left", "a blue cross with a dot"], negative_prompt="", latents=latents,
-               height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=3.0, max_sequence_length=SEQ,
-               output_type="np").frames
+    out = pipe(
+        prompt=["a red circle moving left", "a blue cross with a dot"],
+        negative_prompt="",
+        latents=latents,
+        height=32,
+        width=32,
+        num_frames=9,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        max_sequence_length=SEQ,
+        output_type="np",
+    ).frames
     assert out.shape == (2, 9, 32, 32, 3) and out.dtype == np.float32
     assert 0 <= out.min() and out.max() <= 1 and np.abs(out[0] - out[1]).max() > 1e-3
 
@@ -83,8 +108,9 @@ def test_text_encoder_distinct_words(pipe):
 
 
 def test_text_encoder_is_position_independent(pipe):
-    embeds, _ = pipe.encode_prompt(["red circle", "a big circle red"], do_classifier_free_guidance=False,
-                                   max_sequence_length=SEQ, device="cpu")
+    embeds, _ = pipe.encode_prompt(
+        ["red circle", "a big circle red"], do_classifier_free_guidance=False, max_sequence_length=SEQ, device="cpu"
+    )
     red = pipe.tokenizer.convert_tokens_to_ids("red")
     assert red != pipe.tokenizer.unk_token_id
     e = pipe.text_encoder.shared.weight[red].detach()
@@ -99,8 +125,16 @@ def test_save_load_round_trip(pipe, saved):
         a, b = getattr(pipe, name).state_dict(), getattr(saved, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     latents = torch.randn(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(2))
-    common = dict(prompt="a green square moving up", latents=latents, height=32, width=32, num_inference_steps=2,
-                  guidance_scale=2.0, max_sequence_length=SEQ, output_type="latent")
+    common = dict(
+        prompt="a green square moving up",
+        latents=latents,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        max_sequence_length=SEQ,
+        output_type="latent",
+    )
     a, b = pipe(**common).frames, saved(**common).frames
     assert (a - b).abs().max() <= 1e-5  # same weights; the loaded model's kernels differ by float rounding
 

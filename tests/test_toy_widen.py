@@ -10,9 +10,21 @@ from teachers.toyworld import widen
 from teachers.toyworld.widen import main as widen_main
 from teachers.toyworld.widen import widen_transformer
 
-CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3, out_channels=3,
-              text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-              qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
+CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=3,
+    out_channels=3,
+    text_dim=16,
+    freq_dim=16,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=32,
+)
 
 
 def narrow_model(seed=0):
@@ -26,8 +38,11 @@ def narrow_model(seed=0):
 
 def inputs(seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 3, 3, 8, 8, generator=g), torch.tensor([900.0, 120.0]),
-            torch.randn(2, 5, CONFIG["text_dim"], generator=g))
+    return (
+        torch.randn(2, 3, 3, 8, 8, generator=g),
+        torch.tensor([900.0, 120.0]),
+        torch.randn(2, 5, CONFIG["text_dim"], generator=g),
+    )
 
 
 def relative_error(wide, narrow):
@@ -46,8 +61,9 @@ def test_grown_model_starts_near_the_narrow_function(monkeypatch):
     assert err < 0.1  # 0.07 here; 0.03 on the shipped teacher grown from 4 to 5 heads
     # the LayerNorm/RMSNorm rescaling is what keeps it close: without it the error is several times larger
     original = widen._grow
-    monkeypatch.setattr(widen, "_grow", lambda name, old, shape, d, c, noise, g: original(name, old, shape, d, 1.0,
-                                                                                          noise, g))
+    monkeypatch.setattr(
+        widen, "_grow", lambda name, old, shape, d, c, noise, g: original(name, old, shape, d, 1.0, noise, g)
+    )
     assert relative_error(widen_transformer(narrow, heads=3, noise=1e-2), narrow) > 2 * err
 
 

@@ -145,7 +145,9 @@ def test_start_frame_continues_the_same_video():
         assert np.array_equal(full[10:], render_video(slots, 10, seed=11, start_frame=10))
 
 
-@pytest.mark.parametrize("action,axis,sign", [("moving left", 1, -1), ("moving right", 1, 1), ("moving up", 0, -1), ("moving down", 0, 1)])
+@pytest.mark.parametrize(
+    "action,axis,sign", [("moving left", 1, -1), ("moving right", 1, 1), ("moving up", 0, -1), ("moving down", 0, 1)]
+)
 def test_motion_wraps_around_and_keeps_the_object_intact(action, axis, sign):
     slots = {**SLOTS_0, "action": action}
     video = render_video(slots, 60, seed=5)

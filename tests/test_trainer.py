@@ -21,8 +21,14 @@ from core.recipe_loader import PROJECT_ROOT, RecipeError, deep_merge
 from distill.config import load_recipe
 
 SHAPE = (4, 2, 2, 2)  # latents [C, F, H, W] of 5 frames at 16x16 px for the tiny VAE
-CAPTIONS = ["a red circle moving left", "a blue square moving right", "a green cat on black background",
-            "a white dog beside it", "the red square with a blue circle", "an green circle moving right"]
+CAPTIONS = [
+    "a red circle moving left",
+    "a blue square moving right",
+    "a green cat on black background",
+    "a white dog beside it",
+    "the red square with a blue circle",
+    "an green circle moving right",
+]
 TOLERANCE = 1e-5
 """Max |Δw| allowed between 2 processes × batch b and 1 process × batch 2b after 4 AdamW steps at lr 1e-2: batch-1
 vs batch-2 forwards and gloo's all-reduce round differently, and Adam rescales tiny gradients (measured 4e-7)."""
@@ -36,9 +42,14 @@ def write_dataset(folder: Path, n: int = 6, trajectory_sigmas: list[float] | Non
     features = build_features(["subject"], SHAPE, True, num_traj)
     g = torch.Generator().manual_seed(0)
     video = {"bytes": encode_video(np.zeros((5, 16, 16, 3), np.uint8), 16), "path": None}
-    rows = {"index": list(range(n)), "caption": CAPTIONS[:n], "slots": [{"subject": "circle"}] * n,
-            "seed": list(range(n)), "video": [video] * n,
-            "latents": [torch.randn(SHAPE, generator=g).numpy() for _ in range(n)]}
+    rows = {
+        "index": list(range(n)),
+        "caption": CAPTIONS[:n],
+        "slots": [{"subject": "circle"}] * n,
+        "seed": list(range(n)),
+        "video": [video] * n,
+        "latents": [torch.randn(SHAPE, generator=g).numpy() for _ in range(n)],
+    }
     if num_traj:
         rows["trajectory"] = [torch.randn(num_traj, *SHAPE, generator=g).numpy() for _ in range(n)]
         rows["trajectory_sigmas"] = [list(trajectory_sigmas)] * n
@@ -51,14 +62,32 @@ def write_recipe(path: Path, out: Path, pipeline: Path, **sections) -> Path:
     base = {
         "output_dir": str(out),
         "data": {"vocabulary": "synth_data/vocab/toyworld.yaml", "num_prompts": 6},
-        "teacher": {"pretrained": str(pipeline), "dtype": "float32", "height": 16, "width": 16, "num_frames": 5,
-                    "num_inference_steps": 4, "guidance_scale": 2.0, "max_sequence_length": 8,
-                    "negative_prompt": "blurry noise"},
+        "teacher": {
+            "pretrained": str(pipeline),
+            "dtype": "float32",
+            "height": 16,
+            "width": 16,
+            "num_frames": 5,
+            "num_inference_steps": 4,
+            "guidance_scale": 2.0,
+            "max_sequence_length": 8,
+            "negative_prompt": "blurry noise",
+        },
         "student": {"name": "s", "kind": "lora", "lora_rank": 4, "lora_alpha": 4.0},
         "method": {"name": "flow_matching", "flow_matching": {"cfg_dropout": 0.2}},
-        "train": {"max_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-2,
-                  "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 3, "checkpointing_steps": 2,
-                  "checkpoints_total_limit": 1, "ema": True, "ema_decay": 0.9, "log_with": "none"},
+        "train": {
+            "max_steps": 4,
+            "batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 1e-2,
+            "lr_scheduler": "constant_with_warmup",
+            "lr_warmup_steps": 3,
+            "checkpointing_steps": 2,
+            "checkpoints_total_limit": 1,
+            "ema": True,
+            "ema_decay": 0.9,
+            "log_with": "none",
+        },
     }
     path.write_text(yaml.safe_dump(deep_merge(base, sections)))
     return path
@@ -160,8 +189,11 @@ def test_resume_errors(lora_run, tmp_path, tiny_pipeline_dir):
     from distill.trainer import train
 
     recipe, _ = lora_run
-    with pytest.raises(ValueError, match=r"checkpoint-4 was written by another recipe \(student\.kind: checkpoint "
-                                         r"has 'lora', recipe has 'pruned'"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint-4 was written by another recipe \(student\.kind: checkpoint "
+        r"has 'lora', recipe has 'pruned'",
+    ):
         train(load_recipe(recipe, ["train.resume_from_checkpoint=latest", "student.kind=pruned"]))
     with pytest.raises(ValueError, match=r"method\.name: checkpoint has 'flow_matching', recipe has 'kd'"):
         train(load_recipe(recipe, ["train.resume_from_checkpoint=latest", "method.name=kd"]))
@@ -190,9 +222,26 @@ def test_two_processes_equal_one_process_with_double_batch(lora_run):
     recipe, final_one = lora_run
     out2 = share_dataset(final_one, final_one.parent.parent.parent.parent / "out2")
     launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "distill.trainer", str(recipe), f"output_dir={out2}", "train.batch_size=1"]
+    cmd = [
+        str(launcher),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "distill.trainer",
+        str(recipe),
+        f"output_dir={out2}",
+        "train.batch_size=1",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -242,8 +291,14 @@ def test_toyworld_pool_resume_ranks_and_refresh(tiny_pipeline_dir, tmp_path):
     from teachers.wan import WanTeacher
 
     path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir)
-    common = ["train.data_source=toyworld", "train.max_steps=5", "teacher.height=32", "teacher.width=32",
-              "train.toyworld_pool=8", "train.toyworld_pool_refresh=2"]
+    common = [
+        "train.data_source=toyworld",
+        "train.max_steps=5",
+        "teacher.height=32",
+        "teacher.width=32",
+        "train.toyworld_pool=8",
+        "train.toyworld_pool_refresh=2",
+    ]
     one = load_recipe(path, common)
     teacher = WanTeacher.from_config(one.teacher, "cpu")
     through = list(training_batches(one, teacher, start_step=0, num_processes=1, rank=0))
@@ -288,9 +343,17 @@ def test_pruned_feature_kd_and_full_toyworld_smoke(lora_run, tmp_path):
     short = ["train.max_steps=2", "train.gradient_accumulation_steps=1", "train.batch_size=1", "train.ema=false"]
     # pruned student (teacher block 1 only), output + feature KD against teacher block 1
     out = share_dataset(final, tmp_path / "p")
-    final_p = run_train(recipe, *short, f"output_dir={out}", "student.name=pruned", "student.kind=pruned",
-                        "student.keep_blocks=[1]", "method.name=kd", "method.kd.feature_weight=1.0",
-                        "method.kd.layer_map={0: 1}")
+    final_p = run_train(
+        recipe,
+        *short,
+        f"output_dir={out}",
+        "student.name=pruned",
+        "student.kind=pruned",
+        "student.keep_blocks=[1]",
+        "method.name=kd",
+        "method.kd.feature_weight=1.0",
+        "method.kd.layer_map={0: 1}",
+    )
     w = weights(final_p)
     assert (final_p / "COMPLETE").is_file() and not (final_p.parent / "final_ema").exists()
     teacher_q = tiny_transformer().blocks[1].attn1.to_q.weight
@@ -298,17 +361,29 @@ def test_pruned_feature_kd_and_full_toyworld_smoke(lora_run, tmp_path):
     assert trained_q.shape == teacher_q.shape and not torch.equal(trained_q, teacher_q)
     assert not any("blocks.1." in k for k in w)  # one block only
     # a full copy trained on freshly rendered toy-world clips
-    final_f = run_train(recipe, *short, f"output_dir={tmp_path / 'f'}", "student.name=full", "student.kind=full",
-                        "train.data_source=toyworld", "teacher.height=32", "teacher.width=32")
+    final_f = run_train(
+        recipe,
+        *short,
+        f"output_dir={tmp_path / 'f'}",
+        "student.name=full",
+        "student.kind=full",
+        "train.data_source=toyworld",
+        "teacher.height=32",
+        "teacher.width=32",
+    )
     assert (final_f / "COMPLETE").is_file() and any("blocks.1." in k for k in weights(final_f))
 
 
 def test_trajectory_smoke(tmp_path, tiny_pipeline_dir):
     write_dataset(tmp_path / "out" / "dataset", trajectory_sigmas=[1.0, 0.75, 0.0])
-    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "out", tiny_pipeline_dir,
-                          student={"denoising_steps": [1000, 500], "experts": 2, "expert_boundaries": [0.9]},
-                          method={"name": "trajectory"},
-                          train={"max_steps": 2, "gradient_accumulation_steps": 1, "ema": False})
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml",
+        tmp_path / "out",
+        tiny_pipeline_dir,
+        student={"denoising_steps": [1000, 500], "experts": 2, "expert_boundaries": [0.9]},
+        method={"name": "trajectory"},
+        train={"max_steps": 2, "gradient_accumulation_steps": 1, "ema": False},
+    )
     final = run_train(recipe)
     # σ = 1.0 trains expert 0 and σ = shift(0.5) = 0.75 expert 1: both adapters moved
     for expert in ("expert_0", "expert_1"):
@@ -335,8 +410,9 @@ def test_checkpoint_without_a_newer_key_resumes_only_at_its_default(tmp_path):
     from distill.checkpoints import TRAINING_STATE, check_checkpoint
 
     expected = {"student.kind": "full", "student.sink": 0, "method.name": "flow_matching"}
-    (tmp_path / TRAINING_STATE).write_text(json.dumps({"step": 2, "fingerprint": {
-        "student.kind": "full", "method.name": "flow_matching"}}))
+    (tmp_path / TRAINING_STATE).write_text(
+        json.dumps({"step": 2, "fingerprint": {"student.kind": "full", "method.name": "flow_matching"}})
+    )
     assert check_checkpoint(tmp_path, expected)["step"] == 2
     with pytest.raises(ValueError, match=r"student.sink: checkpoint has 0, recipe has 3"):
         check_checkpoint(tmp_path, {**expected, "student.sink": 3})
@@ -359,8 +435,9 @@ def test_export_from_a_checkpoint_equals_the_finished_run(lora_run):
         assert path == checkpoint_dir(recipe, "checkpoint-4") == student_dir / "checkpoint-4"
         got = student_from_checkpoint(recipe, teacher, path).trainable_state_dict()
         fresh = WanTeacher.from_config(recipe.teacher)  # a LoRA student's adapter lives on its teacher's transformer
-        want = Student.from_pretrained(student_dir / folder, fresh.pipe.transformer,
-                                       cfg=recipe.student).trainable_state_dict()
+        want = Student.from_pretrained(
+            student_dir / folder, fresh.pipe.transformer, cfg=recipe.student
+        ).trainable_state_dict()
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), folder
     with pytest.raises(FileNotFoundError, match="checkpoint-4"):
         checkpoint_dir(recipe, "checkpoint-3")
@@ -395,8 +472,16 @@ def test_prompts_source_draws_lines_and_refuses_what_needs_latents(tmp_path, tin
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(CAPTIONS) + "\n")
     path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir)
-    recipe = load_recipe(path, ["method.name=dmd", "student.kind=full", "train.data_source=prompts",
-                                f"train.prompts_file={prompts}", "train.max_steps=8"])
+    recipe = load_recipe(
+        path,
+        [
+            "method.name=dmd",
+            "student.kind=full",
+            "train.data_source=prompts",
+            f"train.prompts_file={prompts}",
+            "train.max_steps=8",
+        ],
+    )
     teacher = WanTeacher.from_config(recipe.teacher, "cpu")
     batches = list(training_batches(recipe, teacher, start_step=0, num_processes=1, rank=0))
     seen = [c for b in batches for c in b.captions]
@@ -409,8 +494,17 @@ def test_prompts_source_draws_lines_and_refuses_what_needs_latents(tmp_path, tin
     from core.vocabulary import load_vocabulary
     from synth_data.composer import compose
 
-    composed = load_recipe(path, ["method.name=dmd", "student.kind=full", "train.data_source=prompts",
-                                  "train.max_steps=3", "train.gradient_accumulation_steps=1", "train.batch_size=4"])
+    composed = load_recipe(
+        path,
+        [
+            "method.name=dmd",
+            "student.kind=full",
+            "train.data_source=prompts",
+            "train.max_steps=3",
+            "train.gradient_accumulation_steps=1",
+            "train.batch_size=4",
+        ],
+    )
     steps = [b.captions for b in training_batches(composed, teacher, start_step=0, num_processes=1, rank=0)]
     vocab = load_vocabulary(PROJECT_ROOT / "synth_data/vocab/toyworld.yaml")
     rows = [compose(vocab, 4, derive_seed(0, -(s + 1)), "balanced") for s in range(3)]
@@ -418,8 +512,10 @@ def test_prompts_source_draws_lines_and_refuses_what_needs_latents(tmp_path, tin
     assert len({tuple(c) for c in steps}) == 3  # fresh every step, not one set repeated
     assert all(max(Counter(r["slots"]["subject"] for r in step).values()) == 1 for step in rows)
     # methods that train on clean latents or trajectories, and the GAN's real clips, need another source
-    for override, match in (([], "method 'flow_matching' trains on clean latents"),
-                            (["method.name=dmd", "method.dmd.gan_weight=0.01"], "gan_weight > 0 needs them")):
+    for override, match in (
+        ([], "method 'flow_matching' trains on clean latents"),
+        (["method.name=dmd", "method.dmd.gan_weight=0.01"], "gan_weight > 0 needs them"),
+    ):
         with pytest.raises(RecipeError, match=match):
             load_recipe(path, ["train.data_source=prompts", *override])
     with pytest.raises(RecipeError, match="prompts_file: only read with data_source: prompts"):
@@ -461,16 +557,18 @@ def test_run_of_a_captions_only_recipe_composes_and_generates_nothing(tmp_path, 
 
 
 @pytest.mark.parametrize("fault, max_grad_norm", [("loss", "1.0"), ("gradient", "0")])
-def test_non_finite_loss_or_gradient_stops_before_the_update(tmp_path, tiny_pipeline_dir, monkeypatch, fault,
-                                                             max_grad_norm, capsys):
+def test_non_finite_loss_or_gradient_stops_before_the_update(
+    tmp_path, tiny_pipeline_dir, monkeypatch, fault, max_grad_norm, capsys
+):
     """A NaN loss (or a finite loss with a NaN gradient, with clipping off) at step 3 of 4: the CLI exits 2 with one
     line naming the step and the term; checkpoint-2 (finite) is kept; nothing later, no final, no COMPLETE."""
     from distill.cli import main
     from distill.flow_matching import FlowMatching
 
     write_dataset(tmp_path / "out" / "dataset")
-    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "out", tiny_pipeline_dir,
-                          train={"checkpoints_total_limit": 3})
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml", tmp_path / "out", tiny_pipeline_dir, train={"checkpoints_total_limit": 3}
+    )
     real, calls = FlowMatching.loss, []
 
     def faulty(self, batch):
@@ -486,7 +584,7 @@ def test_non_finite_loss_or_gradient_stops_before_the_update(tmp_path, tiny_pipe
 
     monkeypatch.setattr(FlowMatching, "loss", faulty)
     assert main(["train", str(recipe), f"train.max_grad_norm={max_grad_norm}"]) == 2
-    err = [line[line.index("error:"):] for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    err = [line[line.index("error:") :] for line in capsys.readouterr().err.splitlines() if "error:" in line]
     term = "loss is nan" if fault == "loss" else "gradient norm is nan"
     assert len(err) == 1 and "train: step 3: the " + term in err[0] and "checkpoint-2 is the last checkpoint" in err[0]
     student_dir = tmp_path / "out" / "students" / "s"

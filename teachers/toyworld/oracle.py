@@ -161,5 +161,8 @@ def grade(videos: np.ndarray, slots: Sequence[dict[str, str]], num_segments: int
     accuracy = {"all": float(every.mean())}
     accuracy.update({s: float(correct[:, :, k].mean()) for k, s in enumerate(SLOTS)})
     per_slot = {s: [float(a) for a in correct[:, :, k].mean(axis=0)] for k, s in enumerate(SLOTS)}
-    return {"accuracy": accuracy, "segment_accuracy": [float(a) for a in every.mean(axis=0)],
-            "segment_slot_accuracy": per_slot}
+    return {
+        "accuracy": accuracy,
+        "segment_accuracy": [float(a) for a in every.mean(axis=0)],
+        "segment_slot_accuracy": per_slot,
+    }

@@ -95,8 +95,15 @@ def identity_vae(latents_std: float = 0.5, seed: int = 0) -> AutoencoderKLWan:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKLWan(
-            base_dim=VAE_BASE_DIM, z_dim=3, dim_mult=[1], num_res_blocks=0, temperal_downsample=[],
-            latents_mean=[0.0] * 3, latents_std=[latents_std] * 3, scale_factor_temporal=1, scale_factor_spatial=1,
+            base_dim=VAE_BASE_DIM,
+            z_dim=3,
+            dim_mult=[1],
+            num_res_blocks=0,
+            temperal_downsample=[],
+            latents_mean=[0.0] * 3,
+            latents_std=[latents_std] * 3,
+            scale_factor_temporal=1,
+            scale_factor_spatial=1,
         )
     into = [(c, c, 1.0) for c in range(3)] + [(3 + c, c, -1.0) for c in range(3)]  # [x, -x, K, 0]
     with torch.no_grad():
@@ -121,8 +128,15 @@ def identity_vae(latents_std: float = 0.5, seed: int = 0) -> AutoencoderKLWan:
     return vae.eval()
 
 
-def build_toy_pipeline(words: list[str], *, transformer_kwargs: dict, text_dim: int = 32, seed: int = 0,
-                       latents_std: float = 0.5, flow_shift: float = 3.0) -> WanPipeline:
+def build_toy_pipeline(
+    words: list[str],
+    *,
+    transformer_kwargs: dict,
+    text_dim: int = 32,
+    seed: int = 0,
+    latents_std: float = 0.5,
+    flow_shift: float = 3.0,
+) -> WanPipeline:
     """The toy world's teacher pipeline (transformer randomly initialised from `seed`; train it afterwards).
 
     `transformer_kwargs` are `WanTransformer3DModel` arguments; in/out_channels (3) and text_dim are set here.
@@ -138,7 +152,10 @@ def build_toy_pipeline(words: list[str], *, transformer_kwargs: dict, text_dim: 
         text_encoder = toy_text_encoder(len(tokenizer), text_dim, seed)
         vae = identity_vae(latents_std, seed)
     return WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=flow_shift),
     )
 

@@ -5,8 +5,9 @@
 (how session 5 made the shipped teacher from session 4's). Session 4's width (4 heads x 32 = 128) is below the 144
 numbers a 3x4x4-px token carries, so 16 directions per token are out of reach of its output layer and 16 out of
 sight of its input layer (`build.py`): the noise a sample starts with stays there, and 44% of its flow-matching loss
-lies outside `proj_out`'s span. Training a wider model from scratch throws away every step the narrow one took; this copies it into a model with more heads of the
-same size (RoPE and FFN width unchanged), new residual channels and new heads starting silent:
+lies outside `proj_out`'s span. Training a wider model from scratch throws away every step the narrow one took;
+this copies it into a model with more heads of the same size (RoPE and FFN width unchanged), new residual channels
+and new heads starting silent:
 
 - layers that write the residual stream or a new head get zero rows for the new channels (they start at 0, and the
   new heads' q, k, v are 0);
@@ -48,8 +49,9 @@ def _embed(old: torch.Tensor, shape: tuple[int, ...], weight: bool, noise: float
     return new
 
 
-def _grow(name: str, old: torch.Tensor, shape: torch.Size, d: int, c: float, noise: float,
-          g: torch.Generator) -> torch.Tensor:
+def _grow(
+    name: str, old: torch.Tensor, shape: torch.Size, d: int, c: float, noise: float, g: torch.Generator
+) -> torch.Tensor:
     """One parameter of the grown model from the narrow one (old width d, rescale c)."""
     if name.startswith("condition_embedder.time_proj."):  # outputs are six modulation vectors of the width each
         new = _embed(old.view(6, d, *old.shape[1:]), (6, shape[0] // 6, *shape[1:]), old.ndim == 2, noise, g)
@@ -68,12 +70,13 @@ def _grow(name: str, old: torch.Tensor, shape: torch.Size, d: int, c: float, noi
     if name.endswith(("norm_q.weight", "norm_k.weight", "norm2.weight")):
         # RMSNorm across the heads (new heads' q/k are 0) and the affine LayerNorm before cross-attention
         new[: old.shape[0]] = old / c
-        new[old.shape[0]:] = old.mean() / c
+        new[old.shape[0] :] = old.mean() / c
     return new
 
 
-def widen_transformer(narrow: WanTransformer3DModel, heads: int, noise: float = 1e-2,
-                      seed: int = 0) -> WanTransformer3DModel:
+def widen_transformer(
+    narrow: WanTransformer3DModel, heads: int, noise: float = 1e-2, seed: int = 0
+) -> WanTransformer3DModel:
     """A WanTransformer3DModel with `heads` attention heads (more than `narrow`'s) computing nearly its function."""
     config = {k: v for k, v in dict(narrow.config).items() if not k.startswith("_")}
     if heads <= config["num_attention_heads"]:
@@ -110,10 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     shutil.copytree(args.src, tmp, ignore=shutil.ignore_patterns("transformer", "README.md"))
     wide.save_pretrained(tmp / "transformer")
     tmp.rename(args.dst)
-    logger.info("widened %s (width %d) -> %s (width %d, %.2fM parameters)", args.src,
-                narrow.config.num_attention_heads * narrow.config.attention_head_dim, args.dst,
-                wide.config.num_attention_heads * wide.config.attention_head_dim,
-                sum(t.numel() for t in wide.parameters()) / 1e6)
+    logger.info(
+        "widened %s (width %d) -> %s (width %d, %.2fM parameters)",
+        args.src,
+        narrow.config.num_attention_heads * narrow.config.attention_head_dim,
+        args.dst,
+        wide.config.num_attention_heads * wide.config.attention_head_dim,
+        sum(t.numel() for t in wide.parameters()) / 1e6,
+    )
 
 
 if __name__ == "__main__":
