@@ -170,7 +170,8 @@ def check_checkpoint(path: Path, expected: dict) -> dict:
     return state
 
 
-def write_state(path: Path, step: int, samples_per_step: int, fp: dict) -> None:
+def write_state(path: Path, step: int, samples_per_step: int, fp: dict, config: dict | None = None) -> None:
+    """training_state.json (written last, atomically); `config`: `trained_config` of the recipe (final/ only)."""
     digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
     state = {
         "step": step,
@@ -179,6 +180,8 @@ def write_state(path: Path, step: int, samples_per_step: int, fp: dict) -> None:
         "fingerprint": fp,
         "fingerprint_sha256": digest,
     }
+    if config is not None:
+        state["config"] = config
     tmp = path / f".{TRAINING_STATE}.tmp"
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     os.replace(tmp, path / TRAINING_STATE)
@@ -190,3 +193,65 @@ def prune(student_dir: Path, limit: int | None) -> None:
     for old in list_checkpoints(student_dir)[:-limit]:
         shutil.rmtree(old)
         logger.info("removed %s (train.checkpoints_total_limit=%d)", old, limit)
+
+
+NOT_IN_TRAINED_CONFIG = frozenset(
+    {
+        "student.name",
+        "train.resume_from_checkpoint",
+        "train.log_every",
+        "train.log_with",
+        "train.checkpointing_steps",
+        "train.checkpoints_total_limit",
+        "train.dataloader_num_workers",
+        "teacher.offload",
+        "teacher.encode_cache_size",
+    }
+)
+"""Keys that change where and how a run logs or saves, never the weights it ends with."""
+
+
+def trained_config(recipe: Recipe) -> dict:
+    """Every recipe key that shaped a finished run's weights, as flat dotted keys (JSON-normalised): the teacher,
+    student, train sections and the method's name and own sub-section. Stored in `final/training_state.json`."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif prefix not in NOT_IN_TRAINED_CONFIG:
+            flat[prefix] = value
+
+    sections = recipe.to_dict()
+    for name in ("teacher", "student", "train"):
+        walk(name, sections[name])
+    method = recipe.method.name
+    flat["method.name"] = method
+    walk(f"method.{method}", sections["method"][method])
+    return json.loads(json.dumps(flat))
+
+
+def check_finished(recipe: Recipe) -> None:
+    """A finished run (`final/`) was trained by this recipe: every `trained_config` key agrees (runs finished before
+    the toolkit stored it: the resume fingerprint agrees). Else a one-line error naming the keys."""
+    final = final_dir(recipe.student_dir())
+    try:
+        state = json.loads((final / TRAINING_STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{final / TRAINING_STATE}: unreadable ({e}); retrain the student (delete {final})") from None
+    if "config" in state:
+        saved, now = state["config"], trained_config(recipe)
+    else:
+        saved = state["fingerprint"]
+        now = fingerprint(recipe, saved.get("num_processes", 1))
+    unset = "<unset>"
+    diff = [k for k in dict.fromkeys([*saved, *now]) if saved.get(k, unset) != now.get(k, unset)]
+    if diff:
+        shown = "; ".join(
+            f"{k}: trained with {saved.get(k, unset)!r}, recipe has {now.get(k, unset)!r}" for k in diff[:3]
+        )
+        raise ValueError(
+            f"{final}: trained under another recipe ({shown}); restore those keys, or train anew under "
+            "another student.name (or delete the student's folder)"
+        )

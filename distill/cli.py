@@ -10,12 +10,11 @@ import sys
 
 from core.recipe_loader import RecipeError
 from distill.accel import make_accelerator
-from distill.checkpoints import final_dir, is_finished
+from distill.checkpoints import check_finished, final_dir, is_finished
 from distill.config import Recipe, load_recipe
 from distill.export_stage import export_stage
 from distill.trainer import train
 from synth_data.compose_stage import compose_stage
-from synth_data.layout import is_complete
 from synth_data.push import PushError, push
 
 logger = logging.getLogger("distill")
@@ -29,7 +28,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("recipe", help="a recipe YAML, e.g. recipes/toyworld.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. data.num_prompts=8")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe, print it resolved, and exit")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may stand before or after --dry-run
 
 
 def stage_compose(recipe: Recipe) -> None:
@@ -79,12 +78,10 @@ def stage_run(recipe: Recipe) -> None:
         logger.info("compose, generate: skipped, train.data_source: %s reads no dataset", recipe.train.data_source)
     else:
         stage_compose(recipe)
-        if is_complete(recipe.out / "dataset"):
-            logger.info("generate: %s is complete, skipping", recipe.out / "dataset")
-        else:
-            stage_generate(recipe)
+        stage_generate(recipe)  # a complete dataset returns at once, once its fingerprint matches the recipe
     if recipe.student is not None:
         if is_finished(recipe.student_dir()):
+            check_finished(recipe)  # the finished weights must be this recipe's, or export would mislabel them
             logger.info("train: %s is complete, skipping", final_dir(recipe.student_dir()))
         else:
             stage_train(recipe)

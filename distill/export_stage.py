@@ -10,6 +10,7 @@ from distill.checkpoints import (
     CHECKPOINT_PREFIX,
     STUDENT_WEIGHTS,
     TRAINING_STATE,
+    check_finished,
     final_dir,
     is_finished,
     list_checkpoints,
@@ -31,6 +32,7 @@ def trained_student_dir(recipe: Recipe) -> Path:
         raise FileNotFoundError(
             f"{final_dir(base)}: no finished training run; run `python -m distill train {recipe.source}` first"
         )
+    check_finished(recipe)  # the card states this recipe: it must be the one the weights were trained with
     return weights_dir(base, recipe.export.use_ema)
 
 

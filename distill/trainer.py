@@ -59,6 +59,7 @@ from distill.checkpoints import (
     list_checkpoints,
     prune,
     resolve_checkpoint,
+    trained_config,
     write_state,
 )
 from distill.config import Recipe, load_recipe
@@ -182,7 +183,7 @@ def _save_final(recipe: Recipe, student, ema, step: int, samples_per_step: int, 
             shutil.rmtree(ema_dir)
         student.save_pretrained(ema_dir)
         ema.restore(params)
-    write_state(final, step, samples_per_step, fp)
+    write_state(final, step, samples_per_step, fp, trained_config(recipe))
     (final / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
     return final
 

@@ -89,7 +89,8 @@ def _show(value) -> str:
 
 
 def check_fingerprint(dataset_dir: Path, fp: dict) -> None:
-    """Raise ValueError naming the changed keys when `dataset_dir` was generated with another fingerprint."""
+    """Raise ValueError naming the changed keys when `dataset_dir` holds samples generated with another fingerprint
+    (a generation.json with no sample rendered under it yet is dropped)."""
     path = dataset_dir / "generation.json"
     if not path.is_file():
         if any(dataset_dir.rglob("*.parquet")):
@@ -97,6 +98,11 @@ def check_fingerprint(dataset_dir: Path, fp: dict) -> None:
                 f"{dataset_dir}: has parquet files but no generation.json, so they can't be checked against this "
                 "config; use another output_dir or delete it"
             )
+        return
+    if not any(dataset_dir.rglob("*.parquet")):
+        # nothing was rendered under the old config (e.g. a typo failed before the first sample): it binds nothing,
+        # and the corrected run writes its own generation.json
+        path.unlink(missing_ok=True)
         return
     old = json.loads(path.read_text(encoding="utf-8"))
     changed = [

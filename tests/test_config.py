@@ -121,6 +121,9 @@ def test_dry_run_prints_resolved_recipe(tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["seed"] == 3 and printed["data"]["mode"] == "balanced"
     assert printed["teacher"]["guidance_scale"] == 5.0
+    assert main(["compose", str(path), "--dry-run", "data.seed=4", "data.num_prompts=2"]) == 0  # overrides after it
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["data"]["seed"], printed["data"]["num_prompts"]) == (4, 2)
 
 
 def test_cli_reports_bad_key_without_traceback(tmp_path):

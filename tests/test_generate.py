@@ -262,6 +262,17 @@ def test_bad_inputs_fail_before_writing(tmp_path, tiny_pipeline_dir):
     assert not (root / "out" / "dataset").exists()
 
 
+def test_a_run_that_failed_before_its_first_sample_does_not_bind_the_folder(tmp_path, tiny_pipeline_dir, reference):
+    """A typo that fails once generation.json is written (a teacher path that does not load) leaves nothing
+    rendered: the corrected run is not refused as "another config" and gives the reference's bytes."""
+    root = make_project(tmp_path / "typo", tiny_pipeline_dir)
+    with pytest.raises(Exception):  # noqa: B017 (diffusers' own error for a folder that is no pipeline)
+        run_generate(root, f"teacher.pretrained={tmp_path / 'no_such_pipeline'}")
+    assert (root / "out" / "dataset" / "generation.json").is_file()
+    run_generate(root)
+    assert tree(root / "out" / "dataset") == tree(reference / "out" / "dataset")
+
+
 def test_error_mid_run_keeps_finished_samples_and_no_partial_files(reference, tiny_pipeline_dir, tmp_path, monkeypatch):
     from teachers.wan import WanTeacher
 

@@ -591,3 +591,42 @@ def test_non_finite_loss_or_gradient_stops_before_the_update(
     assert sorted(p.name for p in student_dir.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (student_dir / "final").exists()
     assert all(torch.isfinite(v).all() for v in weights(student_dir / "checkpoint-2").values())
+
+
+def test_run_and_export_refuse_weights_trained_under_another_recipe(lora_run, capsys):
+    """`run` skips a finished student only when its training config is the recipe's; `export` would otherwise state
+    the new learning rate on the old weights' card. Keys that do not touch the weights (logging) may change."""
+    from distill.checkpoints import check_finished
+    from distill.cli import main
+
+    recipe, final = lora_run
+    check_finished(load_recipe(recipe, ["train.log_every=7", "train.checkpointing_steps=3"]))  # same weights
+    for override, key in (
+        ("train.learning_rate=0.5", "train.learning_rate"),
+        ("method.flow_matching.cfg_dropout=0.4", "method.flow_matching.cfg_dropout"),
+    ):
+        with pytest.raises(ValueError, match=rf"final: trained under another recipe \({key}: trained with"):
+            check_finished(load_recipe(recipe, [override]))
+        before = sorted(p.name for p in (final.parent).iterdir())
+        assert main(["export", str(recipe), override]) == 2
+        assert key in capsys.readouterr().err
+        assert sorted(p.name for p in final.parent.iterdir()) == before  # nothing written
+
+
+def test_run_checks_the_dataset_fingerprint_before_skipping_generate(tmp_path, tiny_pipeline_dir, capsys):
+    from distill.cli import main
+
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "out",
+        tiny_pipeline_dir,
+        data={"num_prompts": 2, "shard_size": 2, "batch_size": 2},
+    )
+    data_only = tmp_path / "data.yaml"
+    spec = yaml.safe_load(recipe.read_text())
+    data_only.write_text(yaml.safe_dump({k: spec[k] for k in ("output_dir", "data", "teacher")}))
+    assert main(["run", str(data_only)]) == 0
+    dataset = sorted(p.name for p in (tmp_path / "out" / "dataset").rglob("*"))
+    assert main(["run", str(data_only), "teacher.guidance_scale=3.0"]) == 2
+    assert "teacher.guidance_scale" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out" / "dataset").rglob("*")) == dataset
