@@ -12,6 +12,7 @@ component, and every public query runs under `torch.no_grad`.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -92,6 +93,47 @@ def _is_local(pretrained: str) -> bool:
     return p.exists() or pretrained.startswith(("/", ".", "~")) or pretrained.count("/") != 1
 
 
+def check_video_shape(cfg: TeacherConfig, vae_config: dict, transformer_configs: list[dict]) -> None:
+    """`teacher.num_frames/height/width` against the VAE's compression (frames 1 + t·k, sides multiples of s) and
+    each transformer's patch (latent frames and sides multiples of it), from the models' config.json alone: a bad
+    shape fails with the keys to change before any weights load."""
+    tf, sf = vae_config.get("scale_factor_temporal", 4), vae_config.get("scale_factor_spatial", 8)
+    f, h, w = cfg.num_frames, cfg.height, cfg.width
+    if (f - 1) % tf or f < 1:
+        fix = sorted({max(1, f - 1 - (f - 1) % tf + 1), f - 1 - (f - 1) % tf + tf + 1})
+        raise ValueError(
+            f"teacher.num_frames: {f} does not fit the VAE, which needs 1 + {tf}·k frames; "
+            f"use {' or '.join(map(str, fix))}"
+        )
+    for key, side in (("height", h), ("width", w)):
+        if side % sf or side < sf:
+            raise ValueError(
+                f"teacher.{key}: {side} px is not a multiple of the VAE's {sf}; use "
+                f"{max(sf, side - side % sf)} or {side - side % sf + sf}"
+            )
+    latent = ((f - 1) // tf + 1, h // sf, w // sf)
+    for config in transformer_configs:
+        patch = tuple(config.get("patch_size", (1, 2, 2)))
+        for key, n, p in zip(("num_frames", "height", "width"), latent, patch):
+            if n % p:
+                raise ValueError(
+                    f"teacher.{key}: gives {n} latent {'frames' if key == 'num_frames' else 'px'}, "
+                    f"not a multiple of the transformer's patch {p} (patch_size {list(patch)}); "
+                    f"latent size = (frames - 1) / {tf} + 1 frames, side / {sf} px"
+                )
+
+
+def _folder_configs(folder: Path) -> tuple[dict, list[dict]] | None:
+    """The VAE's and the transformers' config.json of a local pipeline folder, or None if one is missing."""
+    try:
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        index = json.loads((folder / "model_index.json").read_text())
+        names = [n for n in ("transformer", "transformer_2") if (index.get(n) or [None])[0] is not None]
+        return vae, [json.loads((folder / n / "config.json").read_text()) for n in names]
+    except (OSError, ValueError):
+        return None  # loading then says what is missing, in diffusers' words
+
+
 def _check_levers(cfg: TeacherConfig, device: torch.device) -> None:
     if cfg.offload != "none" and device.type == "cpu":
         raise ValueError(
@@ -160,6 +202,9 @@ class WanTeacher:
                     f"teacher.pretrained: {folder} is not a diffusers WanPipeline folder (no model_index.json); "
                     "pass a Hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers or a folder saved with save_pretrained"
                 )
+            configs = _folder_configs(folder)
+            if configs is not None:
+                check_video_shape(cfg, *configs)
             pretrained = str(folder)
         else:
             pretrained = cfg.pretrained
@@ -177,6 +222,8 @@ class WanTeacher:
                     )
         pipe = WanPipeline.from_pretrained(pretrained, **parts, **common)
         pipe.set_progress_bar_config(disable=True)
+        models = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
+        check_video_shape(cfg, dict(pipe.vae.config), [dict(m.config) for m in models])  # a Hub id's, once loaded
         if cfg.offload == "model":
             pipe.enable_model_cpu_offload(device=device)
         elif cfg.offload == "group":

@@ -354,3 +354,55 @@ def test_teacher_ignores_a_lora_student_sharing_its_transformer(tiny_pipeline_di
     with torch.no_grad():
         v_base = teacher.velocity(x, t, cond, guidance=1.0)
     assert (v_student - v_base).abs().max() > 1e-3  # the student itself does use the adapter
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "teacher.num_frames=10",
+            r"teacher.num_frames: 10 does not fit the VAE, which needs 1 \+ 1·k frames|"
+            r"teacher.num_frames: gives 10 latent frames, not a multiple of the transformer's patch 3",
+        ),
+        ("teacher.height=30", r"teacher.height: gives 30 latent px, not a multiple of the transformer's patch 4"),
+        (
+            "teacher.num_frames=7",
+            r"teacher.num_frames: gives 7 latent frames, not a multiple of the transformer's patch 3",
+        ),
+    ],
+)
+def test_a_shape_the_teacher_cannot_take_fails_before_any_weights_load(override, message, monkeypatch):
+    """The toy teacher (VAE factors 1/1, patch (3, 4, 4)): a wrong frame count or side is one line naming the key,
+    raised from the folder's config.json before diffusers loads a single weight."""
+    from diffusers import AutoencoderKLWan
+
+    from distill.config import load_recipe
+    from teachers.wan import WanTeacher
+
+    monkeypatch.setattr(AutoencoderKLWan, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    recipe = load_recipe("recipes/toyworld.yaml", [override])
+    with pytest.raises(ValueError, match=message):
+        WanTeacher.from_config(recipe.teacher, "cpu")
+
+
+def test_check_video_shape_by_hand():
+    """Wan2.1's VAE (4x time, 8x space) and patch (1, 2, 2): 81 frames of 480x832 fit; 80 frames and 470 px don't."""
+    from teachers.config import TeacherConfig
+    from teachers.wan import check_video_shape
+
+    vae, tr = {"scale_factor_temporal": 4, "scale_factor_spatial": 8}, [{"patch_size": [1, 2, 2]}]
+    check_video_shape(TeacherConfig(pretrained="x", num_frames=81, height=480, width=832), vae, tr)
+    with pytest.raises(
+        ValueError,
+        match=r"teacher.num_frames: 80 does not fit the VAE, which needs 1 \+ 4·k frames; "
+        r"use 77 or 81",
+    ):
+        check_video_shape(TeacherConfig(pretrained="x", num_frames=80, height=480, width=832), vae, tr)
+    with pytest.raises(ValueError, match=r"teacher.height: 470 px is not a multiple of the VAE's 8; use 464 or 472"):
+        check_video_shape(TeacherConfig(pretrained="x", num_frames=81, height=470, width=832), vae, tr)
+    with pytest.raises(
+        ValueError,
+        match=r"teacher.width: gives 101 latent px, not a multiple of the transformer's "
+        r"patch 2",
+    ):
+        check_video_shape(TeacherConfig(pretrained="x", num_frames=81, height=480, width=808), vae, tr)
