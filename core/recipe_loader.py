@@ -185,7 +185,9 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found; pass a path to a YAML file such as recipes/toyworld.yaml")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as e:  # one line: file:line and the problem (PyYAML's own text spans several)
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

@@ -151,9 +151,24 @@ def _default_of(dotted: str):
     return json.loads(json.dumps(to_dict(value)))
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's (or final/'s) training_state.json; a damaged one is a one-line error naming it."""
+    file = path / TRAINING_STATE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict) or "step" not in state:
+            raise ValueError("no step or fingerprint")
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{file}: damaged ({str(e).splitlines()[0]}); resume from an earlier checkpoint-<step>/ "
+            "(train.resume_from_checkpoint=<path>) or delete this folder"
+        ) from None
+    return state
+
+
 def check_checkpoint(path: Path, expected: dict) -> dict:
     """Read a checkpoint's training_state.json; fail fast, naming the keys, if it came from another recipe."""
-    state = json.loads((path / TRAINING_STATE).read_text())
+    state = read_state(path)
     saved = state["fingerprint"]
     unset = "<unset>"
     # A key the checkpoint lacks was added to the toolkit after it was written: the run behaved as its default.
@@ -236,10 +251,7 @@ def check_finished(recipe: Recipe) -> None:
     """A finished run (`final/`) was trained by this recipe: every `trained_config` key agrees (runs finished before
     the toolkit stored it: the resume fingerprint agrees). Else a one-line error naming the keys."""
     final = final_dir(recipe.student_dir())
-    try:
-        state = json.loads((final / TRAINING_STATE).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{final / TRAINING_STATE}: unreadable ({e}); retrain the student (delete {final})") from None
+    state = read_state(final)
     if "config" in state:
         saved, now = state["config"], trained_config(recipe)
     else:

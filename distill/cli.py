@@ -106,9 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     stage = globals()[f"stage_{args.stage}"]
     try:
         stage(recipe)
-    except (RecipeError, ValueError, FileNotFoundError, PushError) as e:
+    except KeyboardInterrupt:
+        if os.environ.get("DISTILL_DEBUG"):
+            raise
+        how = " with train.resume_from_checkpoint=latest" if args.stage in ("train", "run") else ""
+        print(
+            f"interrupted: `{args.stage}` stopped; what it finished is kept. Rerun the same command{how} to go on",
+            file=sys.stderr,
+        )
+        return 130
+    except (RecipeError, ValueError, OSError, PushError) as e:  # OSError: a missing or unwritable file, a full disk
         if os.environ.get("DISTILL_DEBUG"):  # the full traceback, for bug reports
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     return 0

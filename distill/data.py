@@ -152,22 +152,25 @@ def read_prompts_file(path: str | Path) -> list[str]:
             "line, or a .jsonl with a `prompt` field per row (e.g. <output_dir>/prompts.jsonl)"
         )
     prompts = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or (path.suffix != ".jsonl" and line.startswith("#")):
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    prompt = json.loads(line).get("prompt")
-                except (json.JSONDecodeError, AttributeError):
-                    prompt = None
-                if not isinstance(prompt, str) or not prompt.strip():
-                    raise ValueError(
-                        f"{path}:{number}: expected a JSON object with a non-empty string `prompt`, got {line[:80]!r}"
-                    )
-                line = prompt.strip()
-            prompts.append(line)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"train.prompts_file: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or (path.suffix != ".jsonl" and line.startswith("#")):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                prompt = json.loads(line).get("prompt")
+            except (json.JSONDecodeError, AttributeError):
+                prompt = None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(
+                    f"{path}:{number}: expected a JSON object with a non-empty string `prompt`, got {line[:80]!r}"
+                )
+            line = prompt.strip()
+        prompts.append(line)
     if not prompts:
         raise ValueError(f"train.prompts_file: {path} holds no prompts")
     return prompts

@@ -1,0 +1,92 @@
+"""Faults and bad input at the CLI: each ends in one line naming the file or key and what to do, exit non-zero, and
+nothing half-written (DISTILL_DEBUG=1 gives the traceback instead)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from test_trainer import write_recipe
+
+from distill import cli
+from distill.cli import main
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: "), err
+    return err
+
+
+def test_a_recipe_that_is_not_utf8(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"output_dir: out\n# caf\xe9\n")
+    assert main(["compose", str(path)]) == 2
+    err = one_line_error(capsys)
+    assert str(path) in err and "not UTF-8" in err
+
+
+def test_output_dir_that_is_a_file(tmp_path, tiny_pipeline_dir, capsys):
+    out = tmp_path / "out"
+    out.write_text("not a folder\n")
+    recipe = write_recipe(tmp_path / "r.yaml", out, tiny_pipeline_dir)
+    assert main(["compose", str(recipe)]) == 2
+    assert str(out) in one_line_error(capsys)
+    assert out.read_text() == "not a folder\n"
+
+
+def test_a_damaged_training_state_names_the_file(tmp_path, tiny_pipeline_dir, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir)
+    state = tmp_path / "out" / "students" / "s" / "checkpoint-2" / "training_state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"step": 2, "fingerp')  # cut short by a full disk
+    assert main(["train", str(recipe), "train.resume_from_checkpoint=latest"]) == 2
+    err = one_line_error(capsys)
+    assert f"{state}: damaged" in err and "resume from an earlier checkpoint" in err
+
+
+def test_a_prompts_file_that_is_not_utf8(tmp_path, tiny_pipeline_dir, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a red circle\nun cercle \xe9carlate\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "out",
+        tiny_pipeline_dir,
+        student={"kind": "full"},
+        method={"name": "dmd"},
+        train={"data_source": "prompts", "prompts_file": str(prompts)},
+    )
+    assert main(["train", str(recipe)]) == 2
+    err = one_line_error(capsys)
+    assert str(prompts) in err and "not UTF-8" in err
+    assert not (tmp_path / "out" / "students").exists()  # failed before any model or folder
+
+
+@pytest.mark.parametrize("stage, resume", [("train", True), ("compose", False)])
+def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path, tiny_pipeline_dir, capsys, monkeypatch, stage, resume):
+    def interrupted(recipe):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"stage_{stage}", interrupted)
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir)
+    assert main([stage, str(recipe)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"interrupted: `{stage}` stopped") and err.count("\n") == 0
+    assert ("train.resume_from_checkpoint=latest" in err) == resume
+
+
+def test_debug_gives_the_traceback(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "f"),
+                "data": {"vocabulary": "nope.yaml", "num_prompts": 2},
+                "teacher": {"pretrained": "x"},
+            }
+        )
+    )
+    assert main(["compose", str(path)]) == 2
+    assert "nope.yaml" in one_line_error(capsys)
+    monkeypatch.setenv("DISTILL_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["compose", str(path)])
