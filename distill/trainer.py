@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from core.locking import exclusive
 from distill.accel import all_reduce_grads, make_accelerator
 from distill.checkpoints import (
     CHECKPOINT_PREFIX,
@@ -290,6 +291,12 @@ def train(recipe: Recipe, accelerator: Accelerator | None = None) -> Path:
         raise ValueError(f"{recipe.source}: train needs a student recipe (with `student` and `method` sections)")
     accelerator = accelerator or make_accelerator(**accelerator_kwargs(recipe))
     _check_accelerator(accelerator, recipe)
+    lock = recipe.out / f".train-{recipe.student.name}.lock"
+    with exclusive(lock, f"`train` of student {recipe.student.name}", accelerator.is_main_process):
+        return _train(recipe, accelerator)
+
+
+def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
     tc, student_dir = recipe.train, recipe.student_dir()
     world = accelerator.num_processes
     samples_per_step = tc.batch_size * world * tc.gradient_accumulation_steps

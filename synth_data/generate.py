@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from core.locking import exclusive
 from core.recipe_loader import resolve_path, to_dict
 from core.seeding import sample_noise
 from core.vocabulary import load_vocabulary
@@ -148,6 +149,11 @@ def generate(data: DataConfig, teacher: TeacherConfig, out: Path, accelerator: A
     Raises ValueError when the folder was generated with another config (see `fingerprint`).
     """
     accelerator.wait_for_everyone()  # `compose` writes prompts.jsonl on rank 0 only
+    with exclusive(Path(out) / ".generate.lock", "`generate`", accelerator.is_main_process):
+        return _generate(data, teacher, Path(out), accelerator)
+
+
+def _generate(data: DataConfig, teacher: TeacherConfig, out: Path, accelerator: Accelerator) -> Path:
     job, fp = _prepare(data, teacher, Path(out))
     check_fingerprint(job.dataset_dir, fp)
     if is_complete(job.dataset_dir):

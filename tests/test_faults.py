@@ -90,3 +90,27 @@ def test_debug_gives_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DISTILL_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         main(["compose", str(path)])
+
+
+def test_a_second_generate_or_train_on_the_same_output_stops_at_once(tmp_path, tiny_pipeline_dir, capsys):
+    """While one run holds the output's lock (here: this test), the same stage stops with one line and writes
+    nothing; once it is released the stage runs."""
+    from core.locking import exclusive
+
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "out",
+        tiny_pipeline_dir,
+        data={"num_prompts": 2, "shard_size": 2, "batch_size": 2},
+        train={"max_steps": 1, "ema": False, "gradient_accumulation_steps": 1},
+    )
+    assert main(["compose", str(recipe)]) == 0
+    with exclusive(tmp_path / "out" / ".generate.lock", "test"):
+        assert main(["generate", str(recipe)]) == 2
+        assert "another `generate` is running on this output" in one_line_error(capsys)
+        assert not (tmp_path / "out" / "dataset").exists()
+    with exclusive(tmp_path / "out" / ".train-s.lock", "test"):
+        assert main(["train", str(recipe)]) == 2
+        assert "another `train` of student s is running" in one_line_error(capsys)
+        assert not (tmp_path / "out" / "students").exists()
+    assert main(["generate", str(recipe)]) == 0
