@@ -24,7 +24,9 @@ here), so `load_local` keeps the mp4 bytes (`Video(decode=False)`) and `decode_v
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from datasets import Array4D, Array5D, Dataset, DatasetInfo, Features, List, SplitDict, SplitInfo, Value, Video
+from datasets import config as hf_datasets_config
 from datasets.arrow_writer import ParquetWriter
 from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCardData
@@ -171,9 +174,57 @@ def decode_video(data: bytes | dict) -> np.ndarray:
 
 
 # ---- loading --------------------------------------------------------------------------------------
+def shard_checksums(dataset_dir: str | os.PathLike) -> dict[str, dict]:
+    """{shard path relative to the folder: {"bytes": size, "sha256": hex}} of every parquet shard in `data/`."""
+    dataset_dir = Path(dataset_dir)
+    out = {}
+    for path in sorted((dataset_dir / DATA_DIR).glob(f"{SPLIT}-*.parquet")):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(2**24), b""):
+                digest.update(block)
+        out[path.relative_to(dataset_dir).as_posix()] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return out
+
+
+def verify_shards(dataset_dir: str | os.PathLike) -> dict[str, dict]:
+    """The shards' checksums, checked against those `generate` wrote into COMPLETE: a shard edited, truncated,
+    replaced, missing or added since is a one-line ValueError naming it. A folder whose COMPLETE predates checksums
+    is not checked. Returns the checksums found."""
+    dataset_dir = Path(dataset_dir)
+    found = shard_checksums(dataset_dir)
+    try:
+        marker = json.loads((dataset_dir / "COMPLETE").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marker = {}
+    expected = marker.get("shards") if isinstance(marker, dict) else None
+    if not expected:
+        return found
+    for name in sorted(set(expected) | set(found)):
+        if name not in found:
+            raise ValueError(
+                f"{dataset_dir / name}: missing, though COMPLETE lists it; restore it or regenerate "
+                "the dataset (delete the folder and rerun generate)"
+            )
+        if name not in expected:
+            raise ValueError(
+                f"{dataset_dir / name}: not a shard of this dataset (COMPLETE does not list it); remove it"
+            )
+        if found[name] != expected[name]:
+            raise ValueError(
+                f"{dataset_dir / name}: changed since generation ({found[name]['bytes']} bytes, sha256 "
+                f"{found[name]['sha256'][:12]}…; COMPLETE has {expected[name]['bytes']} bytes, "
+                f"{expected[name]['sha256'][:12]}…); restore it or regenerate the dataset"
+            )
+    return found
+
+
 def load_local(dataset_dir: str | os.PathLike, **load_kwargs) -> Dataset:
     """The train split of a generated dataset folder, with `video` as raw mp4 bytes (decode with `decode_video`).
 
+    The shards are checked against COMPLETE's checksums first (`verify_shards`), and read through datasets'
+    parquet builder from their paths into a cache folder named by their content, so an edited or copied folder
+    can never be served another folder's cached rows (datasets keys a folder's cache by its name and file names).
     `load_kwargs` go to `datasets.load_dataset` (e.g. `cache_dir`, `streaming=True`).
     """
     from datasets import load_dataset
@@ -183,7 +234,17 @@ def load_local(dataset_dir: str | os.PathLike, **load_kwargs) -> Dataset:
         raise FileNotFoundError(
             f"{dataset_dir}: no parquet shards in {DATA_DIR}/; run `python -m distill generate RECIPE.yaml` first"
         )
-    ds = load_dataset(str(dataset_dir), split=SPLIT, **load_kwargs)
+    shards = verify_shards(dataset_dir)
+    content = hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16]
+    base = load_kwargs.pop("cache_dir", None) or hf_datasets_config.HF_DATASETS_CACHE
+    files = [str(dataset_dir / name) for name in sorted(shards)]
+    ds = load_dataset(
+        "parquet",
+        data_files={SPLIT: files},
+        split=SPLIT,
+        cache_dir=str(Path(base) / "wan-distill" / content),
+        **load_kwargs,
+    )
     return ds.cast_column("video", Video(decode=False))
 
 

@@ -45,6 +45,7 @@ from synth_data.dataset import (
     features_of,
     read_parquet,
     rows_per_row_group,
+    shard_checksums,
     shard_name,
     write_parquet,
     write_text_atomic,
@@ -303,6 +304,6 @@ def _finalize(job: _Job) -> None:
     )
     write_text_atomic(dataset_dir / "README.md", card)
     shutil.rmtree(dataset_dir / WORK_DIR, ignore_errors=True)
-    marker = {"num_examples": len(job.rows), "num_shards": job.num_shards}
+    marker = {"num_examples": len(job.rows), "num_shards": job.num_shards, "shards": shard_checksums(dataset_dir)}
     write_text_atomic(dataset_dir / "COMPLETE", json.dumps(marker, sort_keys=True) + "\n")
     logger.info("generate: %s is complete (%d samples in %d shards)", dataset_dir, len(job.rows), job.num_shards)

@@ -162,3 +162,41 @@ def test_dataset_card(tmp_path):
     regen = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
     assert list(regen) == ["output_dir", "data", "teacher"]  # student/train sections don't belong to the data
     assert regen["teacher"]["revision"] == "abc123" and regen["data"]["trajectory_steps"] == [0, 2]
+
+
+def test_loading_is_content_addressed_and_verified(tmp_path):
+    """An edited copy of a folder with the same name and file names never gets the first folder's cached rows (the
+    failure of `load_dataset(folder)`, whose cache key is the folder's name), and a shard changed after generation
+    is refused by name before anything is read."""
+    import json
+    import os
+    import shutil
+
+    from synth_data.dataset import shard_checksums
+
+    cache = str(tmp_path / "cache")
+    first = tmp_path / "one" / "dataset"
+    write_parquet(first / shard_name(0, 1), rows(3), FEATURES, rows_per_group=2)
+    (first / "COMPLETE").write_text(json.dumps({"shards": shard_checksums(first)}))
+    assert load_local(first, cache_dir=cache)[1]["caption"] == "a red cat 1"
+    second = tmp_path / "two" / "dataset"  # same base name, same file names, other rows
+    other = rows(3)
+    other["caption"] = ["a big dog 0", "a big dog 1", "a big dog 2"]  # as long as the first's
+    write_parquet(second / shard_name(0, 1), other, FEATURES, rows_per_group=2)
+    (second / "COMPLETE").write_text(json.dumps({"shards": shard_checksums(second)}))
+    stat = (first / shard_name(0, 1)).stat()  # as a copy that keeps times (cp -p, shutil.copy2) would have
+    os.utime(second / shard_name(0, 1), ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert [r["caption"] for r in load_local(second, cache_dir=cache)] == other["caption"]
+
+    shard = first / shard_name(0, 1)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated after generation
+    with pytest.raises(ValueError, match=rf"{shard}: changed since generation \({len(data) // 2} bytes"):
+        load_local(first, cache_dir=cache)
+    shutil.copy(second / shard_name(0, 1), shard)  # replaced by another dataset's shard
+    with pytest.raises(ValueError, match=rf"{shard}: changed since generation"):
+        load_local(first, cache_dir=cache)
+    shard.unlink()
+    (first / shard_name(0, 2)).write_bytes(data)
+    with pytest.raises(ValueError, match="missing, though COMPLETE lists it|not a shard of this dataset"):
+        load_local(first, cache_dir=cache)

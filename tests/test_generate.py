@@ -168,7 +168,12 @@ def test_end_to_end_dataset(reference, tiny_pipeline_dir, tmp_path, monkeypatch)
         assert text in card, text
     regen = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
     assert regen["data"] == recipe.to_dict()["data"] and regen["teacher"] == recipe.to_dict()["teacher"]
-    assert json.loads((ds_dir / "COMPLETE").read_text()) == {"num_examples": 6, "num_shards": 2}
+    marker = json.loads((ds_dir / "COMPLETE").read_text())
+    assert {k: marker[k] for k in ("num_examples", "num_shards")} == {"num_examples": 6, "num_shards": 2}
+    for name, entry in marker["shards"].items():  # the checksums loading verifies, by hand
+        data = (ds_dir / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert sorted(marker["shards"]) == [f"data/train-0000{i}-of-00002.parquet" for i in range(2)]
 
     # A complete folder is returned as is, and a run killed after its last shard only finalizes: no teacher.
     before = tree(ds_dir)
