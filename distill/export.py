@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -77,11 +79,26 @@ def export_student(
     }
     written = {}
     for fmt in tqdm(formats, desc=f"export {student.cfg.name}", disable=len(formats) < 2):
-        folder = out_dir / _FOLDERS[fmt]
-        written[fmt] = writers[fmt](recipe, student, teacher_pipe, folder)
-        (folder / "README.md").write_text(model_card(recipe, student, fmt, eval_report))
+        # each format is written into a temp folder, marked, then renamed into place: a killed or failed export
+        # leaves the previous folder (or none), never half of one
+        folder, tmp = out_dir / _FOLDERS[fmt], out_dir / f".{_FOLDERS[fmt]}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            path = Path(writers[fmt](recipe, student, teacher_pipe, tmp))
+            (tmp / "README.md").write_text(model_card(recipe, student, fmt, eval_report))
+            (tmp / EXPORT_COMPLETE).write_text(json.dumps({"format": fmt, "student": student.cfg.name}) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        written[fmt] = folder / path.relative_to(tmp)
         logger.info("export %s: wrote %s", fmt, written[fmt])
     return written
+
+
+EXPORT_COMPLETE = "COMPLETE"
+"""Written last into each export folder: the folder holds a whole export of its format."""
 
 
 _FOLDERS = {

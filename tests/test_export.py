@@ -215,3 +215,30 @@ def test_non_finite_weights_are_never_exported(tmp_path, tiny_pipeline_dir):
     with pytest.raises(ValueError, match=r"export: 1 tensor\(s\) of student .* are not finite \(first: .*proj_out"):
         export_student(recipe, student, pipe, tmp_path / "nan_export")
     assert not (tmp_path / "nan_export").exists()
+
+
+def test_a_failed_export_leaves_the_previous_folder_whole(tmp_path, tiny_pipeline_dir, monkeypatch):
+    """Each format is written aside, marked COMPLETE, then renamed into place: a writer that dies half-way (a full
+    disk, Ctrl-C) leaves the previous export as it was and no temp folder; a finished one replaces it whole."""
+    import distill.export as export_module
+
+    recipe = recipe_for(
+        tmp_path, tiny_pipeline_dir, ["transformer"], kind="pruned", keep_blocks=[1], denoising_steps=[1000]
+    )
+    pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
+    student = build_student(recipe.student, pipe.transformer)
+    out_dir = tmp_path / "export"
+    first = export_student(recipe, student, pipe, out_dir)["transformer"]
+    assert json.loads((first / "COMPLETE").read_text()) == {"format": "transformer", "student": recipe.student.name}
+    before = {p.relative_to(out_dir): p.read_bytes() for p in out_dir.rglob("*") if p.is_file()}
+
+    def dies_half_way(recipe, student, teacher_pipe, folder):
+        folder.mkdir(parents=True)
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "export_transformer", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        export_student(recipe, student, pipe, out_dir)
+    assert {p.relative_to(out_dir): p.read_bytes() for p in out_dir.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in out_dir.iterdir()) == ["transformer"]
