@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
+from core.files import write_text_atomic
 from core.recipe_loader import resolve_path
 from core.vocabulary import load_vocabulary
 from synth_data.composer import compose, coverage, format_coverage, read_prompts, write_prompts
@@ -17,11 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def compose_stage(data: DataConfig, out: Path) -> Path:

@@ -27,12 +27,12 @@ import logging
 import math
 import os
 import random
-import tempfile
 from itertools import combinations
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from core.files import write_text_atomic
 from core.seeding import SEED_MASK, derive_seed
 from core.vocabulary import Vocabulary
 
@@ -303,18 +303,9 @@ def write_prompts(rows: list[dict], path: str | os.PathLike) -> None:
         problem = _check_row(row, i)
         if problem:
             raise ValueError(f"rows[{i}]: {problem}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps({key: row[key] for key in ROW_KEYS}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(
+        path, "".join(json.dumps({key: row[key] for key in ROW_KEYS}, ensure_ascii=False) + "\n" for row in rows)
+    )
 
 
 def read_prompts(path: str | os.PathLike) -> list[dict]:

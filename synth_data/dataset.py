@@ -23,13 +23,10 @@ here), so `load_local` keeps the mp4 bytes (`Video(decode=False)`) and `decode_v
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -43,6 +40,7 @@ from datasets.arrow_writer import ParquetWriter
 from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCardData
 
+from core.files import atomic_path
 from core.recipe_loader import to_dict
 
 DATA_DIR = "data"
@@ -58,28 +56,6 @@ def shard_name(shard: int, num_shards: int) -> str:
 
 
 # ---- atomic files ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path in `path`'s folder; on success it replaces `path` (os.replace), on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 # ---- features and parquet -------------------------------------------------------------------------
 def build_features(
     slot_names: list[str], latent_shape: tuple[int, int, int, int], save_latents: bool, num_trajectory: int

@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from core.files import write_text_atomic
 from core.locking import exclusive
 from core.recipe_loader import resolve_path, to_dict
 from core.seeding import sample_noise
@@ -48,7 +49,6 @@ from synth_data.dataset import (
     shard_checksums,
     shard_name,
     write_parquet,
-    write_text_atomic,
 )
 from synth_data.layout import WORK_DIR, is_complete
 from teachers.config import TeacherConfig

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from datasets import Features, Video
 
+from core.files import atomic_path
 from distill.config import load_recipe
 from synth_data.dataset import (
-    atomic_path,
     build_features,
     dataset_card,
     decode_video,
@@ -200,3 +200,22 @@ def test_loading_is_content_addressed_and_verified(tmp_path):
     (first / shard_name(0, 2)).write_bytes(data)
     with pytest.raises(ValueError, match="missing, though COMPLETE lists it|not a shard of this dataset"):
         load_local(first, cache_dir=cache)
+
+
+def test_atomic_files_get_the_umask_mode_not_0600(tmp_path):
+    """mkstemp's temp files are private (0600); what replaces the target must read like any file the user writes."""
+    import os
+    import stat
+
+    from core.files import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+        os.umask(0o077)
+        write_text_atomic(tmp_path / "b.txt", "y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o600
+    assert (tmp_path / "a.txt").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
