@@ -41,4 +41,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-__all__ = ["atomic_path", "write_text_atomic"]
+__all__ = ["atomic_path", "load_safetensors", "write_text_atomic"]
+
+
+def load_safetensors(path: str | os.PathLike) -> dict:
+    """`safetensors.torch.load_file` on the CPU; a missing, truncated or foreign file is a ValueError naming it
+    (safetensors' own error does not say which file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}); restore it or resume "
+            "from an earlier checkpoint"
+        ) from None

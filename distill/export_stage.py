@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from core.files import load_safetensors
 from distill.checkpoints import (
     CHECKPOINT_PREFIX,
     STUDENT_WEIGHTS,
@@ -57,11 +58,10 @@ def student_from_checkpoint(recipe: Recipe, teacher, path: Path) -> Student:
     """The student as training checkpoint `path` holds it: its trainable weights, replaced by the EMA's when the run
     kept one and `export.use_ema` (`distill.role_state`)."""
     from diffusers.training_utils import EMAModel
-    from safetensors.torch import load_file
 
     student = build_student(recipe.student, teacher.pipe.transformer)
     weights = path / f"0_{STUDENT_WEIGHTS}"
-    student.load_trainable_state_dict(load_file(str(weights)), where=str(weights))
+    student.load_trainable_state_dict(load_safetensors(str(weights)), where=str(weights))
     use_ema = recipe.train.ema and recipe.export.use_ema
     if use_ema:
         check_no_pickles(path)

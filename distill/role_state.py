@@ -19,7 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from core.files import load_safetensors
 
 EMA_WEIGHTS, EMA_STATE, CRITIC_WEIGHTS = "ema.safetensors", "ema.json", "critic.safetensors"
 
@@ -52,7 +54,7 @@ def save_ema(ema, folder: Path) -> None:
 
 def load_ema(ema, folder: Path) -> None:
     """Into the diffusers `EMAModel` `ema` (its shadow weights land on the CPU: move it after)."""
-    tensors = load_file(str(_require(folder / EMA_WEIGHTS)))
+    tensors = load_safetensors(str(_require(folder / EMA_WEIGHTS)))
     state = json.loads(_require(folder / EMA_STATE).read_text())
     n = len(ema.shadow_params)
     if sorted(tensors) != sorted(f"shadow_params.{i}" for i in range(n)):
@@ -72,7 +74,7 @@ def save_critic(critic, folder: Path) -> None:
 
 def load_critic(critic, folder: Path) -> None:
     path = _require(folder / CRITIC_WEIGHTS)
-    critic.load_trainable_state_dict(load_file(str(path)), str(path))
+    critic.load_trainable_state_dict(load_safetensors(str(path)), str(path))
 
 
 class NonFiniteError(ValueError):

@@ -43,10 +43,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from core.files import load_safetensors
 from core.locking import exclusive
 from distill.accel import all_reduce_grads, make_accelerator
 from distill.checkpoints import (
@@ -98,7 +99,7 @@ def _register_student_hooks(accelerator: Accelerator) -> None:
     def load_hook(models, input_dir):
         for i, model in enumerate(list(models)):
             path = Path(input_dir) / f"{i}_{STUDENT_WEIGHTS}"
-            accelerator.unwrap_model(model).load_trainable_state_dict(load_file(str(path)), where=str(path))
+            accelerator.unwrap_model(model).load_trainable_state_dict(load_safetensors(str(path)), where=str(path))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from core.files import load_safetensors
 from core.lora import (
     active_adapter,
     adapters_disabled,
@@ -244,7 +245,7 @@ class Student(nn.Module):
         for i in range(self.num_experts):
             sub = directory / expert_name(i)
             if self.is_lora:
-                state = load_file(str(sub / LORA_WEIGHTS))
+                state = load_safetensors(str(sub / LORA_WEIGHTS))
                 load_lora_state_dict(self.transformer, state, self.adapter_names[i], str(sub))
             else:
                 loaded = WanTransformer3DModel.from_pretrained(sub)

@@ -170,6 +170,12 @@ def test_resume_equals_uninterrupted(lora_run, tmp_path, tiny_pipeline_dir, monk
         run_train(recipe, "train.resume_from_checkpoint=latest")
     assert not pwned.exists()
     (ckpt / "custom_checkpoint_0.pkl").unlink()
+    for name in ("ema.safetensors", "0_student_trainable.safetensors"):  # cut short (a full disk, a killed copy)
+        data = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(data[: len(data) // 3])
+        with pytest.raises(ValueError, match=rf"{ckpt / name}: not a readable safetensors file"):
+            run_train(recipe, "train.resume_from_checkpoint=latest")
+        (ckpt / name).write_bytes(data)
     final_b = run_train(recipe, "train.resume_from_checkpoint=latest")
     assert max_diff(weights(final_a), weights(final_b)) == 0.0
     assert max_diff(weights(final_a.parent / "final_ema"), weights(final_b.parent / "final_ema")) == 0.0
