@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from tqdm.auto import tqdm
+
 from core.recipe_loader import RecipeError
 from distill.accel import make_accelerator
 from distill.checkpoints import check_finished, final_dir, is_finished
@@ -88,6 +90,12 @@ def stage_run(recipe: Recipe) -> None:
         stage_export(recipe)
 
 
+def _close_progress_bars() -> None:
+    """End the bars a failed stage left open, so the error starts on a line of its own."""
+    for bar in list(tqdm._instances):  # tqdm's registry of open bars
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # Log on rank 0 only (accelerate sets RANK for every process it launches).
@@ -109,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if os.environ.get("DISTILL_DEBUG"):
             raise
+        _close_progress_bars()
         how = " with train.resume_from_checkpoint=latest" if args.stage in ("train", "run") else ""
         print(
             f"interrupted: `{args.stage}` stopped; what it finished is kept. Rerun the same command{how} to go on",
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ValueError, OSError, PushError) as e:  # OSError: a missing or unwritable file, a full disk
         if os.environ.get("DISTILL_DEBUG"):  # the full traceback, for bug reports
             raise
+        _close_progress_bars()
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     return 0

@@ -202,6 +202,15 @@ class WanTeacher:
                     f"teacher.pretrained: {folder} is not a diffusers WanPipeline folder (no model_index.json); "
                     "pass a Hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers or a folder saved with save_pretrained"
                 )
+            index = json.loads((folder / "model_index.json").read_text())
+            absent = [
+                n for n, v in index.items() if isinstance(v, list) and v[0] is not None and not (folder / n).is_dir()
+            ]
+            if absent:
+                raise ValueError(
+                    f"teacher.pretrained: {folder} has no {absent[0]}/ folder though its model_index.json "
+                    "lists it; copy the whole pipeline folder (save_pretrained writes every part)"
+                )
             configs = _folder_configs(folder)
             if configs is not None:
                 check_video_shape(cfg, *configs)

@@ -12,9 +12,10 @@ from distill.cli import main
 
 
 def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("error: "), err
-    return err
+    """The one `error:` line (progress bars may share stderr, each on its own line)."""
+    lines = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error" in ln.lower()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
 
 
 def test_a_recipe_that_is_not_utf8(tmp_path, capsys):
@@ -114,3 +115,53 @@ def test_a_second_generate_or_train_on_the_same_output_stops_at_once(tmp_path, t
         assert "another `train` of student s is running" in one_line_error(capsys)
         assert not (tmp_path / "out" / "students").exists()
     assert main(["generate", str(recipe)]) == 0
+
+
+def test_a_teacher_folder_without_its_vae(tmp_path, tiny_pipeline_dir, capsys):
+    import shutil
+
+    broken = tmp_path / "pipeline"
+    shutil.copytree(tiny_pipeline_dir, broken)
+    shutil.rmtree(broken / "vae")
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out", broken, data={"num_prompts": 2, "shard_size": 2})
+    assert main(["compose", str(recipe)]) == 0
+    assert main(["generate", str(recipe)]) == 2
+    assert "has no vae/ folder though its model_index.json lists it" in one_line_error(capsys)
+    assert not list((tmp_path / "out").glob("dataset/data/*"))
+
+
+def test_a_hub_id_that_cannot_be_reached(tmp_path, tiny_pipeline_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "out",
+        tiny_pipeline_dir,
+        data={"num_prompts": 2, "shard_size": 2},
+        teacher={"pretrained": "no-such-org/no-such-model"},
+    )
+    assert main(["compose", str(recipe)]) == 0
+    assert main(["generate", str(recipe)]) == 2
+    assert "no-such-org/no-such-model" in one_line_error(capsys)
+
+
+def test_a_full_disk_during_generate_keeps_no_partial_file(tmp_path, tiny_pipeline_dir, capsys, monkeypatch):
+    import errno
+
+    import synth_data.generate as generate_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
+
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "out",
+        tiny_pipeline_dir,
+        data={"num_prompts": 2, "shard_size": 2, "batch_size": 2},
+    )
+    assert main(["compose", str(recipe)]) == 0
+    monkeypatch.setattr(generate_module, "write_parquet", full)
+    assert main(["generate", str(recipe)]) == 2
+    assert "No space left on device" in one_line_error(capsys)
+    assert not [p for p in (tmp_path / "out" / "dataset").rglob("*") if p.suffix in (".parquet", ".tmp")]
+    monkeypatch.undo()
+    assert main(["generate", str(recipe)]) == 0  # the rerun completes
