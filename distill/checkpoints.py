@@ -139,13 +139,13 @@ def _default_of(dotted: str):
     for i, name in enumerate(rest):
         field = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
         if field is None:
-            return "<unset>"
+            return UNSET
         if field.default is not dataclasses.MISSING:
             value = field.default
         elif field.default_factory is not dataclasses.MISSING:
             value = field.default_factory()
         else:
-            return "<unset>"
+            return UNSET
         if i < len(rest) - 1:
             cls = type(value) if dataclasses.is_dataclass(value) else None
     return json.loads(json.dumps(to_dict(value)))
@@ -166,18 +166,23 @@ def read_state(path: Path) -> dict:
     return state
 
 
+UNSET = "<unset>"
+
+
+def _differences(saved: dict, now: dict, saved_as: str, most: int) -> str:
+    """'key: <saved_as> a, recipe has b; ...' for the first `most` keys whose values differ ('' if none)."""
+    keys = [k for k in dict.fromkeys([*saved, *now]) if saved.get(k, UNSET) != now.get(k, UNSET)]
+    return "; ".join(f"{k}: {saved_as} {saved.get(k, UNSET)!r}, recipe has {now.get(k, UNSET)!r}" for k in keys[:most])
+
+
 def check_checkpoint(path: Path, expected: dict) -> dict:
     """Read a checkpoint's training_state.json; fail fast, naming the keys, if it came from another recipe."""
     state = read_state(path)
     saved = state["fingerprint"]
-    unset = "<unset>"
     # A key the checkpoint lacks was added to the toolkit after it was written: the run behaved as its default.
-    saved = {**{k: default for k in expected if k not in saved if (default := _default_of(k)) is not unset}, **saved}
-    diff = [k for k in dict.fromkeys([*saved, *expected]) if saved.get(k, unset) != expected.get(k, unset)]
-    if diff:
-        shown = "; ".join(
-            f"{k}: checkpoint has {saved.get(k, unset)!r}, recipe has {expected.get(k, unset)!r}" for k in diff[:4]
-        )
+    saved = {**{k: default for k in expected if k not in saved if (default := _default_of(k)) is not UNSET}, **saved}
+    shown = _differences(saved, expected, "checkpoint has", 4)
+    if shown:
         raise ValueError(
             f"train.resume_from_checkpoint: {path} was written by another recipe ({shown}); resume with the "
             "recipe that wrote it, or set train.resume_from_checkpoint: null and a new student.name"
@@ -257,12 +262,8 @@ def check_finished(recipe: Recipe) -> None:
     else:
         saved = state["fingerprint"]
         now = fingerprint(recipe, saved.get("num_processes", 1))
-    unset = "<unset>"
-    diff = [k for k in dict.fromkeys([*saved, *now]) if saved.get(k, unset) != now.get(k, unset)]
-    if diff:
-        shown = "; ".join(
-            f"{k}: trained with {saved.get(k, unset)!r}, recipe has {now.get(k, unset)!r}" for k in diff[:3]
-        )
+    shown = _differences(saved, now, "trained with", 3)
+    if shown:
         raise ValueError(
             f"{final}: trained under another recipe ({shown}); restore those keys, or train anew under "
             "another student.name (or delete the student's folder)"

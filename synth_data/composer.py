@@ -1,20 +1,6 @@
 """Seeded, balanced prompt composer: vocabulary YAML -> `prompts.jsonl` rows.
 
-A vocabulary gives each slot (subject, clothing, props, action, background, ...) a list of values
-with optional weights, plus `str.format` templates, exclusions and a negative prompt:
-
-    name: wan
-    slots:
-      subject: [an elderly woman, a toddler]
-      clothing:
-        - {value: a yellow raincoat, weight: 2.0}
-        - a red knitted scarf
-    templates:
-      - "{subject} wearing {clothing}"
-    exclusions:
-      - {subject: a toddler, clothing: a yellow raincoat}
-    negative_prompt: "blurry, low quality"
-
+The vocabulary (slots with weighted values, templates, exclusions, a negative prompt) is `core.vocabulary`'s YAML.
 `compose` turns it into rows `{"index": i, "prompt": str, "slots": {slot: value}, "seed": s_i}`.
 Rows depend only on (vocabulary, n, seed), never on the process count, and
 `s_i = derive_seed(seed, i)`, so generation can split indices across any number of processes.
