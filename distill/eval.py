@@ -344,9 +344,7 @@ def teacher_chunks(students: list[tuple[str, Path]], latent_frames: int) -> int 
     """The time segments to grade the teacher in, so its `chunk_accuracy` lines up with the causal students': their
     chunk count when they all share one, else None (no per-chunk figure for the teacher)."""
     counts = {
-        training_chunks(latent_frames, cfg)
-        for cfg in (read_student_json(f)[0] for _, f in students)
-        if cfg.kind == "causal"
+        training_chunks(latent_frames, cfg) for cfg in (read_student_json(f)[0] for _, f in students) if cfg.spec.causal
     }
     return counts.pop() if len(counts) == 1 else None
 
@@ -361,7 +359,7 @@ def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) ->
     try:
         sampler, info = student_sampler(student, teacher.cfg.shift, teacher.cfg.num_inference_steps, ctx["shape"][1])
         negative = ctx["negative"] if student.cfg.guidance_scale != 1 else None
-        chunks = training_chunks(ctx["shape"][1], student.cfg) if student.cfg.kind == "causal" else None
+        chunks = training_chunks(ctx["shape"][1], student.cfg) if student.cfg.spec.causal else None
         run = run_model(
             name,
             sampler,
@@ -377,7 +375,7 @@ def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) ->
         )
         entry = {
             "nfe": info["nfe"],
-            "causal": saved_cfg.kind == "causal",
+            "causal": saved_cfg.spec.causal,
             "kind": saved_cfg.kind,
             "weights": folder.name,
             "steps": info["steps"],

@@ -79,7 +79,7 @@ class ODERegression:
     @classmethod
     def from_recipe(cls, recipe, *, teacher, student, unwrapped, critic=None, num_processes: int = 1) -> ODERegression:
         # a causal student's chunks by default; a bidirectional student sees one σ per sample
-        per_block = recipe.student.frames_per_block if recipe.student.kind == "causal" else None
+        per_block = recipe.student.frames_per_block if recipe.student.spec.causal else None
         return cls(recipe.method.ode_regression, student=student, student_frames_per_block=per_block)
 
     def __init__(self, config: ODERegression.Config, *, student: Model, student_frames_per_block: int | None = None):

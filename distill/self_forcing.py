@@ -50,6 +50,7 @@ from distill.batch import Batch
 from distill.dmd import DMD
 from distill.flow_matching import Model
 from students.causal import ChunkModelWrapper, sample_causal
+from students.config import KINDS
 from students.sampling import student_sigmas
 
 EXIT_STREAM = 0x5E1F
@@ -252,7 +253,7 @@ class SelfForcing(DMD):
                     f"dmd_window: must be >= 1 and <= num_chunks ({self.num_chunks}), or null; got {self.dmd_window}"
                 )
 
-    student_kinds = ("causal",)
+    student_kinds = tuple(name for name, kind in KINDS.items() if kind.causal)
     """Rolls out a causal student chunk by chunk (the rest as `DMD`)."""
 
     @classmethod

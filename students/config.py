@@ -19,11 +19,33 @@ LORA_TARGETS = [
 ]
 
 
+@dataclass(frozen=True)
+class StudentKind:
+    """What a student kind is made of. Code that depends on the kind reads these flags, never the kind's name, so a
+    new combination is one line in `KINDS`."""
+
+    adapters: bool
+    """peft LoRA adapters on the teacher's (shared) transformer; else one trainable transformer copy per expert."""
+    prunes: bool = False
+    """Copies only the teacher blocks `keep_blocks` names (BK-SDM style)."""
+    causal: bool = False
+    """Block-causal attention with a KV cache: samples chunk by chunk and streams (a single expert)."""
+
+
+KINDS: dict[str, StudentKind] = {
+    "lora": StudentKind(adapters=True),
+    "pruned": StudentKind(adapters=False, prunes=True),
+    "full": StudentKind(adapters=False),
+    "causal": StudentKind(adapters=False, causal=True),
+}
+"""The student kinds, `student.kind` -> what it is made of."""
+
+
 @dataclass(kw_only=True)
 class StudentConfig:
     name: str
     """Folder name under `<output_dir>/students/`; also the key in the eval report."""
-    kind: Literal["lora", "pruned", "full", "causal"]
+    kind: Literal[tuple(KINDS)]  # type: ignore[valid-type]
     """`lora`: peft adapter on the teacher's transformer; `pruned`: a copy with `keep_blocks` only;
     `full`: a full copy fine-tuned; `causal`: block-causal Wan with a KV cache."""
     init: str | None = None
@@ -60,6 +82,11 @@ class StudentConfig:
     """Causal students: timestep t in [0, 1000] (σ = t/1000) at which each finished chunk is re-run to write
     the KV cache (Self-Forcing's context_noise; 0 = the clean output)."""
 
+    @property
+    def spec(self) -> StudentKind:
+        """What this kind of student is made of (`KINDS`)."""
+        return KINDS[self.kind]
+
     def __post_init__(self):
         if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
             raise ValueError(f"name: must be a plain folder name, got {self.name!r}")
@@ -80,8 +107,9 @@ class StudentConfig:
             raise ValueError(f"lora_alpha: must be > 0, got {self.lora_alpha}")
         if not self.lora_target_modules:
             raise ValueError("lora_target_modules: must name at least one module suffix, e.g. attn1.to_q")
-        if self.keep_blocks is not None and self.kind != "pruned":
-            raise ValueError(f"keep_blocks: only used by kind=pruned, got kind={self.kind}")
+        if self.keep_blocks is not None and not self.spec.prunes:
+            pruning = ", ".join(n for n, k in KINDS.items() if k.prunes)
+            raise ValueError(f"keep_blocks: only used by kind={pruning}, got kind={self.kind}")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps: must be >= 1 or null, got {self.num_inference_steps}")
         if self.frames_per_block < 1:
@@ -97,7 +125,7 @@ class StudentConfig:
             )
         if not 0 <= self.context_noise <= 1000:
             raise ValueError(f"context_noise: must be a timestep in [0, 1000], got {self.context_noise}")
-        if self.kind == "causal" and self.experts != 1:
-            raise ValueError(f"experts: kind=causal supports a single expert (per-frame timesteps), got {self.experts}")
+        if self.spec.causal and self.experts != 1:
+            raise ValueError(f"experts: kind={self.kind} supports a single expert (causal), got {self.experts}")
         if self.keep_blocks is not None and (not self.keep_blocks or min(self.keep_blocks) < 0):
             raise ValueError(f"keep_blocks: must be a non-empty list of block indices >= 0, got {self.keep_blocks}")

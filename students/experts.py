@@ -60,5 +60,5 @@ def lora_experts(transformer: WanTransformer3DModel, cfg: StudentConfig) -> list
 
 def copied_experts(transformer: WanTransformer3DModel, cfg: StudentConfig) -> list[WanTransformer3DModel]:
     """`cfg.experts` independent copies of `transformer`, pruned to `cfg.keep_blocks` (None keeps all)."""
-    keep = cfg.keep_blocks if cfg.kind == "pruned" else None
+    keep = cfg.keep_blocks if cfg.spec.prunes else None
     return [prune_transformer(transformer, keep) for _ in range(cfg.experts)]

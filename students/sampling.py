@@ -119,7 +119,7 @@ def student_sampler(student, teacher_shift: float, teacher_steps: int, latent_fr
     sigmas = student_sigmas(cfg, teacher_shift, teacher_steps)
     mode = student_sampling_mode(cfg)
     steps = len(sigmas) if mode == "renoise" else len(sigmas) - 1
-    causal = cfg.kind == "causal"
+    causal = cfg.spec.causal
     if causal and (mode != "renoise" or cfg.guidance_scale != 1):
         raise ValueError(
             f"student {cfg.name}: a causal student samples chunk by chunk with its few-step renoising "

@@ -82,7 +82,7 @@ def load_causal_student(teacher, folder: str | Path) -> Student:
     """A saved causal student (`final/` or `final_ema/`), in the teacher's dtype and device, in eval mode."""
     base = teacher.transformer_for(float(teacher.num_train_timesteps))
     student = Student.from_pretrained(folder, base_transformer=base)
-    if student.cfg.kind != "causal":
+    if not student.cfg.spec.causal:
         raise ValueError(f"{folder}: student.kind={student.cfg.kind}; streaming needs a causal student (kind: causal)")
     return student.to(dtype=base.dtype).eval()
 
@@ -102,7 +102,7 @@ def stream_video(
     if not isinstance(student, Student):
         student = load_causal_student(teacher, student)
     cfg, tcfg = student.cfg, teacher.cfg
-    if cfg.kind != "causal" or not cfg.denoising_steps or cfg.guidance_scale != 1:
+    if not cfg.spec.causal or not cfg.denoising_steps or cfg.guidance_scale != 1:
         raise ValueError(
             f"student {cfg.name}: streaming needs a causal student with denoising_steps and "
             "guidance_scale 1.0 (the few-step causal sampler has no CFG)"

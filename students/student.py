@@ -70,19 +70,19 @@ class Student(nn.Module):
         """Blocks of the transformer the student was built from (checked when loading saved weights)."""
         self.shares_teacher = shares_teacher
         """LoRA only: the base is the teacher's own module, so `teacher_mode()` gives the teacher."""
-        if cfg.kind == "lora":
+        if cfg.spec.adapters:
             assert transformer is not None and experts is None
             self.transformer = transformer
             self.adapter_names = [expert_name(i) for i in range(cfg.experts)]
         else:
             assert experts is not None and len(experts) == cfg.experts
             self.experts = nn.ModuleList(experts)
-            if cfg.kind == "causal":
+            if cfg.spec.causal:
                 CausalWan(experts[0], cfg)  # fail fast: checks cfg against the transformer, installs processors
 
     @property
     def is_lora(self) -> bool:
-        return self.cfg.kind == "lora"
+        return self.cfg.spec.adapters
 
     @property
     def num_experts(self) -> int:
@@ -104,7 +104,7 @@ class Student(nn.Module):
     def causal(self) -> CausalWan:
         """kind=causal: the block-causal view of `experts[0]` (holds no weights, so it is built on access
         rather than registered, which would list the transformer's weights twice in `state_dict`)."""
-        if self.cfg.kind != "causal":
+        if not self.cfg.spec.causal:
             raise ValueError(f"student.kind={self.cfg.kind}: only causal students have a causal view")
         return CausalWan(self.experts[0], self.cfg)
 
@@ -154,7 +154,7 @@ class Student(nn.Module):
         return torch.cat(parts)[torch.argsort(torch.cat(order))]
 
     def _call(self, i: int, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor:
-        if self.cfg.kind == "causal":
+        if self.cfg.spec.causal:
             return self.causal(x, t, ehs)
         module = self.expert_module(i)
         dtype = module.dtype
@@ -272,18 +272,16 @@ class Student(nn.Module):
         if cfg is not None:
             check_compatible(directory, saved_cfg, cfg)
         cfg = cfg or saved_cfg
-        if cfg.kind == "lora":
+        if cfg.spec.adapters:
             student = build_student(cfg, base_transformer)
             student.load_weights(directory)
             return student
-        if cfg.kind not in ("pruned", "full", "causal"):
-            raise ValueError(f"student.kind={cfg.kind}: not available yet")
         device = next(base_transformer.parameters()).device
         experts = []
         for i in range(cfg.experts):
             sub = directory / expert_name(i)
             m = WanTransformer3DModel.from_pretrained(sub).to(device)
-            want = len(cfg.keep_blocks) if cfg.kind == "pruned" and cfg.keep_blocks else meta["teacher_num_layers"]
+            want = len(cfg.keep_blocks) if cfg.spec.prunes and cfg.keep_blocks else meta["teacher_num_layers"]
             if block_count(m) != want:
                 raise ValueError(f"{sub}: has {block_count(m)} blocks, student.keep_blocks / the teacher give {want}")
             experts.append(m.requires_grad_(True))
@@ -302,9 +300,9 @@ def check_compatible(directory: Path, saved: StudentConfig, wanted: StudentConfi
     """Fail fast, naming the key, when a saved student's weight layout differs from the recipe's."""
     for key in WEIGHT_KEYS:
         a, b = getattr(saved, key), getattr(wanted, key)
-        if key in ("lora_rank", "lora_alpha", "lora_target_modules") and saved.kind != "lora":
+        if key in ("lora_rank", "lora_alpha", "lora_target_modules") and not saved.spec.adapters:
             continue
-        if key == "keep_blocks" and saved.kind != "pruned":
+        if key == "keep_blocks" and not saved.spec.prunes:
             continue
         if a != b:
             raise ValueError(f"{directory}: student.{key}: the folder was saved with {a!r}, the recipe has {b!r}")
@@ -341,14 +339,12 @@ def build_student(cfg: StudentConfig, base_transformer: WanTransformer3DModel) -
         ref = next(base_transformer.parameters())
         source = load_init_transformer(cfg.init, ref.dtype).to(ref.device)
         logger.info("student %s: initialised from %s", cfg.name, cfg.init)
-    if cfg.kind == "lora":
+    if cfg.spec.adapters:
         lora_experts(source, cfg)
         return Student(
             cfg, transformer=source, teacher_num_layers=block_count(source), shares_teacher=source is base_transformer
         )
-    if cfg.kind in ("pruned", "full", "causal"):
-        experts = copied_experts(source, cfg)
-        for m in experts:
-            m.requires_grad_(True)
-        return Student(cfg, experts=experts, teacher_num_layers=block_count(source))
-    raise ValueError(f"student.kind: unknown kind {cfg.kind!r}")
+    experts = copied_experts(source, cfg)
+    for m in experts:
+        m.requires_grad_(True)
+    return Student(cfg, experts=experts, teacher_num_layers=block_count(source))

@@ -111,3 +111,50 @@ def test_a_new_method_is_one_file_and_one_table_line(tmp_path, tiny_pipeline_dir
     )
     assert bad.returncode == 2 and "method anchor trains only lora students" in bad.stderr
     assert not (Path(tmp_path) / "out" / "students" / "f").exists()
+
+
+KIND_RUN = textwrap.dedent("""
+    import sys
+    import students.config as c
+    c.KINDS["causal_pruned"] = c.StudentKind(adapters=False, prunes=True, causal=True)   # the one table line
+    from distill.cli import main
+    sys.exit(main(["train", *sys.argv[1:]]))
+""")
+
+
+def test_a_new_student_kind_is_one_table_line(tmp_path, tiny_pipeline_dir):
+    """A half-depth causal student (pruned + block-causal), which no shipped kind is: one line in
+    `students.config.KINDS`, then trained 2 steps by ODE regression on trajectories."""
+    import json
+
+    from test_trainer import write_dataset
+
+    (tmp_path / "run.py").write_text(KIND_RUN)
+    write_dataset(tmp_path / "out" / "dataset", trajectory_sigmas=[1.0, 0.75, 0.0])
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "out",
+        tiny_pipeline_dir,
+        student={"kind": "causal_pruned", "keep_blocks": [1], "frames_per_block": 1, "denoising_steps": [1000, 500]},
+        method={"name": "ode_regression"},
+        train={"max_steps": 2, "ema": False, "gradient_accumulation_steps": 1},
+    )
+    with pytest.raises(RecipeError, match="student.kind"):  # without the table line the kind is unknown
+        load_recipe(recipe)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "run.py"), str(recipe)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = tmp_path / "out" / "students" / "s" / "final"
+    assert json.loads((final / "student.json").read_text())["config"]["kind"] == "causal_pruned"
+    config = json.loads((final / "expert_0" / "config.json").read_text())
+    teacher = json.loads((tiny_pipeline_dir / "transformer" / "config.json").read_text())
+    assert config["num_layers"] == 1 < teacher["num_layers"]
+    weights = load_file(str(final / "expert_0" / "diffusion_pytorch_model.safetensors"))
+    assert any(k.startswith("blocks.0.") for k in weights) and not any(k.startswith("blocks.1.") for k in weights)
