@@ -64,7 +64,7 @@ from distill.checkpoints import (
     trained_config,
     write_state,
 )
-from distill.config import Recipe, load_recipe
+from distill.config import Recipe, TrainConfig, load_recipe
 from distill.data import training_batches
 from distill.methods import METHODS
 from distill.role_state import check_finite, check_no_pickles, load_critic, load_ema, save_critic, save_ema
@@ -116,9 +116,8 @@ def build_algorithm(recipe: Recipe, teacher, student, unwrapped, critic=None, nu
     )
 
 
-def make_optimizer(params: list, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
+def make_optimizer(params: list, tc: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
     """`train.optimizer` over `params` (parameters, or param groups) at `lr` (None: train.learning_rate)."""
-    tc = recipe.train
     lr = tc.learning_rate if lr is None else lr
     if tc.optimizer == "adamw8bit":
         try:
@@ -209,7 +208,7 @@ def _optimization(recipe: Recipe, accelerator: Accelerator, student):
     tc, world = recipe.train, accelerator.num_processes
     cast_training_params(student, torch.float32)  # trainable weights in fp32 under mixed precision
     params = student.trainable_parameters()
-    optimizer = make_optimizer(params, recipe)
+    optimizer = make_optimizer(params, recipe.train)
     lr_scheduler = _lr_scheduler(recipe, optimizer, world)
     ema = EMAModel(params, decay=tc.ema_decay) if tc.ema else None
     if ema is not None:  # checkpointed by `_checkpoint` as safetensors (distill.role_state), never pickled
@@ -236,7 +235,7 @@ def _critic_optimization(recipe: Recipe, accelerator: Accelerator, critic: Criti
             {"params": [p for p in params if id(p) not in head]},
             {"params": list(critic.gan_head.parameters()), "lr": c.gan_learning_rate},
         ]
-    optimizer = make_optimizer(groups, recipe, c.critic_learning_rate)
+    optimizer = make_optimizer(groups, recipe.train, c.critic_learning_rate)
     scheduler = _lr_scheduler(recipe, optimizer, accelerator.num_processes)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     return params, optimizer, scheduler  # its weights: `_checkpoint` (distill.role_state)

@@ -203,8 +203,8 @@ def test_adam_betas_reach_both_optimizers(tmp_path):
 
     path = write(tmp_path, "r.yaml", MINIMAL)
     params = [torch.nn.Parameter(torch.zeros(2))]
-    assert make_optimizer(params, load_recipe(path)).param_groups[0]["betas"] == (0.9, 0.999)
-    opt = make_optimizer(params, load_recipe(path, ["train.adam_betas=[0.0,0.99]"]), lr=3e-4)
+    assert make_optimizer(params, load_recipe(path).train).param_groups[0]["betas"] == (0.9, 0.999)
+    opt = make_optimizer(params, load_recipe(path, ["train.adam_betas=[0.0,0.99]"]).train, lr=3e-4)
     assert opt.param_groups[0]["betas"] == (0.0, 0.99) and opt.param_groups[0]["lr"] == 3e-4
 
 

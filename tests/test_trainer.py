@@ -406,7 +406,7 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(lora_run, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails, as on a CPU-only install
     recipe = load_recipe(lora_run[0], ["train.optimizer=adamw8bit"])
     with pytest.raises(ValueError, match="train.optimizer: adamw8bit needs bitsandbytes"):
-        make_optimizer([torch.nn.Parameter(torch.zeros(2))], recipe)
+        make_optimizer([torch.nn.Parameter(torch.zeros(2))], recipe.train)
 
 
 def test_checkpoint_without_a_newer_key_resumes_only_at_its_default(tmp_path):
