@@ -52,10 +52,8 @@ quiet device.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,7 +72,7 @@ from distill.checkpoints import COMPLETE, final_dir, is_finished, weights_dir
 from distill.config import Recipe
 from students.sampling import student_sampler
 from students.student import Student, read_student_json
-from synth_data.composer import compose, read_prompts, write_prompts
+from synth_data.composer import compose, read_prompts
 from teachers.toyworld.oracle import grade
 from teachers.toyworld.render import SLOTS, VALUES, check_size
 from teachers.wan import WanTeacher
@@ -474,56 +472,7 @@ def evaluate(recipe: Recipe) -> dict:
         entry["sampling_speedup"] = report["teacher"]["sample_seconds_per_video"] / entry["sample_seconds_per_video"]
         report["students"][name] = entry
     # 3. files
-    write_outputs(recipe, report, rows, {m: r.previews for m, r in runs.items()})
+    previews = {m: r.previews for m, r in runs.items()}
+    rep.write_outputs(recipe.out, report, rows, previews, fps=recipe.data.fps, preview_size=recipe.eval.preview_size)
     logger.info("eval: %s\n%s", recipe.out / "eval", rep.summary_table(report))
     return report
-
-
-def write_outputs(recipe: Recipe, report: dict, rows: list[dict], previews: dict[str, list[np.ndarray]]) -> Path:
-    """Write everything to `<output_dir>/eval.tmp/`, then swap it in as `<output_dir>/eval/`."""
-    final, tmp = recipe.out / "eval", recipe.out / "eval.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_prompts(rows, tmp / "prompts.jsonl")
-    files: dict[str, str] = {}
-    if report["grader"] is not None:
-        accuracy = {"teacher": report["teacher"]["accuracy"]}
-        accuracy.update({n: s["accuracy"] for n, s in report["students"].items()})
-        files["accuracy"] = rep.plot_accuracy(accuracy, tmp / "accuracy.png").name
-    drift = {n: s["long_rollout"] for n, s in report["students"].items() if s.get("long_rollout")}
-    if drift:
-        files["drift"] = rep.plot_drift(drift, tmp / "drift.png").name
-    preview_files = _write_previews(tmp, previews, rows, recipe, files) if report["num_previews"] else {}
-    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (tmp / "report.md").write_text(rep.markdown_report(report, files, preview_files))
-    old = recipe.out / "eval.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _write_previews(
-    folder: Path, previews: dict[str, list[np.ndarray]], rows: list[dict], recipe: Recipe, files: dict[str, str]
-) -> dict[str, dict[str, str]]:
-    """preview_<model>.mp4/.gif (the preview prompts side by side), compare.mp4 (one row per model) and
-    first_frames.png; returns model -> {"mp4", "gif"} file names."""
-    fps = recipe.data.fps
-    first = next(iter(previews.values()))[0]
-    factor = rep.upscale_factor(first.shape[1], first.shape[2], recipe.eval.preview_size)
-    big = {m: [rep.upscale_nearest(v, factor) for v in vids] for m, vids in previews.items()}
-    out = {}
-    for model, videos in tqdm(big.items(), desc="eval previews", unit="model", leave=False):
-        grid = rep.tile([videos])
-        stem = "preview_teacher" if model == "teacher" else f"preview_student_{model}"
-        rep.write_mp4(folder / f"{stem}.mp4", grid, fps)
-        rep.write_gif(folder / f"{stem}.gif", grid, fps)
-        out[model] = {"mp4": f"{stem}.mp4", "gif": f"{stem}.gif"}
-    files["compare"] = rep.write_mp4(folder / "compare.mp4", rep.tile(list(big.values())), fps).name
-    prompts = [r["prompt"] for r in rows[: len(previews["teacher"])]]
-    files["first_frames"] = rep.plot_first_frames(
-        {m: [v[0] for v in vids] for m, vids in previews.items()}, prompts, folder / "first_frames.png"
-    ).name
-    return out

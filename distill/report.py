@@ -7,7 +7,9 @@ global backend is touched and no display is needed.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+from tqdm.auto import tqdm
 
+from synth_data.composer import write_prompts
 from synth_data.dataset import encode_video
 
 GAP = 2
@@ -233,3 +237,60 @@ def write_gif(path: str | Path, video: np.ndarray, fps: int) -> Path:
     images = [Image.fromarray(frame) for frame in video]
     images[0].save(path, save_all=True, append_images=images[1:], duration=max(20, round(1000 / fps)), loop=0)
     return Path(path)
+
+
+def write_outputs(
+    out: Path, report: dict, rows: list[dict], previews: dict[str, list[np.ndarray]], *, fps: int, preview_size: int
+) -> Path:
+    """Write the eval's files (report.json, report.md, plots, previews at `fps`, upscaled to `preview_size` px, the
+    prompts) to `out/eval.tmp/`, then swap it in as `out/eval/`."""
+    final, tmp = out / "eval", out / "eval.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_prompts(rows, tmp / "prompts.jsonl")
+    files: dict[str, str] = {}
+    if report["grader"] is not None:
+        accuracy = {"teacher": report["teacher"]["accuracy"]}
+        accuracy.update({n: s["accuracy"] for n, s in report["students"].items()})
+        files["accuracy"] = plot_accuracy(accuracy, tmp / "accuracy.png").name
+    drift = {n: s["long_rollout"] for n, s in report["students"].items() if s.get("long_rollout")}
+    if drift:
+        files["drift"] = plot_drift(drift, tmp / "drift.png").name
+    preview_files = _write_previews(tmp, previews, rows, fps, preview_size, files) if report["num_previews"] else {}
+    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / "report.md").write_text(markdown_report(report, files, preview_files))
+    old = out / "eval.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_previews(
+    folder: Path,
+    previews: dict[str, list[np.ndarray]],
+    rows: list[dict],
+    fps: int,
+    preview_size: int,
+    files: dict[str, str],
+) -> dict[str, dict[str, str]]:
+    """preview_<model>.mp4/.gif (the preview prompts side by side), compare.mp4 (one row per model) and
+    first_frames.png; returns model -> {"mp4", "gif"} file names."""
+    first = next(iter(previews.values()))[0]
+    factor = upscale_factor(first.shape[1], first.shape[2], preview_size)
+    big = {m: [upscale_nearest(v, factor) for v in vids] for m, vids in previews.items()}
+    out = {}
+    for model, videos in tqdm(big.items(), desc="eval previews", unit="model", leave=False):
+        grid = tile([videos])
+        stem = "preview_teacher" if model == "teacher" else f"preview_student_{model}"
+        write_mp4(folder / f"{stem}.mp4", grid, fps)
+        write_gif(folder / f"{stem}.gif", grid, fps)
+        out[model] = {"mp4": f"{stem}.mp4", "gif": f"{stem}.gif"}
+    files["compare"] = write_mp4(folder / "compare.mp4", tile(list(big.values())), fps).name
+    prompts = [r["prompt"] for r in rows[: len(previews["teacher"])]]
+    files["first_frames"] = plot_first_frames(
+        {m: [v[0] for v in vids] for m, vids in previews.items()}, prompts, folder / "first_frames.png"
+    ).name
+    return out

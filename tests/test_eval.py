@@ -246,7 +246,7 @@ def test_find_students_prefers_ema(setup, tmp_path):
 
 
 def test_long_rollout_hook_writes_drift_plot(setup, tmp_path):
-    from distill.eval import write_outputs
+    from distill.report import write_outputs
 
     recipe = load_recipe(setup["recipe"], [f"output_dir={tmp_path}"])
     acc = dict.fromkeys(SLOT_KEYS, 0.5)
@@ -274,7 +274,10 @@ def test_long_rollout_hook_writes_drift_plot(setup, tmp_path):
     }
     video = np.random.default_rng(0).integers(0, 255, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
     rows = eval_prompts(recipe)[:2]
-    folder = write_outputs(recipe, report, rows, {"teacher": [video], "causal4": [video]})
+    previews = {"teacher": [video], "causal4": [video]}
+    folder = write_outputs(
+        recipe.out, report, rows, previews, fps=recipe.data.fps, preview_size=recipe.eval.preview_size
+    )
     md = (folder / "report.md").read_text()
     assert "](drift.png)" in md and "50% of their slot combinations" in md and "| causal4 | 4 |" in md
     with Image.open(folder / "drift.png") as im:
