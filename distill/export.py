@@ -323,11 +323,19 @@ def _usage(recipe: Recipe, fmt: str, base: str | None, steps: int) -> str:
             ]
         )
     if fmt == "comfyui_lora":
+        sampler = "lcm" if student_sampling_mode(cfg) == "renoise" else "euler"
         return (
             f"Copy `{cfg.name}*.safetensors` to `ComfyUI/models/loras/` and apply it to the Wan model with a "
             "`LoraLoaderModelOnly` node (strength 1.0)"
             + (", one file per expert (high-noise expert_0 first)." if cfg.experts > 1 else ".")
-            + f" Sample with {steps} steps, CFG {cfg.guidance_scale}, shift {recipe.teacher.shift}."
+            + f" Sample it as it was trained: a `ModelSamplingSD3` node with shift {recipe.teacher.shift} (ComfyUI's "
+            f"Wan default is 8), then a `KSampler` with sampler `{sampler}`, scheduler `simple`, {steps} steps, cfg "
+            f"{cfg.guidance_scale}"
+            + (
+                " (`lcm` takes the x0 prediction and re-noises at each step, as the student was distilled)."
+                if sampler == "lcm"
+                else "."
+            )
         )
     if fmt == "transformer":
         sub = "" if cfg.experts == 1 else ', subfolder="expert_0"'

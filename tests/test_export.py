@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from core.lora import merged_state_dict
 from core.recipe_loader import build
 from distill.config import Recipe
-from distill.export import export_student
+from distill.export import export_student, model_card
 from students.sampling import sample_student, student_sampling_mode, student_sigmas
 from students.student import build_student
 
@@ -96,7 +96,15 @@ def test_diffusers_and_comfyui_lora_reproduce_the_student(tmp_path, tiny_pipelin
     assert meta["library_name"] == "diffusers" and meta["base_model"] == HUB_ID
     assert {"distillation", "lora", "text-to-video"} <= set(meta["tags"]) and meta["pipeline_tag"] == "text-to-video"
     assert "load_lora_weights" in text and "0.8125" in text and "lora_rank: 4" in text
-    assert "LoraLoaderModelOnly" in (out["comfyui_lora"].parent / "README.md").read_text()
+    comfy_card = (out["comfyui_lora"].parent / "README.md").read_text()
+    assert "LoraLoaderModelOnly" in comfy_card
+    assert (
+        "`ModelSamplingSD3` node with shift 3.0" in comfy_card and "sampler `euler`, scheduler `simple`" in comfy_card
+    )
+    # a few-step student that re-noises between its steps samples with ComfyUI's `lcm` (x0, then fresh noise)
+    few_step = recipe_for(tmp_path, tiny_pipeline_dir, ["comfyui_lora"], denoising_steps=[1000, 750, 500, 250])
+    card = model_card(few_step, student, "comfyui_lora", None)
+    assert "sampler `lcm`, scheduler `simple`, 4 steps, cfg 1.0" in card
 
 
 def test_lora_experts_export_per_expert_and_as_a_wan22_pipeline(tmp_path, tiny_pipeline_dir):
