@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -229,3 +230,60 @@ def resolve_path(path: str | Path) -> Path:
         return p
     alt = PROJECT_ROOT / p
     return alt if alt.exists() else p
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """A dataclass's attribute docstrings (the string literal right after each field), by field name; the
+    docstrings of the classes it inherits from come first. Read from the source with `ast`: Python keeps no
+    attribute docstrings at run time."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue  # a class built at run time (e.g. `make_dataclass`) has no source of its own
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe_keys(cls: type, prefix: str) -> list[str]:
+    """One line per key of dataclass `cls` under `prefix` (nested sections expanded): `prefix.key = default`
+    (`required` when it has none) and its docstring."""
+    lines = []
+    docs, hints = attribute_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            value: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = None
+        if dataclasses.is_dataclass(value):
+            lines += describe_keys(type(value), f"{prefix}.{f.name}")
+            continue
+        shown = (
+            "required"
+            if value is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            else json.dumps(to_dict(value))
+        )
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+        doc = docs.get(f.name, "") + (f" One of: {', '.join(map(str, choices))}." if choices else "")
+        lines.append(f"  {prefix}.{f.name} = {shown}" + (f"\n      {doc.strip()}" if doc else ""))
+    return lines

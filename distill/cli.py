@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import typing
 
 from tqdm.auto import tqdm
 
-from core.recipe_loader import RecipeError
+from core.recipe_loader import RecipeError, describe_keys
 from distill.accel import make_accelerator
 from distill.checkpoints import check_finished, final_dir, is_finished
 from distill.config import Recipe, load_recipe
@@ -24,8 +26,51 @@ logger = logging.getLogger("distill")
 STAGES = ("compose", "generate", "push", "train", "export", "eval", "run")
 
 
+STAGE_HELP = {
+    "compose": ("compose the prompts into <output_dir>/prompts.jsonl", ("data",)),
+    "generate": ("render every prompt with the teacher into <output_dir>/dataset/", ("data", "teacher")),
+    "push": ("upload the dataset to the Hub (token from HF_TOKEN or the saved login)", ("data",)),
+    "train": ("train the student with the method", ("teacher", "student", "method", "train")),
+    "export": ("write the trained student's export formats", ("student", "export")),
+    "eval": ("grade the teacher and every finished student", ("teacher", "eval")),
+    "run": (
+        "compose, generate, train and export, skipping what is complete",
+        ("data", "teacher", "student", "method", "train", "export"),
+    ),
+}
+"""Stage -> (what it does, the recipe sections it reads)."""
+
+
+def stage_help(stage: str) -> str:
+    """`python -m distill STAGE --help`: what the stage does and every recipe key it reads, with its default and
+    docstring (from the section dataclasses)."""
+    what, sections = STAGE_HELP[stage]
+    lines = [
+        f"usage: python -m distill {stage} RECIPE.yaml [dotted.key=value ...] [--dry-run]",
+        "",
+        f"{stage}: {what}.",
+        "",
+        "Recipe keys it reads (key = default, then what it means):",
+    ]
+    for section in sections:
+        hint = typing.get_type_hints(Recipe)[section]
+        cls = next(a for a in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(a))
+        lines += ["", f"{section}:", *describe_keys(cls, section)]
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
+    if argv and argv[0] in STAGES and any(a in ("-h", "--help") for a in argv[1:]):
+        print(stage_help(argv[0]))
+        raise SystemExit(0)
+    epilog = "stages:\n" + "\n".join(f"  {s:<9} {w}" for s, (w, _) in STAGE_HELP.items())
+    epilog += "\n\n`python -m distill STAGE --help` lists the recipe keys a stage reads."
+    p = argparse.ArgumentParser(
+        prog="python -m distill",
+        description=__doc__,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("stage", choices=STAGES)
     p.add_argument("recipe", help="a recipe YAML, e.g. recipes/toyworld.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. data.num_prompts=8")

@@ -229,3 +229,35 @@ def test_student_names_that_are_not_one_folder_are_refused(tmp_path, name):
     recipe = {**MINIMAL, "student": {"name": name, "kind": "lora"}, "method": {"name": "flow_matching"}}
     with pytest.raises(RecipeError, match="student.name: must be a plain folder name"):
         load_recipe(write(tmp_path, "r.yaml", recipe))
+
+
+def test_stage_help_lists_the_keys_it_reads_with_defaults_and_docs(capsys):
+    from distill.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m distill train RECIPE.yaml")
+    assert "  train.adam_betas = [0.9, 0.999]\n      (β1, β2) of both optimizers" in text
+    assert (
+        "  method.name = required\n      One of: flow_matching, kd, trajectory, ode_regression, dmd, self_forcing."
+        in text
+    )
+    assert "  method.self_forcing.guidance_scale = null\n      Teacher CFG w for the real score" in text  # inherited
+    assert "\ndata:" not in text  # train reads no data section
+    with pytest.raises(SystemExit):
+        main(["compose", "-h"])
+    text = capsys.readouterr().out
+    assert "  data.num_prompts = required\n      How many prompts to compose and render." in text
+    assert "\ntrain:" not in text
+
+
+def test_wan_distill_console_script_is_the_same_cli():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "wan-distill"
+    proc = subprocess.run([str(script), "export", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "export.formats = " in proc.stdout
