@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(BIN)/python -m distill eval recipes/toyworld.yaml
 
 # The toy world's benchmark of record for student quality: every toy student trained to convergence and graded on
-# 256 prompts (~45 min on 2 CPU cores) -> outputs/toyworld_bench/eval/report.md; benchmarks/toy_bench.py says more.
+# 256 prompts (~55 min on 2 CPU cores) -> outputs/toyworld_bench/eval/report.md; benchmarks/toy_bench.py says more.
 bench-toy: $(STAMP)
 	$(BIN)/python -m benchmarks.toy_bench
 

@@ -4,7 +4,7 @@ shipped teacher with a budget that lets it converge, graded on 256 fresh prompts
     python -m benchmarks.toy_bench [--out outputs/toyworld_bench] [--dry-run] [KEY=VALUE ...]
 
 Runs, each as a user would (`python -m distill run RECIPE ...`, so an interrupted bench resumes where it stopped):
-the teacher's dataset (128 prompts), `lora4`, `pruned`, `causal_init` and `self_forcing`
+the teacher's dataset (512 prompts), `lora4`, `pruned`, `causal_init` and `self_forcing`
 (recipes/toyworld_self_forcing_long.yaml, from this bench's own causal_init), then `python -m distill eval` on 256
 prompts, writing `<out>/eval/report.json` (+ report.md and plots). `make demo` stays the quick tour; the figures
 differ because the budgets do. KEY=VALUE overrides apply to every stage, after the bench's own (e.g.
@@ -27,8 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-COMMON = ["data.num_prompts=128", "eval.num_prompts=256"]
-"""Every stage: 128 teacher clips (lora4's trajectories, pruned's KD data, causal_init's ODE pairs) and a 256-prompt
+COMMON = ["data.num_prompts=512", "eval.num_prompts=256"]
+"""Every stage: 512 teacher clips (lora4's trajectories, pruned's KD data, causal_init's ODE pairs: Self-Forcing from
+an init on 512 trajectories scored clearly above one on 48, docs/results/self_forcing_ablations.md) and a 256-prompt
 eval (a 95% interval of about +-4 points near 0.9)."""
 
 
@@ -38,7 +39,7 @@ def stages(out: str) -> list[tuple[str, str, list[str]]]:
         ("dataset", "recipes/toyworld.yaml", []),
         ("lora4", "recipes/toyworld_lora4.yaml", ["train.max_steps=600", "train.checkpointing_steps=200"]),
         ("pruned", "recipes/toyworld_pruned.yaml", ["train.max_steps=600", "train.checkpointing_steps=200"]),
-        ("causal_init", "recipes/toyworld_causal_init.yaml", ["train.max_steps=300"]),
+        ("causal_init", "recipes/toyworld_causal_init.yaml", ["train.max_steps=600", "train.checkpointing_steps=300"]),
         (
             "self_forcing",
             "recipes/toyworld_self_forcing_long.yaml",
