@@ -1,5 +1,5 @@
 """Plot a training run's loss curve from its tensorboard logs (e.g. the toy teacher curve in
-teachers/toyworld/README.md).
+docs/results/toyworld_teacher.md).
 
 python -m distill.curve outputs/toyworld_teacher/students/teacher/logs teachers/toyworld/curve.png
 """

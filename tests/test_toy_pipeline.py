@@ -154,7 +154,8 @@ def test_build_is_seeded_and_leaves_global_rng(pipe):
 
 @pytest.mark.parametrize("heads", [4, 5])
 def test_unreachable_dims_is_what_proj_out_cannot_produce(heads):
-    """4 heads x 32 (sessions 1-4: width 128 < 144 numbers per token) leave 16 output directions per token that no
+    """4 heads x 32 (the earlier teacher: width 128 < 144 numbers a token carries)
+    leave 16 output directions per token that no
     input reaches; the shipped 5 heads none. Checked on the built models' output projection, not on the formula."""
     from diffusers import WanTransformer3DModel
 

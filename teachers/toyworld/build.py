@@ -6,9 +6,10 @@ The tokenizer covers every word of the toy vocabulary (slot values, templates, n
 transformer's shape is fixed here (TRANSFORMER) so that the shipped weights and this script agree.
 
 A token carries 3x4x4 px x 3 channels = 144 numbers, so the width (heads x head size) must be at least 144: at 4 x 32
-= 128 (sessions 1-4) `proj_out` could not reach 16 directions per token and `patch_embedding` could not see 16; the
-noise a sample starts with stayed there to the end and 44% of the flow-matching loss lay out of reach
-(teachers/toyworld/README.md, session 5). `unreachable_dims` checks it.
+= 128 (the earlier teacher) `proj_out` could not reach 16 directions per token and `patch_embedding` could
+not see 16; the noise a sample starts with stayed there to the end and 44% of the flow-matching loss lay out of
+reach
+(docs/results/toyworld_teacher.md). `unreachable_dims` checks it.
 """
 
 from __future__ import annotations

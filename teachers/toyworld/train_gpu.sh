@@ -18,9 +18,7 @@
 # and back here, with <files_at> the folder the tool names:
 #   cp <files_at>/{diffusion_pytorch_model.safetensors,config.json} teachers/toyworld/pipeline/transformer/
 #
-# Measured on an H200 (session 4): ~4 steps/s at batch 256, 1,600 steps in 7 min; the GPU waits on the main process
-# (per-sample σ/noise draws and prompt encoding, ~0.1-0.15 s per step on one core), not on rendering. Extra arguments
-# are recipe overrides: to continue on the same warm machine, rerun it with train.resume_from_checkpoint=latest.
+# Its measured rate is in docs/results/toyworld_teacher.md. Extra arguments are recipe overrides: to continue on the same warm machine, rerun it with train.resume_from_checkpoint=latest.
 #
 # Check it on the CPU first, tiny (it writes to a temporary OUT):
 #   MINUTES=0.5 BATCH=4 WORKERS=0 CKPT=2 PYTHON=.venv/bin/python bash teachers/toyworld/train_gpu.sh

@@ -2,7 +2,7 @@
 
     python -m teachers.toyworld.widen teachers/toyworld/pipeline outputs/toyworld_teacher_w5/init --heads 5
 
-(how session 5 made the shipped teacher from session 4's). Session 4's width (4 heads x 32 = 128) is below the 144
+(how the shipped teacher was made from the earlier 4-head one). A width of 4 heads x 32 = 128 is below the 144
 numbers a 3x4x4-px token carries, so 16 directions per token are out of reach of its output layer and 16 out of
 sight of its input layer (`build.py`): the noise a sample starts with stays there, and 44% of its flow-matching loss
 lies outside `proj_out`'s span. Training a wider model from scratch throws away every step the narrow one took;
