@@ -123,15 +123,24 @@ def check_video_shape(cfg: TeacherConfig, vae_config: dict, transformer_configs:
                 )
 
 
-def _folder_configs(folder: Path) -> tuple[dict, list[dict]] | None:
-    """The VAE's and the transformers' config.json of a local pipeline folder, or None if one is missing."""
+def _check_folder(cfg: TeacherConfig, folder: Path) -> None:
+    """A local pipeline folder before anything loads: every part its model_index.json lists is there, and the video
+    shape fits its VAE and transformers (`check_video_shape`, from their config.json)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    parts = [n for n, v in index.items() if isinstance(v, list) and v[0] is not None]
+    absent = [n for n in parts if not (folder / n).is_dir()]
+    if absent:
+        raise ValueError(
+            f"teacher.pretrained: {folder} has no {absent[0]}/ folder though its model_index.json "
+            "lists it; copy the whole pipeline folder (save_pretrained writes every part)"
+        )
     try:
         vae = json.loads((folder / "vae" / "config.json").read_text())
-        index = json.loads((folder / "model_index.json").read_text())
-        names = [n for n in ("transformer", "transformer_2") if (index.get(n) or [None])[0] is not None]
-        return vae, [json.loads((folder / n / "config.json").read_text()) for n in names]
+        names = [n for n in ("transformer", "transformer_2") if n in parts]
+        transformers = [json.loads((folder / n / "config.json").read_text()) for n in names]
     except (OSError, ValueError):
-        return None  # loading then says what is missing, in diffusers' words
+        return  # loading then says what is missing, in diffusers' words
+    check_video_shape(cfg, vae, transformers)
 
 
 def _check_levers(cfg: TeacherConfig, device: torch.device) -> None:
@@ -202,18 +211,7 @@ class WanTeacher:
                     f"teacher.pretrained: {folder} is not a diffusers WanPipeline folder (no model_index.json); "
                     "pass a Hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers or a folder saved with save_pretrained"
                 )
-            index = json.loads((folder / "model_index.json").read_text())
-            absent = [
-                n for n, v in index.items() if isinstance(v, list) and v[0] is not None and not (folder / n).is_dir()
-            ]
-            if absent:
-                raise ValueError(
-                    f"teacher.pretrained: {folder} has no {absent[0]}/ folder though its model_index.json "
-                    "lists it; copy the whole pipeline folder (save_pretrained writes every part)"
-                )
-            configs = _folder_configs(folder)
-            if configs is not None:
-                check_video_shape(cfg, *configs)
+            _check_folder(cfg, folder)
             pretrained = str(folder)
         else:
             pretrained = cfg.pretrained
@@ -231,8 +229,9 @@ class WanTeacher:
                     )
         pipe = WanPipeline.from_pretrained(pretrained, **parts, **common)
         pipe.set_progress_bar_config(disable=True)
-        models = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
-        check_video_shape(cfg, dict(pipe.vae.config), [dict(m.config) for m in models])  # a Hub id's, once loaded
+        if not _is_local(cfg.pretrained):  # a Hub id's configs are known once loaded
+            models = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
+            check_video_shape(cfg, dict(pipe.vae.config), [dict(m.config) for m in models])
         if cfg.offload == "model":
             pipe.enable_model_cpu_offload(device=device)
         elif cfg.offload == "group":
