@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from core.recipe_loader import resolve_path, to_dict
+from core.wan_lora import lora_digests
 from distill.config import MethodConfig, Recipe, TrainConfig
 from distill.data import read_prompts_file
 from students.config import StudentConfig
@@ -74,6 +75,11 @@ def is_complete(recipe: Recipe) -> bool:
 def fingerprint(recipe: Recipe, num_processes: int) -> dict:
     """Dotted keys a checkpoint must agree on to resume: student layout, method, teacher, training shape."""
     fp = {"teacher.pretrained": recipe.teacher.pretrained}
+    if recipe.teacher.lora:  # the teacher a run distils from includes its LoRAs (paths, scales and contents)
+        fp["teacher.lora"] = to_dict(recipe.teacher)["lora"]
+        fp["teacher.lora.sha256"] = lora_digests(recipe.teacher.lora, "teacher.lora")
+    if recipe.student.init_lora:
+        fp["student.init_lora.sha256"] = lora_digests(recipe.student.init_lora, "student.init_lora")
     fp.update({f"student.{k}": v for k, v in to_dict(recipe.student).items() if k not in STUDENT_NOT_FINGERPRINTED})
     name = recipe.method.name
     fp["method.name"] = name

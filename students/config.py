@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from core.wan_lora import LoraFile
+
 LORA_TARGETS = [
     "attn1.to_q",
     "attn1.to_k",
@@ -50,6 +52,10 @@ class StudentConfig:
     `full`: a full copy fine-tuned; `causal`: block-causal Wan with a KV cache."""
     init: str | None = None
     """A `WanTransformer3DModel` folder to start from; None copies the teacher's (high-noise) transformer."""
+    init_lora: list[LoraFile] = field(default_factory=list)
+    """LoRA files to start from (e.g. a 4-step LightX2V LoRA), each `{path, scale, experts}`, any Wan layout:
+    fused into a full / pruned / causal student's weights (a pruned one takes its kept blocks' share), or loaded
+    as a `lora` student's adapters (same rank; `.diff` keys are refused there). Every key must find its layer."""
     keep_blocks: list[int] | None = None
     """Pruned students: teacher block indices to copy, in order (BK-SDM style). None keeps all."""
     lora_rank: int = 32

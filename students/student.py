@@ -34,6 +34,7 @@ from core.lora import (
     set_active_adapter,
 )
 from core.recipe_loader import build, to_dict
+from core.wan_lora import LoraImportError, fuse_loras, load_into_adapter
 from students.causal import CausalWan
 from students.config import StudentConfig
 from students.experts import copied_experts, expert_index_of_timestep, expert_name, lora_experts
@@ -340,11 +341,20 @@ def build_student(cfg: StudentConfig, base_transformer: WanTransformer3DModel) -
         source = load_init_transformer(cfg.init, ref.dtype).to(ref.device)
         logger.info("student %s: initialised from %s", cfg.name, cfg.init)
     if cfg.spec.adapters:
-        lora_experts(source, cfg)
+        names = lora_experts(source, cfg)
+        for i, lora in enumerate(cfg.init_lora):
+            for e in range(len(names)) if lora.experts is None else lora.experts:
+                if e >= len(names):
+                    raise LoraImportError(f"student.init_lora[{i}].experts: {e} out of range: {len(names)} expert(s)")
+                load_into_adapter(source, names[e], lora)
         return Student(
             cfg, transformer=source, teacher_num_layers=block_count(source), shares_teacher=source is base_transformer
         )
     experts = copied_experts(source, cfg)
+    if cfg.init_lora:
+        keep = cfg.keep_blocks if cfg.spec.prunes else None
+        block_map = None if keep is None else {b: j for j, b in enumerate(keep)}
+        fuse_loras(list(experts), cfg.init_lora, "student.init_lora", block_map)
     for m in experts:
         m.requires_grad_(True)
     return Student(cfg, experts=experts, teacher_num_layers=block_count(source))

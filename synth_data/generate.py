@@ -37,6 +37,7 @@ from core.locking import exclusive
 from core.recipe_loader import resolve_path, to_dict
 from core.seeding import sample_noise
 from core.vocabulary import load_vocabulary
+from core.wan_lora import lora_digests
 from synth_data.composer import format_coverage, read_prompts
 from synth_data.config import DataConfig
 from synth_data.dataset import (
@@ -79,6 +80,8 @@ def fingerprint(data: DataConfig, teacher: TeacherConfig, prompts_path: Path, ne
             if f"{section}.{key}" not in NOT_FINGERPRINTED:
                 fp[f"{section}.{key}"] = value
     fp["teacher.negative_prompt"] = negative_prompt
+    if teacher.lora:
+        fp["teacher.lora.sha256"] = lora_digests(teacher.lora, "teacher.lora")
     return json.loads(json.dumps(dict(sorted(fp.items()))))
 
 

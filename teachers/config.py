@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from core.wan_lora import LoraFile
 
 
 @dataclass(kw_only=True)
@@ -35,6 +37,11 @@ class TeacherConfig:
     """None uses the vocabulary's negative prompt."""
     cfg_batch: bool = True
     """Run the conditional and unconditional branches in one batched forward (faster, ~2x activation memory)."""
+    lora: list[LoraFile] = field(default_factory=list)
+    """LoRA files fused into the teacher's transformer(s) at load (distil from teacher + LoRA), in any Wan layout:
+    ComfyUI / LightX2V / Kijai (`lora_down`/`lora_up`, `.alpha`, `.diff`, `.diff_b`) or diffusers / peft
+    (`lora_A`/`lora_B`); each entry `{path, scale, experts}`. Every key must find its layer, or loading stops
+    naming it."""
     encode_cache_size: int = 1024
     """Prompts whose text embeddings are kept (LRU, in CPU memory: ~4 MB each for Wan in bf16) so repeated
     prompts and the shared negative prompt are encoded once."""
@@ -47,5 +54,7 @@ class TeacherConfig:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale: must be >= 0, got {self.guidance_scale}")
+        if self.lora and self.quantize != "none":
+            raise ValueError(f"lora: cannot be fused into a {self.quantize}-quantized transformer; set quantize: none")
         if self.shift <= 0:
             raise ValueError(f"shift: must be > 0, got {self.shift}")

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from core.flow import cfg as apply_cfg
 from core.lora import adapters_disabled
+from core.wan_lora import fuse_loras
 from teachers.config import TeacherConfig
 
 logger = logging.getLogger(__name__)
@@ -229,6 +230,9 @@ class WanTeacher:
                     )
         pipe = WanPipeline.from_pretrained(pretrained, **parts, **common)
         pipe.set_progress_bar_config(disable=True)
+        if cfg.lora:
+            experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
+            fuse_loras(experts, cfg.lora, "teacher.lora")
         if not _is_local(cfg.pretrained):  # a Hub id's configs are known once loaded
             models = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
             check_video_shape(cfg, dict(pipe.vae.config), [dict(m.config) for m in models])
