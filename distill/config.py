@@ -143,10 +143,12 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class ExportConfig:
-    formats: list[Literal["diffusers_lora", "comfyui_lora", "transformer", "pipeline"]] = field(
+    formats: list[Literal["diffusers_lora", "comfyui_lora", "comfyui_model", "transformer", "pipeline"]] = field(
         default_factory=lambda: ["diffusers_lora", "comfyui_lora"]
     )
-    """What `export` writes under `<output_dir>/students/<name>/export/`."""
+    """What `export` writes under `<output_dir>/students/<name>/export/`: `diffusers_lora` and `comfyui_lora` (LoRA
+    students), `comfyui_model` (any student as one Wan-native safetensors for ComfyUI's UNETLoader; a causal student
+    there is a plain bidirectional transformer), `transformer` and `pipeline` (diffusers folders)."""
     use_ema: bool = True
     """Export the EMA weights when the run kept an EMA."""
     checkpoint: str | None = None

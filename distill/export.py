@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from core.lora import fused_transformer, lora_state_dict
+from core.wan_lora import BLOCK_NATIVE, native_name, native_state_dict
 from distill.config import Recipe
 from students.experts import expert_name
 from students.sampling import student_sampling_mode, student_sigmas
@@ -38,21 +39,6 @@ logger = logging.getLogger(__name__)
 
 LORA_FORMATS = ("diffusers_lora", "comfyui_lora")
 EXPERTS_JSON = "experts.json"
-# diffusers module suffix inside a Wan block -> Wan-native (ComfyUI / original checkpoint) name.
-COMFY_NAMES = {
-    "attn1.to_q": "self_attn.q",
-    "attn1.to_k": "self_attn.k",
-    "attn1.to_v": "self_attn.v",
-    "attn1.to_out.0": "self_attn.o",
-    "attn2.to_q": "cross_attn.q",
-    "attn2.to_k": "cross_attn.k",
-    "attn2.to_v": "cross_attn.v",
-    "attn2.to_out.0": "cross_attn.o",
-    "attn2.add_k_proj": "cross_attn.k_img",
-    "attn2.add_v_proj": "cross_attn.v_img",
-    "ffn.net.0.proj": "ffn.0",
-    "ffn.net.2": "ffn.2",
-}
 _LORA_KEY = re.compile(r"^blocks\.(\d+)\.(.+)\.lora_([AB])\.weight$")
 _SECRET = re.compile(r"token|secret|password", re.IGNORECASE)
 
@@ -74,6 +60,7 @@ def export_student(
     writers = {
         "diffusers_lora": export_diffusers_lora,
         "comfyui_lora": export_comfyui_lora,
+        "comfyui_model": export_comfyui_model,
         "transformer": export_transformer,
         "pipeline": export_pipeline,
     }
@@ -104,6 +91,7 @@ EXPORT_COMPLETE = "COMPLETE"
 _FOLDERS = {
     "diffusers_lora": "diffusers",
     "comfyui_lora": "comfyui",
+    "comfyui_model": "comfyui_model",
     "transformer": "transformer",
     "pipeline": "pipeline",
 }
@@ -122,11 +110,11 @@ def _check_formats(formats: list[str], student: Student) -> None:
             f"but student.experts={student.num_experts}; export 'transformer' or the LoRA formats instead"
         )
     if "comfyui_lora" in formats:
-        bad = [m for m in student.cfg.lora_target_modules if m not in COMFY_NAMES]
+        bad = [m for m in student.cfg.lora_target_modules if m not in BLOCK_NATIVE]
         if bad:
             raise ValueError(
                 f"export.formats: comfyui_lora cannot name student.lora_target_modules {bad}; "
-                f"supported: {sorted(COMFY_NAMES)}"
+                f"supported: {sorted(BLOCK_NATIVE)}"
             )
 
 
@@ -166,10 +154,11 @@ def comfyui_state_dict(lora_sd: dict[str, torch.Tensor], alpha: float) -> dict[s
     out = {}
     for key, value in lora_sd.items():
         m = _LORA_KEY.match(key)
-        if m is None or m.group(2) not in COMFY_NAMES:
+        native = None if m is None else native_name(f"blocks.{m.group(1)}.{m.group(2)}")
+        if m is None or native is None:
             raise ValueError(f"export.formats: comfyui_lora has no Wan-native name for LoRA weight {key!r}")
-        block, module, ab = m.groups()
-        base = f"diffusion_model.blocks.{block}.{COMFY_NAMES[module]}"
+        ab = m.group(3)
+        base = f"diffusion_model.{native}"
         out[f"{base}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"] = value.detach().contiguous()
         out[f"{base}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
@@ -188,7 +177,116 @@ def export_comfyui_lora(recipe: Recipe, student: Student, teacher_pipe: WanPipel
         save_file(sd, str(folder / fname), metadata={"format": "pt"})
     if student.num_experts > 1:
         _write_experts_json(folder, student, files)
+    else:
+        write_workflow(folder, recipe, model_file=comfyui_base_file(recipe), lora_file=files[0])
     return folder / files[0] if student.num_experts == 1 else folder
+
+
+def export_comfyui_model(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, folder: Path) -> Path:
+    """One Wan-native single-file transformer per expert (the original checkpoint's names, no prefix: what
+    ComfyUI's `UNETLoader` detects as Wan), plus `workflow_api.json` for a single expert."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = student.cfg.name
+    files = (
+        [f"{name}.safetensors"]
+        if student.num_experts == 1
+        else [f"{name}_{expert_name(i)}.safetensors" for i in range(student.num_experts)]
+    )
+    for fname, transformer in zip(files, student_transformers(student)):
+        sd = {k: v.detach().contiguous() for k, v in native_state_dict(transformer).items()}
+        save_file(sd, str(folder / fname), metadata={"format": "pt"})
+    if student.num_experts > 1:
+        _write_experts_json(folder, student, files)
+    else:
+        write_workflow(folder, recipe, model_file=files[0], lora_file=None)
+    return folder / files[0] if student.num_experts == 1 else folder
+
+
+def comfyui_workflow(recipe: Recipe, model_file: str, lora_file: str | None) -> dict:
+    """A ComfyUI API-format prompt (node id -> {class_type, inputs}; links are [node id, output index]) that samples
+    the student as it was distilled: ModelSamplingSD3 at the teacher's shift, KSampler `lcm` (x0 then fresh noise)
+    or `euler`, scheduler `simple`, the student's steps and cfg, at the teacher's size and length."""
+    assert recipe.student is not None
+    cfg, teacher = recipe.student, recipe.teacher
+    mode = student_sampling_mode(cfg)
+    sigmas = student_sigmas(cfg, teacher.shift, teacher.num_inference_steps)
+    steps = len(sigmas) if mode == "renoise" else len(sigmas) - 1
+    model: list = ["1", 0]
+    nodes: dict[str, dict] = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": model_file, "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": COMFY_TEXT_ENCODER, "type": "wan"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": COMFY_VAE}},
+    }
+    if lora_file is not None:
+        nodes["4"] = {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": model, "lora_name": lora_file, "strength_model": 1.0},
+        }
+        model = ["4", 0]
+    nodes.update(
+        {
+            "5": {"class_type": "ModelSamplingSD3", "inputs": {"model": model, "shift": teacher.shift}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a prompt", "clip": ["2", 0]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": teacher.negative_prompt or "", "clip": ["2", 0]}},
+            "8": {
+                "class_type": "EmptyHunyuanLatentVideo",
+                "inputs": {
+                    "width": teacher.width,
+                    "height": teacher.height,
+                    "length": teacher.num_frames,
+                    "batch_size": 1,
+                },
+            },
+            "9": {
+                "class_type": "KSampler",
+                "inputs": {
+                    "model": ["5", 0],
+                    "seed": 0,
+                    "steps": steps,
+                    "cfg": cfg.guidance_scale,
+                    "sampler_name": "lcm" if mode == "renoise" else "euler",
+                    "scheduler": "simple",
+                    "positive": ["6", 0],
+                    "negative": ["7", 0],
+                    "latent_image": ["8", 0],
+                    "denoise": 1.0,
+                },
+            },
+            "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["3", 0]}},
+            "11": {
+                "class_type": "SaveAnimatedWEBP",
+                "inputs": {
+                    "images": ["10", 0],
+                    "filename_prefix": cfg.name,
+                    "fps": 16.0,
+                    "lossless": False,
+                    "quality": 90,
+                    "method": "default",
+                },
+            },
+        }
+    )
+    return nodes
+
+
+COMFY_TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+COMFY_VAE = "wan_2.1_vae.safetensors"
+"""File names of Comfy-Org's repackaged Wan2.1 text encoder and VAE (`ComfyUI/models/text_encoders`, `vae`)."""
+WORKFLOW_JSON = "workflow_api.json"
+
+
+def write_workflow(folder: Path, recipe: Recipe, model_file: str, lora_file: str | None) -> None:
+    workflow = comfyui_workflow(recipe, model_file, lora_file)
+    (folder / WORKFLOW_JSON).write_text(json.dumps(workflow, indent=2) + "\n")
+
+
+def comfyui_base_file(recipe: Recipe) -> str:
+    """The Comfy-Org repackaged file of the teacher's transformer (`ComfyUI/models/diffusion_models`)."""
+    name = (recipe.export.base_model or recipe.teacher.pretrained).lower()
+    for size, file in (("1.3b", "wan2.1_t2v_1.3B_fp16.safetensors"), ("14b", "wan2.1_t2v_14B_fp16.safetensors")):
+        if "wan2.1" in name and "t2v" in name and size in name:
+            return file
+    return "wan_teacher.safetensors"  # a placeholder: the teacher's transformer in Wan-native names
 
 
 def student_transformers(student: Student) -> list[WanTransformer3DModel]:
@@ -322,11 +420,30 @@ def _usage(recipe: Recipe, fmt: str, base: str | None, steps: int) -> str:
                 "```",
             ]
         )
-    if fmt == "comfyui_lora":
+    if fmt in ("comfyui_lora", "comfyui_model"):
         sampler = "lcm" if student_sampling_mode(cfg) == "renoise" else "euler"
-        return (
+        where = (
             f"Copy `{cfg.name}*.safetensors` to `ComfyUI/models/loras/` and apply it to the Wan model with a "
             "`LoraLoaderModelOnly` node (strength 1.0)"
+            if fmt == "comfyui_lora"
+            else f"Copy `{cfg.name}*.safetensors` to `ComfyUI/models/diffusion_models/` and load it with a "
+            "`Load Diffusion Model` (UNETLoader) node in place of the Wan model; it keeps Wan's own weight names"
+        )
+        causal = (
+            " This is the causal student's weights as a plain (bidirectional) Wan transformer: ComfyUI samples all "
+            "frames at once, not chunk by chunk with a KV cache as the student was trained; stream it with "
+            "`students.streaming.stream_video` for the causal behaviour."
+            if cfg.spec.causal and fmt == "comfyui_model"
+            else ""
+        )
+        workflow = (
+            f" `{WORKFLOW_JSON}` here is a ComfyUI API-format workflow with these settings (queue it with ComfyUI's "
+            "`/prompt` endpoint or load it in the UI)."
+            if cfg.experts == 1
+            else ""
+        )
+        return (
+            where
             + (", one file per expert (high-noise expert_0 first)." if cfg.experts > 1 else ".")
             + f" Sample it as it was trained: a `ModelSamplingSD3` node with shift {recipe.teacher.shift} (ComfyUI's "
             f"Wan default is 8), then a `KSampler` with sampler `{sampler}`, scheduler `simple`, {steps} steps, cfg "
@@ -336,6 +453,8 @@ def _usage(recipe: Recipe, fmt: str, base: str | None, steps: int) -> str:
                 if sampler == "lcm"
                 else "."
             )
+            + workflow
+            + causal
         )
     if fmt == "transformer":
         sub = "" if cfg.experts == 1 else ', subfolder="expert_0"'

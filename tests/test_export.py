@@ -250,3 +250,60 @@ def test_a_failed_export_leaves_the_previous_folder_whole(tmp_path, tiny_pipelin
         export_student(recipe, student, pipe, out_dir)
     assert {p.relative_to(out_dir): p.read_bytes() for p in out_dir.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in out_dir.iterdir()) == ["transformer"]
+
+
+@pytest.mark.parametrize("kind", ["pruned", "full", "causal"])
+def test_comfyui_model_file_is_wan_native_and_diffusers_single_file_reads_it(tmp_path, tiny_pipeline_dir, kind):
+    """The single file has the original Wan checkpoint's names with the shapes the transformer's config implies
+    (what ComfyUI's model detection reads), and diffusers' own Wan single-file converter rebuilds the student."""
+    extra = {"keep_blocks": [1]} if kind == "pruned" else {}
+    recipe = recipe_for(tmp_path, tiny_pipeline_dir, ["comfyui_model"], kind=kind, denoising_steps=[1000], **extra)
+    pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
+    student = build_student(recipe.student, pipe.transformer)
+    with torch.no_grad():
+        student.experts[0].proj_out.bias.add_(0.25)
+    out = export_student(recipe, student, pipe, recipe.student_dir() / "export")
+    path = out["comfyui_model"]
+    assert path.name == "tiny_student.safetensors"
+    sd = load_file(path)
+    c = student.experts[0].config
+    dim = c.num_attention_heads * c.attention_head_dim
+    assert sd["head.modulation"].shape == (1, 2, dim)
+    assert sd["patch_embedding.weight"].shape == (dim, c.in_channels, *c.patch_size)
+    assert sd["head.head.weight"].shape == (c.out_channels * c.patch_size[0] * c.patch_size[1] * c.patch_size[2], dim)
+    assert sd["blocks.0.ffn.0.weight"].shape == (c.ffn_dim, dim)
+    assert sd["text_embedding.0.weight"].shape == (dim, c.text_dim)
+    assert sd["blocks.0.modulation"].shape == (1, 6, dim)
+    assert len({k.split(".")[1] for k in sd if k.startswith("blocks.")}) == c.num_layers
+    assert not any(k.startswith(("diffusion_model.", "model.")) or "attn1" in k for k in sd)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(dict(c)))
+    reloaded = WanTransformer3DModel.from_single_file(str(path), config=str(tmp_path / "cfg"), local_files_only=True)
+    x, t, ehs = inputs([800.0])
+    plain = WanTransformer3DModel.from_config(dict(c))
+    plain.load_state_dict(student.experts[0].state_dict())
+    with torch.no_grad():  # the bidirectional transformer the file holds (a causal student's weights, no cache)
+        assert (run(reloaded, x, t, ehs) - run(plain, x, t, ehs)).abs().max() <= 1e-6
+    card = (path.parent / "README.md").read_text()
+    assert "UNETLoader" in card and ("plain (bidirectional)" in card) == (kind == "causal")
+    workflow = json.loads((path.parent / "workflow_api.json").read_text())
+    assert workflow["1"]["inputs"]["unet_name"] == "tiny_student.safetensors"
+
+
+def test_comfyui_workflow_samples_the_student_as_distilled(tmp_path, tiny_pipeline_dir):
+    """The LoRA workflow: every link points at an existing node's output, and the sampling settings are the
+    student's (4 renoise steps -> lcm, shift 3, cfg 1, the teacher's frames and size)."""
+    recipe = recipe_for(tmp_path, tiny_pipeline_dir, ["comfyui_lora"], denoising_steps=[1000, 750, 500, 250])
+    pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
+    out = export_student(recipe, trained_student(recipe, pipe), pipe, recipe.student_dir() / "export")
+    workflow = json.loads((out["comfyui_lora"].parent / "workflow_api.json").read_text())
+    links = [(v, node) for node in workflow.values() for v in node["inputs"].values() if isinstance(v, list)]
+    assert links and all(v[0] in workflow and v[1] == 0 for v, _ in links)
+    by_type = {node["class_type"]: node["inputs"] for node in workflow.values()}
+    assert by_type["UNETLoader"]["unet_name"] == "wan2.1_t2v_1.3B_fp16.safetensors"  # HUB_ID's repackaged file
+    assert by_type["LoraLoaderModelOnly"]["lora_name"] == "tiny_student.safetensors"
+    assert by_type["ModelSamplingSD3"]["shift"] == 3.0
+    k = by_type["KSampler"]
+    assert (k["steps"], k["cfg"], k["sampler_name"], k["scheduler"]) == (4, 1.0, "lcm", "simple")
+    assert workflow[k["model"][0]]["class_type"] == "ModelSamplingSD3"
+    assert by_type["EmptyHunyuanLatentVideo"]["length"] == recipe.teacher.num_frames
