@@ -17,6 +17,7 @@ from distill.accel import make_accelerator
 from distill.checkpoints import check_finished, final_dir, is_finished
 from distill.config import Recipe, load_recipe
 from distill.export_stage import export_stage
+from distill.hub import push_student
 from distill.trainer import train
 from synth_data.compose_stage import compose_stage
 from synth_data.push import PushError, push
@@ -29,7 +30,11 @@ STAGES = ("compose", "generate", "push", "train", "export", "eval", "run")
 STAGE_HELP = {
     "compose": ("compose the prompts into <output_dir>/prompts.jsonl", ("data",)),
     "generate": ("render every prompt with the teacher into <output_dir>/dataset/", ("data", "teacher")),
-    "push": ("upload the dataset to the Hub (token from HF_TOKEN or the saved login)", ("data",)),
+    "push": (
+        "upload to the Hub (token from HF_TOKEN or the saved login): a student recipe's export to "
+        "export.hub_repo_id, else the dataset to data.hub_repo_id",
+        ("data", "export"),
+    ),
     "train": ("train the student with the method", ("teacher", "student", "method", "train")),
     "export": ("write the trained student's export formats", ("student", "export")),
     "eval": ("grade the teacher and every finished student", ("teacher", "eval")),
@@ -89,7 +94,12 @@ def stage_generate(recipe: Recipe) -> None:
 
 
 def stage_push(recipe: Recipe) -> None:
-    logger.info("pushed to %s", push(recipe.data, recipe.teacher.pretrained, recipe.out))
+    """A student recipe pushes the student's export (`export.hub_repo_id`), a data recipe the dataset
+    (`data.hub_repo_id`)."""
+    if recipe.student is not None:
+        logger.info("pushed to %s", push_student(recipe))
+    else:
+        logger.info("pushed to %s", push(recipe.data, recipe.teacher.pretrained, recipe.out))
 
 
 def stage_train(recipe: Recipe) -> None:

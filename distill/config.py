@@ -156,6 +156,10 @@ class ExportConfig:
     saved in that training checkpoint (its EMA when kept), e.g. to grade a run that is still going."""
     base_model: str | None = None
     """`base_model` in the model card; None uses `teacher.pretrained`."""
+    hub_repo_id: str | None = None
+    """Model repo that `push` (with this student recipe) uploads the export to, e.g. `me/wan21-4step-lora`."""
+    hub_private: bool = True
+    """Create that repo private (when it does not exist yet)."""
 
 
 @dataclass(kw_only=True)

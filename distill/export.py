@@ -68,7 +68,7 @@ def export_student(
     for fmt in tqdm(formats, desc=f"export {student.cfg.name}", disable=len(formats) < 2):
         # each format is written into a temp folder, marked, then renamed into place: a killed or failed export
         # leaves the previous folder (or none), never half of one
-        folder, tmp = out_dir / _FOLDERS[fmt], out_dir / f".{_FOLDERS[fmt]}.tmp"
+        folder, tmp = out_dir / FORMAT_FOLDERS[fmt], out_dir / f".{FORMAT_FOLDERS[fmt]}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             path = Path(writers[fmt](recipe, student, teacher_pipe, tmp))
@@ -88,7 +88,7 @@ EXPORT_COMPLETE = "COMPLETE"
 """Written last into each export folder: the folder holds a whole export of its format."""
 
 
-_FOLDERS = {
+FORMAT_FOLDERS = {
     "diffusers_lora": "diffusers",
     "comfyui_lora": "comfyui",
     "comfyui_model": "comfyui_model",
@@ -343,11 +343,12 @@ def _base_model(recipe: Recipe) -> str | None:
     return name
 
 
-def _scrub(obj):
+def scrub_secrets(obj):
+    """A copy of a recipe dict without keys that look like secrets (token, secret, password), at any depth."""
     if isinstance(obj, dict):
-        return {k: _scrub(v) for k, v in obj.items() if not _SECRET.search(str(k))}
+        return {k: scrub_secrets(v) for k, v in obj.items() if not _SECRET.search(str(k))}
     if isinstance(obj, list):
-        return [_scrub(v) for v in obj]
+        return [scrub_secrets(v) for v in obj]
     return obj
 
 
@@ -391,8 +392,22 @@ def model_card(recipe: Recipe, student: Student, fmt: str, eval_report: dict | N
         )
     lines += ["", "## Usage", "", _usage(recipe, fmt, base, steps), ""]
     if eval_report:
-        lines += ["## Evaluation", "", "```json", json.dumps(_scrub(eval_report), indent=2, default=str), "```", ""]
-    lines += ["## Recipe", "", "```yaml", yaml.safe_dump(_scrub(recipe.to_dict()), sort_keys=False).rstrip(), "```", ""]
+        lines += [
+            "## Evaluation",
+            "",
+            "```json",
+            json.dumps(scrub_secrets(eval_report), indent=2, default=str),
+            "```",
+            "",
+        ]
+    lines += [
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(scrub_secrets(recipe.to_dict()), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -22,6 +22,11 @@ class PushError(RuntimeError):
     """The Hub refused or the upload failed; the local dataset is unchanged."""
 
 
+def one_line(error: BaseException) -> str:
+    """An HTTP error's message on one line (huggingface_hub's span several: status, a docs link, the server's)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def push(data: DataConfig, teacher_name: str, out: Path) -> str:
     """Create the dataset repo if needed (private per `data.hub_private`) and upload `out/dataset/`; returns its URL.
     `teacher_name` (`teacher.pretrained`) goes into the commit message."""
@@ -49,7 +54,7 @@ def push(data: DataConfig, teacher_name: str, out: Path) -> str:
         )
     except Exception as e:  # any Hub/network error: report it, keep the local folder as is
         raise PushError(
-            f"push: uploading {dataset_dir} to the dataset repo {repo_id} failed ({type(e).__name__}: {e}); "
+            f"push: uploading {dataset_dir} to the dataset repo {repo_id} failed ({type(e).__name__}: {one_line(e)}); "
             "the local dataset is unchanged. Check your token (HF_TOKEN or `hf auth login`) and write access, "
             "then rerun `python -m distill push RECIPE`"
         ) from e

@@ -127,3 +127,106 @@ def test_push_needs_a_repo_id_and_a_complete_dataset(tmp_path, fake_hub):
 
 def push_recipe(recipe) -> str:
     return push(recipe.data, recipe.teacher.pretrained, recipe.out)
+
+
+# ---- through the real client, against a local server that speaks the Hub's upload API -------------------------
+@pytest.fixture
+def local_hub(monkeypatch):
+    from huggingface_hub import constants
+
+    from tests.hub_server import LocalHub
+
+    with LocalHub() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the suite runs offline; this server is loopback
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        yield hub
+
+
+def _check_requests(hub) -> None:
+    posts = [r for r in hub.state.requests if r.method == "POST"]
+    assert posts, "nothing reached the server"
+    for r in posts:  # every write carries the token in its header, never in a body
+        headers = {k.lower(): v for k, v in r.headers.items()}
+        assert headers.get("authorization") == f"Bearer {TOKEN}", r.path
+    for r in hub.state.requests:
+        assert TOKEN.encode() not in r.body and TOKEN not in r.path, r.path
+
+
+def test_dataset_push_through_huggingface_hub(tmp_path, local_hub, caplog):
+    recipe = load_recipe(make_dataset(tmp_path, hub_repo_id="me/tiny-synth"))
+    before = snapshot(tmp_path / "out" / "dataset")
+    with caplog.at_level(logging.DEBUG):
+        url = push_recipe(recipe)
+    assert url == f"{local_hub.endpoint}/datasets/me/tiny-synth" or url.endswith("me/tiny-synth")
+    assert local_hub.state.repos["me/tiny-synth"] == {"type": "dataset", "private": True}
+    (commit,) = local_hub.state.commits
+    assert commit["kind"] == "datasets"
+    uploaded = commit["files"]
+    assert uploaded == {k: v for k, v in before.items()}  # every file of the folder, byte for byte
+    _check_requests(local_hub)
+    assert_token_nowhere(tmp_path, caplog)
+
+
+def _exported_student(tmp_path, pipeline_dir, **export):
+    from diffusers import WanPipeline
+
+    from core.recipe_loader import build
+    from distill.config import Recipe
+    from distill.export import export_student
+    from students.student import build_student
+
+    recipe = build(
+        Recipe,
+        {
+            "output_dir": str(tmp_path / "out"),
+            "data": {"vocabulary": "synth_data/vocab/wan.yaml", "num_prompts": 2},
+            "teacher": {"pretrained": str(pipeline_dir), "dtype": "float32", "num_inference_steps": 4},
+            "student": {"name": "tiny4", "kind": "lora", "lora_rank": 4, "denoising_steps": [1000, 500]},
+            "method": {"name": "trajectory"},
+            "export": {"formats": ["diffusers_lora", "comfyui_lora"], "hub_repo_id": "me/tiny4", **export},
+        },
+    )
+    pipe = WanPipeline.from_pretrained(pipeline_dir)
+    export_student(recipe, build_student(recipe.student, pipe.transformer), pipe, recipe.student_dir() / "export")
+    return recipe
+
+
+def test_student_push_uploads_the_export_card_and_recipe_in_one_commit(tmp_path, tiny_pipeline_dir, local_hub, caplog):
+    from distill.hub import push_student
+
+    recipe = _exported_student(tmp_path, tiny_pipeline_dir, hub_private=False)
+    export_dir = recipe.student_dir() / "export"
+    before = snapshot(tmp_path / "out")
+    local_hub.state.fail_commits = 1
+    with caplog.at_level(logging.DEBUG), pytest.raises(PushError, match=r"model repo me/tiny4 failed .*unchanged"):
+        push_student(recipe)
+    assert snapshot(tmp_path / "out") == before and local_hub.state.commits == []
+    with caplog.at_level(logging.DEBUG):
+        push_student(recipe)  # the rerun
+    assert local_hub.state.repos["me/tiny4"] == {"type": "model", "private": False}
+    (commit,) = local_hub.state.commits
+    assert commit["kind"] == "models" and "tiny4" in commit["summary"]
+    files = commit["files"]
+    local = {k: v for k, v in snapshot(export_dir).items() if not k.endswith("COMPLETE")}
+    assert {k: files[k] for k in local} == local  # every exported file, byte for byte
+    assert set(files) == set(local) | {"README.md", "recipe.yaml"}
+    assert files["README.md"] == (export_dir / "diffusers" / "README.md").read_bytes()
+    assert files["README.md"].startswith(b"---\n") and b"library_name: diffusers" in files["README.md"]
+    assert yaml.safe_load(files["recipe.yaml"])["student"]["name"] == "tiny4"
+    _check_requests(local_hub)
+    assert_token_nowhere(tmp_path, caplog)
+
+
+def test_student_push_needs_a_repo_id_and_a_finished_export(tmp_path, tiny_pipeline_dir, local_hub):
+    from distill.hub import push_student
+
+    recipe = _exported_student(tmp_path, tiny_pipeline_dir)
+    recipe.export.formats = ["diffusers_lora", "transformer"]
+    with pytest.raises(ValueError, match=r"export.formats \['transformer'\] not exported"):
+        push_student(recipe)
+    recipe.export.hub_repo_id = None
+    with pytest.raises(ValueError, match=r"export.hub_repo_id: not set"):
+        push_student(recipe)
+    assert local_hub.state.requests == []
