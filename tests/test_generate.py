@@ -150,6 +150,12 @@ def test_end_to_end_dataset(reference, tiny_pipeline_dir, tmp_path, monkeypatch)
     assert plain.features == build_features(["color", "thing"], (4, 2, 2, 2), True, 3)
 
     card = (ds_dir / "README.md").read_text()
+    # The card's plain snippet (datasets + PyAV, no wan-distill) runs as printed, on this folder.
+    snippet = card.split("## Loading")[1].split("```python\n")[1].split("```")[0]
+    assert "synth_data" not in snippet
+    scope = {}
+    exec(snippet.replace('"path/to/dataset"', repr(str(ds_dir))), scope)
+    np.testing.assert_array_equal(scope["frames"], decode_video(ds[0]["video"]))
     front = yaml.safe_load(card.split("---")[1])
     assert front["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"}]
     assert front["dataset_info"]["splits"][0]["num_examples"] == 6
