@@ -105,12 +105,33 @@ class TrainConfig:
     batch / refresh at the price of reusing each clip ~batch·P / (refresh·P) times."""
     toyworld_pool_refresh: int = 8
     """Clips re-rendered into the pool per optimizer step; `toyworld_pool` must be a multiple of it."""
-    log_with: Literal["tensorboard", "none"] = "tensorboard"
-    """Tracker (through accelerate) writing to `<output_dir>/students/<name>/logs/`."""
+    log_with: str | list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers through accelerate, one name or a list: tensorboard, wandb, comet_ml, aim, mlflow, clearml, dvclive,
+    swanlab, trackio; `none` for no logging. Local files go to `<output_dir>/students/<name>/logs/`. wandb with no
+    WANDB_API_KEY and no WANDB_MODE logs offline there (`wandb sync` uploads it later)."""
+    tracker_project: str = "wan-distill"
+    """Project name the trackers file the run under (wandb, comet_ml, mlflow, ...); the run is the student's name."""
+    validation_steps: int = 0
+    """Every this many steps (and at the last), sample the validation prompts with the student and write
+    `students/<name>/validation/step-<N>/<i>.gif`, logged as frame strips to the trackers. 0: never."""
+    validation_prompts: list[str] = field(default_factory=list)
+    """Prompts of the validation previews, each with fixed noise; empty: the first two of the eval's prompts."""
     log_every: int = 10
     dataloader_num_workers: int = 0
 
     def __post_init__(self):
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        names = [self.log_with] if isinstance(self.log_with, str) else list(self.log_with)
+        self.log_with = [] if names == ["none"] else names
+        bad = [n for n in self.log_with if n not in LOGGER_TYPE_TO_CLASS]
+        if bad:
+            raise ValueError(
+                f"log_with: {bad[0]!r} is not an accelerate tracker; use none or any of "
+                f"{', '.join(LOGGER_TYPE_TO_CLASS)}"
+            )
+        if self.validation_steps < 0:
+            raise ValueError(f"validation_steps: must be >= 0 (0: no previews), got {self.validation_steps}")
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -68,6 +69,7 @@ from distill.config import Recipe, TrainConfig, load_recipe
 from distill.data import training_batches
 from distill.methods import METHODS
 from distill.role_state import check_finite, check_no_pickles, load_critic, load_ema, save_critic, save_ema
+from distill.validation import Validator
 from students.critic import Critic, build_critic
 from students.student import build_student
 from teachers.wan import WanTeacher
@@ -150,13 +152,44 @@ def _check_accelerator(accelerator: Accelerator, recipe: Recipe) -> None:
         )
 
 
+TRACKER_MODULES = {
+    "tensorboard": "tensorboard",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "mlflow": "mlflow",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+    "wandb": "wandb",
+}
+"""accelerate tracker -> the package it needs (checked before training, so a missing one fails in a line)."""
+
+
 def _start_trackers(accelerator: Accelerator, recipe: Recipe) -> None:
-    if recipe.train.log_with == "none":
+    tc, logs = recipe.train, recipe.student_dir() / "logs"
+    if not tc.log_with:
         return
+    missing = [n for n in tc.log_with if importlib.util.find_spec(TRACKER_MODULES[n]) is None]
+    if missing:
+        raise ValueError(
+            f"train.log_with: {missing[0]} is not installed; `pip install {TRACKER_MODULES[missing[0]]}` "
+            "or drop it from train.log_with"
+        )
     if not accelerator.log_with:  # built without trackers: add ours, writing into the student's folder
         from accelerate.tracking import TensorBoardTracker
+        from accelerate.utils import LoggerType
 
-        accelerator.log_with.append(TensorBoardTracker("train", recipe.student_dir() / "logs"))
+        for name in tc.log_with:
+            # tensorboard keeps its `logs/train/` layout; the others take accelerate's (project, logging_dir)
+            accelerator.log_with.append(
+                TensorBoardTracker("train", logs) if name == "tensorboard" else LoggerType(name)
+            )
+        accelerator.project_configuration.logging_dir = str(logs)
+    if "wandb" in tc.log_with and not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        if not _wandb_logged_in():
+            os.environ["WANDB_MODE"] = "offline"
+            logger.info("train: wandb has no API key or login: logging offline under %s (`wandb sync` later)", logs)
     flat = {}
 
     def walk(prefix, value):
@@ -167,7 +200,22 @@ def _start_trackers(accelerator: Accelerator, recipe: Recipe) -> None:
             flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
 
     walk("", recipe.to_dict())
-    accelerator.init_trackers("train", config=flat)
+    if accelerator.is_main_process:
+        logs.mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers(
+        tc.tracker_project, config=flat, init_kwargs={"wandb": {"name": recipe.student.name, "dir": str(logs)}}
+    )
+
+
+def _wandb_logged_in() -> bool:
+    """A saved `wandb login` (its key in ~/.netrc for the wandb host)."""
+    import netrc
+
+    try:
+        hosts = netrc.netrc().hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return any("wandb" in host for host in hosts)
 
 
 def _save_final(recipe: Recipe, student, ema, step: int, samples_per_step: int, fp: dict) -> Path:
@@ -342,6 +390,7 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
     if accelerator.is_main_process:
         student_dir.mkdir(parents=True, exist_ok=True)
     _start_trackers(accelerator, recipe)
+    validator = Validator(recipe, teacher) if tc.validation_steps else None
 
     bar = tqdm(
         total=tc.max_steps,
@@ -415,6 +464,9 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
                 values["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             accelerator.log(values, step=done)
             bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.startswith("loss")})
+        # 8. validation previews of fixed prompts and noise (main process)
+        if validator is not None and (done % tc.validation_steps == 0 or done == tc.max_steps):
+            validator(student, done, accelerator)
     bar.close()
 
     accelerator.wait_for_everyone()

@@ -9,12 +9,14 @@ import pickle
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from core.recipe_loader import PROJECT_ROOT, RecipeError, deep_merge
@@ -636,3 +638,85 @@ def test_run_checks_the_dataset_fingerprint_before_skipping_generate(tmp_path, t
     assert main(["run", str(data_only), "teacher.guidance_scale=3.0"]) == 2
     assert "teacher.guidance_scale" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out" / "dataset").rglob("*")) == dataset
+
+
+class FakeWandb(types.ModuleType):
+    """Stands in for the `wandb` package (not installed in the test environment): records what accelerate's
+    WandBTracker sends it, including the mode it finds in the environment when the run starts."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits, self.logged = [], []
+        outer = self
+
+        class Run:
+            class config:  # noqa: N801 (wandb's attribute name)
+                @staticmethod
+                def update(values, allow_val_change=False):
+                    outer.stored = dict(values)
+
+            @staticmethod
+            def log(values, step=None, **kwargs):
+                outer.logged.append((step, dict(values)))
+
+            @staticmethod
+            def finish():
+                pass
+
+        self.Run = Run
+        self.config = Run.config  # module-level `wandb.config`, as the real package has
+
+        class Image:
+            def __init__(self, array):
+                self.array = np.asarray(array)
+
+        self.Image = Image
+
+    def init(self, project=None, **kwargs):
+        self.inits.append({"project": project, "mode": os.environ.get("WANDB_MODE"), **kwargs})
+        return self.Run
+
+
+def test_validation_previews_and_trackers(tmp_path, tiny_pipeline_dir, monkeypatch):
+    """train.validation_steps writes GIFs of fixed prompts and noise and logs frame strips to tensorboard and wandb
+    (offline when there is no API key); a tracker that is not installed is named before training starts."""
+    import importlib.util as iu
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_dataset(tmp_path / "out" / "dataset")
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "out", tiny_pipeline_dir)
+    with pytest.raises(ValueError, match=r"train.log_with: wandb is not installed; `pip install wandb`"):
+        run_train(recipe, "train.log_with=[tensorboard,wandb]")
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    real_find_spec = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: object() if name == "wandb" else real_find_spec(name, *a))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    final = run_train(
+        recipe,
+        "train.log_with=[tensorboard,wandb]",
+        "train.validation_steps=2",
+        "train.validation_prompts=[a red circle,a blue square]",
+    )
+    val = final.parent / "validation"
+    assert sorted(p.name for p in val.iterdir()) == ["step-000002", "step-000004"]
+    gifs = {s: [Image.open(val / s / f"{i}.gif") for i in range(2)] for s in ("step-000002", "step-000004")}
+    for images in gifs.values():
+        assert [im.size for im in images] == [(16, 16)] * 2 and all(im.n_frames == 5 for im in images)
+    assert (val / "step-000002" / "prompts.txt").read_text() == "0\ta red circle\n1\ta blue square\n"
+    events = next((final.parent / "logs" / "train").glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events), size_guidance={"images": 0})
+    acc.Reload()
+    assert {"validation/0", "validation/1"} <= set(acc.Tags()["images"])
+    assert [e.step for e in acc.Images("validation/0")] == [2, 4]
+    (init,) = fake.inits
+    assert init["project"] == "wan-distill" and init["name"] == "s" and init["mode"] == "offline"
+    assert fake.stored["student.name"] == "s"
+    images = [(step, v) for step, v in fake.logged if "validation/0" in v]
+    assert [step for step, _ in images] == [2, 4]
+    strip = images[0][1]["validation/0"][0].array
+    assert strip.shape == (16, 48, 3) and strip.dtype == np.uint8  # first, middle and last frame side by side
+    assert any(k.startswith("loss") for _, v in fake.logged for k in v)
