@@ -26,6 +26,7 @@ from core.wan_lora import lora_digests
 from distill.config import MethodConfig, Recipe, TrainConfig
 from distill.data import read_prompts_file
 from students.config import StudentConfig
+from teachers.config import TeacherConfig
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,8 @@ def resolve_checkpoint(recipe: Recipe) -> Path | None:
 def _default_of(dotted: str):
     """The JSON-normalised default of a fingerprinted recipe key (`student.sink`, `method.kd.shift`, ...)."""
     section, *rest = dotted.split(".")
-    cls = {"student": StudentConfig, "method": MethodConfig, "train": TrainConfig}.get(section)
+    sections = {"teacher": TeacherConfig, "student": StudentConfig, "method": MethodConfig, "train": TrainConfig}
+    cls = sections.get(section)
     for i, name in enumerate(rest):
         field = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
         if field is None:
@@ -227,6 +229,9 @@ NOT_IN_TRAINED_CONFIG = frozenset(
         "train.resume_from_checkpoint",
         "train.log_every",
         "train.log_with",
+        "train.tracker_project",
+        "train.validation_steps",  # previews draw from their own generators: the weights are the same
+        "train.validation_prompts",
         "train.checkpointing_steps",
         "train.checkpoints_total_limit",
         "train.dataloader_num_workers",
@@ -268,6 +273,8 @@ def check_finished(recipe: Recipe) -> None:
     else:
         saved = state["fingerprint"]
         now = fingerprint(recipe, saved.get("num_processes", 1))
+    # a key the run lacks was added to the toolkit after it finished: the run behaved as its default
+    saved = {**{k: default for k in now if k not in saved if (default := _default_of(k)) is not UNSET}, **saved}
     shown = _differences(saved, now, "trained with", 3)
     if shown:
         raise ValueError(

@@ -621,6 +621,26 @@ def test_run_and_export_refuse_weights_trained_under_another_recipe(lora_run, ca
         assert sorted(p.name for p in final.parent.iterdir()) == before  # nothing written
 
 
+def test_a_run_finished_before_a_key_existed_counts_as_its_default(lora_run, tmp_path):
+    """A key added to the toolkit after a run finished (absent from its stored config) reads as the key's default:
+    the run still exports; the key set to something else is a change."""
+    import shutil
+
+    from distill.checkpoints import TRAINING_STATE, check_finished
+
+    recipe, final = lora_run
+    out = tmp_path / "out"
+    shutil.copytree(final.parent.parent.parent, out)
+    state_file = out / "students" / "s" / "final" / TRAINING_STATE
+    state = json.loads(state_file.read_text())
+    for key in ("student.init_lora", "teacher.lora"):
+        del state["config"][key]
+    state_file.write_text(json.dumps(state))
+    check_finished(load_recipe(recipe, [f"output_dir={out}"]))
+    with pytest.raises(ValueError, match=r"student.init_lora: trained with \[\], recipe has \[\{'path'"):
+        check_finished(load_recipe(recipe, [f"output_dir={out}", "student.init_lora=[{path: a.safetensors}]"]))
+
+
 def test_run_checks_the_dataset_fingerprint_before_skipping_generate(tmp_path, tiny_pipeline_dir, capsys):
     from distill.cli import main
 
