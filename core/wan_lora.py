@@ -210,10 +210,7 @@ def group_lora(
         alias = key[: -len(suffix)]
         module = aliases.get(alias)
         if module is None:
-            raise LoraImportError(
-                f"{source}: {key}: {alias} is no layer of this transformer (e.g. {next(iter(aliases))}); "
-                "is the file for another model or size?"
-            )
+            raise LoraImportError(f"{source}: {key}: {_unplaced(alias, params)}")
         parts.setdefault(module, {})[_ROLES[suffix]] = (key, value)
     for got in parts.values():
         if ("up" in got) != ("down" in got):
@@ -222,6 +219,21 @@ def group_lora(
         if "alpha" in got and "up" not in got:
             raise LoraImportError(f"{source}: {got['alpha'][0]}: an alpha with no lora_down/lora_up beside it")
     return parts
+
+
+def _unplaced(alias: str, params: dict[str, nn.Parameter]) -> str:
+    """Why a LoRA module name finds no layer, in words a user can act on."""
+    blocks = {int(m.group(1)) for name in params if (m := _BLOCK.match(name))}
+    m = _ANY_BLOCK.match(alias)
+    if m is not None and blocks and int(m.group(2)) > max(blocks):
+        return (
+            f"block {m.group(2)} does not exist: this transformer has {max(blocks) + 1} blocks; the file is for "
+            "another model size (Wan2.1 14B has 40 blocks, 1.3B 30)"
+        )
+    return (
+        f"{alias} is no layer of this transformer (layers are named like diffusion_model.blocks.0.self_attn.q or "
+        "transformer.blocks.0.attn1.to_q); is the file for another model?"
+    )
 
 
 def pair_scale(module: str, got: dict[str, tuple[str, torch.Tensor]], meta: dict) -> float:

@@ -178,9 +178,10 @@ def test_comfyui_block_lora_matches_diffusers_converter(tmp_path, tiny_pipeline_
     [
         (
             {"diffusion_model.blocks.7.self_attn.q.lora_down.weight": torch.zeros(2, 24)},
-            "blocks.7.self_attn.q is no layer",
+            "block 7 does not exist: this transformer has 2 blocks",
         ),
         ({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 24)}, "its up half is missing"),
+        ({"diffusion_model.vace_blocks.0.q.lora_down.weight": torch.zeros(2, 24)}, "vace_blocks.0.q is no layer"),
         (
             {"diffusion_model.blocks.0.self_attn.q.lora_mid.weight": torch.zeros(2, 2)},
             "lora_mid files are not supported",
