@@ -284,7 +284,7 @@ def stream_causal(
     previous = None  # (x0, start) of the chunk whose cache write is still due
     for chunk, start in enumerate(starts):
         if previous is not None:
-            _write_context(model, cache, *previous, sigma_ctx, generator)
+            write_context(model, cache, *previous, sigma_ctx, generator)
         x = noise[:, :, start : start + fpb]
         for i in range(exits[chunk] + 1):
             last = i == exits[chunk]
@@ -300,7 +300,7 @@ def stream_causal(
 
 
 @torch.no_grad()
-def _write_context(model: CausalWan, cache: KVCache, x0: torch.Tensor, start: int, sigma_ctx: float, generator) -> None:
+def write_context(model: CausalWan, cache: KVCache, x0: torch.Tensor, start: int, sigma_ctx: float, generator) -> None:
     """Append a finished chunk to the cache: its x0 (re-noised to `sigma_ctx` when > 0) at t = context_noise."""
     context = x0.detach()
     if sigma_ctx > 0:
@@ -334,3 +334,104 @@ def _exit_steps(exit_steps: int | list[int] | None, num_chunks: int, num_steps: 
             f"exit_steps: need one step index in 0..{num_steps - 1} per chunk ({num_chunks}), got {exit_steps}"
         )
     return exits
+
+
+class CausalStream:
+    """An open chunk-by-chunk rollout whose prompt can change between chunks and which can start from given frames.
+
+        stream = CausalStream(model, embeds_a, noise, sigmas, generator, prefix=None)
+        x0 = stream.next_chunk()          # [B, C, <=frames_per_block, H, W], as `stream_causal` yields them
+        stream.switch(embeds_b, recache=True)
+        x0 = stream.next_chunk()          # under the new prompt
+
+    `noise` [B, C, F, H, W] holds the initial noise of the chunks to generate (after the prefix); with no switch and
+    no prefix the chunks equal `stream_causal`'s. `prefix` [B, C, P, H, W]: clean latents (a given clip, or one frame
+    for image-to-video where the temporal patch is 1) written into the cache first, as finished chunks are;
+    generation continues at frame P.
+
+    `switch(embeds, recache)`: the cross-attention cache is rebuilt from the new text. `recache=True` (LongLive's KV
+    re-cache) also recomputes the self-attention cache from the finished (clean) chunks it holds, under the new
+    prompt, so the context reads as if it had been made for it; `recache=False` keeps the context's keys and values
+    as they were written under the old prompt. A chunk finished but not yet written is written under the new prompt.
+    """
+
+    def __init__(
+        self,
+        model: CausalWan,
+        cond_embeds: torch.Tensor,
+        noise: torch.Tensor,
+        sigmas: list[float],
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prefix: torch.Tensor | None = None,
+    ):
+        if not sigmas or any(a <= b for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0.0:
+            raise ValueError(f"sigmas: must be strictly descending and > 0 (one per student step), got {sigmas}")
+        self.model, self.noise, self.sigmas, self.generator = model, noise, sigmas, generator
+        self.batch = noise.shape[0]
+        self.cache = model.init_cache(self.batch, cond_embeds)
+        self.sigma_ctx = model.cfg.context_noise / NUM_TRAIN_TIMESTEPS
+        self.written: list[tuple[torch.Tensor, int]] = []  # (x0, start) of chunks in the cache
+        self.pending: tuple[torch.Tensor, int] | None = None  # finished, not yet written
+        self.start = 0  # the next chunk's first latent frame
+        self.generated = 0  # frames of `noise` used
+        if prefix is not None:
+            fpb, p_t = model.frames_per_block, model.p_t
+            if prefix.shape[2] % p_t:
+                raise ValueError(
+                    f"prefix: {prefix.shape[2]} latent frames; this transformer's temporal patch is {p_t}, so a "
+                    f"prefix must be a multiple of {p_t} latent frames (a single image needs patch 1, as Wan2.1)"
+                )
+            for s in range(0, prefix.shape[2], fpb):
+                self._write(prefix[:, :, s : s + fpb].to(noise), s)
+            self.start = prefix.shape[2]
+
+    @property
+    def frames_left(self) -> int:
+        return self.noise.shape[2] - self.generated
+
+    @torch.no_grad()
+    def _write(self, x0: torch.Tensor, start: int) -> None:
+        write_context(self.model, self.cache, x0, start, self.sigma_ctx, self.generator)
+        self.written.append((x0, start))
+        kept = set(self.cache.positions.tolist())  # drop chunks the window has evicted entirely
+        p_t = self.model.p_t
+        self.written = [(x, s) for x, s in self.written if kept & set(range(s // p_t, (s + x.shape[2]) // p_t))]
+
+    @torch.no_grad()
+    def switch(self, cond_embeds: torch.Tensor, recache: bool = True) -> None:
+        """Continue under the prompt `cond_embeds` [B, L, D_text] from the next chunk on (see the class docstring)."""
+        new = self.model.init_cache(self.batch, cond_embeds)
+        if recache:
+            old, self.written = self.written, []
+            self.cache = new
+            for x0, start in old:
+                self._write(x0, start)
+        else:
+            new.self_k, new.self_v, new.positions, new.grid = (
+                self.cache.self_k,
+                self.cache.self_v,
+                self.cache.positions,
+                self.cache.grid,
+            )
+            self.cache = new
+
+    @torch.no_grad()
+    def next_chunk(self) -> torch.Tensor:
+        """The next chunk's x0 [B, C, n, H, W] (the few-step sampler on its noise, with the cache as context)."""
+        if self.frames_left <= 0:
+            raise StopIteration
+        if self.pending is not None:
+            self._write(*self.pending)
+            self.pending = None
+        fpb, sigmas = self.model.frames_per_block, self.sigmas
+        x = self.noise[:, :, self.generated : self.generated + fpb]
+        for i, sigma in enumerate(sigmas):
+            t = torch.full((self.batch,), sigma, dtype=torch.float32, device=x.device) * NUM_TRAIN_TIMESTEPS
+            x0 = x0_from_velocity(x, self.model.forward_chunk(x, t, self.cache, self.start, update_cache=False), sigma)
+            if i + 1 < len(sigmas):
+                eps = randn_tensor(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+                x = add_noise(x0, eps, sigmas[i + 1])
+        self.pending = (x0, self.start)
+        self.start += x0.shape[2]
+        self.generated += x0.shape[2]
+        return x0

@@ -256,3 +256,70 @@ def test_gradient_checkpointing_keeps_the_mask_and_the_cache_snapshot(tiny_trans
             grads.append(tiny_transformer.blocks[0].attn1.to_k.weight.grad.clone())
     for plain, checkpointed in zip(grads[:2], grads[2:]):
         assert plain.abs().max() > 0 and (checkpointed - plain).abs().max() <= 1e-6
+
+
+# ---- interactive streams: prompt switches (KV re-cache) and continuation from given frames ----------------------
+def _stream_inputs(frames, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, C, frames, H, W, generator=g),
+        torch.randn(B, 6, 32, generator=g),
+        torch.randn(B, 6, 32, generator=g),
+    )
+
+
+def test_stream_without_switch_equals_stream_causal(tiny_transformer):
+    from students.causal import CausalStream
+
+    model = CausalWan(tiny_transformer, causal_cfg(frames_per_block=2, local_window=4, sink=1))
+    noise, ehs, _ = _stream_inputs(7)
+    sigmas = [0.9, 0.5, 0.2]
+    with torch.no_grad():
+        want = list(stream_causal(model, ehs, noise, sigmas, generator=torch.Generator().manual_seed(5)))
+    stream = CausalStream(model, ehs, noise, sigmas, generator=torch.Generator().manual_seed(5))
+    got = [stream.next_chunk() for _ in range(4)]
+    assert [g.shape[2] for g in got] == [2, 2, 2, 1]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(StopIteration):
+        stream.next_chunk()
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_recache_switch_and_continuation_equal_a_block_causal_forward_under_the_new_prompt(tiny_transformer, prefix):
+    """After a switch with KV re-cache (or from a given clip), the next chunk is what one block-causal forward of
+    [the clean context at t = 0, the chunk's noise at σ] under the new prompt gives; keeping the old cache is not."""
+    from students.causal import CausalStream
+
+    model = CausalWan(tiny_transformer, causal_cfg(frames_per_block=2))
+    noise, ehs_a, ehs_b = _stream_inputs(6)
+    sigma = 0.8
+    if prefix:  # continuation: frames 0-3 given, under prompt B from the start
+        context = torch.randn(B, C, 4, H, W, generator=torch.Generator().manual_seed(9))
+        stream = CausalStream(model, ehs_b, noise[:, :, 4:], [sigma], prefix=context)
+    else:  # two chunks under A, then a switch to B
+        stream = CausalStream(model, ehs_a, noise, [sigma])
+        context = torch.cat([stream.next_chunk(), stream.next_chunk()], dim=2)
+        stream.switch(ehs_b, recache=True)
+    got = stream.next_chunk()
+    x = torch.cat([context, noise[:, :, 4:6]], dim=2)
+    t = torch.cat([torch.zeros(B, 4), torch.full((B, 2), sigma * 1000)], dim=1)
+    with torch.no_grad():
+        want = noise[:, :, 4:6] - sigma * model(x, t, ehs_b)[:, :, 4:6]
+    assert (got - want).abs().max() <= 1e-5
+    if not prefix:  # keeping the old cache: the cross-attention follows B, the context's keys still read A
+        kept = CausalStream(model, ehs_a, noise, [sigma])
+        kept.next_chunk(), kept.next_chunk()
+        kept.switch(ehs_b, recache=False)
+        other = kept.next_chunk()
+        assert (other - want).abs().max() > 1e-3
+        same_cross = model.init_cache(B, ehs_b)
+        assert all(torch.equal(a, b) for a, b in zip(kept.cache.cross_k, same_cross.cross_k))
+
+
+def test_a_prefix_must_fit_the_temporal_patch():
+    from students.causal import CausalStream
+
+    model = CausalWan(build_tiny(patch_size=(3, 2, 2)), causal_cfg(frames_per_block=3))
+    noise, ehs, _ = _stream_inputs(3)
+    with pytest.raises(ValueError, match=r"temporal patch is 3, so a prefix must be a multiple of 3 latent frames"):
+        CausalStream(model, ehs, noise, [0.5], prefix=torch.zeros(B, C, 1, H, W))
