@@ -19,14 +19,14 @@ students sample without it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from core.seeding import derive_seed, sample_noise
-from students.causal import stream_causal
+from students.causal import CausalStream
 from students.sampling import student_sigmas
 from students.student import Student
 
@@ -87,6 +87,46 @@ def load_causal_student(teacher, folder: str | Path) -> Student:
     return student.to(dtype=base.dtype).eval()
 
 
+def prefix_latents(teacher, frames, frames_per_block: int, p_t: int) -> torch.Tensor:
+    """A clip to continue from -> normalised latents [1, C, P, H, W]: uint8 frames [F, H, W, 3] (numpy or torch),
+    or the path of a video file (read with PyAV). F = 1 + 4k frames for Wan's VAE (k + 1 latent frames); P must be a
+    whole number of chunks, or 1 (one image: image-to-video) where the temporal patch p_t is 1."""
+    if isinstance(frames, (str, Path)):
+        import av  # only a continuation from a file needs PyAV
+
+        path = Path(frames)
+        if not path.is_file():
+            raise FileNotFoundError(f"continue_from: {path}: no such video file")
+        with av.open(str(path)) as container:
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    video = torch.as_tensor(np.asarray(frames))
+    tcfg = teacher.cfg
+    if video.ndim != 4 or video.shape[-1] != 3 or tuple(video.shape[1:3]) != (tcfg.height, tcfg.width):
+        raise ValueError(
+            f"continue_from: frames {tuple(video.shape)}; expected [F, {tcfg.height}, {tcfg.width}, 3] uint8 "
+            "(the teacher's height and width)"
+        )
+    pixels = video.permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    latents = teacher.encode_video(pixels)
+    n = latents.shape[2]
+    if n == 1 and p_t != 1:
+        raise ValueError(
+            f"continue_from: one image is one latent frame, but this transformer's temporal patch is {p_t}: "
+            "image-to-video needs a teacher with temporal patch 1 (Wan2.1); give a clip of whole chunks instead"
+        )
+    if n != 1 and n % frames_per_block:
+        raise ValueError(
+            f"continue_from: {video.shape[0]} frames make {n} latent frames; a continuation needs a whole number of "
+            f"chunks ({frames_per_block} latent frames each)"
+        )
+    return latents
+
+
+Switches = Sequence[tuple[int, str]] | Callable[[int], str | None]
+"""Prompt switches: (chunk index, prompt) pairs, the prompt taking over from that chunk on, or a callable called
+before each chunk with its index that returns a new prompt or None."""
+
+
 @torch.no_grad()
 def stream_video(
     teacher,
@@ -94,11 +134,17 @@ def stream_video(
     prompt: str,
     num_chunks: int,
     seed: int,
+    switches: Switches = (),
+    recache: bool = True,
+    continue_from=None,
 ) -> Iterator[np.ndarray]:
     """Yield the decoded frames of each chunk, uint8 [f, H, W, 3], for `num_chunks` chunks of
     `student.frames_per_block` latent frames at the teacher's height and width (see the module docstring).
 
-    `student`: a causal `Student` or the folder of a saved one; `teacher`: a `WanTeacher` (text encoder, VAE)."""
+    `student`: a causal `Student` or the folder of a saved one; `teacher`: a `WanTeacher` (text encoder, VAE).
+    `switches`: change the prompt mid-stream (`Switches`); `recache`: on a switch, recompute the context's KV cache
+    under the new prompt (LongLive), else keep it. `continue_from`: frames (or a video file) the stream continues;
+    they are encoded by the teacher's VAE into the cache and not yielded again (`prefix_latents`)."""
     if not isinstance(student, Student):
         student = load_causal_student(teacher, student)
     cfg, tcfg = student.cfg, teacher.cfg
@@ -109,17 +155,28 @@ def stream_video(
         )
     if num_chunks < 1:
         raise ValueError(f"num_chunks: must be >= 1, got {num_chunks}")
+    schedule = switches if callable(switches) else dict(switches).get
     sigmas = student_sigmas(cfg, tcfg.shift, tcfg.num_inference_steps)
     channels, _, height, width = teacher.latent_shape(1, tcfg.height, tcfg.width)
     noise = sample_noise(seed, (channels, num_chunks * cfg.frames_per_block, height, width))[None].to(teacher.device)
-    embeds = teacher.encode([prompt], None).prompt_embeds
+    prefix = None
+    if continue_from is not None:
+        prefix = prefix_latents(teacher, continue_from, cfg.frames_per_block, student.causal.p_t).to(teacher.device)
     generator = [torch.Generator("cpu").manual_seed(derive_seed(seed, 1))]
+    stream = CausalStream(
+        student.causal, teacher.encode([prompt], None).prompt_embeds, noise, sigmas, generator, prefix=prefix
+    )
     decoder = StreamingDecoder(teacher)
     try:
-        for latents in stream_causal(student.causal, embeds, noise, sigmas, generator=generator):
-            yield teacher.to_uint8(decoder(latents))[0]
+        if prefix is not None:
+            decoder(prefix)  # the VAE's causal cache continues from the given frames (not yielded)
+        for chunk in range(num_chunks):
+            new = schedule(chunk)
+            if new is not None:
+                stream.switch(teacher.encode([new], None).prompt_embeds, recache=recache)
+            yield teacher.to_uint8(decoder(stream.next_chunk()))[0]
     finally:
         decoder.close()
 
 
-__all__ = ["StreamingDecoder", "load_causal_student", "stream_video"]
+__all__ = ["StreamingDecoder", "Switches", "load_causal_student", "prefix_latents", "stream_video"]

@@ -480,13 +480,10 @@ def test_streaming_decoder_equals_the_whole_video_decode(teacher):
     assert alone.shape[2] == 9 and (alone[:, :, -8:] - whole[:, :, -8:]).abs().max() > 1e-3
 
 
-def test_stream_video_yields_the_frames_of_a_full_rollout(tmp_path):
-    """Toy-world layout (identity VAE, temporal patch 3): 4 chunks streamed from a saved student = one
-    `sample_causal` + decode of the whole video, frame for frame."""
+def _toy_stream_setup(tmp_path):
+    """A saved toy-layout teacher (identity VAE, temporal patch 3) and a saved causal student of it."""
     from conftest import TINY_WORDS
 
-    from core.seeding import sample_noise
-    from students.streaming import stream_video
     from teachers.toyworld.pipeline import build_toy_pipeline, save_toy_pipeline
 
     pipe = build_toy_pipeline(
@@ -529,6 +526,16 @@ def test_stream_video_yields_the_frames_of_a_full_rollout(tmp_path):
     )
     student = build_student(cfg, toy.pipe.transformer)
     student.save_pretrained(tmp_path / "sf")
+    return toy, student
+
+
+def test_stream_video_yields_the_frames_of_a_full_rollout(tmp_path):
+    """Toy-world layout (identity VAE, temporal patch 3): 4 chunks streamed from a saved student = one
+    `sample_causal` + decode of the whole video, frame for frame."""
+    from core.seeding import sample_noise
+    from students.streaming import stream_video
+
+    toy, student = _toy_stream_setup(tmp_path)
     prompt, seed = "a red cat moving left", 11
     chunks = list(stream_video(toy, tmp_path / "sf", prompt, num_chunks=4, seed=seed))
     assert [c.shape for c in chunks] == [(3, 16, 16, 3)] * 4 and all(c.dtype == np.uint8 for c in chunks)
@@ -539,3 +546,36 @@ def test_stream_video_yields_the_frames_of_a_full_rollout(tmp_path):
         want = toy.to_uint8(toy.decode(latents))[0]
     assert np.array_equal(np.concatenate(chunks), want)
     assert np.abs(chunks[3].astype(int) - chunks[0].astype(int)).mean() > 1  # not one chunk repeated
+
+
+def test_stream_video_switches_prompts_and_continues_a_clip(tmp_path):
+    """A switch at chunk 2 leaves chunks 0-1 as they were and changes what follows, differently with and without the
+    KV re-cache; a continuation takes a clip of whole chunks (encoded by the VAE) and refuses what does not fit."""
+    from students.streaming import stream_video
+
+    toy, _ = _toy_stream_setup(tmp_path)
+    a, b, seed = "a red cat moving left", "a blue dog on a white background", 11
+    base = list(stream_video(toy, tmp_path / "sf", a, num_chunks=4, seed=seed))
+    switched = list(stream_video(toy, tmp_path / "sf", a, num_chunks=4, seed=seed, switches=[(2, b)]))
+    kept = list(stream_video(toy, tmp_path / "sf", a, 4, seed, switches=lambda i: b if i == 2 else None, recache=False))
+    for run in (switched, kept):
+        assert all(np.array_equal(x, y) for x, y in zip(run[:2], base[:2]))
+        assert all(np.abs(x.astype(int) - y.astype(int)).max() > 0 for x, y in zip(run[2:], base[2:]))
+    assert np.abs(switched[2].astype(int) - kept[2].astype(int)).max() > 0  # the re-cache changes the context
+    from_b = list(stream_video(toy, tmp_path / "sf", b, num_chunks=1, seed=seed, switches=[(0, a)]))
+    only_a = list(stream_video(toy, tmp_path / "sf", a, num_chunks=1, seed=seed))
+    assert np.array_equal(from_b[0], only_a[0])  # a switch at chunk 0 is simply the starting prompt
+
+    clip = np.concatenate(base[:3])  # 9 frames: 1 + 4·2 for the VAE's encoder, 3 whole chunks
+    more = list(stream_video(toy, tmp_path / "sf", a, num_chunks=2, seed=seed, continue_from=clip))
+    assert [c.shape for c in more] == [(3, 16, 16, 3)] * 2
+    video = tmp_path / "clip.mp4"
+    from synth_data.dataset import encode_video
+
+    video.write_bytes(encode_video(clip, 8))
+    from_file = list(stream_video(toy, tmp_path / "sf", a, num_chunks=1, seed=seed, continue_from=video))
+    assert from_file[0].shape == (3, 16, 16, 3)
+    with pytest.raises(ValueError, match=r"image-to-video needs a teacher with temporal patch 1"):
+        list(stream_video(toy, tmp_path / "sf", a, num_chunks=1, seed=seed, continue_from=clip[:1]))
+    with pytest.raises(ValueError, match=r"expected \[F, 16, 16, 3\]"):
+        list(stream_video(toy, tmp_path / "sf", a, num_chunks=1, seed=seed, continue_from=clip[:, :8]))
