@@ -24,7 +24,7 @@ from synth_data.push import PushError, push
 
 logger = logging.getLogger("distill")
 
-STAGES = ("compose", "generate", "push", "train", "export", "eval", "run")
+STAGES = ("compose", "generate", "push", "train", "export", "eval", "run", "stream")
 
 
 STAGE_HELP = {
@@ -38,6 +38,10 @@ STAGE_HELP = {
     "train": ("train the student with the method", ("teacher", "student", "method", "train")),
     "export": ("write the trained student's export formats", ("student", "export")),
     "eval": ("grade the teacher and every finished student", ("teacher", "eval")),
+    "stream": (
+        "stream one long video from the causal student into an mp4, chunk by chunk (prompt switches, continuation)",
+        ("teacher", "stream"),
+    ),
     "run": (
         "compose, generate, train and export, skipping what is complete",
         ("data", "teacher", "student", "method", "train", "export"),
@@ -116,6 +120,12 @@ def stage_train(recipe: Recipe) -> None:
 def stage_export(recipe: Recipe) -> None:
     _need_student(recipe, "export")
     export_stage(recipe)
+
+
+def stage_stream(recipe: Recipe) -> None:
+    from distill.stream_stage import stream_stage  # PyAV: the mp4 writer
+
+    stream_stage(recipe)
 
 
 def stage_eval(recipe: Recipe) -> None:

@@ -243,6 +243,35 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class StreamConfig:
+    """The `stream` stage: a causal student streams one long video to an mp4, chunk by chunk."""
+
+    prompt: str = ""
+    """The starting prompt (required by `stream`)."""
+    num_chunks: int = 40
+    """Chunks to generate (each `student.frames_per_block` latent frames), after any `continue_from` clip."""
+    seed: int = 0
+    """Noise seed (the eval's convention: a stream of the eval's length equals the eval's sample of this seed)."""
+    switches: list[list[int | str]] = field(default_factory=list)
+    """Prompt switches `[[chunk, "prompt"], ...]`: the prompt takes over from that chunk on."""
+    recache: bool = True
+    """On a switch, recompute the context's KV cache under the new prompt (LongLive's re-cache); false keeps it."""
+    continue_from: str | None = None
+    """A video file (teacher's size; a whole number of chunks) the stream continues; it is not written again."""
+    student: str | None = None
+    """Folder of a saved causal student; None: this recipe's trained student (`final_ema/` when kept)."""
+    output: str | None = None
+    """The mp4 to write; None: `<output_dir>/streams/<student name>_seed<seed>.mp4`."""
+
+    def __post_init__(self):
+        if self.num_chunks < 1:
+            raise ValueError(f"num_chunks: must be >= 1, got {self.num_chunks}")
+        for i, item in enumerate(self.switches):
+            if len(item) != 2 or not isinstance(item[0], int) or not isinstance(item[1], str) or item[0] < 0:
+                raise ValueError(f'switches[{i}]: expected [chunk >= 0, "prompt"], got {item!r}')
+
+
+@dataclass(kw_only=True)
 class Recipe:
     output_dir: str
     """Everything this recipe produces lives here (see DESIGN.md §1)."""
@@ -253,6 +282,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     source: str | None = None
     """The recipe file this was loaded from (filled in by `load_recipe`)."""
 

@@ -579,3 +579,39 @@ def test_stream_video_switches_prompts_and_continues_a_clip(tmp_path):
         list(stream_video(toy, tmp_path / "sf", a, num_chunks=1, seed=seed, continue_from=clip[:1]))
     with pytest.raises(ValueError, match=r"expected \[F, 16, 16, 3\]"):
         list(stream_video(toy, tmp_path / "sf", a, num_chunks=1, seed=seed, continue_from=clip[:, :8]))
+
+
+def test_stream_stage_writes_the_mp4_as_the_cli_is_told(tmp_path, capsys):
+    """`python -m distill stream` with stream.student, a switch and the default output: the mp4 holds the frames
+    `stream_video` yields (H.264, lossy); bad input is one line and writes nothing."""
+    import yaml
+
+    from distill.cli import main
+    from students.streaming import stream_video
+    from synth_data.dataset import decode_video
+
+    toy, _ = _toy_stream_setup(tmp_path)
+    recipe = {
+        "output_dir": str(tmp_path / "out"),
+        "data": {"vocabulary": "synth_data/vocab/toyworld.yaml", "num_prompts": 1, "fps": 8},
+        "teacher": {k: getattr(toy.cfg, k) for k in ("pretrained", "dtype", "height", "width", "num_frames")}
+        | {"num_inference_steps": 4, "max_sequence_length": 8},
+        "stream": {"student": str(tmp_path / "sf"), "num_chunks": 3, "seed": 5},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["stream", str(tmp_path / "r.yaml")]) == 2
+    assert "stream.prompt: not set" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "streams").exists() or not any((tmp_path / "out" / "streams").iterdir())
+    a, b = "a red cat moving left", "a blue dog"
+    assert main(["stream", str(tmp_path / "r.yaml"), f"stream.prompt={a}", f"stream.switches=[[2, {b}]]"]) == 0
+    out = tmp_path / "out" / "streams" / "sf_seed5.mp4"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sf_seed5.mp4"]  # the .part file renamed into place
+    got = decode_video(out.read_bytes())
+    want = np.concatenate(list(stream_video(toy, tmp_path / "sf", a, 3, 5, switches=[(2, b)])))
+    assert got.shape == want.shape == (9, 16, 16, 3)
+    luma = np.array([0.299, 0.587, 0.114])  # yuv420p keeps luma at full resolution; random frames' chroma is lost
+    err = np.abs(got @ luma - want @ luma).mean()
+    other = np.concatenate(list(stream_video(toy, tmp_path / "sf", b, 3, 5)))
+    assert err < 6 and np.abs(got @ luma - other @ luma).mean() > 2 * err  # closer to its stream than another
+    assert main(["stream", str(tmp_path / "r.yaml"), f"stream.prompt={a}", "stream.switches=[[x, y]]"]) == 2
+    assert "stream.switches[0]" in capsys.readouterr().err
