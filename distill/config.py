@@ -208,6 +208,9 @@ class EvalConfig:
     long_rollout_prompts: int = 16
     """Causal students: the first this-many eval prompts are rolled out long (the drift curve's resolution is
     1/long_rollout_prompts per segment; at most num_prompts are used)."""
+    interactive_prompts: int = 0
+    """Causal students, toy world: grade prompt switches (KV re-cache and old cache) and continuation of rendered
+    clips on the first this-many eval prompts (`distill.eval_interactive`); 0: skip."""
     num_previews: int = 4
     """First prompts rendered as mp4 + GIF previews for the teacher and every student (at most num_prompts;
     0: none)."""
@@ -238,6 +241,8 @@ class EvalConfig:
             raise ValueError(f"student_timing_seconds: must be >= 0, got {self.student_timing_seconds}")
         if self.num_previews < 0:
             raise ValueError(f"num_previews: must be >= 0, got {self.num_previews}")
+        if self.interactive_prompts < 0:
+            raise ValueError(f"interactive_prompts: must be >= 0 (0: skip), got {self.interactive_prompts}")
         if self.students is not None and (not self.students or len(set(self.students)) != len(self.students)):
             raise ValueError(f"students: must be null or a non-empty list of distinct names, got {self.students}")
 

@@ -382,6 +382,11 @@ def eval_student(name: str, folder: Path, teacher, recipe: Recipe, ctx: dict) ->
         }
         if entry["causal"]:
             entry["long_rollout"] = long_rollout(student, teacher, recipe, ctx["rows"], ctx["grader"])
+            if recipe.eval.interactive_prompts and ctx["grader"] == "toyworld":
+                from distill.eval_interactive import InteractiveEval
+
+                graded = InteractiveEval(student, teacher, recipe, ctx["vocab"], ctx["rows"])
+                entry["switch"], entry["continuation"] = graded.switches(), graded.continuation()
     finally:
         if student.is_lora and student.shares_teacher:  # give the teacher its module back, adapters removed
             base.delete_adapters(student.adapter_names)
@@ -403,6 +408,7 @@ def grading_context(recipe: Recipe, teacher, rows: list[dict], vocab: Vocabulary
         "negative": negative,
         "grader": grader,
         "num_previews": min(cfg.num_previews, len(rows)),
+        "vocab": vocab,
         "n": len(rows),
         "rows": rows,
     }

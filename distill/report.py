@@ -121,6 +121,7 @@ def markdown_report(report: dict, files: dict[str, str], previews: dict[str, dic
         lines += ["## Accuracy per attribute", "", f"![per-attribute accuracy]({files['accuracy']})", ""]
     if "drift" in files:
         lines += ["## Long-rollout drift", "", f"![drift]({files['drift']})", ""]
+    lines += interactive_tables(report)
     if previews:
         lines += ["## Previews", "", f"The first {report['num_previews']} prompts, same noise for every model.", ""]
         if "first_frames" in files:
@@ -158,6 +159,38 @@ def plot_accuracy(accuracy: dict[str, dict[str, float]], path: str | Path) -> Pa
     ax.set_title("Per-attribute accuracy")
     ax.legend(fontsize=8, loc="upper right")
     return _save(fig, Path(path))
+
+
+def interactive_tables(report: dict) -> list[str]:
+    """Markdown tables of the causal students' prompt-switch and continuation figures (`distill.eval_interactive`)."""
+    rows = {n: s for n, s in report["students"].items() if s.get("switch")}
+    if not rows:
+        return []
+    first = next(iter(rows.values()))["switch"]
+    lines = [
+        "## Prompt switches and continuation",
+        "",
+        f"Streams of {first['chunks']} chunks switched at chunk {first['switch_chunk']} ({first['num_prompts']} "
+        "prompts). One slot changed: the changed slot reads the new value in the second chunk after the switch "
+        "(`within 2`), and unchanged slots keep theirs (`kept`). All slots changed: all-attribute accuracy from the "
+        "third chunk after the switch on, against a fresh stream of the new prompt on the same chunks. Continuation: "
+        "rendered ground-truth clips continued for the long-rollout length, all-attribute accuracy of the clip's "
+        "slots.",
+        "",
+        "| student | cache | 1 slot: within 2 | 1 slot: kept | all slots: after | fresh | continuation |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in rows.items():
+        sw, cont = s["switch"], s.get("continuation") or {}
+        for mode in ("recache", "keep_cache"):
+            one, every = sw[mode]["one_slot"], sw[mode]["all_slots"]
+            lines.append(
+                f"| {name} | {mode} | {one['changed_within_2']:.3f} | {one['unchanged_kept']:.3f} | "
+                f"{every['after_accuracy']:.3f} | {sw['fresh_accuracy']:.3f} | "
+                + (f"{cont['accuracy']:.3f}" if "accuracy" in cont else "n/a")
+                + " |"
+            )
+    return [*lines, ""]
 
 
 def plot_drift(curves: dict[str, dict], path: str | Path) -> Path:

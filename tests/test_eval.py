@@ -481,3 +481,47 @@ def test_causal_student_and_teacher_report_chunk_accuracy(setup, tmp_path):
     table = rep.summary_table(report)
     assert "acc per chunk" in table
     assert " / ".join(f"{a:.3f}" for a in causal["chunk_accuracy"]) in table
+
+
+def test_switch_and_continuation_sections_for_causal_students(setup, tmp_path):
+    """eval.interactive_prompts: a causal student gets `switch` (KV re-cache and old cache) and `continuation`
+    sections, and report.md a table of them; the prompt pairs change one slot, or every slot."""
+    from diffusers import WanTransformer3DModel
+
+    from core.vocabulary import load_vocabulary
+    from distill.eval_interactive import all_slot_partner, one_slot_switch
+    from teachers.toyworld.render import SLOTS
+
+    vocab = load_vocabulary(TOY_VOCAB)
+    rows = [{"slots": dict(zip(SLOTS, vals))} for vals in zip(*(vocab.slots[s][:3] for s in SLOTS))]
+    for i, r in enumerate(rows):
+        slot, new = one_slot_switch(vocab, r["slots"], i)
+        assert slot == SLOTS[i % 5] and [s for s in SLOTS if new[s] != r["slots"][s]] == [slot]
+        partner = all_slot_partner(rows, i)
+        assert partner is not None and all(partner["slots"][s] != r["slots"][s] for s in SLOTS)
+
+    out = tmp_path / "out"
+    base = WanTransformer3DModel.from_pretrained(setup["pipe_dir"] / "transformer")
+    save_student(out, dict(name="causal1", kind="causal", frames_per_block=1, denoising_steps=[1000, 500]), base)
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        out,
+        setup["pipe_dir"],
+        num_prompts=4,
+        num_previews=0,
+        long_rollout_factor=3,
+        interactive_prompts=4,
+        student_timing_seconds=0,
+    )
+    entry = evaluate(load_recipe(path))["students"]["causal1"]
+    sw, cont = entry["switch"], entry["continuation"]
+    assert (sw["chunks"], sw["switch_chunk"], sw["num_prompts"]) == (9, 3, 4)
+    for mode in ("recache", "keep_cache"):
+        one = sw[mode]["one_slot"]
+        assert len(one["changed_per_chunk"]) == 6 and one["changed_within_2"] == one["changed_per_chunk"][1]
+        assert 0 <= one["unchanged_kept"] <= 1 and 0 <= sw[mode]["all_slots"]["after_accuracy"] <= 1
+    assert 0 <= sw["fresh_accuracy"] <= 1
+    assert (cont["length_factor"], cont["num_prompts"], len(cont["segment_accuracy"])) == (3, 4, 3)
+    assert cont["accuracy"] == pytest.approx(sum(cont["segment_accuracy"]) / 3)
+    text = (out / "eval" / "report.md").read_text()
+    assert "## Prompt switches and continuation" in text and "| causal1 | keep_cache |" in text
