@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch pinned first: the CPU wheel comes from the local folder, no CUDA download.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]' torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev,browser]' torch==2.13.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -24,7 +24,7 @@ from synth_data.push import PushError, push
 
 logger = logging.getLogger("distill")
 
-STAGES = ("compose", "generate", "push", "train", "export", "eval", "run", "stream")
+STAGES = ("compose", "generate", "push", "train", "export", "eval", "run", "stream", "serve")
 
 
 STAGE_HELP = {
@@ -41,6 +41,10 @@ STAGE_HELP = {
     "stream": (
         "stream one long video from the causal student into an mp4, chunk by chunk (prompt switches, continuation)",
         ("teacher", "stream"),
+    ),
+    "serve": (
+        "serve a local page (127.0.0.1) that plays the causal student's stream live, with a box to switch the prompt",
+        ("teacher", "stream", "serve"),
     ),
     "run": (
         "compose, generate, train and export, skipping what is complete",
@@ -126,6 +130,12 @@ def stage_stream(recipe: Recipe) -> None:
     from distill.stream_stage import stream_stage  # PyAV: the mp4 writer
 
     stream_stage(recipe)
+
+
+def stage_serve(recipe: Recipe) -> None:
+    from distill.serve import serve_stage
+
+    serve_stage(recipe)
 
 
 def stage_eval(recipe: Recipe) -> None:

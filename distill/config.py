@@ -277,6 +277,22 @@ class StreamConfig:
 
 
 @dataclass(kw_only=True)
+class ServeConfig:
+    """The `serve` stage: a local page that plays the stream (its prompt, length and seed: the `stream` section)."""
+
+    host: str = "127.0.0.1"
+    """Loopback only: 127.0.0.1, ::1 or localhost."""
+    port: int = 8765
+    """0 picks a free port (logged)."""
+
+    def __post_init__(self):
+        if self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(f"host: {self.host!r}; the page serves loopback addresses only (127.0.0.1, ::1)")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be in 0..65535, got {self.port}")
+
+
+@dataclass(kw_only=True)
 class Recipe:
     output_dir: str
     """Everything this recipe produces lives here (see DESIGN.md §1)."""
@@ -288,6 +304,7 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     source: str | None = None
     """The recipe file this was loaded from (filled in by `load_recipe`)."""
 

@@ -56,6 +56,24 @@ class Mp4Writer:
         self.container.close()
 
 
+def resolve_student(recipe: Recipe) -> tuple[Path, str]:
+    """(folder, name) of the causal student to stream: `stream.student`, else the recipe's finished run."""
+    sc = recipe.stream
+    if sc.student is not None:
+        folder = Path(sc.student)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"stream.student: {folder}: no such folder (a saved causal student's final/)")
+        return folder, folder.name
+    if recipe.student is None:
+        raise ValueError(f"{recipe.source}: streaming needs a student recipe or stream.student (a saved student)")
+    if not is_finished(recipe.student_dir()):
+        raise FileNotFoundError(
+            f"{recipe.student_dir()}: no finished training run; run `python -m distill train {recipe.source}`"
+        )
+    check_finished(recipe)
+    return weights_dir(recipe.student_dir(), recipe.export.use_ema), recipe.student.name
+
+
 def stream_stage(recipe: Recipe) -> Path:
     """Stream `recipe.stream` with the recipe's causal student (or `stream.student`) into its mp4; returns it."""
     sc = recipe.stream
@@ -63,17 +81,7 @@ def stream_stage(recipe: Recipe) -> Path:
         raise ValueError(
             'stream.prompt: not set; e.g. `python -m distill stream RECIPE.yaml stream.prompt="a red cat"`'
         )
-    if sc.student is not None:
-        folder, name = Path(sc.student), Path(sc.student).name
-    else:
-        if recipe.student is None:
-            raise ValueError(f"{recipe.source}: `stream` needs a student recipe or stream.student (a saved student)")
-        if not is_finished(recipe.student_dir()):
-            raise FileNotFoundError(
-                f"{recipe.student_dir()}: no finished training run; run `python -m distill train {recipe.source}`"
-            )
-        check_finished(recipe)
-        folder, name = weights_dir(recipe.student_dir(), recipe.export.use_ema), recipe.student.name
+    folder, name = resolve_student(recipe)
     if sc.continue_from is not None and not Path(sc.continue_from).is_file():
         raise FileNotFoundError(f"stream.continue_from: {sc.continue_from}: no such video file")
     out = Path(sc.output) if sc.output else recipe.out / "streams" / f"{name}_seed{sc.seed}.mp4"
