@@ -164,7 +164,8 @@ def comfyui_state_dict(lora_sd: dict[str, torch.Tensor], alpha: float) -> dict[s
     return out
 
 
-def export_comfyui_lora(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, folder: Path) -> Path:
+def _comfyui_files(folder: Path, student: Student, state_dicts: list[dict[str, torch.Tensor]]) -> list[str]:
+    """Write one `<name>[_expert_<i>].safetensors` per expert (+ experts.json for several); returns their names."""
     folder.mkdir(parents=True, exist_ok=True)
     name = student.cfg.name
     files = (
@@ -172,12 +173,20 @@ def export_comfyui_lora(recipe: Recipe, student: Student, teacher_pipe: WanPipel
         if student.num_experts == 1
         else [f"{name}_{expert_name(i)}.safetensors" for i in range(student.num_experts)]
     )
-    for i, fname in enumerate(files):
-        sd = comfyui_state_dict(lora_state_dict(student.transformer, student.adapter_names[i]), student.cfg.lora_alpha)
-        save_file(sd, str(folder / fname), metadata={"format": "pt"})
+    for fname, sd in zip(files, state_dicts):
+        save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(folder / fname), metadata={"format": "pt"})
     if student.num_experts > 1:
         _write_experts_json(folder, student, files)
-    else:
+    return files
+
+
+def export_comfyui_lora(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, folder: Path) -> Path:
+    sds = [
+        comfyui_state_dict(lora_state_dict(student.transformer, adapter), student.cfg.lora_alpha)
+        for adapter in student.adapter_names
+    ]
+    files = _comfyui_files(folder, student, sds)
+    if student.num_experts == 1:
         write_workflow(folder, recipe, model_file=comfyui_base_file(recipe), lora_file=files[0])
     return folder / files[0] if student.num_experts == 1 else folder
 
@@ -185,19 +194,8 @@ def export_comfyui_lora(recipe: Recipe, student: Student, teacher_pipe: WanPipel
 def export_comfyui_model(recipe: Recipe, student: Student, teacher_pipe: WanPipeline, folder: Path) -> Path:
     """One Wan-native single-file transformer per expert (the original checkpoint's names, no prefix: what
     ComfyUI's `UNETLoader` detects as Wan), plus `workflow_api.json` for a single expert."""
-    folder.mkdir(parents=True, exist_ok=True)
-    name = student.cfg.name
-    files = (
-        [f"{name}.safetensors"]
-        if student.num_experts == 1
-        else [f"{name}_{expert_name(i)}.safetensors" for i in range(student.num_experts)]
-    )
-    for fname, transformer in zip(files, student_transformers(student)):
-        sd = {k: v.detach().contiguous() for k, v in native_state_dict(transformer).items()}
-        save_file(sd, str(folder / fname), metadata={"format": "pt"})
-    if student.num_experts > 1:
-        _write_experts_json(folder, student, files)
-    else:
+    files = _comfyui_files(folder, student, [native_state_dict(t) for t in student_transformers(student)])
+    if student.num_experts == 1:
         write_workflow(folder, recipe, model_file=files[0], lora_file=None)
     return folder / files[0] if student.num_experts == 1 else folder
 
