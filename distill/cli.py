@@ -18,7 +18,7 @@ from distill.checkpoints import check_finished, final_dir, is_finished
 from distill.config import Recipe, load_recipe
 from distill.export_stage import export_stage
 from distill.hub import push_student
-from distill.trainer import train
+from distill.trainer import check_train_recipe, train
 from synth_data.compose_stage import compose_stage
 from synth_data.push import PushError, push
 
@@ -165,6 +165,22 @@ def stage_run(recipe: Recipe) -> None:
         stage_export(recipe)
 
 
+def check_stage(recipe: Recipe, stage: str) -> None:
+    """The checks `stage` runs on the recipe before it loads a model (`--dry-run` runs them and stops)."""
+    if stage in ("train", "export"):
+        _need_student(recipe, stage)
+    if stage == "train" or (stage == "run" and recipe.student is not None):
+        check_train_recipe(recipe)
+    if stage == "stream" and not recipe.stream.prompt:
+        raise ValueError('stream.prompt: not set; e.g. stream.prompt="a red cat"')
+    if stage in ("stream", "serve") and recipe.stream.student is None and recipe.student is None:
+        raise ValueError(f"{recipe.source}: `{stage}` needs a student recipe or stream.student (a saved student)")
+    if stage == "push":
+        key = "export.hub_repo_id" if recipe.student is not None else "data.hub_repo_id"
+        if not (recipe.export.hub_repo_id if recipe.student is not None else recipe.data.hub_repo_id):
+            raise ValueError(f"{key}: not set; set it to a repo you can write to")
+
+
 def _close_progress_bars() -> None:
     """End the bars a failed stage left open, so the error starts on a line of its own."""
     for bar in list(tqdm._instances):  # tqdm's registry of open bars
@@ -185,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         print(recipe.to_yaml(), end="")
+        try:
+            check_stage(recipe, args.stage)
+        except (RecipeError, ValueError, OSError) as e:
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        print(f"dry run: the recipe passes `{args.stage}`'s checks (no model was loaded)", file=sys.stderr)
         return 0
     stage = globals()[f"stage_{args.stage}"]
     try:

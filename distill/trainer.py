@@ -145,10 +145,24 @@ def _check_accelerator(accelerator: Accelerator, recipe: Recipe) -> None:
             f"train.mixed_precision: the Accelerator has {accelerator.mixed_precision!r}, the recipe "
             f"{tc.mixed_precision!r}; build it with make_accelerator(**accelerator_kwargs(recipe))"
         )
+    check_train_recipe(recipe)
+
+
+def check_train_recipe(recipe: Recipe) -> None:
+    """What `train` refuses in a recipe before loading anything (also run by `--dry-run`)."""
+    tc = recipe.train
+    if recipe.student is None or recipe.method is None:
+        raise ValueError(f"{recipe.source}: train needs a student recipe (with `student` and `method` sections)")
     if METHODS[recipe.method.name].two_player and tc.mixed_precision == "fp16":
         raise ValueError(
             f"train.mixed_precision: fp16 can't train method {recipe.method.name} (accelerate's one "
             "GradScaler would unscale the critic's and the student's optimizers inconsistently); use bf16"
+        )
+    missing = [n for n in tc.log_with if importlib.util.find_spec(TRACKER_MODULES[n]) is None]
+    if missing:
+        raise ValueError(
+            f"train.log_with: {missing[0]} is not installed; `pip install {TRACKER_MODULES[missing[0]]}` "
+            "or drop it from train.log_with"
         )
 
 
@@ -170,12 +184,6 @@ def _start_trackers(accelerator: Accelerator, recipe: Recipe) -> None:
     tc, logs = recipe.train, recipe.student_dir() / "logs"
     if not tc.log_with:
         return
-    missing = [n for n in tc.log_with if importlib.util.find_spec(TRACKER_MODULES[n]) is None]
-    if missing:
-        raise ValueError(
-            f"train.log_with: {missing[0]} is not installed; `pip install {TRACKER_MODULES[missing[0]]}` "
-            "or drop it from train.log_with"
-        )
     if not accelerator.log_with:  # built without trackers: add ours, writing into the student's folder
         from accelerate.tracking import TensorBoardTracker
         from accelerate.utils import LoggerType

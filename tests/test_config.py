@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,26 @@ def test_dry_run_prints_resolved_recipe(tmp_path, capsys):
     assert main(["compose", str(path), "--dry-run", "data.seed=4", "data.num_prompts=2"]) == 0  # overrides after it
     printed = yaml.safe_load(capsys.readouterr().out)
     assert (printed["data"]["seed"], printed["data"]["num_prompts"]) == (4, 2)
+
+
+def test_dry_run_runs_the_stage_checks(capsys):
+    """--dry-run refuses what the stage would refuse at start-up, before any model loads, in one line."""
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    cases = [
+        (["train", str(root / "toyworld.yaml")], "`train` needs a student recipe"),
+        (["train", str(root / "toyworld_self_forcing.yaml"), "train.mixed_precision=fp16"], "fp16 can't train"),
+        (["train", str(root / "toyworld_lora4.yaml"), "train.log_with=[aim]"], "aim is not installed"),
+        (["stream", str(root / "toyworld_self_forcing.yaml")], "stream.prompt: not set"),
+        (["push", str(root / "toyworld_lora4.yaml")], "export.hub_repo_id: not set"),
+    ]
+    for args, message in cases:
+        if "aim" in message and importlib.util.find_spec("aim") is not None:
+            continue
+        assert main([*args, "--dry-run"]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], (args, err)
+    assert main(["train", str(root / "toyworld_self_forcing.yaml"), "--dry-run"]) == 0
+    assert "passes `train`'s checks" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_key_without_traceback(tmp_path):
