@@ -150,14 +150,14 @@ class InteractiveEval:
                             for rd, p in zip(own, b_rows)
                             for c in range(k + 2, 3 * k)
                         )
-                    n_all += len(pairs) * (k - 2)
+                    n_all += len(pairs) * (2 * k - 2)  # chunks k + 2 .. 3k - 1 of each pair
             result[name] = {
                 "one_slot": {
                     "changed_within_2": float(changed[:, 1].mean()),
                     "changed_per_chunk": [float(x) for x in changed.mean(axis=0)],
                     "unchanged_kept": float(kept / max(kept_n, 1)),
                 },
-                "all_slots": {"num_pairs": n_all // max(k - 2, 1), "after_accuracy": after / max(n_all, 1)},
+                "all_slots": {"num_pairs": n_all // max(2 * k - 2, 1), "after_accuracy": after / max(n_all, 1)},
             }
             if recache:
                 result["fresh_accuracy"] = fresh / max(n_all, 1)

@@ -525,3 +525,64 @@ def test_switch_and_continuation_sections_for_causal_students(setup, tmp_path):
     assert cont["accuracy"] == pytest.approx(sum(cont["segment_accuracy"]) / 3)
     text = (out / "eval" / "report.md").read_text()
     assert "## Prompt switches and continuation" in text and "| causal1 | keep_cache |" in text
+
+
+def test_interactive_metrics_of_a_perfect_stream_are_one_and_of_a_stuck_stream_zero(setup, tmp_path, monkeypatch):
+    """The grading itself, with the streams replaced by ground truth rendered by the toy world: a stream that follows
+    every switch at once scores 1 everywhere; one that ignores switches scores 0 on what changed and still keeps the
+    unchanged slots; a perfect continuation scores 1."""
+    from diffusers import WanTransformer3DModel
+
+    from core.vocabulary import load_vocabulary
+    from distill.eval import eval_prompts
+    from distill.eval_interactive import InteractiveEval, _prompt, all_slot_partner, one_slot_switch
+    from students.config import StudentConfig
+    from students.student import build_student
+    from teachers.toyworld.render import render_video
+    from teachers.wan import WanTeacher
+
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "r.yaml",
+            tmp_path / "out",
+            setup["pipe_dir"],
+            interactive_prompts=6,
+            long_rollout_factor=3,
+            num_prompts=6,
+        )
+    )
+    vocab = load_vocabulary(TOY_VOCAB)
+    rows = eval_prompts(recipe)
+    slots_of = {r["prompt"]: r["slots"] for r in rows}
+    for i, r in enumerate(rows):
+        slots_of[_prompt(vocab, one_slot_switch(vocab, r["slots"], i)[1])] = one_slot_switch(vocab, r["slots"], i)[1]
+    pairs = sum(all_slot_partner(rows, i) is not None for i in range(len(rows)))
+    assert pairs >= 3
+    teacher = WanTeacher.from_config(recipe.teacher)
+    base = WanTransformer3DModel.from_pretrained(setup["pipe_dir"] / "transformer")
+    student = build_student(StudentConfig(name="c", kind="causal", frames_per_block=1, denoising_steps=[1000]), base)
+    graded = InteractiveEval(student, teacher, recipe, vocab, rows)
+    follow = True
+
+    def fake_stream(rows_, prompts_a, prompts_b, chunks, switch_at, recache, prefix=None):
+        videos = []
+        for i, a in enumerate(prompts_a):
+            parts = []
+            for c in range(chunks):
+                now = prompts_b[i] if (follow and switch_at is not None and c >= switch_at) else a
+                parts.append(render_video(slots_of[now], 4, 32, 32, seed=i, start_frame=4 * c))
+            videos.append(np.concatenate(parts))
+        return np.stack(videos)
+
+    monkeypatch.setattr(graded, "_stream", fake_stream)
+    sw, cont = graded.switches(), graded.continuation()
+    for mode in ("recache", "keep_cache"):
+        one, every = sw[mode]["one_slot"], sw[mode]["all_slots"]
+        assert one["changed_within_2"] == 1.0 and one["changed_per_chunk"] == [1.0] * 6
+        assert one["unchanged_kept"] == 1.0 and every == {"num_pairs": pairs, "after_accuracy": 1.0}
+    assert sw["fresh_accuracy"] == 1.0
+    assert cont["segment_accuracy"] == [1.0, 1.0, 1.0] and cont["accuracy"] == 1.0
+    follow = False  # a stream stuck on its first prompt
+    sw = graded.switches()
+    one, every = sw["recache"]["one_slot"], sw["recache"]["all_slots"]
+    assert one["changed_within_2"] == 0.0 and one["unchanged_kept"] == 1.0 and every["after_accuracy"] == 0.0
