@@ -180,14 +180,13 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _peft_scale(module: str, rank: int, meta: dict) -> float:
-    """peft's lora_alpha / r for `module` from diffusers metadata (patterns match a module-name suffix)."""
-    alpha, r = meta.get("lora_alpha", rank), meta.get("r", rank)
-    for pattern, value in (meta.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
-            alpha = value
-    for pattern, value in (meta.get("rank_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
-            r = value
+    """peft's lora_alpha / r for `module` from diffusers metadata, its alpha_pattern / rank_pattern matched as peft
+    matches them (`get_pattern_key`)."""
+    from peft.utils.other import get_pattern_key
+
+    alphas, ranks = meta.get("alpha_pattern") or {}, meta.get("rank_pattern") or {}
+    alpha = alphas.get(get_pattern_key(list(alphas), module), meta.get("lora_alpha", rank))
+    r = ranks.get(get_pattern_key(list(ranks), module), meta.get("r", rank))
     return float(alpha) / float(r)
 
 

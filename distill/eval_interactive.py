@@ -70,6 +70,11 @@ def _reads(videos: np.ndarray, chunks: int) -> list[list[dict[str, str]]]:
     return [read_video(v, chunks) for v in videos]
 
 
+def _all_right(reads: list[list[dict[str, str]]], rows: list[dict], chunks: range) -> int:
+    """(video, chunk) pairs over `chunks` whose every slot reads its row's value."""
+    return sum(all(rd[c][x] == r["slots"][x] for x in SLOTS) for rd, r in zip(reads, rows) for c in chunks)
+
+
 class InteractiveEval:
     """Runs the switch and continuation grading of one causal student (see the module docstring)."""
 
@@ -81,14 +86,14 @@ class InteractiveEval:
         self.fpb = cfg.frames_per_block
         self.k = -(-self.f // self.fpb)  # chunks of a teacher-length video
         self.sigmas = student_sigmas(cfg, tcfg.shift, tcfg.num_inference_steps)
-        self.negative = None
 
     def _embeds(self, prompts: list[str]) -> torch.Tensor:
         return self.teacher.encode(prompts, None).prompt_embeds
 
     @torch.no_grad()
     def _stream(self, rows, prompts_a, prompts_b, chunks, switch_at, recache, prefix=None) -> np.ndarray:
-        """Decoded uint8 videos [B, F, H, W, 3] of `chunks` generated chunks (a prefix is decoded, then dropped)."""
+        """Decoded uint8 videos [B, F, H, W, 3] of `chunks` generated chunks; `prefix`: the latents of teacher-length
+        clips the stream continues (decoded with it for the VAE's context, then dropped)."""
         noise = torch.stack([sample_noise(r["seed"], (self.c, chunks * self.fpb, self.h, self.w)) for r in rows])
         gens = [torch.Generator("cpu").manual_seed(derive_seed(r["seed"], 1)) for r in rows]
         dev = self.teacher.device
@@ -100,12 +105,11 @@ class InteractiveEval:
             if switch_at is not None and chunk == switch_at:
                 stream.switch(self._embeds(prompts_b), recache=recache)
             out.append(stream.next_chunk())
-        latents = torch.cat(([prefix] if prefix is not None else []) + out, dim=2)
-        videos = self.teacher.to_uint8(self.teacher.decode(latents))
-        if prefix is not None:  # the prefix's pixel frames: those of a prefix-length decode
-            skip = self.teacher.decode(prefix[:1]).shape[2]
-            videos = videos[:, skip:]
-        return videos
+        if prefix is None:
+            return self.teacher.to_uint8(self.teacher.decode(torch.cat(out, dim=2)))
+        # decoded after the prefix (the VAE's causal context); its pixel frames, a teacher-length clip's, are dropped
+        videos = self.teacher.to_uint8(self.teacher.decode(torch.cat([prefix, *out], dim=2)))
+        return videos[:, self.teacher.cfg.num_frames :]
 
     def switches(self) -> dict:
         size, k = self.recipe.eval.batch_size, self.k
@@ -138,18 +142,10 @@ class InteractiveEval:
                         self._stream(sub, [r["prompt"] for r in sub], [p["prompt"] for p in b_rows], 3 * k, k, recache),
                         3 * k,
                     )
-                    after += sum(
-                        all(rd[c][x] == p["slots"][x] for x in SLOTS)
-                        for rd, p in zip(switched, b_rows)
-                        for c in range(k + 2, 3 * k)
-                    )
+                    after += _all_right(switched, b_rows, range(k + 2, 3 * k))
                     if recache:  # the fresh stream of B does not depend on the cache mode: run it once
                         own = _reads(self._stream(sub, [p["prompt"] for p in b_rows], None, 3 * k, None, True), 3 * k)
-                        fresh += sum(
-                            all(rd[c][x] == p["slots"][x] for x in SLOTS)
-                            for rd, p in zip(own, b_rows)
-                            for c in range(k + 2, 3 * k)
-                        )
+                        fresh += _all_right(own, b_rows, range(k + 2, 3 * k))
                     n_all += len(pairs) * (2 * k - 2)  # chunks k + 2 .. 3k - 1 of each pair
             result[name] = {
                 "one_slot": {
@@ -181,9 +177,8 @@ class InteractiveEval:
             pixels = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
             prefix = self.teacher.encode_video(pixels)
             videos = self._stream(rows, [r["prompt"] for r in rows], None, chunks, None, True, prefix=prefix)
-            for video, r in zip(videos, rows):
-                reads = read_video(video, factor)
-                sums += [all(rd[x] == r["slots"][x] for x in SLOTS) for rd in reads]
+            reads = _reads(videos, factor)
+            sums += [_all_right(reads, rows, range(seg, seg + 1)) for seg in range(factor)]
             count += len(rows)
         seg = [float(x) for x in sums / count]
         return {"length_factor": factor, "num_prompts": count, "segment_accuracy": seg, "accuracy": float(np.mean(seg))}

@@ -272,8 +272,7 @@ def stream_causal(
     mode and its x0 is the chunk's output. None runs every step. `grad_from_chunk`: chunks before it run
     entirely under `no_grad` (context only: Self-Forcing++'s windowed training). Decoding is the caller's.
     """
-    if not sigmas or any(a <= b for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0.0:
-        raise ValueError(f"sigmas: must be strictly descending and > 0 (one per student step), got {sigmas}")
+    _check_sigmas(sigmas)
     batch, f_total = noise.shape[0], noise.shape[2]
     fpb = model.frames_per_block
     starts = list(range(0, f_total, fpb))
@@ -285,18 +284,47 @@ def stream_causal(
     for chunk, start in enumerate(starts):
         if previous is not None:
             write_context(model, cache, *previous, sigma_ctx, generator)
-        x = noise[:, :, start : start + fpb]
-        for i in range(exits[chunk] + 1):
-            last = i == exits[chunk]
-            t = torch.full((batch,), sigmas[i], dtype=torch.float32, device=x.device) * NUM_TRAIN_TIMESTEPS
-            with torch.set_grad_enabled(grad and last and chunk >= grad_from_chunk):
-                x0 = x0_from_velocity(x, model.forward_chunk(x, t, cache, start, update_cache=False), sigmas[i])
-            if not last:
-                x = add_noise(
-                    x0, randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype), sigmas[i + 1]
-                )
+        x0 = denoise_chunk(
+            model,
+            noise[:, :, start : start + fpb],
+            cache,
+            start,
+            sigmas,
+            generator,
+            exits[chunk],
+            grad=grad and chunk >= grad_from_chunk,
+        )
         previous = (x0, start)
         yield x0
+
+
+def _check_sigmas(sigmas: list[float]) -> None:
+    if not sigmas or any(a <= b for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0.0:
+        raise ValueError(f"sigmas: must be strictly descending and > 0 (one per student step), got {sigmas}")
+
+
+def denoise_chunk(
+    model: CausalWan,
+    x: torch.Tensor,
+    cache: KVCache,
+    start: int,
+    sigmas: list[float],
+    generator,
+    exit_step: int,
+    grad: bool,
+) -> torch.Tensor:
+    """One chunk of the few-step sampler: from x at σ_0, predict x0 = x - σ_i·v with the cache as context and
+    re-noise it to σ_{i+1} with fresh noise, up to step `exit_step`, whose x0 is returned. Only the exit step may keep
+    a graph (when `grad`)."""
+    batch = x.shape[0]
+    for i in range(exit_step + 1):
+        last = i == exit_step
+        t = torch.full((batch,), sigmas[i], dtype=torch.float32, device=x.device) * NUM_TRAIN_TIMESTEPS
+        with torch.set_grad_enabled(grad and last):
+            x0 = x0_from_velocity(x, model.forward_chunk(x, t, cache, start, update_cache=False), sigmas[i])
+        if not last:
+            x = add_noise(x0, randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype), sigmas[i + 1])
+    return x0
 
 
 @torch.no_grad()
@@ -364,8 +392,7 @@ class CausalStream:
         generator: torch.Generator | list[torch.Generator] | None = None,
         prefix: torch.Tensor | None = None,
     ):
-        if not sigmas or any(a <= b for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0.0:
-            raise ValueError(f"sigmas: must be strictly descending and > 0 (one per student step), got {sigmas}")
+        _check_sigmas(sigmas)
         self.model, self.noise, self.sigmas, self.generator = model, noise, sigmas, generator
         self.batch = noise.shape[0]
         self.cache = model.init_cache(self.batch, cond_embeds)
@@ -423,14 +450,10 @@ class CausalStream:
         if self.pending is not None:
             self._write(*self.pending)
             self.pending = None
-        fpb, sigmas = self.model.frames_per_block, self.sigmas
-        x = self.noise[:, :, self.generated : self.generated + fpb]
-        for i, sigma in enumerate(sigmas):
-            t = torch.full((self.batch,), sigma, dtype=torch.float32, device=x.device) * NUM_TRAIN_TIMESTEPS
-            x0 = x0_from_velocity(x, self.model.forward_chunk(x, t, self.cache, self.start, update_cache=False), sigma)
-            if i + 1 < len(sigmas):
-                eps = randn_tensor(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
-                x = add_noise(x0, eps, sigmas[i + 1])
+        x = self.noise[:, :, self.generated : self.generated + self.model.frames_per_block]
+        x0 = denoise_chunk(
+            self.model, x, self.cache, self.start, self.sigmas, self.generator, len(self.sigmas) - 1, grad=False
+        )
         self.pending = (x0, self.start)
         self.start += x0.shape[2]
         self.generated += x0.shape[2]
