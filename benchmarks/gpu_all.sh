@@ -4,8 +4,10 @@
 # RESULTS.md rows to $OUT/RESULTS.md when $OUT is set (copy them into benchmarks/RESULTS.md), else to
 # benchmarks/RESULTS.md. Order: the cheapest and most wanted figures first, so a timeout still returns them.
 #   1. streaming.py --size 1.3b --profile    (student KV-cache streaming vs bidirectional teacher, 14 chunks)
-#   2. train_step.py --size 1.3b             (Self-Forcing step, checkpointing on, 8-bit AdamW on/off)
-#   3. streaming.py --size 1.3b --compile    (the same with diffusers' compile_repeated_blocks; compiles take minutes)
+#   2. attention_mask.py --attention          (causal training mask at 480p/720p: dense SDPA vs flex_attention block
+#                                             mask, bytes, one attention layer's fwd+bwd time and peak memory)
+#   3. train_step.py --size 1.3b             (Self-Forcing step, checkpointing on, 8-bit AdamW on/off)
+#   4. streaming.py --size 1.3b --compile    (the same with diffusers' compile_repeated_blocks; compiles take minutes)
 # Not here: generate.py at the 1.3B shape. It reads the toy recipe's 32x32x9 shape and needs a text encoder (UMT5-XXL,
 # 11 GB in bf16 even with random weights), so it is not cheap; it would need --recipe / --height flags first.
 #
@@ -75,6 +77,11 @@ bench() {  # bench SECONDS -m MODULE ARGS...: one benchmark under a time limit; 
 }
 
 bench 180 -m benchmarks.streaming --size "$SIZE" --chunks "$CHUNKS" --steps 4 --warmup 1 --profile
+if [ "$SIZE" = 1.3b ]; then
+    bench 150 -m benchmarks.attention_mask --attention
+else
+    bench 60 -m benchmarks.attention_mask --shape tiny --attention
+fi
 bench 180 -m benchmarks.train_step --size "$SIZE" --checkpointing on --optimizer both --steps 2 --warmup 1
 bench 240 -m benchmarks.streaming --size "$SIZE" --chunks "$CHUNKS" --steps 4 --warmup 1 --compile
 exit $failed

@@ -36,8 +36,9 @@ TRAINING_STATE = "training_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 STUDENT_WEIGHTS = "student_trainable.safetensors"
 COMPLETE = "COMPLETE"
-STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps")
-"""Student keys that only change sampling: a checkpoint resumes under a recipe that changed them."""
+STUDENT_NOT_FINGERPRINTED = ("name", "guidance_scale", "num_inference_steps", "attention")
+"""Student keys that change only sampling or the attention kernel: a checkpoint resumes under a recipe that changed
+them."""
 TRAIN_FINGERPRINTED = (
     "batch_size",
     "gradient_accumulation_steps",

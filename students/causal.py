@@ -34,6 +34,8 @@ from students.causal_attention import (
     CrossKV,
     KVCache,
     SelfAttnInputs,
+    attention_backend,
+    block_causal_block_mask,
     block_causal_mask,
     cross_kv,
     install_processors,
@@ -74,6 +76,7 @@ class CausalWan(nn.Module):
         self.block = cfg.frames_per_block // p_t
         self.window = None if cfg.local_window is None else cfg.local_window // p_t
         self.sink = cfg.sink // p_t
+        self._backend: dict[str, str] = {}  # device type -> attention backend, chosen and logged once
 
     @property
     def frames_per_block(self) -> int:
@@ -159,9 +162,23 @@ class CausalWan(nn.Module):
         dtype, device = self.dtype, x.device
         temb, proj, text = self._embed(t, encoder_hidden_states.to(dtype), n_pos, hh * ww)
         cos, sin = rotary_at(self.transformer, torch.arange(n_pos), hh, ww, device)
-        mask = block_causal_mask(n_pos, hh * ww, self.block, self.window, self.sink, device)
+        mask = self._mask(n_pos, hh * ww, device)
         v = self._run(x.to(dtype), temb, proj, text, SelfAttnInputs(cos, sin, n_pos, mask=mask), checkpoint=True)
         return v.to(x.dtype)
+
+    def _mask(self, n_pos: int, tokens_per_pos: int, device: torch.device):
+        """The block-causal mask in the form `student.attention` picks for `device` (see `attention_backend`)."""
+        kind = torch.device(device).type
+        if kind not in self._backend:
+            self._backend[kind] = attention_backend(self.cfg.attention, device)
+            logger.info(
+                "causal student: parallel forward on %s with %s attention (student.attention: %s)",
+                kind,
+                self._backend[kind],
+                self.cfg.attention,
+            )
+        build = block_causal_block_mask if self._backend[kind] == "flex" else block_causal_mask
+        return build(n_pos, tokens_per_pos, self.block, self.window, self.sink, device)
 
     # ---- chunk-by-chunk inference with a KV cache ------------------------------------------------------
     def init_cache(self, batch: int, encoder_hidden_states: torch.Tensor) -> KVCache:

@@ -20,6 +20,8 @@ the inputs as arguments (not as processor state) keeps gradient checkpointing's 
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, _get_qkv_projections
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 # WanRotaryPosEmbed's theta: WanTransformer3DModel builds it with the default and does not store it.
 ROPE_THETA = 10000.0
@@ -40,21 +43,93 @@ def visible(key_pos: torch.Tensor, end: torch.Tensor | int, window: int | None, 
     return seen
 
 
+def _chunk_ends(num_pos: int, block: int) -> torch.Tensor:
+    """End (exclusive) of the chunk of each temporal position: min((pos // block + 1)·block, num_pos)."""
+    pos = torch.arange(num_pos)
+    return torch.clamp((pos // block + 1) * block, max=num_pos)
+
+
 def block_causal_mask(
     num_pos: int, tokens_per_pos: int, block: int, window: int | None, sink: int, device: torch.device
 ) -> torch.Tensor | None:
     """SDPA mask [S, S] (True = attend), S = num_pos·tokens_per_pos, over chunks of `block` positions.
 
     A chunk ends at min((c+1)·block, num_pos). None when every token sees every token (no mask needed).
-    Dense: S² bytes; flex_attention's block masks would avoid that at scale (not implemented).
+    Dense: S² bytes (1.07 GB at 480×832×81); `block_causal_block_mask` is the flex_attention form.
     """
     pos = torch.arange(num_pos)
-    end = torch.clamp((pos // block + 1) * block, max=num_pos)
-    vis = visible(pos[None, :], end[:, None], window, sink)  # [query pos, key pos]
+    vis = visible(pos[None, :], _chunk_ends(num_pos, block)[:, None], window, sink)  # [query pos, key pos]
     if bool(vis.all()):
         return None
     tok = torch.arange(num_pos * tokens_per_pos) // tokens_per_pos
     return vis[tok][:, tok].to(device)
+
+
+FLEX_BLOCK_SIZE = 128
+"""Tokens per flex_attention block (its default; the kernels tile queries and keys by it)."""
+
+
+def block_causal_block_mask(
+    num_pos: int,
+    tokens_per_pos: int,
+    block: int,
+    window: int | None,
+    sink: int,
+    device: torch.device,
+    block_size: int = FLEX_BLOCK_SIZE,
+) -> BlockMask | None:
+    """The mask of `block_causal_mask` as a flex_attention `BlockMask`: O((S/block_size)²) integers, not S² bools.
+
+    Built from the rule at the level of temporal positions (`visible`, num_pos² entries): a (query block, key
+    block) tile is full when every pair of positions it spans is visible, partial when some are (flex_attention
+    then calls the mask function per token), skipped when none are. Written here rather than with
+    `create_block_mask`, which evaluates the mask per token pair (40 s and 10 GB of host memory at 480p on CPU).
+    """
+    pos = torch.arange(num_pos)
+    ends = _chunk_ends(num_pos, block)
+    vis = visible(pos[None, :], ends[:, None], window, sink)
+    if bool(vis.all()):
+        return None
+    total = num_pos * tokens_per_pos
+    n = math.ceil(total / block_size)
+    first = torch.arange(n) * block_size // tokens_per_pos  # positions spanned by each tile: first..last
+    last = (torch.clamp((torch.arange(n) + 1) * block_size, max=total) - 1) // tokens_per_pos
+    # visible pairs in [first_q..last_q] × [first_k..last_k] from a 2-D prefix sum over the position grid
+    table = F.pad(vis.long().cumsum(0).cumsum(1), (1, 0, 1, 0))
+    q0, q1, k0, k1 = first[:, None], last[:, None] + 1, first[None, :], last[None, :] + 1
+    count = table[q1, k1] - table[q0, k1] - table[q1, k0] + table[q0, k0]
+    full = count == (q1 - q0) * (k1 - k0)
+    if total % block_size:  # tiles reaching past the sequence's end go through the mask function, as torch's do
+        full[-1, :] = False
+        full[:, -1] = False
+    partial = (count > 0) & ~full
+
+    def order(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tiles per query block [1, 1, n], their key block indices first [1, 1, n, n]) as BlockMask wants."""
+        idx = torch.argsort(tiles.to(torch.int8), dim=1, descending=True, stable=True)
+        return tiles.sum(1).to(torch.int32)[None, None].to(device), idx.to(torch.int32)[None, None].to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # arithmetic only: also called on the padded tail of the last tile
+        end = torch.clamp((q_idx // tokens_per_pos // block + 1) * block, max=num_pos)
+        return visible(kv_idx // tokens_per_pos, end, window, sink)
+
+    return BlockMask.from_kv_blocks(
+        *order(partial), *order(full), BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(total, total)
+    )
+
+
+def attention_backend(name: str, device: torch.device) -> str:
+    """`student.attention` resolved for `device`: `auto` is `flex` on CUDA (compiled flex_attention with a
+    `BlockMask`) and `sdpa` elsewhere (the dense mask: flex_attention has no backward on CPU in torch 2.13)."""
+    if name != "auto":
+        return name
+    return "flex" if torch.device(device).type == "cuda" else "sdpa"
+
+
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once per process (its fused kernels; uncompiled it materialises the scores)."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def rotary_at(
@@ -102,10 +177,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention over [B, S, heads, head_dim] tensors (SDPA wants heads first)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2)
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None = None
+) -> torch.Tensor:
+    """Attention over [B, S, heads, head_dim] tensors (SDPA wants heads first); a `BlockMask` runs flex_attention
+    (compiled on CUDA; eager elsewhere, forward only)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if isinstance(mask, BlockMask):
+        flex = _compiled_flex() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 
 @dataclass
@@ -155,7 +236,7 @@ class SelfAttnInputs:
     sin: torch.Tensor
     positions: int
     """Temporal positions of the query tokens (each holds S / positions tokens)."""
-    mask: torch.Tensor | None = None
+    mask: torch.Tensor | BlockMask | None = None
     past_k: list[torch.Tensor | None] | None = None
     past_v: list[torch.Tensor | None] | None = None
     attend: torch.Tensor | None = None

@@ -84,6 +84,10 @@ class StudentConfig:
     sink: int = 0
     """Causal students: latent frames at the start of the video that stay visible (never evicted from the
     cache) when `local_window` is set. A multiple of p_t."""
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+    """Causal students' parallel (training) forward: `flex` runs flex_attention with a block mask (O((S/128)²)
+    integers), `sdpa` scaled_dot_product_attention with a dense [S, S] mask (1.07 GB at 480×832×81); `auto`: flex
+    on CUDA, sdpa elsewhere (flex_attention has no backward on CPU). Both compute the same attention."""
     context_noise: int = 0
     """Causal students: timestep t in [0, 1000] (σ = t/1000) at which each finished chunk is re-run to write
     the KV cache (Self-Forcing's context_noise; 0 = the clean output)."""

@@ -274,12 +274,14 @@ def test_gpu_all_script_runs_at_tiny_size(tmp_path):
     lines = [json.loads(ln) for ln in (tmp_path / "gpu_all.jsonl").read_text().splitlines()]
     assert [(r["benchmark"], r["size"]) for r in lines] == [
         ("streaming", "tiny"),
+        ("attention_mask", "tiny"),
         ("train_step", "tiny"),
         ("streaming", "tiny"),
     ]
-    assert "profile_share" in lines[0] and lines[2]["compile"] == "ffn"
+    assert "profile_share" in lines[0] and lines[3]["compile"] == "ffn"
+    assert lines[1]["tiny"]["attention"]["max_abs_diff"] < 1e-5  # flex with the block mask = SDPA with the dense one
     rows = [ln for ln in (tmp_path / "RESULTS.md").read_text().splitlines() if ln.startswith("| 20")]
-    assert len(rows) == 3
+    assert len(rows) == 4
     bad = subprocess.run(
         ["bash", "benchmarks/gpu_all.sh", "--size", "2b"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )

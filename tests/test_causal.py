@@ -323,3 +323,68 @@ def test_a_prefix_must_fit_the_temporal_patch():
     noise, ehs, _ = _stream_inputs(3)
     with pytest.raises(ValueError, match=r"temporal patch is 3, so a prefix must be a multiple of 3 latent frames"):
         CausalStream(model, ehs, noise, [0.5], prefix=torch.zeros(B, C, 1, H, W))
+
+
+# ---- the flex_attention block mask -------------------------------------------------------------------------
+def _rule(tokens_per_pos, block, num_pos, window, sink):
+    """The visibility rule written out per token pair for torch's create_block_mask (independent of the module)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_pos, k_pos = q_idx // tokens_per_pos, kv_idx // tokens_per_pos
+        end = torch.clamp((q_pos // block + 1) * block, max=num_pos)
+        seen = k_pos < end
+        if window is not None:
+            seen = seen & ((k_pos < sink) | (k_pos >= end - (window - sink)))
+        return seen
+
+    return mask_mod
+
+
+@pytest.mark.parametrize(
+    "num_pos,tokens_per_pos,block,window,sink,block_size",
+    [(7, 20, 3, None, 0, 16), (9, 12, 2, 5, 1, 16), (21, 10, 3, 9, 3, 32), (6, 5, 3, None, 0, 128)],
+)
+def test_block_mask_tiles_equal_torchs_create_block_mask(num_pos, tokens_per_pos, block, window, sink, block_size):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from students.causal_attention import block_causal_block_mask
+
+    total = num_pos * tokens_per_pos
+    ours = block_causal_block_mask(num_pos, tokens_per_pos, block, window, sink, "cpu", block_size=block_size)
+    ref = create_block_mask(
+        _rule(tokens_per_pos, block, num_pos, window, sink), None, None, total, total, "cpu", BLOCK_SIZE=block_size
+    )
+    n = ref.kv_num_blocks.shape[-1]
+    assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)  # partial tiles per query block
+    assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)  # full tiles per query block
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+    for q in range(n):  # the same tiles of each kind (any order within a row)
+        k = int(ref.kv_num_blocks[0, 0, q])
+        assert sorted(ours.kv_indices[0, 0, q, :k].tolist()) == sorted(ref.kv_indices[0, 0, q, :k].tolist())
+        k = int(ref.full_kv_num_blocks[0, 0, q])
+        got = sorted(ours.full_kv_indices[0, 0, q, :k].tolist())
+        assert got == sorted(ref.full_kv_indices[0, 0, q, :k].tolist())
+
+
+def test_block_mask_at_480p_is_a_megabyte_not_a_gigabyte():
+    from students.causal_attention import block_causal_block_mask
+
+    # Wan2.1 480x832x81: 21 latent frames of 30x52 tokens, chunks of 3 frames
+    mask = block_causal_block_mask(21, 30 * 52, 3, None, 0, "cpu")
+    size = sum(t.numel() * t.element_size() for t in (mask.kv_num_blocks, mask.kv_indices))
+    size += sum(t.numel() * t.element_size() for t in (mask.full_kv_num_blocks, mask.full_kv_indices))
+    assert size < 2**20 < (21 * 30 * 52) ** 2 // 1000  # the dense bool mask: 1.07 GB
+    assert int(mask.full_kv_num_blocks.sum()) > int(mask.kv_num_blocks.sum())  # most tiles need no mask call
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("window,sink", [(None, 0), (5, 1)])
+def test_flex_attention_forward_equals_the_dense_mask(tiny_transformer, window, sink):
+    x, t, ehs = inputs(frames=9)
+    kw = {"frames_per_block": 2, "local_window": window, "sink": sink}
+    with torch.no_grad():
+        dense = CausalWan(tiny_transformer, causal_cfg(attention="sdpa", **kw))(x, t, ehs)
+        flex = CausalWan(tiny_transformer, causal_cfg(attention="flex", **kw))(x, t, ehs)
+        bidirectional = CausalWan(tiny_transformer, causal_cfg(frames_per_block=9))(x, t, ehs)
+    assert (flex - dense).abs().max() <= 1e-5
+    assert (flex - bidirectional).abs().max() > 1e-3  # the mask is applied
