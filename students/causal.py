@@ -37,7 +37,6 @@ from students.causal_attention import (
     attention_backend,
     block_causal_block_mask,
     block_causal_mask,
-    cross_kv,
     install_processors,
     rotary_at,
     visible,
@@ -182,14 +181,18 @@ class CausalWan(nn.Module):
 
     # ---- chunk-by-chunk inference with a KV cache ------------------------------------------------------
     def init_cache(self, batch: int, encoder_hidden_states: torch.Tensor) -> KVCache:
-        """An empty cache for `batch` videos, with each layer's cross-attention K/V of the text [B, L, D_text]."""
+        """An empty cache for `batch` videos of the text [B, L, D_text]; computes nothing (the first chunk forward
+        projects the text and its cross-attention K/V inside the blocks: `KVCache`)."""
         if encoder_hidden_states.shape[0] != batch:
             raise ValueError(f"encoder_hidden_states: batch {encoder_hidden_states.shape[0]}, expected {batch}")
-        tr = self.transformer
-        text = tr.condition_embedder.text_embedder(encoder_hidden_states.to(self.dtype))
-        ks, vs = zip(*(cross_kv(block.attn2, text) for block in tr.blocks))
-        n = len(tr.blocks)
-        return KVCache(cross_k=list(ks), cross_v=list(vs), self_k=[None] * n, self_v=[None] * n)
+        n = len(self.transformer.blocks)
+        return KVCache(
+            text=encoder_hidden_states.to(self.dtype),
+            cross_k=[None] * n,
+            cross_v=[None] * n,
+            self_k=[None] * n,
+            self_v=[None] * n,
+        )
 
     def forward_chunk(
         self, x: torch.Tensor, t: torch.Tensor | float, cache: KVCache, frame_offset: int, update_cache: bool
@@ -234,12 +237,15 @@ class CausalWan(nn.Module):
             cache=cache,
         )
         t = self._frame_timesteps(t, x)
-        # The text K/V are cached: an empty text batch skips re-projecting it in the condition embedder.
-        empty_text = torch.zeros(x.shape[0], 0, self.transformer.config.text_dim, device=x.device, dtype=self.dtype)
-        temb, proj, _ = self._embed(t, empty_text, n_pos, hh * ww)
-        v = self._run(
-            x.to(self.dtype), temb, proj, CrossKV(cache.cross_k, cache.cross_v), attn, checkpoint=not update_cache
-        )  # a recompute would write the cache again
+        if torch.is_grad_enabled() or not cache.has_cross():  # project the text here, K/V in the blocks (KVCache)
+            temb, proj, text = self._embed(t, cache.text, n_pos, hh * ww)
+            cross = CrossKV(cache.cross_k, cache.cross_v, text, None if torch.is_grad_enabled() else cache)
+        else:  # stored K/V: an empty text batch skips re-projecting it in the condition embedder
+            empty = cache.text[:, :0]
+            temb, proj, _ = self._embed(t, empty, n_pos, hh * ww)
+            cross = CrossKV(cache.cross_k, cache.cross_v)
+        v = self._run(x.to(self.dtype), temb, proj, cross, attn, checkpoint=not update_cache)
+        # (no checkpointing while writing the cache: a recompute would write it again)
         if update_cache:
             cache.positions = all_pos[seen]
         return v.to(x.dtype)

@@ -191,16 +191,23 @@ def sdpa(
 
 @dataclass
 class KVCache:
-    """The state of one chunk-by-chunk rollout: per-layer self-attention K/V and cross-attention K/V.
+    """The state of one chunk-by-chunk rollout: the text, per-layer cross-attention K/V and self-attention K/V.
 
     Self-attention entries are [B, n, hh·ww, heads, head_dim] over the temporal positions `positions`
     (ascending; keys stored already rotated at their own positions). With a window the cache holds at
     most `window` positions: the first `sink` and the last `window - sink`.
+
+    The cross-attention K/V are computed inside the blocks' own forward (so a sharded or wrapped model computes them
+    with its weights gathered): stored by the first chunk forward run without grad, recomputed by every forward with
+    grad, so each exit step's graph reaches the text projections (the same values and the same summed gradient as
+    K/V computed once with grad).
     """
 
-    cross_k: list[torch.Tensor]
-    """Per layer [B, L, heads, head_dim]: cross-attention keys of the text, computed once."""
-    cross_v: list[torch.Tensor]
+    text: torch.Tensor
+    """[B, L, D_text]: the prompt's encoder hidden states (cast to the model's dtype)."""
+    cross_k: list[torch.Tensor | None]
+    """Per layer [B, L, heads, head_dim]: cross-attention keys of the text, None until a forward without grad."""
+    cross_v: list[torch.Tensor | None]
     self_k: list[torch.Tensor | None]
     self_v: list[torch.Tensor | None]
     positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
@@ -210,7 +217,7 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.cross_k[0].shape[0]
+        return self.text.shape[0]
 
     @property
     def end(self) -> int:
@@ -220,6 +227,10 @@ class KVCache:
     def num_tokens(self) -> int:
         """Self-attention tokens held per layer (bounded by window·hh·ww with a window)."""
         return 0 if self.self_k[0] is None else self.self_k[0].shape[1] * self.self_k[0].shape[2]
+
+    def has_cross(self) -> bool:
+        """Whether the cross-attention K/V are stored (after a chunk forward without grad)."""
+        return self.cross_k[0] is not None
 
 
 @dataclass
@@ -246,10 +257,13 @@ class SelfAttnInputs:
 
 @dataclass
 class CrossKV:
-    """Cached cross-attention K/V, passed where the blocks pass `encoder_hidden_states`."""
+    """Cross-attention inputs, passed where the blocks pass `encoder_hidden_states`: the cache's stored K/V, or the
+    projected text [B, L, dim] to compute them from (stored into `cache` when given)."""
 
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
+    k: list[torch.Tensor | None]
+    v: list[torch.Tensor | None]
+    text: torch.Tensor | None = None
+    cache: KVCache | None = None
 
 
 class CausalSelfAttnProcessor(WanAttnProcessor):
@@ -294,7 +308,8 @@ class CausalSelfAttnProcessor(WanAttnProcessor):
 
 
 class CausalCrossAttnProcessor(WanAttnProcessor):
-    """Cross-attention of block `layer` reading text K/V from a `CrossKV` (else diffusers' processor)."""
+    """Cross-attention of block `layer` reading (or computing and storing) text K/V from a `CrossKV` (else diffusers'
+    processor)."""
 
     def __init__(self, layer: int):
         super().__init__()
@@ -310,8 +325,15 @@ class CausalCrossAttnProcessor(WanAttnProcessor):
     ) -> torch.Tensor:
         if not isinstance(encoder_hidden_states, CrossKV):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        ctx, i = encoder_hidden_states, self.layer
+        if ctx.text is None:
+            k, v = ctx.k[i], ctx.v[i]
+        else:
+            k, v = cross_kv(attn, ctx.text)
+            if ctx.cache is not None:
+                ctx.cache.cross_k[i], ctx.cache.cross_v[i] = k, v
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        out = sdpa(q, encoder_hidden_states.k[self.layer], encoder_hidden_states.v[self.layer])
+        out = sdpa(q, k, v)
         out = out.flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
