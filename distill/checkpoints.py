@@ -45,6 +45,7 @@ TRAIN_FINGERPRINTED = (
     "optimizer",
     "adam_betas",
     "ema",
+    "sharding",
     "seed",
     "data_source",
     "toyworld_pool",

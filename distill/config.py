@@ -80,6 +80,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip both players' gradients to this global norm; 0: no clipping (the norm is still checked to be finite)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    sharding: Literal["none", "fsdp"] = "none"
+    """`none`: every process holds every role whole (data-parallel, DDP). `fsdp`: the teacher, student and critic
+    are sharded over the processes by Wan block with FSDP2 (the student's and critic's optimizer states too), so a
+    process holds about 1/N of each plus one gathered block at a time; checkpoints are gathered into one file per
+    role (`distill.sharding`). Needs two processes or more."""
     gradient_checkpointing: bool = False
     ema: bool = False
     ema_decay: float = 0.999

@@ -69,6 +69,19 @@ from distill.config import Recipe, TrainConfig, load_recipe
 from distill.data import training_batches
 from distill.methods import METHODS
 from distill.role_state import check_finite, check_no_pickles, load_critic, load_ema, save_critic, save_ema
+from distill.sharding import (
+    CRITIC_FILE,
+    OPTIMIZER_FILES,
+    SCHEDULER_FILES,
+    STUDENT_FILE,
+    Role,
+    full_tensors,
+    load_checkpoint,
+    reshard,
+    save_checkpoint,
+    scalar,
+    shard_roles,
+)
 from distill.validation import Validator
 from students.critic import Critic, build_critic
 from students.student import build_student
@@ -158,6 +171,19 @@ def check_train_recipe(recipe: Recipe) -> None:
             f"train.mixed_precision: fp16 can't train method {recipe.method.name} (accelerate's one "
             "GradScaler would unscale the critic's and the student's optimizers inconsistently); use bf16"
         )
+    if tc.sharding == "fsdp":
+        refused = {
+            "train.mixed_precision: fp16": tc.mixed_precision == "fp16",
+            "train.optimizer: adamw8bit": tc.optimizer == "adamw8bit",
+            f"teacher.offload: {recipe.teacher.offload}": recipe.teacher.offload != "none",
+            f"teacher.quantize: {recipe.teacher.quantize}": recipe.teacher.quantize != "none",
+        }
+        for what, bad in refused.items():
+            if bad:
+                raise ValueError(
+                    f"{what} can't train with train.sharding: fsdp (FSDP already spreads the weights over the "
+                    "processes); use bf16 / adamw / no offload / no quantization, or train.sharding: none"
+                )
     missing = [n for n in tc.log_with if importlib.util.find_spec(TRACKER_MODULES[n]) is None]
     if missing:
         raise ValueError(
@@ -226,23 +252,56 @@ def _wandb_logged_in() -> bool:
     return any("wandb" in host for host in hosts)
 
 
-def _save_final(recipe: Recipe, student, ema, step: int, samples_per_step: int, fp: dict) -> Path:
+def _save_final(
+    recipe: Recipe, student, ema, step: int, samples_per_step: int, fp: dict, gathered: tuple | None = None
+) -> Path:
+    """`final/` (+ `final_ema/`); `gathered`: (weights, EMA weights or None) in `Student.trainable_state_dict`
+    layout, assembled from the shards (`train.sharding: fsdp`), written instead of the module's own."""
     final = final_dir(recipe.student_dir())
     if final.exists():
         shutil.rmtree(final)
-    student.save_pretrained(final)
+    student.save_pretrained(final, state=None if gathered is None else gathered[0])
+    if ema is not None:
+        ema_dir = recipe.student_dir() / FINAL_EMA
+        if ema_dir.exists():
+            shutil.rmtree(ema_dir)
+        if gathered is not None:
+            student.save_pretrained(ema_dir, state=gathered[1])
+        else:
+            params = student.trainable_parameters()
+            ema.store(params)
+            ema.copy_to(params)
+            student.save_pretrained(ema_dir)
+            ema.restore(params)
+    write_state(final, step, samples_per_step, fp, trained_config(recipe))
+    (final / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
+    return final
+
+
+def _gather_final(student, ema, main: bool) -> tuple:
+    """(weights, EMA weights or None) of a sharded student, assembled on the main process (every rank calls)."""
+    weights = full_tensors(student.trainable_state_dict(), main)
+    ema_weights = None
     if ema is not None:
         params = student.trainable_parameters()
         ema.store(params)
         ema.copy_to(params)
-        ema_dir = recipe.student_dir() / FINAL_EMA
-        if ema_dir.exists():
-            shutil.rmtree(ema_dir)
-        student.save_pretrained(ema_dir)
+        ema_weights = full_tensors(student.trainable_state_dict(), main)
         ema.restore(params)
-    write_state(final, step, samples_per_step, fp, trained_config(recipe))
-    (final / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
-    return final
+    return weights, ema_weights
+
+
+class _Autocast(nn.Module):
+    """A sharded student called under accelerate's autocast (what `accelerator.prepare` adds to the models it wraps;
+    a sharded one is not prepared: DDP must not wrap it)."""
+
+    def __init__(self, module: nn.Module, accelerator: Accelerator):
+        super().__init__()
+        self.module, self.accelerator = module, accelerator
+
+    def forward(self, *args, **kwargs):
+        with self.accelerator.autocast():
+            return self.module(*args, **kwargs)
 
 
 def _lr_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, world: int):
@@ -262,7 +321,8 @@ def _optimization(recipe: Recipe, accelerator: Accelerator, student):
     from diffusers.training_utils import EMAModel, cast_training_params
 
     tc, world = recipe.train, accelerator.num_processes
-    cast_training_params(student, torch.float32)  # trainable weights in fp32 under mixed precision
+    if tc.sharding == "none":  # (sharded: cast before sharding, `_shard`)
+        cast_training_params(student, torch.float32)  # trainable weights in fp32 under mixed precision
     params = student.trainable_parameters()
     optimizer = make_optimizer(params, recipe.train)
     lr_scheduler = _lr_scheduler(recipe, optimizer, world)
@@ -282,7 +342,8 @@ def _critic_optimization(recipe: Recipe, accelerator: Accelerator, critic: Criti
     """(critic params in fp32, prepared optimizer, prepared LR scheduler); its weights registered for checkpoints."""
     from diffusers.training_utils import cast_training_params
 
-    cast_training_params(critic, torch.float32)
+    if recipe.train.sharding == "none":  # (sharded: cast before sharding, `_shard`)
+        cast_training_params(critic, torch.float32)
     params, c = critic.trainable_parameters(), recipe.method.critic_config()
     groups: list = params
     if critic.gan_head is not None and c.gan_learning_rate is not None:  # the new head learns faster than the critic
@@ -325,6 +386,28 @@ def _autocast(accelerator: Accelerator, module: nn.Module):
     return call
 
 
+def _shard(recipe: Recipe, accelerator: Accelerator, teacher, student, critic: Critic | None | bool = True):
+    """`train.sharding: fsdp`: build the critic (two-player methods; from the whole teacher, before sharding),
+    cast the trainable weights to fp32, shard teacher, student and critic over the processes and move the teacher's
+    VAE and text encoder to this process's device. Returns the critic (or None)."""
+    from diffusers.training_utils import cast_training_params
+
+    if critic is True:
+        critic = make_critic(recipe, teacher)
+        if recipe.train.gradient_checkpointing:
+            critic.transformer.enable_gradient_checkpointing()
+    cast_training_params(student, torch.float32)
+    if critic is not None:
+        cast_training_params(critic, torch.float32)
+    shard_roles(teacher, student, critic, accelerator.device)
+    for name in ("vae", "text_encoder"):
+        part = getattr(teacher.pipe, name, None)
+        if part is not None:
+            part.to(accelerator.device)
+    teacher.device = accelerator.device
+    return critic
+
+
 # ---- the loop ----------------------------------------------------------------------------------------
 def make_critic(recipe: Recipe, teacher) -> Critic:
     """The two-player method's critic (`students.critic.build_critic`) from its `method.<name>` section."""
@@ -362,27 +445,51 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
     if resume is not None:
         check_no_pickles(resume)
 
+    sharded, two_player = tc.sharding == "fsdp", METHODS[recipe.method.name].two_player
+    if sharded and world < 2:
+        raise ValueError(
+            "train.sharding: fsdp shards over processes and this run has one; launch it with `accelerate launch "
+            "--num_processes N` (N >= 2), or set train.sharding: none"
+        )
     set_seed(tc.seed)  # the student's initialisation (LoRA A) is the same on every rank and run
-    teacher = WanTeacher.from_config(recipe.teacher, accelerator.device)
+    # sharded: every role is built in host memory, and `shard_roles` moves each process's shards to its device
+    teacher = WanTeacher.from_config(recipe.teacher, "cpu" if sharded else accelerator.device)
     student = build_student(recipe.student, teacher.pipe.transformer)
     if tc.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    params, optimizer, lr_scheduler, ema = _optimization(recipe, accelerator, student)
-    model, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    _register_student_hooks(accelerator)
     critic = critic_params = critic_optimizer = critic_scheduler = None
-    if METHODS[recipe.method.name].two_player:
-        critic = make_critic(recipe, teacher)  # after prepare(student): see build_critic
-        if tc.gradient_checkpointing:
-            critic.transformer.enable_gradient_checkpointing()
+    if sharded:
+        critic = _shard(recipe, accelerator, teacher, student, True if two_player else None)
+    params, optimizer, lr_scheduler, ema = _optimization(recipe, accelerator, student)
+    if sharded:
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        model = _Autocast(student, accelerator)
+    else:
+        model, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+        _register_student_hooks(accelerator)
+    if two_player:
+        if critic is None:
+            critic = make_critic(recipe, teacher)  # after prepare(student): see build_critic
+            if tc.gradient_checkpointing:
+                critic.transformer.enable_gradient_checkpointing()
         critic_params, critic_optimizer, critic_scheduler = _critic_optimization(recipe, accelerator, critic)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        if ema is not None:  # the shadow weights are read onto the CPU
-            load_ema(ema, resume)
-            ema.to(accelerator.device)
+    roles = []
+    if sharded:
+        roles.append(Role(student, optimizer, lr_scheduler, STUDENT_FILE, OPTIMIZER_FILES[0], SCHEDULER_FILES[0]))
         if critic is not None:
-            load_critic(critic, resume)
+            roles.append(
+                Role(critic, critic_optimizer, critic_scheduler, CRITIC_FILE, OPTIMIZER_FILES[1], SCHEDULER_FILES[1])
+            )
+    if resume is not None:
+        if sharded:
+            load_checkpoint(resume, roles, ema)
+        else:
+            accelerator.load_state(str(resume))
+            if ema is not None:  # the shadow weights are read onto the CPU
+                load_ema(ema, resume)
+                ema.to(accelerator.device)
+            if critic is not None:
+                load_critic(critic, resume)
         logger.info("resumed from %s at step %d", resume, start_step)
     algorithm = build_algorithm(
         recipe, teacher, model, student, None if critic is None else _autocast(accelerator, critic), num_processes=world
@@ -437,21 +544,24 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
                 if train_generator:
                     if accelerator.sync_gradients:
                         norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf)
-                        check_finite(norm, "gradient norm", step, finished)
+                        check_finite(scalar(norm), "gradient norm", step, finished)
                     optimizer.step()
                 lr_scheduler.step()  # every step: the generator's LR follows the trainer's step clock
                 optimizer.zero_grad(set_to_none=True)
                 if two_player:
                     if accelerator.sync_gradients:
-                        all_reduce_grads(accelerator, critic_params)
+                        if not sharded:  # (sharded: FSDP reduce-scattered them in backward)
+                            all_reduce_grads(accelerator, critic_params)
                         norm = accelerator.clip_grad_norm_(critic_params, tc.max_grad_norm or math.inf)
-                        check_finite(norm, "critic gradient norm", step, finished)
+                        check_finite(scalar(norm), "critic gradient norm", step, finished)
                     critic_optimizer.step()
                     critic_scheduler.step()
                     critic_optimizer.zero_grad(set_to_none=True)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / tc.gradient_accumulation_steps
         assert accelerator.sync_gradients, "gradient accumulation out of step with the optimizer steps"
+        if sharded:  # the next forward gathers the updated shards (distill.sharding.reshard)
+            reshard(student, critic, teacher.pipe.transformer, getattr(teacher.pipe, "transformer_2", None))
         # 5. EMA of the trainable weights (when they moved)
         if ema is not None and train_generator:
             ema.step(params)
@@ -460,7 +570,15 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
         # 6. checkpoint-<step>/ (every rank writes its RNG state; rank 0 the rest, training_state.json last)
         if done % tc.checkpointing_steps == 0 or done == tc.max_steps:
             _checkpoint(
-                accelerator, student_dir / f"{CHECKPOINT_PREFIX}{done}", done, samples_per_step, fp, tc, ema, critic
+                accelerator,
+                student_dir / f"{CHECKPOINT_PREFIX}{done}",
+                done,
+                samples_per_step,
+                fp,
+                tc,
+                ema,
+                critic,
+                roles,
             )
         # 7. logs: the algorithm's dict plus lr and step time
         if done % tc.log_every == 0 or done == tc.max_steps:
@@ -474,13 +592,17 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
             bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.startswith("loss")})
         # 8. validation previews of fixed prompts and noise (main process)
         if validator is not None and (done % tc.validation_steps == 0 or done == tc.max_steps):
-            validator(student, done, accelerator)
+            validator(student, done, accelerator, every_rank=sharded)
     bar.close()
 
     accelerator.wait_for_everyone()
     final = final_dir(student_dir)
+    gathered = None
+    if sharded:
+        reshard(student)
+        gathered = _gather_final(student, ema, accelerator.is_main_process)
     if accelerator.is_main_process:
-        final = _save_final(recipe, student, ema, tc.max_steps, samples_per_step, fp)
+        final = _save_final(recipe, student, ema, tc.max_steps, samples_per_step, fp, gathered)
         logger.info("train: wrote %s", final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -488,18 +610,33 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
 
 
 def _checkpoint(
-    accelerator: Accelerator, path: Path, step: int, samples_per_step: int, fp: dict, tc, ema=None, critic=None
+    accelerator: Accelerator,
+    path: Path,
+    step: int,
+    samples_per_step: int,
+    fp: dict,
+    tc,
+    ema=None,
+    critic=None,
+    roles: list[Role] | None = None,
 ) -> None:
+    """`roles` (sharded runs): every role's state gathered by `distill.sharding`; else accelerate's `save_state`."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and path.exists():
         shutil.rmtree(path)  # a stale folder from an abandoned run at the same step
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
+    if roles:
+        if accelerator.is_main_process:
+            path.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        save_checkpoint(path, roles, ema, accelerator.is_main_process)
+    else:
+        accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if ema is not None:
+        if ema is not None and not roles:
             save_ema(ema, path)
-        if critic is not None:
+        if critic is not None and not roles:
             save_critic(critic, path)
         write_state(path, step, samples_per_step, fp)  # last: it marks the checkpoint finished
         prune(path.parent, tc.checkpoints_total_limit)

@@ -43,8 +43,10 @@ class Validator:
         self.folder = recipe.student_dir() / "validation"
 
     @torch.no_grad()
-    def __call__(self, student, step: int, accelerator) -> Path | None:
-        if not accelerator.is_main_process:
+    def __call__(self, student, step: int, accelerator, every_rank: bool = False) -> Path | None:
+        """Sample and write the previews (main process). `every_rank`: a sharded student, whose forward every rank
+        must run: all sample, the main process writes."""
+        if not accelerator.is_main_process and not every_rank:
             return None
         from distill.report import write_gif  # PIL; distill.report also pulls PyAV, needed here only
 
@@ -59,6 +61,8 @@ class Validator:
             latents = sampler(self.cond.to(teacher.device), noise, self.rows)
         finally:
             student.train(was_training)
+        if not accelerator.is_main_process:
+            return None
         videos = teacher.to_uint8(teacher.decode(latents))  # uint8 [B, F, H, W, 3]
         out = self.folder / f"step-{step:06d}"
         out.mkdir(parents=True, exist_ok=True)

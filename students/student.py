@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
+from huggingface_hub import save_torch_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
@@ -211,20 +212,31 @@ class Student(nn.Module):
             m.enable_gradient_checkpointing()
 
     # ---- saving / loading ------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `student.json` and one `expert_<i>/` folder per expert (see the module docstring)."""
+    def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write `student.json` and one `expert_<i>/` folder per expert (see the module docstring). `state`: weights
+        in `trainable_state_dict` layout to write instead of the module's (a sharded student's, assembled)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for i in range(self.num_experts):
             sub = directory / expert_name(i)
+            prefix = f"{expert_name(i)}."
+            given = None if state is None else {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             if self.is_lora:
                 sub.mkdir(parents=True, exist_ok=True)
-                state = lora_state_dict(self.transformer, self.adapter_names[i])
-                state = {k: v.detach().contiguous() for k, v in state.items()}
-                save_file(state, str(sub / LORA_WEIGHTS))
+                weights = lora_state_dict(self.transformer, self.adapter_names[i]) if given is None else given
+                save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(sub / LORA_WEIGHTS))
                 self.transformer.peft_config[self.adapter_names[i]].save_pretrained(str(sub))
-            else:
+            elif given is None:
                 self.experts[i].save_pretrained(sub)
+            else:  # the files diffusers' save_pretrained writes (config.json, weights sharded at 10 GB)
+                sub.mkdir(parents=True, exist_ok=True)
+                self.experts[i].save_config(sub)
+                save_torch_state_dict(
+                    {k: v.contiguous() for k, v in given.items()},
+                    sub,
+                    filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                    max_shard_size="10GB",
+                )
         meta = {
             "config": to_dict(self.cfg),
             "teacher_num_layers": self.teacher_num_layers,
