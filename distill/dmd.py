@@ -183,6 +183,10 @@ class DMD:
         """The critic updates every step, the generator on steps 0, k, 2k, ... (DMD2 and Self-Forcing use 5)."""
         critic_learning_rate: float | None = None
         """The critic's AdamW learning rate; None uses `train.learning_rate`. Same scheduler and warmup."""
+        critic_after_generator: bool = False
+        """On the generator's steps, the critic's loss and update come after the generator's update, its rollout
+        from the updated generator (Self-Forcing's order); False: the critic's loss follows the generator's
+        backward on each micro-batch, both before either update."""
         critic: Literal["lora", "full"] = "lora"
         """`lora`: adapter `critic` on the teacher's own transformer (no second copy of the weights; a LoRA student
         shares that base too); `full`: a trainable full copy of the teacher's transformer (Self-Forcing's

@@ -521,6 +521,28 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
         train_generator = not two_player or algorithm.trains_generator(step)
+        # Self-Forcing's order (critic_after_generator): the critic's pass follows the generator's update
+        critic_after = two_player and train_generator and algorithm.config.critic_after_generator
+        held = []  # critic_after: the micro-batches, for the critic's pass
+
+        def critic_backward(batch, step: int = step) -> dict:
+            """2-3'. the critic's loss on a micro-batch (fresh draws from its streams) and its backward."""
+            critic_loss, critic_logs = algorithm.critic_loss(batch)
+            check_finite(critic_loss, "critic loss", step, finished)
+            accelerator.backward(critic_loss)
+            return critic_logs
+
+        def critic_update(step: int = step) -> None:
+            """4'. clip and update the critic once per optimizer step (its prepared optimizer skips the others)."""
+            if accelerator.sync_gradients:
+                if not sharded:  # (sharded: FSDP reduce-scattered them in backward)
+                    all_reduce_grads(accelerator, critic_params)
+                norm = accelerator.clip_grad_norm_(critic_params, tc.max_grad_norm or math.inf)
+                check_finite(scalar(norm), "critic gradient norm", step, finished)
+            critic_optimizer.step()
+            critic_scheduler.step()
+            critic_optimizer.zero_grad(set_to_none=True)
+
         for _ in range(tc.gradient_accumulation_steps):
             # 1. the micro-batch: clean latents, text embeddings, one random stream per sample
             batch = next(batches)
@@ -534,12 +556,8 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
                     check_finite(loss, "generator loss" if two_player else "loss", step, finished)
                     with _critic_grads_set_aside(set_aside):
                         accelerator.backward(loss)
-                if two_player:
-                    # 2-3'. the critic's loss on the same micro-batch (fresh draws from the same streams), backward
-                    critic_loss, critic_logs = algorithm.critic_loss(batch)
-                    check_finite(critic_loss, "critic loss", step, finished)
-                    accelerator.backward(critic_loss)
-                    logs = {**logs, **critic_logs}
+                if two_player and not critic_after:  # the critic on the same micro-batch
+                    logs = {**logs, **critic_backward(batch)}
                 # 4. clip and update once per optimizer step (the prepared optimizers skip non-sync micro-batches)
                 if train_generator:
                     if accelerator.sync_gradients:
@@ -548,17 +566,21 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
                     optimizer.step()
                 lr_scheduler.step()  # every step: the generator's LR follows the trainer's step clock
                 optimizer.zero_grad(set_to_none=True)
-                if two_player:
-                    if accelerator.sync_gradients:
-                        if not sharded:  # (sharded: FSDP reduce-scattered them in backward)
-                            all_reduce_grads(accelerator, critic_params)
-                        norm = accelerator.clip_grad_norm_(critic_params, tc.max_grad_norm or math.inf)
-                        check_finite(scalar(norm), "critic gradient norm", step, finished)
-                    critic_optimizer.step()
-                    critic_scheduler.step()
-                    critic_optimizer.zero_grad(set_to_none=True)
+                if two_player and not critic_after:
+                    critic_update()
+            if critic_after:
+                held.append(batch)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / tc.gradient_accumulation_steps
+        if held:  # 2-4'. the critic's pass, its rollouts from the updated generator
+            if sharded:
+                reshard(student)
+            for batch in held:
+                with accelerator.accumulate(model):
+                    logs = critic_backward(batch)
+                    critic_update()
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / tc.gradient_accumulation_steps
         assert accelerator.sync_gradients, "gradient accumulation out of step with the optimizer steps"
         if sharded:  # the next forward gathers the updated shards (distill.sharding.reshard)
             reshard(student, critic, teacher.pipe.transformer, getattr(teacher.pipe, "transformer_2", None))

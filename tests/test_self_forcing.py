@@ -615,3 +615,30 @@ def test_stream_stage_writes_the_mp4_as_the_cli_is_told(tmp_path, capsys):
     assert err < 6 and np.abs(got @ luma - other @ luma).mean() > 2 * err  # closer to its stream than another
     assert main(["stream", str(tmp_path / "r.yaml"), f"stream.prompt={a}", "stream.switches=[[x, y]]"]) == 2
     assert "stream.switches[0]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_critic_after_generator_rolls_out_the_updated_generator(after, tmp_path, tiny_pipeline_dir, monkeypatch):
+    """`critic_after_generator`: the critic's loss of a generator step sees the student's weights after that step's
+    update (Self-Forcing's order); by default it sees the same weights as the generator's loss."""
+    seen = []
+    real_gen, real_critic = SelfForcing.generator_loss, SelfForcing.critic_loss
+
+    def weights_now(self):
+        return float(sum(p.detach().double().sum() for p in self.rollout.model.causal.transformer.parameters()))
+
+    def generator_loss(self, batch):
+        seen.append(("generator", weights_now(self)))
+        return real_gen(self, batch)
+
+    def critic_loss(self, batch):
+        seen.append(("critic", weights_now(self)))
+        return real_critic(self, batch)
+
+    monkeypatch.setattr(SelfForcing, "generator_loss", generator_loss)
+    monkeypatch.setattr(SelfForcing, "critic_loss", critic_loss)
+    write_dataset(tmp_path / "a" / "dataset")
+    recipe = write_recipe(tmp_path / "a.yaml", tmp_path / "a", tiny_pipeline_dir, **SF_SECTIONS)
+    run_train(recipe, "train.max_steps=1", f"method.self_forcing.critic_after_generator={str(after).lower()}")
+    assert [who for who, _ in seen] == ["generator", "critic"]
+    assert (seen[1][1] != seen[0][1]) == after
