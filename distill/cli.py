@@ -18,6 +18,7 @@ from distill.checkpoints import check_finished, final_dir, is_finished
 from distill.config import Recipe, load_recipe
 from distill.export_stage import export_stage
 from distill.hub import push_student
+from distill.memory_plan import plan_memory
 from distill.trainer import check_train_recipe, train
 from synth_data.compose_stage import compose_stage
 from synth_data.push import PushError, push
@@ -88,6 +89,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("recipe", help="a recipe YAML, e.g. recipes/toyworld.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. data.num_prompts=8")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe, print it resolved, and exit")
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="with --dry-run of train / run: compare the memory plan with this much memory per GPU",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --dry-run: plan for N processes (default: accelerate's WORLD_SIZE, else 1)",
+    )
     return p.parse_intermixed_args(argv)  # overrides may stand before or after --dry-run
 
 
@@ -207,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
         print(f"dry run: the recipe passes `{args.stage}`'s checks (no model was loaded)", file=sys.stderr)
+        if args.stage in ("train", "run") and recipe.student is not None:
+            processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+            try:
+                print(plan_memory(recipe, processes).table(args.gpu_memory), file=sys.stderr)
+            except ValueError as e:
+                print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+                return 2
         return 0
     stage = globals()[f"stage_{args.stage}"]
     try:

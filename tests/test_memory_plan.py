@@ -1,0 +1,107 @@
+"""The `--dry-run` memory plan against the tensors the trainer's roles really hold, on tiny models: weights, gradients,
+AdamW moments, EMA, per role, exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer import write_recipe
+
+from distill.config import load_recipe
+from distill.memory_plan import GIB, plan_memory
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def held(recipe) -> dict[tuple[str, str], int]:
+    """What the trainer's roles hold after one optimizer step, built as `distill.trainer` builds them."""
+    from diffusers.training_utils import EMAModel, cast_training_params
+
+    from distill.methods import METHODS
+    from distill.trainer import make_critic, make_optimizer
+    from students.student import build_student
+    from teachers.wan import WanTeacher
+
+    teacher = WanTeacher.from_config(recipe.teacher, "cpu")
+    student = build_student(recipe.student, teacher.pipe.transformer)
+    roles = {"student": student}
+    if METHODS[recipe.method.name].two_player:
+        roles["critic"] = make_critic(recipe, teacher)
+    out = {}
+    adapters = set()
+    for role, module in roles.items():
+        cast_training_params(module, torch.float32)
+        params = module.trainable_parameters()
+        adapters |= {id(p) for p in params}
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer = make_optimizer(params, recipe.train)
+        optimizer.step()
+        moments = [t for state in optimizer.state.values() for k, t in state.items() if k != "step"]
+        out[(role, "trainable")] = nbytes(params)
+        out[(role, "gradients")] = nbytes(p.grad for p in params)
+        out[(role, "moments")] = nbytes(moments)
+        if role == "student" and recipe.train.ema:
+            out[(role, "EMA")] = nbytes(EMAModel(params).shadow_params)
+    frozen = [p for p in teacher.pipe.transformer.parameters() if id(p) not in adapters]
+    out[("teacher", "transformer")] = nbytes(frozen)
+    out[("text encoder", "")] = nbytes(teacher.pipe.text_encoder.parameters())
+    out[("VAE", "")] = nbytes(teacher.pipe.vae.parameters())
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.name=kd", "train.ema=true"],  # LoRA student inside the teacher, EMA
+        ["method.name=kd", "teacher.dtype=float16"],  # float16: T5's `wo` and Wan's norms stay float32
+        ["method.name=dmd", "student.kind=full", "student.denoising_steps=[1000,500]"],  # full student, LoRA critic
+        [  # causal student, full critic, bf16 teacher
+            "method.name=self_forcing",
+            "student.kind=causal",
+            "student.frames_per_block=1",
+            "student.denoising_steps=[1000,500]",
+            "method.self_forcing.critic=full",
+            "teacher.dtype=bfloat16",
+        ],
+    ],
+)
+def test_plan_equals_what_the_roles_hold(overrides, tmp_path, tiny_pipeline_dir):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir), overrides)
+    plan = plan_memory(recipe)
+    real = held(recipe)
+    planned = {}
+    for line in plan.lines:
+        kind = next((k for k in ("trainable", "gradients", "moments", "EMA", "transformer") if k in line.what), "")
+        planned[(line.role, kind)] = line.bytes
+    assert planned.keys() == real.keys()
+    for key, value in real.items():
+        assert planned[key] == value, key
+    assert "configs of" in plan.source and plan.total == sum(real.values())
+
+
+def test_fsdp_divides_the_sharded_roles_and_offload_keeps_one(tmp_path, tiny_pipeline_dir):
+    recipe_path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir)
+    whole = {(x.role, x.what.split(" / ")[0]): x.bytes for x in plan_memory(load_recipe(recipe_path)).lines}
+    sharded = plan_memory(load_recipe(recipe_path, ["train.sharding=fsdp"]), processes=4)
+    for line in sharded.lines:
+        factor = 1 if line.role in ("text encoder", "VAE") else 4
+        assert line.bytes * factor == whole[(line.role, line.what.split(" / ")[0])]
+    offload = plan_memory(load_recipe(recipe_path, ["teacher.offload=group"]))
+    block = offload.lines[0]
+    assert "one block" in block.what and block.bytes < whole[("teacher", next(k for r, k in whole if r == "teacher"))]
+    assert "does NOT fit" in sharded.table(gpu_memory_gib=1e-9) and "GiB left" in sharded.table(80.0)
+    assert GIB == 2**30
+
+
+def test_dry_run_prints_the_plan(tmp_path, tiny_pipeline_dir, capsys):
+    from distill.cli import main
+
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir)
+    assert main(["train", str(recipe), "--dry-run", "--gpu-memory", "80", "--processes", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "memory plan per GPU (2 processes; configs of" in err and "GiB left for activations" in err
+    assert main(["train", str(recipe), "--dry-run", "--gpu-memory", "0.000001"]) == 0
+    assert "does NOT fit" in capsys.readouterr().err
