@@ -149,12 +149,15 @@ def _configs(recipe: Recipe) -> tuple[dict, str]:
         )
 
 
-def _init_config(init: str) -> dict:
-    """The transformer config of `student.init` (the places `students.student.load_init_transformer` reads)."""
+def _init_config(init: str) -> dict | None:
+    """The transformer config of `student.init` (the places `students.student.load_init_transformer` reads); None
+    for a local folder that does not exist yet (an earlier stage's output)."""
     path = Path(init).expanduser()
     if path.is_dir():
         sub = path / "transformer" if (path / "model_index.json").is_file() else path
         return json.loads((sub / "config.json").read_text())
+    if init.startswith(("/", ".", "~")) or init.count("/") != 1:  # a local folder an earlier stage will write
+        return None
     try:
         from huggingface_hub import hf_hub_download
 
@@ -225,9 +228,12 @@ def plan_memory(recipe: Recipe, processes: int = 1) -> Plan:
     if recipe.student is None or recipe.method is None:
         return plan
     base = experts[0]
-    if recipe.student.init is not None:  # the student starts from another transformer (e.g. 14B -> 1.3B)
+    init = None if recipe.student.init is None else _init_config(recipe.student.init)
+    if recipe.student.init is not None and init is None:
+        plan.source += f"; student.init {recipe.student.init} is not there yet: planned as the teacher's transformer"
+    if init is not None:  # the student starts from another transformer (e.g. 14B -> 1.3B)
         with torch.device("meta"):
-            base = WanTransformer3DModel.from_config(_clean(_init_config(recipe.student.init)))
+            base = WanTransformer3DModel.from_config(_clean(init))
         if recipe.student.spec.adapters:  # LoRA on its own frozen base, not the teacher's
             plan.add(
                 "student",
