@@ -122,6 +122,8 @@ def _configs(recipe: Recipe) -> tuple[dict, str]:
     they came from."""
     pretrained, revision = recipe.teacher.pretrained, recipe.teacher.revision
     folder = Path(pretrained).expanduser()
+    if not folder.is_dir() and (pretrained.startswith(("/", ".", "~")) or pretrained.count("/") != 1):
+        raise ValueError(f"teacher.pretrained: {pretrained} is not there yet (an earlier stage writes it)")
     try:
         if folder.is_dir():
             read = lambda sub: json.loads((folder / sub / "config.json").read_text())  # noqa: E731

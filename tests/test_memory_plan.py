@@ -105,3 +105,11 @@ def test_dry_run_prints_the_plan(tmp_path, tiny_pipeline_dir, capsys):
     assert "memory plan per GPU (2 processes; configs of" in err and "GiB left for activations" in err
     assert main(["train", str(recipe), "--dry-run", "--gpu-memory", "0.000001"]) == 0
     assert "does NOT fit" in capsys.readouterr().err
+
+
+def test_a_teacher_an_earlier_stage_writes_leaves_the_dry_run_passing(tmp_path, tiny_pipeline_dir, capsys):
+    from distill.cli import main
+
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tmp_path / "not_yet")
+    assert main(["train", str(recipe), "--dry-run"]) == 0
+    assert "memory plan: not available: teacher.pretrained: " in capsys.readouterr().err
