@@ -66,11 +66,17 @@ CASES = {
     "kd_lora_ema": ({"method": {"name": "kd"}}, []),
     # full student, LoRA critic (its adapter inside the sharded teacher), generator every 2nd step
     "dmd_full": ({**DMD_SECTIONS, "student": {**DMD_SECTIONS["student"], "kind": "full"}}, []),
-    # causal student's chunk-by-chunk rollout with the KV cache, full critic (its own sharded copy); 3 steps with a
+    # causal student's chunk-by-chunk rollout with the KV cache, full critic (its own sharded copy), gradient
+    # checkpointing (blocks re-gathered in backward); 3 steps with a
     # checkpoint after step 2 only: a step that reads stale gathered weights (no reshard after the update) shows
     "self_forcing_causal": (
         SF_SECTIONS,
-        ["method.self_forcing.critic=full", "train.max_steps=3", "train.checkpointing_steps=2"],
+        [
+            "method.self_forcing.critic=full",
+            "train.max_steps=3",
+            "train.checkpointing_steps=2",
+            "train.gradient_checkpointing=true",  # as every Wan recipe trains
+        ],
     ),
 }
 
