@@ -6,7 +6,8 @@
 #   1. streaming.py --size 1.3b --profile    (student KV-cache streaming vs bidirectional teacher, 14 chunks)
 #   2. attention_mask.py --attention          (causal training mask at 480p/720p: dense SDPA vs flex_attention block
 #                                             mask, bytes, one attention layer's fwd+bwd time and peak memory)
-#   3. train_step.py --size 1.3b             (Self-Forcing step, checkpointing on, 8-bit AdamW on/off)
+#   3. train_step.py --size 1.3b             (Self-Forcing step, checkpointing on, 8-bit AdamW on/off; peak memory
+#                                             against the dry run's memory plan of the same roles)
 #   4. streaming.py --size 1.3b --compile    (the same with diffusers' compile_repeated_blocks; compiles take minutes)
 # Not here: generate.py at the 1.3B shape. It reads the toy recipe's 32x32x9 shape and needs a text encoder (UMT5-XXL,
 # 11 GB in bf16 even with random weights), so it is not cheap; it would need --recipe / --height flags first.

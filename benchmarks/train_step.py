@@ -14,6 +14,8 @@ random exit steps, are timed in every variant.
 Each variant runs in its own process, so its peak memory is its own: on a GPU `torch.cuda.max_memory_allocated`, on a
 CPU the peak RSS (`resource.getrusage`, which includes the ~0.5 GB of the Python process and libraries). `step_mem_mib`
 is the peak while stepping minus what was held before the first step (optimizer states, gradients, activations).
+`planned_mib` is the dry run's memory plan (`distill.memory_plan`: weights, gradients, optimizer states, EMA) of the
+roles the step builds, and `peak_minus_planned_mib` what the plan leaves out (activations, and on a CPU the process).
 8-bit AdamW (`train.optimizer: adamw8bit`) needs bitsandbytes and CUDA: elsewhere its variants are "unavailable".
 A variant that runs out of GPU memory is reported as "oom".
 
@@ -199,9 +201,12 @@ def run_variant(args, checkpointing: bool, optimizer: str) -> dict:
             return {"loss/dmd": float(logs["loss/dmd"]), "loss/critic": float(critic_logs["loss/critic"])}
 
         figures = measure(train_step, args.warmup, args.steps, device)
+        planned = planned_mib(args, recipe)
         return {
             "status": "ok",
             **figures,
+            "planned_mib": planned,  # the dry run's plan of what this step's roles hold (weights and states)
+            "peak_minus_planned_mib": None if planned is None else figures["peak_mem_mib"] - planned,
             "student_trainable_params": sum(p.numel() for p in params),
             "critic_trainable_params": sum(p.numel() for p in critic_params),
             "latent_shape": list(shape),
@@ -212,6 +217,17 @@ def run_variant(args, checkpointing: bool, optimizer: str) -> dict:
             "device": device.type,
             **info,
         }
+
+
+def planned_mib(args, recipe) -> float | None:
+    """`distill.memory_plan`'s weights and optimizer states for the roles this benchmark builds (`1.3b`: no text
+    encoder); None for `--tiny-shape`, whose shrunken transformer is no released config."""
+    from distill.memory_plan import plan_memory
+
+    if args.size != "tiny" and args.tiny_shape:
+        return None
+    skip = set() if args.size == "tiny" else {"text encoder"}
+    return sum(line.bytes for line in plan_memory(recipe).lines if line.role not in skip) / 2**20
 
 
 def measure(train_step, warmup: int, steps: int, device: torch.device) -> dict:
