@@ -259,6 +259,7 @@ def test_1_3b_code_path_runs_at_tiny_shape_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # four benchmarks in subprocesses: the run's own limit (900 s) applies, not the suite's
 def test_gpu_all_script_runs_at_tiny_size(tmp_path):
     """The one-call GPU script, checked on the CPU: every benchmark in it prints its JSON line, OUT gets the rows."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "OUT": str(tmp_path)}
