@@ -18,37 +18,13 @@ from pathlib import Path
 
 import torch
 
+from distill.memory_plan import WAN21_13B_TRANSFORMER, WAN21_VAE  # noqa: F401  (the released configs)
+
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_TOY_TEACHER = ROOT / "teachers" / "toyworld" / "pipeline"
 
-WAN21_13B_TRANSFORMER = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
-"""Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json (1.42B parameters)."""
-WAN21_VAE = dict(
-    base_dim=96,
-    z_dim=16,
-    dim_mult=[1, 2, 4, 4],
-    num_res_blocks=2,
-    attn_scales=[],
-    temperal_downsample=[False, True, True],
-    dropout=0.0,
-)
-"""Wan2.1 vae/config.json; latents_mean / latents_std are AutoencoderKLWan's defaults, which are Wan2.1's."""
 TINY_SHAPE_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2)
 """`--tiny-shape`: the 1.3B config with these keys replaced (text_dim 4096, 16 channels and patch kept)."""
 TINY_SHAPE_VAE = dict(base_dim=8, num_res_blocks=1)

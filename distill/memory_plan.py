@@ -37,8 +37,8 @@ GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5}
 
-_WAN21_13B = dict(
-    patch_size=[1, 2, 2],
+WAN21_13B_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
     num_attention_heads=12,
     attention_head_dim=128,
     in_channels=16,
@@ -52,7 +52,9 @@ _WAN21_13B = dict(
     eps=1e-6,
     rope_max_seq_len=1024,
 )
-_WAN21_14B = {**_WAN21_13B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+"""Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json (1.42B parameters)."""
+WAN21_14B_TRANSFORMER = {**WAN21_13B_TRANSFORMER, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+"""Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json (dim 5120 = 40 heads x 128); the A14B experts' too."""
 _UMT5_XXL = dict(
     vocab_size=256384,
     d_model=4096,
@@ -65,18 +67,20 @@ _UMT5_XXL = dict(
     feed_forward_proj="gated-gelu",
     tie_word_embeddings=False,
 )
-_WAN_VAE = dict(
+WAN21_VAE = dict(
     base_dim=96,
     z_dim=16,
     dim_mult=[1, 2, 4, 4],
     num_res_blocks=2,
     attn_scales=[],
     temperal_downsample=[False, True, True],
+    dropout=0.0,
 )
+"""Wan2.1 vae/config.json; latents_mean / latents_std are AutoencoderKLWan's defaults, which are Wan2.1's."""
 RELEASED = {
-    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": {"transformer": _WAN21_13B},
-    "Wan-AI/Wan2.1-T2V-14B-Diffusers": {"transformer": _WAN21_14B},
-    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": {"transformer": _WAN21_14B, "transformer_2": _WAN21_14B},
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": {"transformer": WAN21_13B_TRANSFORMER},
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": {"transformer": WAN21_14B_TRANSFORMER},
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": {"transformer": WAN21_14B_TRANSFORMER, "transformer_2": WAN21_14B_TRANSFORMER},
 }
 """The released transformer config.json of each Wan id the recipes name (text encoder: UMT5-XXL's encoder; VAE: the
 Wan2.1 VAE, shared by all three), for planning without the Hub."""
@@ -146,7 +150,7 @@ def _configs(recipe: Recipe) -> tuple[dict, str]:
             raise ValueError(
                 f"teacher.pretrained: can't read the configs of {pretrained} for the memory plan: {e}"
             ) from e
-        return {**RELEASED[pretrained], "text_encoder": _UMT5_XXL, "vae": _WAN_VAE}, (
+        return {**RELEASED[pretrained], "text_encoder": _UMT5_XXL, "vae": WAN21_VAE}, (
             f"the released configs of {pretrained} (the Hub was not reachable)"
         )
 

@@ -238,3 +238,29 @@ def load_checkpoint(folder: Path, roles: list[Role], ema) -> None:
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available() and "torch_cuda" in rng:
         torch.cuda.set_rng_state(rng["torch_cuda"])
+
+
+def gather_final(student, ema, main: bool) -> tuple:
+    """(weights, EMA weights or None) of a sharded student, assembled on the main process (every rank calls)."""
+    weights = full_tensors(student.trainable_state_dict(), main)
+    ema_weights = None
+    if ema is not None:
+        params = student.trainable_parameters()
+        ema.store(params)
+        ema.copy_to(params)
+        ema_weights = full_tensors(student.trainable_state_dict(), main)
+        ema.restore(params)
+    return weights, ema_weights
+
+
+class Autocast(nn.Module):
+    """A sharded student called under accelerate's autocast (what `accelerator.prepare` adds to the models it wraps;
+    a sharded one is not prepared: DDP must not wrap it)."""
+
+    def __init__(self, module: nn.Module, accelerator):
+        super().__init__()
+        self.module, self.accelerator = module, accelerator
+
+    def forward(self, *args, **kwargs):
+        with self.accelerator.autocast():
+            return self.module(*args, **kwargs)

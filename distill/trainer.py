@@ -74,14 +74,16 @@ from distill.sharding import (
     OPTIMIZER_FILES,
     SCHEDULER_FILES,
     STUDENT_FILE,
+    Autocast,
     Role,
-    full_tensors,
+    gather_final,
     load_checkpoint,
     reshard,
     save_checkpoint,
     scalar,
     shard_roles,
 )
+from distill.trackers import TRACKER_MODULES, start_trackers
 from distill.validation import Validator
 from students.critic import Critic, build_critic
 from students.student import build_student
@@ -192,66 +194,6 @@ def check_train_recipe(recipe: Recipe) -> None:
         )
 
 
-TRACKER_MODULES = {
-    "tensorboard": "tensorboard",
-    "comet_ml": "comet_ml",
-    "aim": "aim",
-    "mlflow": "mlflow",
-    "clearml": "clearml",
-    "dvclive": "dvclive",
-    "swanlab": "swanlab",
-    "trackio": "trackio",
-    "wandb": "wandb",
-}
-"""accelerate tracker -> the package it needs (checked before training, so a missing one fails in a line)."""
-
-
-def _start_trackers(accelerator: Accelerator, recipe: Recipe) -> None:
-    tc, logs = recipe.train, recipe.student_dir() / "logs"
-    if not tc.log_with:
-        return
-    if not accelerator.log_with:  # built without trackers: add ours, writing into the student's folder
-        from accelerate.tracking import TensorBoardTracker
-        from accelerate.utils import LoggerType
-
-        for name in tc.log_with:
-            # tensorboard keeps its `logs/train/` layout; the others take accelerate's (project, logging_dir)
-            accelerator.log_with.append(
-                TensorBoardTracker("train", logs) if name == "tensorboard" else LoggerType(name)
-            )
-        accelerator.project_configuration.logging_dir = str(logs)
-    if "wandb" in tc.log_with and not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-        if not _wandb_logged_in():
-            os.environ["WANDB_MODE"] = "offline"
-            logger.info("train: wandb has no API key or login: logging offline under %s (`wandb sync` later)", logs)
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk("", recipe.to_dict())
-    if accelerator.is_main_process:
-        logs.mkdir(parents=True, exist_ok=True)
-    accelerator.init_trackers(
-        tc.tracker_project, config=flat, init_kwargs={"wandb": {"name": recipe.student.name, "dir": str(logs)}}
-    )
-
-
-def _wandb_logged_in() -> bool:
-    """A saved `wandb login` (its key in ~/.netrc for the wandb host)."""
-    import netrc
-
-    try:
-        hosts = netrc.netrc().hosts
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return any("wandb" in host for host in hosts)
-
-
 def _save_final(
     recipe: Recipe, student, ema, step: int, samples_per_step: int, fp: dict, gathered: tuple | None = None
 ) -> Path:
@@ -276,32 +218,6 @@ def _save_final(
     write_state(final, step, samples_per_step, fp, trained_config(recipe))
     (final / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
     return final
-
-
-def _gather_final(student, ema, main: bool) -> tuple:
-    """(weights, EMA weights or None) of a sharded student, assembled on the main process (every rank calls)."""
-    weights = full_tensors(student.trainable_state_dict(), main)
-    ema_weights = None
-    if ema is not None:
-        params = student.trainable_parameters()
-        ema.store(params)
-        ema.copy_to(params)
-        ema_weights = full_tensors(student.trainable_state_dict(), main)
-        ema.restore(params)
-    return weights, ema_weights
-
-
-class _Autocast(nn.Module):
-    """A sharded student called under accelerate's autocast (what `accelerator.prepare` adds to the models it wraps;
-    a sharded one is not prepared: DDP must not wrap it)."""
-
-    def __init__(self, module: nn.Module, accelerator: Accelerator):
-        super().__init__()
-        self.module, self.accelerator = module, accelerator
-
-    def forward(self, *args, **kwargs):
-        with self.accelerator.autocast():
-            return self.module(*args, **kwargs)
 
 
 def _lr_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, world: int):
@@ -463,7 +379,7 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
     params, optimizer, lr_scheduler, ema = _optimization(recipe, accelerator, student)
     if sharded:
         optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-        model = _Autocast(student, accelerator)
+        model = Autocast(student, accelerator)
     else:
         model, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
         _register_student_hooks(accelerator)
@@ -504,7 +420,7 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
     )
     if accelerator.is_main_process:
         student_dir.mkdir(parents=True, exist_ok=True)
-    _start_trackers(accelerator, recipe)
+    start_trackers(accelerator, recipe)
     validator = Validator(recipe, teacher) if tc.validation_steps else None
 
     bar = tqdm(
@@ -622,7 +538,7 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
     gathered = None
     if sharded:
         reshard(student)
-        gathered = _gather_final(student, ema, accelerator.is_main_process)
+        gathered = gather_final(student, ema, accelerator.is_main_process)
     if accelerator.is_main_process:
         final = _save_final(recipe, student, ema, tc.max_steps, samples_per_step, fp, gathered)
         logger.info("train: wrote %s", final)

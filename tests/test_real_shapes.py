@@ -18,14 +18,13 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransform
 from safetensors.torch import load_file
 from test_trainer import run_train, write_recipe
 
-from benchmarks.common import WAN21_13B_TRANSFORMER, WAN21_VAE, cast_like_from_pretrained
+from benchmarks.common import cast_like_from_pretrained
+from distill.memory_plan import WAN21_13B_TRANSFORMER, WAN21_14B_TRANSFORMER, WAN21_VAE
 from students.causal import CausalWan
 from students.config import StudentConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real_shapes"), pytest.mark.timeout(1800)]
 
-WAN21_14B_TRANSFORMER = {**WAN21_13B_TRANSFORMER, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
-"""Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json (dim 5120 = 40 heads x 128)."""
 BF16_RELATIVE = 2e-2
 """Max |cached - parallel| / max |parallel| in bf16: the two paths sum attention over keys in another order."""
 
