@@ -10,7 +10,13 @@ from __future__ import annotations
 import re
 
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -76,6 +82,28 @@ def tiny_vae(z_dim: int = 4, base_dim: int = 3, seed: int = 0) -> AutoencoderKLW
     ).eval()
 
 
+def tiny_wan22_vae(z_dim: int = 48, base_dim: int = 8, seed: int = 0) -> AutoencoderKLWan:
+    """A random Wan2.2 VAE (the TI2V-5B's layout): residual blocks, 2x2 pixel patchify in front of the encoder, 48
+    latent channels, 4x temporal / 16x spatial compression."""
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=base_dim,
+        decoder_base_dim=base_dim,
+        z_dim=z_dim,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
+    ).eval()
+
+
 def tiny_transformer(
     in_channels: int = 4,
     text_dim: int = 32,
@@ -107,15 +135,28 @@ def tiny_transformer(
 
 
 def tiny_pipeline(
-    words: list[str], num_layers: int = 2, two_experts: bool = False, seed: int = 0, flow_shift: float = 3.0
+    words: list[str],
+    num_layers: int = 2,
+    two_experts: bool = False,
+    seed: int = 0,
+    flow_shift: float = 3.0,
+    ti2v: bool = False,
 ) -> WanPipeline:
-    """A random tiny `WanPipeline` (optionally Wan2.2-style with `transformer_2` and boundary_ratio=0.875)."""
+    """A random tiny `WanPipeline`: Wan2.1's layout; with `two_experts`, Wan2.2 A14B's (`transformer_2`,
+    boundary_ratio=0.875); with `ti2v`, Wan2.2 TI2V-5B's (its 48-channel VAE, `expand_timesteps`)."""
+    if ti2v and two_experts:
+        raise ValueError("tiny_pipeline: TI2V is one expert; pass ti2v or two_experts, not both")
     tokenizer = word_tokenizer(words)
     text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
-    vae = tiny_vae(seed=seed)
-    transformer = tiny_transformer(num_layers=num_layers, seed=seed)
+    vae = tiny_wan22_vae(seed=seed) if ti2v else tiny_vae(seed=seed)
+    transformer = tiny_transformer(in_channels=vae.config.z_dim, num_layers=num_layers, seed=seed)
     transformer_2 = tiny_transformer(num_layers=num_layers, seed=seed + 1) if two_experts else None
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=flow_shift)
+    if ti2v:  # the TI2V-5B folder's scheduler: UniPC in flow mode
+        scheduler = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift
+        )
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=flow_shift)
     return WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -124,4 +165,5 @@ def tiny_pipeline(
         scheduler=scheduler,
         transformer_2=transformer_2,
         boundary_ratio=0.875 if two_experts else None,
+        expand_timesteps=ti2v,
     )

@@ -1,9 +1,11 @@
-"""The frozen Wan teacher: diffusers' `WanPipeline` (Wan2.1, Wan2.2 two-expert) behind a small query API.
+"""The frozen Wan teacher: diffusers' `WanPipeline` (Wan2.1, Wan2.2 two-expert, Wan2.2 TI2V) behind a small query API.
 
 Conventions (DESIGN.md §3):
     latents x [B, C, F, H, W] (normalised, as the transformer sees them); videos [B, 3, F, H, W] in [-1, 1]
     x_σ = (1-σ)·x0 + σ·ε; the model predicts v = ε - x0 at timestep t = 1000·σ
     CFG: v = v_uncond + w·(v_cond - v_uncond); w = 1 means no guidance
+    image-to-video (Wan2.2 TI2V, `expand_timesteps`): the clean first latent frame is part of the input at timestep 0
+    (per-token timesteps), as diffusers' `WanImageToVideoPipeline` does for that model
 
 Freezing lives here and only here: `from_config` calls `requires_grad_(False)` and `eval()` on every
 component, and every public query runs under `torch.no_grad`.
@@ -281,6 +283,25 @@ class WanTeacher:
             return self.pipe.transformer
         return self.pipe.transformer_2
 
+    @property
+    def image_conditioned(self) -> bool:
+        """True for teachers that also do image-to-video in the same weights (Wan2.2 TI2V: `expand_timesteps`)."""
+        return bool(self.pipe.config.get("expand_timesteps", False))
+
+    def _check_first_frame(self, first_frame: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.image_conditioned:
+            raise ValueError(
+                "first_frame: this teacher has no image conditioning (its model_index.json has no expand_timesteps: "
+                "true); image-to-video needs a TI2V teacher such as Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+            )
+        want = (x.shape[0], x.shape[1], 1, *x.shape[3:])
+        if tuple(first_frame.shape) != want:
+            raise ValueError(
+                f"first_frame: expected latents {want} (one latent frame, from encode_image), "
+                f"got {tuple(first_frame.shape)}"
+            )
+        return first_frame.to(x.device, x.dtype)
+
     # ---- text ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: list[str], negative: str | list[str] | None = None) -> Cond:
@@ -407,11 +428,15 @@ class WanTeacher:
         shift: float | None = None,
         save_at: Sequence[int] = (),
         guidance_2: float | None = None,
+        first_frame: torch.Tensor | None = None,
     ) -> SampleOutput:
         """Run the pipeline's sampler from `noise` [B, C, F, H, W]; identical to
         `WanPipeline.__call__(prompt_embeds=..., latents=noise, output_type="latent")` with the same steps,
         guidance (and guidance_scale_2 = `guidance_2`) and scheduler shift.
         `save_at`: step indices in [0, steps] whose input state goes to `trajectory`.
+        `first_frame` [B, C, 1, H, W] (from `encode_image`; image-conditioned teachers only): image-to-video. The
+        first latent frame is that clean frame at timestep 0 in every step's input, in the trajectory and in the
+        result, as `WanImageToVideoPipeline(expand_timesteps=True)(image=..., latents=noise)` does.
         """
         steps = self.cfg.num_inference_steps if steps is None else steps
         scheduler = self.make_scheduler(shift)
@@ -422,12 +447,21 @@ class WanTeacher:
         if save and (save[0] < 0 or save[-1] > len(timesteps)):
             raise ValueError(f"sample: save_at indices must be in [0, {len(timesteps)}], got {list(save_at)}")
         latents = noise.to(self.device, torch.float32)
+        if first_frame is not None:
+            first_frame = self._check_first_frame(first_frame, latents)
+            latents = torch.cat([first_frame, latents[:, :, 1:]], dim=2)
         trajectory = []
         for i, t in enumerate(tqdm(timesteps, desc="teacher sampling", leave=False, disable=None)):
             if i in save:
                 trajectory.append(latents)
-            v = self._velocity(latents, t.expand(latents.shape[0]), cond, guidance, guidance_2)
+            t_in = t.expand(latents.shape[0])
+            if first_frame is not None:  # per frame: the clean first frame at 0, the rest at t
+                t_in = t_in[:, None].repeat(1, latents.shape[2])
+                t_in[:, 0] = 0
+            v = self._velocity(latents, t_in, cond, guidance, guidance_2)
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            if first_frame is not None:  # the scheduler moves every frame; the first stays the given image
+                latents = torch.cat([first_frame, latents[:, :, 1:]], dim=2)
         if len(timesteps) in save:
             trajectory.append(latents)
         traj = (
@@ -465,6 +499,15 @@ class WanTeacher:
         z = self.pipe.vae.encode(video.to(self.device, self.pipe.vae.dtype)).latent_dist.mode()
         mean, std = self._latent_stats(z)
         return ((z - mean) / std).float()
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> the normalised first latent frame [B, C, 1, H', W'] (posterior mode)
+        that `sample(first_frame=...)` takes. Wan's VAE is causal in time: this equals the first latent frame of
+        `encode_video` of any clip that starts with these images."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode_image: expected [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
+        return self.encode_video(images[:, :, None])
 
     @staticmethod
     def to_uint8(video: torch.Tensor) -> np.ndarray:

@@ -57,6 +57,16 @@ def tiny_two_expert_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_ti2v_dir(tmp_path_factory):
+    """A saved tiny random TI2V `WanPipeline` folder (Wan2.2 TI2V-5B layout: 48-channel VAE, expand_timesteps)."""
+    from teachers.tiny import tiny_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_ti2v") / "pipeline"
+    tiny_pipeline(TINY_WORDS, ti2v=True).save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_transformer():
     from teachers.tiny import tiny_transformer as build
