@@ -3,18 +3,15 @@ both within the batch-split rounding of one process, and resumes to identical we
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from test_dmd import DMD_SECTIONS
 from test_self_forcing import SF_SECTIONS
-from test_trainer import free_port, max_diff, run_train, weights, write_dataset, write_recipe
+from test_trainer import launch_two as launch
+from test_trainer import max_diff, run_train, weights, write_dataset, write_recipe
 
-from core.recipe_loader import PROJECT_ROOT
 from distill.config import load_recipe
 
 FSDP_VS_DDP = 1e-5
@@ -25,35 +22,6 @@ VS_ONE_PROCESS = 5e-4
 """Max |Δw| of either against 1 process × the doubled batch: batch-1 and batch-2 forwards round differently and
 Adam's first steps are nearly sign(g), so weights with tiny gradients move by up to 2·lr either way (measured 1.5e-5
 kd, 2.6e-5 dmd, 3.0e-4 self_forcing, equal for DDP and FSDP)."""
-
-
-def launch(recipe: Path, out: Path, *overrides: str) -> Path:
-    """`accelerate launch` 2 CPU processes of the trainer; returns the run's final/."""
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "distill.trainer",
-        str(recipe),
-        f"output_dir={out}",
-        "train.batch_size=1",
-        *overrides,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "students" / "s" / "final"
 
 
 def compare(one: Path, ddp: Path, fsdp: Path) -> tuple[float, float, float]:

@@ -225,13 +225,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.xdist_group("multiproc")
-def test_two_processes_equal_one_process_with_double_batch(lora_run):
-    recipe, final_one = lora_run
-    out2 = share_dataset(final_one, final_one.parent.parent.parent.parent / "out2")
-    launcher = Path(sys.executable).parent / "accelerate"
+def launch_two(recipe: Path, out: Path, *overrides: str) -> Path:
+    """`accelerate launch` 2 CPU processes of the trainer; returns the run's final/."""
     cmd = [
-        str(launcher),
+        str(Path(sys.executable).parent / "accelerate"),
         "launch",
         "--multi_gpu",
         "--num_processes",
@@ -247,13 +244,21 @@ def test_two_processes_equal_one_process_with_double_batch(lora_run):
         "-m",
         "distill.trainer",
         str(recipe),
-        f"output_dir={out2}",
+        f"output_dir={out}",
         "train.batch_size=1",
+        *overrides,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    final_two = out2 / "students" / "s" / "final"
+    return out / "students" / "s" / "final"
+
+
+@pytest.mark.xdist_group("multiproc")
+def test_two_processes_equal_one_process_with_double_batch(lora_run):
+    recipe, final_one = lora_run
+    out2 = share_dataset(final_one, final_one.parent.parent.parent.parent / "out2")
+    final_two = launch_two(recipe, out2)
     state = json.loads((final_two / "training_state.json").read_text())
     assert state["fingerprint"]["num_processes"] == 2 and state["samples_per_step"] == 4
     diff = max_diff(weights(final_one), weights(final_two))
