@@ -77,13 +77,42 @@ WAN21_VAE = dict(
     dropout=0.0,
 )
 """Wan2.1 vae/config.json; latents_mean / latents_std are AutoencoderKLWan's defaults, which are Wan2.1's."""
+WAN22_TI2V_5B_TRANSFORMER = {
+    **WAN21_13B_TRANSFORMER,
+    "num_attention_heads": 24,
+    "in_channels": 48,
+    "out_channels": 48,
+    "ffn_dim": 14336,
+}
+"""Wan-AI/Wan2.2-TI2V-5B-Diffusers transformer/config.json (dim 3072 = 24 heads x 128, 30 blocks, 48 channels)."""
+WAN22_VAE = dict(
+    base_dim=160,
+    decoder_base_dim=256,
+    z_dim=48,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+    is_residual=True,
+    in_channels=12,
+    out_channels=12,
+    patch_size=2,
+    scale_factor_spatial=16,
+    scale_factor_temporal=4,
+    latents_mean=[0.0] * 48,
+    latents_std=[1.0] * 48,
+)
+"""Wan2.2-TI2V-5B vae/config.json (the Wan2.2 VAE: 2x2 patchify, residual blocks, 16x spatial / 4x temporal). Its
+latent statistics stand in as 0 / 1 here: they change no byte of the plan."""
 RELEASED = {
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": {"transformer": WAN21_13B_TRANSFORMER},
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": {"transformer": WAN21_14B_TRANSFORMER},
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": {"transformer": WAN21_14B_TRANSFORMER, "transformer_2": WAN21_14B_TRANSFORMER},
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": {"transformer": WAN22_TI2V_5B_TRANSFORMER, "vae": WAN22_VAE},
 }
-"""The released transformer config.json of each Wan id the recipes name (text encoder: UMT5-XXL's encoder; VAE: the
-Wan2.1 VAE, shared by all three), for planning without the Hub."""
+"""The released transformer (and, where it is not Wan2.1's, VAE) config.json of each Wan id the recipes name (text
+encoder: UMT5-XXL's encoder, shared by all), for planning without the Hub."""
 
 
 @dataclass
@@ -150,7 +179,7 @@ def _configs(recipe: Recipe) -> tuple[dict, str]:
             raise ValueError(
                 f"teacher.pretrained: can't read the configs of {pretrained} for the memory plan: {e}"
             ) from e
-        return {**RELEASED[pretrained], "text_encoder": _UMT5_XXL, "vae": WAN21_VAE}, (
+        return {"vae": WAN21_VAE, **RELEASED[pretrained], "text_encoder": _UMT5_XXL}, (
             f"the released configs of {pretrained} (the Hub was not reachable)"
         )
 

@@ -15,6 +15,8 @@ Columns (in this order):
     latents     Array4D float32 [C, F, H, W]     teacher's clean latents          (data.save_latents)
     trajectory  Array5D float32 [S, C, F, H, W]  states before data.trajectory_steps, then the clean latents
     trajectory_sigmas  float32 [S]       σ of each trajectory state (the last is 0: clean)   (data.trajectory_steps)
+    image       datasets.Image           image-to-video: the first frame given, PNG at the video's size  (data.images)
+    image_file  string                   its file name in data.images                                      (data.images)
 
 The features live in each shard's parquet schema metadata (`huggingface` key, as datasets writes it) and
 in the card, so `load_dataset` restores them. Video decoding in `datasets` needs torchcodec (CUDA-only
@@ -34,7 +36,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from datasets import Array4D, Array5D, Dataset, DatasetInfo, Features, List, SplitDict, SplitInfo, Value, Video
+from datasets import (
+    Array4D,
+    Array5D,
+    Dataset,
+    DatasetInfo,
+    Features,
+    Image,
+    List,
+    SplitDict,
+    SplitInfo,
+    Value,
+    Video,
+)
 from datasets import config as hf_datasets_config
 from datasets.arrow_writer import ParquetWriter
 from datasets.info import DatasetInfosDict
@@ -58,9 +72,14 @@ def shard_name(shard: int, num_shards: int) -> str:
 # ---- atomic files ---------------------------------------------------------------------------------
 # ---- features and parquet -------------------------------------------------------------------------
 def build_features(
-    slot_names: list[str], latent_shape: tuple[int, int, int, int], save_latents: bool, num_trajectory: int
+    slot_names: list[str],
+    latent_shape: tuple[int, int, int, int],
+    save_latents: bool,
+    num_trajectory: int,
+    images: bool = False,
 ) -> Features:
-    """The dataset's features; `latent_shape` is (C, F, H, W), `num_trajectory` 0 means no trajectory columns."""
+    """The dataset's features; `latent_shape` is (C, F, H, W), `num_trajectory` 0 means no trajectory columns,
+    `images` adds the image-to-video columns."""
     features = {
         "index": Value("int64"),
         "caption": Value("string"),
@@ -73,6 +92,9 @@ def build_features(
     if num_trajectory:
         features["trajectory"] = Array5D(shape=(num_trajectory, *latent_shape), dtype="float32")
         features["trajectory_sigmas"] = List(Value("float32"), length=num_trajectory)
+    if images:
+        features["image"] = Image()
+        features["image_file"] = Value("string")
     return Features(features)
 
 
@@ -244,7 +266,7 @@ def dataset_card(
     """
     card = DatasetCardData(
         pretty_name=f"{vocab_name} synthetic videos from {teacher.pretrained}",
-        task_categories=["text-to-video"],
+        task_categories=["image-to-video"] if data.images else ["text-to-video"],
         tags=["synthetic", "video", "distillation", "wan-distill"],
         configs=[{"config_name": "default", "data_files": [{"split": SPLIT, "path": f"{DATA_DIR}/{SPLIT}-*"}]}],
     )
@@ -271,8 +293,9 @@ def dataset_card(
         "",
         f"# {vocab_name} synthetic videos from `{teacher.pretrained}`",
         "",
-        f"{num_examples} text-to-video samples rendered by a frozen teacher with wan-distill, "
-        "for distilling it into a small student.",
+        f"{num_examples} {'image' if data.images else 'text'}-to-video samples rendered by a frozen teacher with "
+        "wan-distill, for distilling it into a small student."
+        + (" Each starts from the image in its `image` column (the first frame)." if data.images else ""),
         "",
         "## Generation",
         "",

@@ -21,6 +21,7 @@ last bits, and the dataset promises to be exactly reproducible from its recorded
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -64,10 +65,46 @@ NOT_FINGERPRINTED = frozenset(
         "data.vocabulary",  # its effect is fingerprinted: prompts.sha256 and teacher.negative_prompt (resolved)
         "data.hub_repo_id",
         "data.hub_private",  # push only
+        "data.images",  # its effect is fingerprinted: data.images.sha256 (the files' names and bytes)
         "teacher.offload",
         "teacher.encode_cache_size",  # memory placement / caching: same numbers
     }
 )
+
+
+# ---- image-to-video ------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_files(folder: str) -> list[Path]:
+    """The sorted image files of `data.images`; a clear error when there are none."""
+    path = resolve_path(folder)
+    files = sorted(p for p in Path(path).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+    if not files:
+        raise ValueError(
+            f"data.images: {folder} is not a folder with {'/'.join(IMAGE_SUFFIXES)} files; give a folder of the "
+            "first frames to start from, or remove the key for text-to-video"
+        )
+    return files
+
+
+def load_image(path: Path, teacher) -> tuple[torch.Tensor, bytes]:
+    """`path` resized to the teacher's video size by diffusers' video processor (as its image-to-video pipeline
+    does) -> ([1, 3, H, W] in [-1, 1] on 8-bit levels, the PNG bytes of exactly those pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"data.images: {path} is not a readable image ({e}); fix or remove it") from e
+    cfg = teacher.cfg
+    resized = teacher.pipe.video_processor.preprocess(image, height=cfg.height, width=cfg.width)
+    # Quantised to the 8 bits the dataset stores, so the `image` column is exactly the frame the teacher was given.
+    rgb = teacher.to_uint8(resized[:, :, None])[0, 0]
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1, buffer.getvalue()
 
 
 # ---- fingerprint ----------------------------------------------------------------------------------
@@ -82,6 +119,10 @@ def fingerprint(data: DataConfig, teacher: TeacherConfig, prompts_path: Path, ne
     fp["teacher.negative_prompt"] = negative_prompt
     if teacher.lora:
         fp["teacher.lora.sha256"] = lora_digests(teacher.lora, "teacher.lora")
+    if data.images:
+        fp["data.images.sha256"] = {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in image_files(data.images)
+        }
     return json.loads(json.dumps(dict(sorted(fp.items()))))
 
 
@@ -224,10 +265,16 @@ def _render_shards(job: _Job, shards: list[int], accelerator: Accelerator) -> No
     """Render this process's shards batch by batch; parts first, then each shard from its parts."""
     data = job.data
     teacher = WanTeacher.from_config(job.teacher, accelerator.device)
+    if data.images and not teacher.image_conditioned:
+        raise ValueError(
+            f"data.images: teacher.pretrained {job.teacher.pretrained} has no image conditioning (no expand_timesteps "
+            "in its model_index.json); image-to-video data needs a TI2V teacher such as "
+            "Wan-AI/Wan2.2-TI2V-5B-Diffusers, or remove data.images"
+        )
     cfg = teacher.cfg
     shape = teacher.latent_shape(cfg.num_frames, cfg.height, cfg.width)
     num_traj = len(data.trajectory_steps) + 1 if data.trajectory_steps else 0
-    features = build_features(job.slot_names, shape, data.save_latents, num_traj)
+    features = build_features(job.slot_names, shape, data.save_latents, num_traj, images=bool(data.images))
     group = rows_per_row_group(features, data.shard_size)
     todo = sum(not job.part_path(r["index"]).is_file() for s in shards for r in job.shard_rows(s))
     bar = tqdm(total=todo, desc="generate", unit="sample", disable=not accelerator.is_main_process)
@@ -257,7 +304,12 @@ def _render_batch(teacher, batch: list[dict], job: _Job, shape: tuple[int, ...])
     noise = torch.stack([sample_noise(r["seed"], shape) for r in batch])
     cond = teacher.encode([r["prompt"] for r in batch], job.negative_prompt)
     save_at = [*data.trajectory_steps, steps] if data.trajectory_steps else []
-    out = teacher.sample(cond, noise, save_at=save_at)
+    first, images = None, []
+    if data.images:
+        files = image_files(data.images)
+        images = [(files[r["index"] % len(files)], *load_image(files[r["index"] % len(files)], teacher)) for r in batch]
+        first = teacher.encode_image(torch.cat([pixels for _, pixels, _ in images]))
+    out = teacher.sample(cond, noise, save_at=save_at, first_frame=first)
     bad = [r["index"] for r, lat in zip(batch, out.latents) if not torch.isfinite(lat).all()]
     if bad:  # a NaN clip decodes to a black video and would enter the dataset as if it were a sample
         raise ValueError(
@@ -279,6 +331,9 @@ def _render_batch(teacher, batch: list[dict], job: _Job, shape: tuple[int, ...])
         if save_at:
             sample["trajectory"] = out.trajectory[i].float().cpu().numpy()
             sample["trajectory_sigmas"] = out.sigmas[save_at].float().cpu().tolist()
+        if images:
+            sample["image"] = {"bytes": images[i][2], "path": None}
+            sample["image_file"] = images[i][0].name
         samples.append(sample)
     return samples
 

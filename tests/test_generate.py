@@ -357,3 +357,66 @@ def test_non_finite_teacher_latents_are_never_written(tmp_path, tiny_pipeline_di
     with pytest.raises(ValueError, match=r"generate: the teacher's latents of row\(s\) \[3\] are not finite"):
         run_generate(root)
     assert sorted(tree(ds_dir)) == [".work/part-000000000.parquet", ".work/part-000000001.parquet", "generation.json"]
+
+
+# ---- image-to-video (Wan2.2 TI2V) --------------------------------------------------------------------------------
+def write_images(folder: Path, n: int, size: int = 40) -> list[np.ndarray]:
+    """`n` random PNGs of size x size px (not the video's 32 x 32: generate resizes them)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(folder / f"frame_{i}.png")
+    return arrays
+
+
+def test_image_to_video_rows_start_from_their_image(tmp_path, tiny_ti2v_dir):
+    from PIL import Image
+
+    from teachers.wan import WanTeacher
+
+    root = make_project(tmp_path / "p", tiny_ti2v_dir, num_prompts=3, images="images")
+    write_images(root / "images", 2)
+    ti2v = ["teacher.height=32", "teacher.width=32"]
+    ds = load_local(run_generate(root, *ti2v), cache_dir=str(tmp_path / "cache"))
+    assert ds.column_names[-2:] == ["image", "image_file"]
+    assert ds["image_file"] == ["frame_0.png", "frame_1.png", "frame_0.png"]  # row i: image i mod 2
+    first = ds[0]["image"]
+    assert isinstance(first, Image.Image) and first.size == (32, 32)
+    # The same numbers as the teacher's own image-to-video sample from that (resized) image.
+    with contextlib.chdir(root):
+        recipe = load_recipe("recipe.yaml", ti2v)
+    teacher = WanTeacher.from_config(recipe.teacher, "cpu")
+    pixels = torch.from_numpy(np.array(first)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    image_latent = teacher.encode_image(pixels)
+    row = read_prompts(root / "out" / "prompts.jsonl")[0]
+    shape = teacher.latent_shape(5, 32, 32)
+    out = teacher.sample(
+        teacher.encode([row["prompt"]], "blurry noise"),
+        sample_noise(row["seed"], shape)[None],
+        first_frame=image_latent,
+    )
+    latents = torch.from_numpy(ds.with_format("numpy")[0]["latents"])
+    assert (latents[:, :1] - image_latent[0]).abs().max() <= 1e-6  # the stored image is the frame given
+    assert (latents - out.latents[0]).abs().max() <= 1e-5
+    card = (root / "out" / "dataset" / "README.md").read_text()
+    assert "image-to-video" in card and "`image` column" in card
+
+
+def test_image_to_video_input_errors(tmp_path, tiny_pipeline_dir, tiny_ti2v_dir):
+    root = make_project(tmp_path / "empty", tiny_ti2v_dir, images="images")
+    (root / "images").mkdir()
+    with pytest.raises(ValueError, match="data.images: images is not a folder with .png/.jpg/.jpeg/.webp files"):
+        run_generate(root, "teacher.height=32", "teacher.width=32")
+    root = make_project(tmp_path / "t2v", tiny_pipeline_dir, images="images")
+    write_images(root / "images", 1)
+    with pytest.raises(ValueError, match="data.images: teacher.pretrained .* has no image conditioning"):
+        run_generate(root)
+    root = make_project(tmp_path / "bad", tiny_ti2v_dir, images="images")
+    write_images(root / "images", 1)
+    (root / "images" / "frame_1.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"data.images: .*frame_1.png is not a readable image"):
+        run_generate(root, "teacher.height=32", "teacher.width=32")
+    assert not list((root / "out" / "dataset").rglob("train-*.parquet"))
