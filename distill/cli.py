@@ -21,6 +21,7 @@ from distill.hub import push_student
 from distill.memory_plan import plan_memory
 from distill.trainer import check_train_recipe, train
 from synth_data.compose_stage import compose_stage
+from synth_data.generate import image_files
 from synth_data.push import PushError, push
 
 logger = logging.getLogger("distill")
@@ -186,6 +187,8 @@ def check_stage(recipe: Recipe, stage: str) -> None:
         _need_student(recipe, stage)
     if stage == "train" or (stage == "run" and recipe.student is not None):
         check_train_recipe(recipe)
+    if stage in ("generate", "run") and recipe.data.images:
+        image_files(recipe.data.images)
     if stage == "stream" and not recipe.stream.prompt:
         raise ValueError('stream.prompt: not set; e.g. stream.prompt="a red cat"')
     if stage in ("stream", "serve") and recipe.stream.student is None and recipe.student is None:
@@ -222,10 +225,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
         print(f"dry run: the recipe passes `{args.stage}`'s checks (no model was loaded)", file=sys.stderr)
-        if args.stage in ("train", "run") and recipe.student is not None:
+        if args.stage in ("train", "run", "generate"):
             processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
             try:
-                print(plan_memory(recipe, processes).table(args.gpu_memory), file=sys.stderr)
+                plan = plan_memory(recipe, processes, teacher_only=args.stage == "generate")
+                print(plan.table(args.gpu_memory), file=sys.stderr)
             except ValueError as e:  # the plan informs; the recipe itself passed its checks
                 print(f"memory plan: not available: {str(e).splitlines()[0]}", file=sys.stderr)
         return 0

@@ -220,8 +220,9 @@ def _clean(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def plan_memory(recipe: Recipe, processes: int = 1) -> Plan:
-    """The plan of `recipe`'s `train` stage on `processes` processes (one GPU each); see the module docstring."""
+def plan_memory(recipe: Recipe, processes: int = 1, teacher_only: bool = False) -> Plan:
+    """The plan of `recipe`'s `train` stage on `processes` processes (one GPU each), or with `teacher_only` of its
+    `generate` stage (the teacher's parts); see the module docstring."""
     configs, source = _configs(recipe)
     tc, teacher_cfg = recipe.train, recipe.teacher
     shard = processes if tc.sharding == "fsdp" else 1
@@ -260,7 +261,7 @@ def plan_memory(recipe: Recipe, processes: int = 1) -> Plan:
         te_bytes,
     )
     plan.add("VAE", f"{_b([_numel(vae)])} params x 4 B (float32)", _numel(vae) * 4)
-    if recipe.student is None or recipe.method is None:
+    if teacher_only or recipe.student is None or recipe.method is None:
         return plan
     base = experts[0]
     init = None if recipe.student.init is None else _init_config(recipe.student.init)

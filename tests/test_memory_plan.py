@@ -82,6 +82,17 @@ def test_plan_equals_what_the_roles_hold(overrides, tmp_path, tiny_pipeline_dir)
     assert "configs of" in plan.source and plan.total == sum(real.values())
 
 
+def test_plan_of_a_ti2v_teacher_equals_what_it_holds(tmp_path, tiny_ti2v_dir):
+    """Wan2.2 TI2V's layout: the 48-channel residual VAE (with its 2x2 patchify) and a 48-channel transformer."""
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_ti2v_dir),
+        ["method.name=kd", "teacher.height=32", "teacher.width=32"],
+    )
+    plan, real = plan_memory(recipe), held(recipe)
+    assert plan.total == sum(real.values())
+    assert next(x.bytes for x in plan.lines if x.role == "VAE") == real[("VAE", "")]
+
+
 def test_fsdp_divides_the_sharded_roles_and_offload_keeps_one(tmp_path, tiny_pipeline_dir):
     recipe_path = write_recipe(tmp_path / "r.yaml", tmp_path / "out", tiny_pipeline_dir)
     whole = {(x.role, x.what.split(" / ")[0]): x.bytes for x in plan_memory(load_recipe(recipe_path)).lines}
@@ -105,6 +116,9 @@ def test_dry_run_prints_the_plan(tmp_path, tiny_pipeline_dir, capsys):
     assert "memory plan per GPU (2 processes; configs of" in err and "GiB left for activations" in err
     assert main(["train", str(recipe), "--dry-run", "--gpu-memory", "0.000001"]) == 0
     assert "does NOT fit" in capsys.readouterr().err
+    assert main(["generate", str(recipe), "--dry-run", "--gpu-memory", "80"]) == 0  # the teacher's parts only
+    roles = [line.split()[0] for line in capsys.readouterr().err.splitlines() if line.startswith("  ")]
+    assert roles == ["teacher", "text", "VAE", "total", "against"]
 
 
 def test_a_teacher_an_earlier_stage_writes_leaves_the_dry_run_passing(tmp_path, tiny_pipeline_dir, capsys):

@@ -32,6 +32,7 @@ HUB_STANDINS = {
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "tiny",
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": "tiny",
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "tiny_two_expert",
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "tiny_ti2v",
 }
 """Hub teacher -> tiny stand-in fixture. Local teacher folders (the toy world's) -> an untrained toy pipeline."""
 WAN_SCHEDULER = dict(
@@ -88,10 +89,13 @@ def narrow_transformer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def standins(tiny_pipeline_dir, tiny_two_expert_dir, toy_pipeline_dir, narrow_transformer_dir) -> dict[str, Path]:
+def standins(
+    tiny_pipeline_dir, tiny_two_expert_dir, tiny_ti2v_dir, toy_pipeline_dir, narrow_transformer_dir
+) -> dict[str, Path]:
     return {
         "tiny": tiny_pipeline_dir,
         "tiny_two_expert": tiny_two_expert_dir,
+        "tiny_ti2v": tiny_ti2v_dir,
         "toy": toy_pipeline_dir,
         "student_init": narrow_transformer_dir,
     }
@@ -115,6 +119,16 @@ def original_scheduler(recipe: Recipe, standins: dict[str, Path]):
     return UniPCMultistepScheduler(**WAN_SCHEDULER, flow_shift=recipe.teacher.shift)
 
 
+def standin_scheduler(recipe: Recipe, standins: dict[str, Path]):
+    """The stand-in teacher's own sampler class at the recipe's shift (what the smoke run samples with)."""
+    import diffusers
+
+    _, folder = teacher_standin(recipe, standins)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    cls = getattr(diffusers, config["_class_name"])
+    return cls.from_config(config, **{"flow_shift" if "flow_shift" in config else "shift": recipe.teacher.shift})
+
+
 def sigmas_at(scheduler, steps: int, indices: list[int]) -> list[float]:
     scheduler.set_timesteps(steps)
     return [float(scheduler.sigmas[i]) for i in indices]
@@ -125,7 +139,7 @@ def tiny_trajectory_steps(recipe: Recipe, standins: dict[str, Path]) -> list[int
     wanted = sigmas_at(
         original_scheduler(recipe, standins), recipe.teacher.num_inference_steps, recipe.data.trajectory_steps
     )
-    tiny = FlowMatchEulerDiscreteScheduler(shift=recipe.teacher.shift)
+    tiny = standin_scheduler(recipe, standins)
     tiny.set_timesteps(TINY_STEPS)
     grid = tiny.sigmas[:-1]
     return sorted({int((grid - s).abs().argmin()) for s in wanted})
@@ -144,8 +158,9 @@ def smoke_overrides(recipe: Recipe, out: Path, standins: dict[str, Path]) -> lis
         "teacher.quantize=none",
         f"teacher.num_inference_steps={TINY_STEPS}",
     ]
-    if kind != "toy":
-        o += ["teacher.height=16", "teacher.width=16", "teacher.num_frames=5"]
+    if kind != "toy":  # the tiny TI2V VAE compresses 16x: 2x2 latent px, one transformer patch
+        side = 32 if kind == "tiny_ti2v" else 16
+        o += [f"teacher.height={side}", f"teacher.width={side}", "teacher.num_frames=5"]
     if recipe.data.trajectory_steps:
         o.append(f"data.trajectory_steps={tiny_trajectory_steps(recipe, standins)}")
     if recipe.student is not None:
