@@ -68,11 +68,17 @@ class CausalWan(nn.Module):
                 "student.kind=causal: image-conditioned (I2V) Wan transformers are not supported; "
                 "use a text-to-video teacher"
             )
+        if cfg.independent_first_frame and p_t != 1:
+            raise ValueError(
+                f"student.independent_first_frame: the first latent frame alone is a chunk only with temporal patch 1 "
+                f"(Wan), this transformer's is {p_t}; set it to false"
+            )
         install_processors(transformer)
         self.transformer = transformer
         self.cfg = cfg
         self.p_t = p_t
         self.block = cfg.frames_per_block // p_t
+        self.first = 1 if cfg.independent_first_frame else self.block  # positions of the first chunk
         self.window = None if cfg.local_window is None else cfg.local_window // p_t
         self.sink = cfg.sink // p_t
         self._backend: dict[str, str] = {}  # device type -> attention backend, chosen and logged once
@@ -80,6 +86,11 @@ class CausalWan(nn.Module):
     @property
     def frames_per_block(self) -> int:
         return self.cfg.frames_per_block
+
+    @property
+    def first_block_frames(self) -> int:
+        """Latent frames of the first chunk: 1 with `student.independent_first_frame`, else `frames_per_block`."""
+        return self.first * self.p_t
 
     @property
     def dtype(self) -> torch.dtype:
@@ -153,7 +164,7 @@ class CausalWan(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """v = ε - x0 [B, C, F, H, W] for latents x at per-frame timesteps t [B, F] (or [B]), block-causal.
 
-        Chunk c covers latent frames [c·frames_per_block, (c+1)·frames_per_block); the last may be shorter.
+        Chunks as `chunk_bounds` lays them out (the last may be shorter).
         Inputs are cast to the transformer's dtype; v comes back in x's dtype.
         """
         n_pos, hh, ww = self._grid(x)
@@ -177,7 +188,7 @@ class CausalWan(nn.Module):
                 self.cfg.attention,
             )
         build = block_causal_block_mask if self._backend[kind] == "flex" else block_causal_mask
-        return build(n_pos, tokens_per_pos, self.block, self.window, self.sink, device)
+        return build(n_pos, tokens_per_pos, self.block, self.window, self.sink, device, first=self.first)
 
     # ---- chunk-by-chunk inference with a KV cache ------------------------------------------------------
     def init_cache(self, batch: int, encoder_hidden_states: torch.Tensor) -> KVCache:
@@ -204,7 +215,7 @@ class CausalWan(nn.Module):
         (except the sink) are evicted; call it under `no_grad` unless you mean to keep the graph.
         """
         n_pos, hh, ww = self._grid(x)
-        if frame_offset < 0 or frame_offset % self.p_t or not 1 <= n_pos <= self.block:
+        if frame_offset < 0 or frame_offset % self.p_t or not 1 <= n_pos <= max(self.block, self.first):
             raise ValueError(
                 f"forward_chunk: frame_offset {frame_offset} must be a multiple of {self.p_t} and the "
                 f"chunk 1..{self.cfg.frames_per_block} frames, got {x.shape[2]}"
@@ -262,6 +273,14 @@ class ChunkModelWrapper:
         return self.causal.frames_per_block
 
     @property
+    def first_block_frames(self) -> int:
+        return self.causal.first_block_frames
+
+    @property
+    def p_t(self) -> int:
+        return self.causal.p_t
+
+    @property
     def cfg(self):
         return self.causal.cfg
 
@@ -273,6 +292,35 @@ class ChunkModelWrapper:
 
 
 # ---- the few-step causal sampler ---------------------------------------------------------------------------
+def chunk_bounds(num_frames: int, frames_per_block: int, first_block_frames: int | None = None, start: int = 0):
+    """[(start, end)) latent frames of each chunk of a video of `num_frames` frames, from frame `start` on: a chunk
+    that starts at frame 0 has `first_block_frames` frames (None: `frames_per_block`), every other one
+    `frames_per_block`; the last may be shorter."""
+    first = frames_per_block if first_block_frames is None else first_block_frames
+    bounds = []
+    while start < num_frames:
+        end = min(start + (first if start == 0 else frames_per_block), num_frames)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def write_prefix(model, cache: KVCache, prefix: torch.Tensor, sigma_ctx: float, generator) -> list[tuple]:
+    """Write clean latents `prefix` [B, C, P, H, W] (a given clip or image) into the cache as finished chunks are
+    written, in the model's chunk layout; returns their (x0, start) pairs. P must be a multiple of p_t."""
+    p_t = model.p_t
+    if prefix.shape[2] % p_t:
+        raise ValueError(
+            f"prefix: {prefix.shape[2]} latent frames; this transformer's temporal patch is {p_t}, so a "
+            f"prefix must be a multiple of {p_t} latent frames (a single image needs patch 1, as Wan2.1)"
+        )
+    written = []
+    for s, e in chunk_bounds(prefix.shape[2], model.frames_per_block, model.first_block_frames):
+        write_context(model, cache, prefix[:, :, s:e], s, sigma_ctx, generator)
+        written.append((prefix[:, :, s:e], s))
+    return written
+
+
 def stream_causal(
     model: CausalWan,
     cond_embeds: torch.Tensor,
@@ -281,6 +329,7 @@ def stream_causal(
     generator: torch.Generator | list[torch.Generator] | None = None,
     exit_steps: int | list[int] | None = None,
     grad_from_chunk: int = 0,
+    prefix: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each finished chunk's latents x0 [B, C, <=frames_per_block, H, W], chunk by chunk.
 
@@ -294,22 +343,27 @@ def stream_causal(
     chunks, or one per chunk); steps before it run under `no_grad`, the exit step keeps the caller's grad
     mode and its x0 is the chunk's output. None runs every step. `grad_from_chunk`: chunks before it run
     entirely under `no_grad` (context only: Self-Forcing++'s windowed training). Decoding is the caller's.
+    Chunks follow `chunk_bounds` (with `student.independent_first_frame`, the first is one frame).
+
+    `prefix` [B, C, P, H, W]: clean latents written into the cache first (`write_prefix`: a given first frame for
+    image-to-video, or a clip to continue); `noise` then holds the frames after them, generated from frame P on.
     """
     _check_sigmas(sigmas)
-    batch, f_total = noise.shape[0], noise.shape[2]
-    fpb = model.frames_per_block
-    starts = list(range(0, f_total, fpb))
-    exits = _exit_steps(exit_steps, len(starts), len(sigmas))
+    batch, p = noise.shape[0], 0 if prefix is None else prefix.shape[2]
+    bounds = chunk_bounds(p + noise.shape[2], model.frames_per_block, model.first_block_frames, start=p)
+    exits = _exit_steps(exit_steps, len(bounds), len(sigmas))
     cache = model.init_cache(batch, cond_embeds)
     sigma_ctx = model.cfg.context_noise / NUM_TRAIN_TIMESTEPS
+    if prefix is not None:
+        write_prefix(model, cache, prefix.to(noise), sigma_ctx, generator)
     grad = torch.is_grad_enabled()
     previous = None  # (x0, start) of the chunk whose cache write is still due
-    for chunk, start in enumerate(starts):
+    for chunk, (start, end) in enumerate(bounds):
         if previous is not None:
             write_context(model, cache, *previous, sigma_ctx, generator)
         x0 = denoise_chunk(
             model,
-            noise[:, :, start : start + fpb],
+            noise[:, :, start - p : end - p],
             cache,
             start,
             sigmas,
@@ -369,10 +423,12 @@ def sample_causal(
     generator: torch.Generator | list[torch.Generator] | None = None,
     exit_steps: int | list[int] | None = None,
     grad_from_chunk: int = 0,
+    prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The whole causal rollout [B, C, F, H, W] (`stream_causal`'s chunks concatenated on frames)."""
+    """The whole causal rollout [B, C, F, H, W] (`stream_causal`'s chunks concatenated on frames; a `prefix` is
+    not part of it)."""
     return torch.cat(
-        list(stream_causal(model, cond_embeds, noise, sigmas, generator, exit_steps, grad_from_chunk)), dim=2
+        list(stream_causal(model, cond_embeds, noise, sigmas, generator, exit_steps, grad_from_chunk, prefix)), dim=2
     )
 
 
@@ -425,14 +481,8 @@ class CausalStream:
         self.start = 0  # the next chunk's first latent frame
         self.generated = 0  # frames of `noise` used
         if prefix is not None:
-            fpb, p_t = model.frames_per_block, model.p_t
-            if prefix.shape[2] % p_t:
-                raise ValueError(
-                    f"prefix: {prefix.shape[2]} latent frames; this transformer's temporal patch is {p_t}, so a "
-                    f"prefix must be a multiple of {p_t} latent frames (a single image needs patch 1, as Wan2.1)"
-                )
-            for s in range(0, prefix.shape[2], fpb):
-                self._write(prefix[:, :, s : s + fpb].to(noise), s)
+            for x0, start in write_prefix(model, self.cache, prefix.to(noise), self.sigma_ctx, generator):
+                self._remember(x0, start)
             self.start = prefix.shape[2]
 
     @property
@@ -442,6 +492,10 @@ class CausalStream:
     @torch.no_grad()
     def _write(self, x0: torch.Tensor, start: int) -> None:
         write_context(self.model, self.cache, x0, start, self.sigma_ctx, self.generator)
+        self._remember(x0, start)
+
+    def _remember(self, x0: torch.Tensor, start: int) -> None:
+        """Keep a written chunk for re-caching on a switch, and forget those the window evicted."""
         self.written.append((x0, start))
         kept = set(self.cache.positions.tolist())  # drop chunks the window has evicted entirely
         p_t = self.model.p_t
@@ -473,7 +527,8 @@ class CausalStream:
         if self.pending is not None:
             self._write(*self.pending)
             self.pending = None
-        x = self.noise[:, :, self.generated : self.generated + self.model.frames_per_block]
+        size = self.model.first_block_frames if self.start == 0 else self.model.frames_per_block
+        x = self.noise[:, :, self.generated : self.generated + size]
         x0 = denoise_chunk(
             self.model, x, self.cache, self.start, self.sigmas, self.generator, len(self.sigmas) - 1, grad=False
         )

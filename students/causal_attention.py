@@ -43,22 +43,37 @@ def visible(key_pos: torch.Tensor, end: torch.Tensor | int, window: int | None, 
     return seen
 
 
-def _chunk_ends(num_pos: int, block: int) -> torch.Tensor:
-    """End (exclusive) of the chunk of each temporal position: min((pos // block + 1)·block, num_pos)."""
-    pos = torch.arange(num_pos)
-    return torch.clamp((pos // block + 1) * block, max=num_pos)
+def chunk_end(pos, block: int, first: int | None, num_pos: int):
+    """End (exclusive) of the chunk of temporal position(s) `pos` (an int tensor): the first chunk is `first`
+    positions (None: `block`; CausVid's independent first frame: 1), every later one `block`, the last cut at
+    num_pos. Arithmetic only, so flex_attention's mask function can call it on index tensors."""
+    first = block if first is None else first
+    later = first + ((pos - first).clamp(min=0) // block + 1) * block
+    return torch.clamp(torch.where(pos < first, torch.full_like(pos, first), later), max=num_pos)
+
+
+def _chunk_ends(num_pos: int, block: int, first: int | None = None) -> torch.Tensor:
+    """End (exclusive) of the chunk of each temporal position (`chunk_end`)."""
+    return chunk_end(torch.arange(num_pos), block, first, num_pos)
 
 
 def block_causal_mask(
-    num_pos: int, tokens_per_pos: int, block: int, window: int | None, sink: int, device: torch.device
+    num_pos: int,
+    tokens_per_pos: int,
+    block: int,
+    window: int | None,
+    sink: int,
+    device: torch.device,
+    first: int | None = None,
 ) -> torch.Tensor | None:
-    """SDPA mask [S, S] (True = attend), S = num_pos·tokens_per_pos, over chunks of `block` positions.
+    """SDPA mask [S, S] (True = attend), S = num_pos·tokens_per_pos, over chunks of `block` positions (the first
+    chunk `first` positions, `chunk_end`).
 
     A chunk ends at min((c+1)·block, num_pos). None when every token sees every token (no mask needed).
     Dense: S² bytes (1.07 GB at 480×832×81); `block_causal_block_mask` is the flex_attention form.
     """
     pos = torch.arange(num_pos)
-    vis = visible(pos[None, :], _chunk_ends(num_pos, block)[:, None], window, sink)  # [query pos, key pos]
+    vis = visible(pos[None, :], _chunk_ends(num_pos, block, first)[:, None], window, sink)  # [query pos, key pos]
     if bool(vis.all()):
         return None
     tok = torch.arange(num_pos * tokens_per_pos) // tokens_per_pos
@@ -77,6 +92,7 @@ def block_causal_block_mask(
     sink: int,
     device: torch.device,
     block_size: int = FLEX_BLOCK_SIZE,
+    first: int | None = None,
 ) -> BlockMask | None:
     """The mask of `block_causal_mask` as a flex_attention `BlockMask`: O((S/block_size)²) integers, not S² bools.
 
@@ -86,17 +102,17 @@ def block_causal_block_mask(
     `create_block_mask`, which evaluates the mask per token pair (40 s and 10 GB of host memory at 480p on CPU).
     """
     pos = torch.arange(num_pos)
-    ends = _chunk_ends(num_pos, block)
+    ends = _chunk_ends(num_pos, block, first)
     vis = visible(pos[None, :], ends[:, None], window, sink)
     if bool(vis.all()):
         return None
     total = num_pos * tokens_per_pos
     n = math.ceil(total / block_size)
-    first = torch.arange(n) * block_size // tokens_per_pos  # positions spanned by each tile: first..last
-    last = (torch.clamp((torch.arange(n) + 1) * block_size, max=total) - 1) // tokens_per_pos
-    # visible pairs in [first_q..last_q] × [first_k..last_k] from a 2-D prefix sum over the position grid
+    lo = torch.arange(n) * block_size // tokens_per_pos  # positions spanned by each tile: lo..hi
+    hi = (torch.clamp((torch.arange(n) + 1) * block_size, max=total) - 1) // tokens_per_pos
+    # visible pairs in [lo_q..hi_q] × [lo_k..hi_k] from a 2-D prefix sum over the position grid
     table = F.pad(vis.long().cumsum(0).cumsum(1), (1, 0, 1, 0))
-    q0, q1, k0, k1 = first[:, None], last[:, None] + 1, first[None, :], last[None, :] + 1
+    q0, q1, k0, k1 = lo[:, None], hi[:, None] + 1, lo[None, :], hi[None, :] + 1
     count = table[q1, k1] - table[q0, k1] - table[q1, k0] + table[q0, k0]
     full = count == (q1 - q0) * (k1 - k0)
     if total % block_size:  # tiles reaching past the sequence's end go through the mask function, as torch's do
@@ -110,8 +126,9 @@ def block_causal_block_mask(
         return tiles.sum(1).to(torch.int32)[None, None].to(device), idx.to(torch.int32)[None, None].to(device)
 
     def mask_mod(b, h, q_idx, kv_idx):  # arithmetic only: also called on the padded tail of the last tile
-        end = torch.clamp((q_idx // tokens_per_pos // block + 1) * block, max=num_pos)
-        return visible(kv_idx // tokens_per_pos, end, window, sink)
+        return visible(
+            kv_idx // tokens_per_pos, chunk_end(q_idx // tokens_per_pos, block, first, num_pos), window, sink
+        )
 
     return BlockMask.from_kv_blocks(
         *order(partial), *order(full), BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(total, total)

@@ -78,6 +78,11 @@ class StudentConfig:
     frames_per_block: int = 3
     """Causal students: latent frames per chunk (the block-causal mask's block and the rollout's step);
     a multiple of the transformer's temporal patch size p_t."""
+    independent_first_frame: bool = False
+    """Causal students: the first latent frame is a chunk of its own, then chunks of `frames_per_block` (CausVid's
+    `independent_first_frame`). Wan's VAE encodes the first frame alone (1 + 4k pixel frames), so that chunk is one
+    image: given clean, the stream is image-to-video (Wan2.2 TI2V: 1 + 3k latent frames, e.g. 31 at 121 frames).
+    Needs temporal patch 1."""
     local_window: int | None = None
     """Causal students: latent frames of self-attention context a chunk sees, its own frames and the `sink`
     included (the KV cache holds at most this many); None = all earlier frames. A multiple of p_t."""

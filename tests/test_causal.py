@@ -94,6 +94,58 @@ def test_one_block_equals_the_bidirectional_teacher(tiny_transformer):
         assert (model(x, t, ehs) - ref_t).abs().max() <= 1e-6
 
 
+# ---- 3b. CausVid's independent first frame ----------------------------------------------------------------
+def test_independent_first_frame_is_a_chunk_of_its_own():
+    """Chunks [0, 1), [1, 4), [4, 7): frame 0 is the bidirectional teacher on frame 0 alone, frames 1-3 (one block,
+    so the keys of frame 0 are its embedded patches) the teacher on frames 0-3; chunk by chunk with the cache, the
+    same as the parallel forward."""
+    from students.causal import chunk_bounds
+
+    teacher = build_tiny(num_layers=1)
+    model = CausalWan(build_tiny(num_layers=1), causal_cfg(frames_per_block=3, independent_first_frame=True))
+    x, t, ehs = inputs(frames=7)
+    per_token = t.repeat_interleave(H * W // 4, dim=1)
+    with torch.no_grad():
+        full = model(x, t, ehs)
+        alone = teacher_v(teacher, x[:, :, :1], per_token[:, :4], ehs)
+        first_two = teacher_v(teacher, x[:, :, :4], per_token[:, :16], ehs)
+        plain = CausalWan(build_tiny(num_layers=1), causal_cfg(frames_per_block=3))(x, t, ehs)
+    assert (full[:, :, :1] - alone).abs().max() <= 1e-5
+    assert (full[:, :, 1:4] - first_two[:, :, 1:4]).abs().max() <= 1e-5
+    assert (plain[:, :, :1] - alone).abs().max() > 1e-3  # without it, frame 0 sees frames 1-2
+    bounds = chunk_bounds(7, 3, model.first_block_frames)
+    assert bounds == [(0, 1), (1, 4), (4, 7)] and chunk_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    cache = model.init_cache(B, ehs)
+    with torch.no_grad():
+        v = torch.cat([model.forward_chunk(x[:, :, s:e], t[:, s:e], cache, s, True) for s, e in bounds], dim=2)
+    assert (v - full).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="independent_first_frame: the first latent frame alone is a chunk only"):
+        CausalWan(build_tiny(patch_size=(3, 2, 2)), causal_cfg(frames_per_block=3, independent_first_frame=True))
+
+
+def test_image_to_video_stream_starts_after_the_given_first_frame(tiny_transformer):
+    """With an independent first frame, a one-frame prefix (an image) is chunk 0: the stream generates chunks
+    [1, 4), [4, 7), each what one block-causal forward of [image at t = 0, the chunk's noise at σ] gives; without a
+    prefix the first chunk generated is the single frame 0."""
+    from students.causal import CausalStream
+
+    model = CausalWan(tiny_transformer, causal_cfg(frames_per_block=3, independent_first_frame=True))
+    noise, ehs, _ = _stream_inputs(7)
+    image = torch.randn(B, C, 1, H, W, generator=torch.Generator().manual_seed(4))
+    sigma = 0.7
+    stream = CausalStream(model, ehs, noise[:, :, 1:], [sigma], prefix=image)
+    got = stream.next_chunk()
+    x = torch.cat([image, noise[:, :, 1:4]], dim=2)
+    t = torch.cat([torch.zeros(B, 1), torch.full((B, 3), sigma * 1000)], dim=1)
+    with torch.no_grad():
+        want = noise[:, :, 1:4] - sigma * model(x, t, ehs)[:, :, 1:4]
+        rolled = sample_causal(model, ehs, noise[:, :, 1:], [sigma], prefix=image)
+    assert got.shape[2] == 3 and (got - want).abs().max() <= 1e-5
+    assert rolled.shape[2] == 6 and (rolled[:, :, :3] - got).abs().max() <= 1e-6
+    text_only = CausalStream(model, ehs, noise, [sigma])
+    assert [text_only.next_chunk().shape[2] for _ in range(3)] == [1, 3, 3]
+
+
 # ---- 4. causality ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("what", ["timestep", "latents"])
 def test_a_chunk_only_influences_itself_and_later_chunks(tiny_transformer, what):
@@ -329,12 +381,16 @@ def test_a_prefix_must_fit_the_temporal_patch():
 
 
 # ---- the flex_attention block mask -------------------------------------------------------------------------
-def _rule(tokens_per_pos, block, num_pos, window, sink):
-    """The visibility rule written out per token pair for torch's create_block_mask (independent of the module)."""
+def _rule(tokens_per_pos, block, num_pos, window, sink, first=None):
+    """The visibility rule written out per token pair for torch's create_block_mask (independent of the module);
+    `first` = 1: the first position is a chunk of its own."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_pos, k_pos = q_idx // tokens_per_pos, kv_idx // tokens_per_pos
-        end = torch.clamp((q_pos // block + 1) * block, max=num_pos)
+        if first == 1:  # chunks [0, 1), [1, 1 + block), ...
+            end = torch.where(q_pos == 0, 1, torch.clamp((q_pos - 1) // block * block + block + 1, max=num_pos))
+        else:
+            end = torch.clamp((q_pos // block + 1) * block, max=num_pos)
         seen = k_pos < end
         if window is not None:
             seen = seen & ((k_pos < sink) | (k_pos >= end - (window - sink)))
@@ -344,19 +400,32 @@ def _rule(tokens_per_pos, block, num_pos, window, sink):
 
 
 @pytest.mark.parametrize(
-    "num_pos,tokens_per_pos,block,window,sink,block_size",
-    [(7, 20, 3, None, 0, 16), (9, 12, 2, 5, 1, 16), (21, 10, 3, 9, 3, 32), (6, 5, 3, None, 0, 128)],
+    "num_pos,tokens_per_pos,block,window,sink,block_size,first",
+    [
+        (7, 20, 3, None, 0, 16, None),
+        (9, 12, 2, 5, 1, 16, None),
+        (21, 10, 3, 9, 3, 32, None),
+        (6, 5, 3, None, 0, 128, None),
+        (10, 12, 3, None, 0, 16, 1),
+        (13, 10, 3, 7, 1, 32, 1),
+    ],
 )
-def test_block_mask_tiles_equal_torchs_create_block_mask(num_pos, tokens_per_pos, block, window, sink, block_size):
+def test_block_mask_tiles_equal_torchs_create_block_mask(
+    num_pos, tokens_per_pos, block, window, sink, block_size, first
+):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from students.causal_attention import block_causal_block_mask
+    from students.causal_attention import block_causal_block_mask, block_causal_mask
 
     total = num_pos * tokens_per_pos
-    ours = block_causal_block_mask(num_pos, tokens_per_pos, block, window, sink, "cpu", block_size=block_size)
-    ref = create_block_mask(
-        _rule(tokens_per_pos, block, num_pos, window, sink), None, None, total, total, "cpu", BLOCK_SIZE=block_size
+    ours = block_causal_block_mask(
+        num_pos, tokens_per_pos, block, window, sink, "cpu", block_size=block_size, first=first
     )
+    rule = _rule(tokens_per_pos, block, num_pos, window, sink, first)
+    ref = create_block_mask(rule, None, None, total, total, "cpu", BLOCK_SIZE=block_size)
+    q, k = torch.arange(total)[:, None], torch.arange(total)[None, :]
+    dense = block_causal_mask(num_pos, tokens_per_pos, block, window, sink, "cpu", first=first)
+    assert torch.equal(dense, rule(None, None, q, k))  # the SDPA mask follows the same rule
     n = ref.kv_num_blocks.shape[-1]
     assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)  # partial tiles per query block
     assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)  # full tiles per query block
