@@ -330,6 +330,12 @@ class Recipe:
                     "trains on clean latents or teacher trajectories; use data_source: dataset (or "
                     f"toyworld), or a data-free method ({free})"
                 )
+            if self.method.name == "self_forcing" and self.method.self_forcing.given_first_chunk > 0:
+                raise ValueError(
+                    "train.data_source: prompts gives no clips to take a first chunk from, and "
+                    "method.self_forcing.given_first_chunk > 0 needs them; use data_source: dataset (or toyworld), "
+                    "or set given_first_chunk: 0"
+                )
             if self.method.critic_config().gan_weight > 0:
                 raise ValueError(
                     f"train.data_source: prompts gives no real clips, and method.{self.method.name}."

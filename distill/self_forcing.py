@@ -28,6 +28,13 @@ exit steps), and score only the window: chunks before it run every step under no
 at inference), chunks after e are not rolled out. The window's frames go to the teacher and critic as a clip of
 their own length, so the student learns to denoise from the KV cache of its own long rollouts.
 
+Given first chunk (`given_first_chunk` p > 0): on a trainer step whose seeded draw (the same on every rank) falls
+under p, chunk 0 is not generated but taken clean from the batch's latents (`train.data_source: dataset` or
+`toyworld`) and written into the cache first, as a stream that starts from given frames does: image-to-video with
+`student.independent_first_frame` (chunk 0 is frame 0 alone), continuation from a first chunk otherwise. It stays
+in the video DMD and the critic see, without a gradient: the generated chunks are judged as the continuation of
+real frames.
+
 Randomness per sample, from its own generator and in this order: the initial noise [C, F, H, W], the
 rollout's fresh noises (chunk by chunk: one per re-noising, then the context noise when σ_ctx > 0), then σ
 and ε' of the DMD loss. Hence N processes × batch b equal 1 process × batch N·b.
@@ -49,7 +56,7 @@ from core.seeding import derive_seed, randn_per_sample
 from distill.batch import Batch
 from distill.dmd import DMD
 from distill.flow_matching import Model
-from students.causal import ChunkModelWrapper, sample_causal
+from students.causal import ChunkModelWrapper, chunk_bounds, sample_causal
 from students.config import KINDS
 from students.sampling import student_sigmas
 
@@ -68,6 +75,19 @@ def draw_exit_steps(
     g = torch.Generator().manual_seed(derive_seed(derive_seed(seed, EXIT_STREAM), step))
     exits = torch.randint(num_steps, (num_chunks,), generator=g).tolist()
     return [exits[0]] * num_chunks if same_across_chunks else exits
+
+
+GIVEN_STREAM = 0x5E1F_0002
+"""Whether trainer step s starts from a given first chunk: derive_seed(derive_seed(train.seed, GIVEN_STREAM), s)."""
+
+
+def draw_given_first_chunk(seed: int, step: int, probability: float) -> bool:
+    """True when trainer step `step`'s first chunk is given from the data (probability `probability`): the same on
+    every rank. Probability 0 draws nothing."""
+    if probability <= 0:
+        return False
+    g = torch.Generator().manual_seed(derive_seed(derive_seed(seed, GIVEN_STREAM), step))
+    return bool(torch.rand(1, generator=g)[0] < probability)
 
 
 WINDOW_STREAM = 0x5E1F_0001
@@ -140,13 +160,15 @@ class CausalRollout:
         window: int | None = None,
         same_across_chunks: bool = False,
         window_min_start: int = 0,
+        given_first_chunk: float = 0.0,
     ):
         """`model`: a `CausalWan` or `PreparedCausal`; `sigmas`: the student's levels (all > 0);
         `seed` / `samples_per_step`: train.seed and the global samples per trainer step G (step s holds the sample
         indices [s·G, (s+1)·G), `distill.data`); `num_chunks`: None rolls out the batch's latent frames;
         `window`: None returns the whole rollout, else only `window` consecutive chunks ending at a chunk drawn per
         trainer step (`draw_window_end`): the chunks before them are rolled out as at inference (every step, no
-        grad) and only fill the cache; later chunks are not rolled out at all."""
+        grad) and only fill the cache; later chunks are not rolled out at all. `given_first_chunk`: the probability
+        that a step's chunk 0 is the batch's clean latents instead of generated (`draw_given_first_chunk`)."""
         if not sigmas or any(s <= 0 for s in sigmas):
             raise ValueError(
                 f"student.denoising_steps: the causal rollout samples the student at every σ, all must "
@@ -157,6 +179,9 @@ class CausalRollout:
         self.same_across_chunks = same_across_chunks
         self.window = window  # checked against the chunks rolled out by `draw_window_end`
         self.window_min_start = window_min_start
+        self.given_first_chunk = given_first_chunk
+        self.last_given = False
+        """Whether the latest call's chunk 0 was given (for logs and tests)."""
         self.last_exit_steps: list[int] = []
         """The exit steps of the latest call, one per returned chunk (for logs and tests)."""
         self.last_window: tuple[int, int] = (0, 0)
@@ -167,35 +192,51 @@ class CausalRollout:
         return self.model.frames_per_block
 
     def num_frames(self, batch: Batch) -> int:
-        """Latent frames rolled out: num_chunks · frames_per_block, else the batch's (the teacher's) length."""
-        return batch.shape[1] if self.num_chunks is None else self.num_chunks * self.frames_per_block
+        """Latent frames rolled out: `num_chunks` chunks (`chunk_bounds`), else the batch's (the teacher's) length."""
+        if self.num_chunks is None:
+            return batch.shape[1]
+        return self.model.first_block_frames + (self.num_chunks - 1) * self.frames_per_block
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        # 1. this trainer step's window and exit steps (shared by all ranks), then each sample's initial noise
+        # 1. this trainer step's window, exit steps and given first chunk (shared by all ranks), then each sample's
+        #    initial noise
         step = batch.indices[0] // self.samples_per_step
-        frames, fpb = self.num_frames(batch), self.frames_per_block
-        chunks = math.ceil(frames / fpb)
+        frames = self.num_frames(batch)
+        bounds = chunk_bounds(frames, self.frames_per_block, self.model.first_block_frames)
         if self.window is None:
-            first, end = 0, chunks
+            first, end = 0, len(bounds)
         else:
-            end = draw_window_end(self.seed, step, chunks, self.window, self.window_min_start)
+            end = draw_window_end(self.seed, step, len(bounds), self.window, self.window_min_start)
             first = end - self.window
         exits = draw_exit_steps(self.seed, step, end - first, len(self.sigmas), self.last_only, self.same_across_chunks)
-        self.last_exit_steps, self.last_window = exits, (first, end)
+        given = draw_given_first_chunk(self.seed, step, self.given_first_chunk)
+        self.last_exit_steps, self.last_window, self.last_given = exits, (first, end), given
         c, _, h, w = batch.shape
-        noise = randn_per_sample(batch.generators, (c, frames, h, w), batch.device)[:, :, : end * fpb]
+        noise = randn_per_sample(batch.generators, (c, frames, h, w), batch.device)[:, :, : bounds[end - 1][1]]
         # 2. chunk by chunk with the KV cache, as at inference; only each returned chunk's exit step keeps its graph
-        context = [len(self.sigmas) - 1] * first
+        exit_steps = [len(self.sigmas) - 1] * first + exits
+        prefix = None
+        if given:  # chunk 0 from the data, clean, into the cache; the rollout generates from chunk 1 on
+            if batch.x0 is None:
+                raise ValueError(
+                    "method.self_forcing.given_first_chunk: the first chunk comes from the data, and "
+                    "train.data_source: prompts has none; use data_source: dataset or toyworld"
+                )
+            prefix = batch.x0[:, :, : bounds[0][1]].to(noise)
+            noise, exit_steps = noise[:, :, bounds[0][1] :], exit_steps[1:]
         x0 = sample_causal(
             self.model,
             batch.cond.prompt_embeds,
             noise,
             self.sigmas,
             generator=batch.generators,
-            exit_steps=context + exits,
-            grad_from_chunk=first,
+            exit_steps=exit_steps,
+            grad_from_chunk=max(first - int(given), 0),
+            prefix=prefix,
         )
-        return x0[:, :, first * fpb :]
+        if given:
+            x0 = torch.cat([prefix, x0], dim=2)
+        return x0[:, :, bounds[first][0] :]
 
 
 class SelfForcing(DMD):
@@ -226,6 +267,10 @@ class SelfForcing(DMD):
         normalise_per_chunk: bool = False
         """DMD's gradient normaliser mean|x0 - x0_real| taken per chunk instead of per video (LongLive), so a chunk
         that is already close to the teacher's x0 is not drowned by one that is far from it."""
+        given_first_chunk: float = 0.0
+        """Probability that a trainer step's chunk 0 is given clean from the data instead of generated (the same on
+        every rank): image-to-video with `student.independent_first_frame`, continuation from a first chunk
+        otherwise (module docstring). Needs train.data_source: dataset or toyworld."""
         frame_wise_timesteps: bool = False
         """Diffusion forcing: one σ per chunk (frames of a chunk share it) in the DMD re-noising and the critic
         loss, instead of one per video. The teacher must take per-frame timesteps (Wan: temporal patch 1)."""
@@ -248,6 +293,8 @@ class SelfForcing(DMD):
                     f"dmd_window: a window of {self.dmd_window} chunks from chunk "
                     f"{self.dmd_window_min_start} on does not fit in num_chunks {self.num_chunks}"
                 )
+            if not 0.0 <= self.given_first_chunk <= 1.0:
+                raise ValueError(f"given_first_chunk: must be a probability in [0, 1], got {self.given_first_chunk}")
             if self.dmd_window is not None and not 1 <= self.dmd_window <= (self.num_chunks or self.dmd_window):
                 raise ValueError(
                     f"dmd_window: must be >= 1 and <= num_chunks ({self.num_chunks}), or null; got {self.dmd_window}"
@@ -276,6 +323,7 @@ class SelfForcing(DMD):
             window=c.dmd_window,
             same_across_chunks=c.same_step_across_chunks,
             window_min_start=c.dmd_window_min_start,
+            given_first_chunk=c.given_first_chunk,
         )
         return cls(c, teacher=teacher, critic=critic, rollout=rollout)
 
@@ -310,7 +358,10 @@ class SelfForcing(DMD):
         # 1-4. DMD.generator_loss: roll out (graph on each chunk's exit step), re-noise, real and fake scores, L_G
         loss, logs = super().generator_loss(batch)
         exits = torch.tensor(self.rollout.last_exit_steps, dtype=torch.float32)
-        return loss, {**logs, "self_forcing/exit_step_mean": exits.mean()}
+        logs = {**logs, "self_forcing/exit_step_mean": exits.mean()}
+        if self.config.given_first_chunk > 0:
+            logs["self_forcing/given_first_chunk"] = torch.tensor(float(self.rollout.last_given))
+        return loss, logs
 
 
 __all__ = [
@@ -319,6 +370,7 @@ __all__ = [
     "PreparedCausal",
     "SelfForcing",
     "draw_exit_steps",
+    "draw_given_first_chunk",
     "draw_window_end",
     "per_token_timesteps",
 ]

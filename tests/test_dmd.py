@@ -340,6 +340,41 @@ def test_ode_regression_picks_a_state_per_chunk_and_exact_v_gives_zero(teacher):
         ODERegression.Config(frames_per_block=0)
 
 
+def test_ode_regression_given_first_chunk_with_an_independent_first_frame(teacher):
+    """Chunks [0, 1), [1, 4) (CausVid's independent first frame), and half the samples start from their clean first
+    frame at σ = 0, out of the loss: the zero-velocity student's loss, redrawn by hand."""
+    c, _, h, w = SHAPE
+    sig = torch.tensor([1.0, 0.75, 0.4, 0.0]).repeat(3, 1)
+    traj = torch.randn(3, 4, c, 4, h, w, generator=torch.Generator().manual_seed(6))
+    seen = {}
+
+    def zero(x, t, cond):
+        seen.update(x=x, t=t)
+        return torch.zeros_like(x)
+
+    config = ODERegression.Config(frames_per_block=3, given_first_chunk=0.5)
+    method = ODERegression(config, student=zero, first_block_frames=1)
+    loss, logs = method.loss(make_batch(teacher, n=3, trajectory=traj, sigmas=sig))
+    x_in, errors, count = [], 0.0, 0
+    for j in range(3):
+        g = sample_generator(0, j)
+        picks = torch.randint(3, (2,), generator=g)  # one state per chunk, in chunk order
+        given = bool(torch.rand(1, generator=g)[0] < 0.5)  # then the given-first-chunk draw
+        frame0 = traj[j, -1, :, :1] if given else traj[j, picks[0], :, :1]
+        x = torch.cat([frame0, traj[j, picks[1], :, 1:]], dim=1)
+        t0 = torch.tensor(0.0) if given else sig[j, picks[0]] * 1000
+        torch.testing.assert_close(seen["t"][j], torch.stack([t0] + [sig[j, picks[1]] * 1000] * 3))
+        x_in.append(x)
+        scored = x[:, 1:] if given else x
+        target = traj[j, -1, :, 1:] if given else traj[j, -1]
+        errors, count = errors + float(((scored - target) ** 2).sum()), count + scored.numel()
+    torch.testing.assert_close(seen["x"], torch.stack(x_in))
+    torch.testing.assert_close(loss, torch.tensor(errors / count))
+    assert 0 < float(logs["ode/given_first_chunk"]) < 1  # this seed gives some samples and not others
+    with pytest.raises(ValueError, match="given_first_chunk: must be a probability"):
+        ODERegression.Config(given_first_chunk=1.5)
+
+
 def test_ode_regression_grads_reach_only_lora(teacher):
     traj, sig = stored()
     torch.manual_seed(0)

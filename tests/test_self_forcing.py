@@ -29,6 +29,7 @@ from distill.self_forcing import (
     PerTokenTimesteps,
     SelfForcing,
     draw_exit_steps,
+    draw_given_first_chunk,
     draw_window_end,
     per_token_timesteps,
 )
@@ -153,6 +154,39 @@ def test_gradients_flow_only_through_each_chunks_exit_step(teacher, student):
     grads = [p.grad for p in student.trainable_parameters()]
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
     student.zero_grad(set_to_none=True)
+
+
+def test_given_first_chunk_starts_the_rollout_from_the_datas_first_chunk(teacher, student):
+    """given_first_chunk: on the steps drawn (the same for every rank), chunk 0 is the batch's clean latents, written
+    into the cache as a stream with a prefix writes it, without a gradient; the rollout generates chunk 1 on."""
+    from students.causal import CausalStream
+
+    draws = [draw_given_first_chunk(0, s, 0.5) for s in range(40)]
+    assert 10 < sum(draws) < 30 and draws == [draw_given_first_chunk(0, s, 0.5) for s in range(40)]
+    assert not any(draw_given_first_chunk(0, s, 0.0) for s in range(40))
+    step = draws.index(True)
+    indices = (4 * step, 4 * step + 1)
+    batch = make_batch(teacher, indices)
+    batch.x0 = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3))
+    rollout = rollout_of(student, last_only=True, given_first_chunk=0.5)
+    out = rollout(batch)
+    assert rollout.last_given and out.shape == (2, *SHAPE)
+    assert torch.equal(out[:, :, :1], batch.x0[:, :, :1])
+    gens = [sample_generator(0, i) for i in indices]
+    noise = randn_per_sample(gens, SHAPE, "cpu")
+    stream = CausalStream(student.causal, batch.cond.prompt_embeds, noise[:, :, 1:], SIGMAS, gens, batch.x0[:, :, :1])
+    with torch.no_grad():
+        torch.testing.assert_close(out[:, :, 1:], stream.next_chunk(), atol=1e-6, rtol=0)
+
+    def grad_of(part):
+        student.zero_grad(set_to_none=True)
+        part.sum().backward(retain_graph=True)
+        return sum(float(p.grad.abs().sum()) for p in student.trainable_parameters() if p.grad is not None)
+
+    assert grad_of(out[:, :, :1]) == 0.0 and grad_of(out[:, :, 1:]) > 0  # only the generated chunk trains
+    student.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="given_first_chunk: the first chunk comes from the data"):
+        rollout(make_batch(teacher, indices))
 
 
 def test_windowed_rollout_scores_a_window_of_a_longer_rollout(teacher, student):

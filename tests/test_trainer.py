@@ -528,6 +528,10 @@ def test_prompts_source_draws_lines_and_refuses_what_needs_latents(tmp_path, tin
     for override, match in (
         ([], "method 'flow_matching' trains on clean latents"),
         (["method.name=dmd", "method.dmd.gan_weight=0.01"], "gan_weight > 0 needs them"),
+        (
+            ["method.name=self_forcing", "student.kind=causal", "method.self_forcing.given_first_chunk=0.5"],
+            "given_first_chunk > 0 needs them",
+        ),
     ):
         with pytest.raises(RecipeError, match=match):
             load_recipe(path, ["train.data_source=prompts", *override])
