@@ -83,7 +83,7 @@ def stream_stage(recipe: Recipe) -> Path:
         )
     folder, name = resolve_student(recipe)
     if sc.continue_from is not None and not Path(sc.continue_from).is_file():
-        raise FileNotFoundError(f"stream.continue_from: {sc.continue_from}: no such video file")
+        raise FileNotFoundError(f"stream.continue_from: {sc.continue_from}: no such video or image file")
     out = Path(sc.output) if sc.output else recipe.out / "streams" / f"{name}_seed{sc.seed}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
     teacher = WanTeacher.from_config(recipe.teacher)

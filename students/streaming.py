@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from core.seeding import derive_seed, sample_noise
-from students.causal import CausalStream
+from students.causal import CausalStream, chunk_bounds
 from students.sampling import student_sigmas
 from students.student import Student
 
@@ -87,20 +87,36 @@ def load_causal_student(teacher, folder: str | Path) -> Student:
     return student.to(dtype=base.dtype).eval()
 
 
-def prefix_latents(teacher, frames, frames_per_block: int, p_t: int) -> torch.Tensor:
-    """A clip to continue from -> normalised latents [1, C, P, H, W]: uint8 frames [F, H, W, 3] (numpy or torch),
-    or the path of a video file (read with PyAV). F = 1 + 4k frames for Wan's VAE (k + 1 latent frames); P must be a
-    whole number of chunks, or 1 (one image: image-to-video) where the temporal patch p_t is 1."""
-    if isinstance(frames, (str, Path)):
-        import av  # only a continuation from a file needs PyAV
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
+
+def prefix_latents(
+    teacher, frames, frames_per_block: int, p_t: int, first_block_frames: int | None = None
+) -> torch.Tensor:
+    """A clip to continue from -> normalised latents [1, C, P, H, W]: uint8 frames [F, H, W, 3] (numpy or torch),
+    the path of a video file (read with PyAV), or of an image (.png, .jpg, .jpeg, .webp: resized to the teacher's
+    size by diffusers' video processor, as its image-to-video pipeline does). F = 1 + 4k frames for Wan's VAE (k + 1
+    latent frames); P must be whole chunks (the first `first_block_frames`, then `frames_per_block` each), or 1 (one
+    image: image-to-video) where the temporal patch p_t is 1."""
+    tcfg = teacher.cfg
+    if isinstance(frames, (str, Path)):
         path = Path(frames)
         if not path.is_file():
-            raise FileNotFoundError(f"continue_from: {path}: no such video file")
-        with av.open(str(path)) as container:
-            frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+            raise FileNotFoundError(f"continue_from: {path}: no such video or image file")
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                pixels = teacher.pipe.video_processor.preprocess(
+                    im.convert("RGB"), height=tcfg.height, width=tcfg.width
+                )
+            frames = teacher.to_uint8(pixels[:, :, None])[0]
+        else:
+            import av  # only a continuation from a video file needs PyAV
+
+            with av.open(str(path)) as container:
+                frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
     video = torch.as_tensor(np.asarray(frames))
-    tcfg = teacher.cfg
     if video.ndim != 4 or video.shape[-1] != 3 or tuple(video.shape[1:3]) != (tcfg.height, tcfg.width):
         raise ValueError(
             f"continue_from: frames {tuple(video.shape)}; expected [F, {tcfg.height}, {tcfg.width}, 3] uint8 "
@@ -114,10 +130,14 @@ def prefix_latents(teacher, frames, frames_per_block: int, p_t: int) -> torch.Te
             f"continue_from: one image is one latent frame, but this transformer's temporal patch is {p_t}: "
             "image-to-video needs a teacher with temporal patch 1 (Wan2.1); give a clip of whole chunks instead"
         )
-    if n != 1 and n % frames_per_block:
+    first = frames_per_block if first_block_frames is None else first_block_frames
+    if n != 1 and (n < first or (n - first) % frames_per_block):
+        layout = f"{frames_per_block} latent frames each" + (
+            f", the first {first}" if first != frames_per_block else ""
+        )
         raise ValueError(
             f"continue_from: {video.shape[0]} frames make {n} latent frames; a continuation needs a whole number of "
-            f"chunks ({frames_per_block} latent frames each)"
+            f"chunks ({layout})"
         )
     return latents
 
@@ -158,10 +178,17 @@ def stream_video(
     schedule = switches if callable(switches) else dict(switches).get
     sigmas = student_sigmas(cfg, tcfg.shift, tcfg.num_inference_steps)
     channels, _, height, width = teacher.latent_shape(1, tcfg.height, tcfg.width)
-    noise = sample_noise(seed, (channels, num_chunks * cfg.frames_per_block, height, width))[None].to(teacher.device)
-    prefix = None
+    causal, prefix = student.causal, None
     if continue_from is not None:
-        prefix = prefix_latents(teacher, continue_from, cfg.frames_per_block, student.causal.p_t).to(teacher.device)
+        prefix = prefix_latents(teacher, continue_from, cfg.frames_per_block, causal.p_t, causal.first_block_frames).to(
+            teacher.device
+        )
+    start = 0 if prefix is None else prefix.shape[2]  # the frames of `num_chunks` chunks from there
+    bounds = chunk_bounds(
+        start + num_chunks * cfg.frames_per_block, cfg.frames_per_block, causal.first_block_frames, start
+    )
+    frames = bounds[num_chunks - 1][1] - start
+    noise = sample_noise(seed, (channels, frames, height, width))[None].to(teacher.device)
     generator = [torch.Generator("cpu").manual_seed(derive_seed(seed, 1))]
     stream = CausalStream(
         student.causal, teacher.encode([prompt], None).prompt_embeds, noise, sigmas, generator, prefix=prefix
