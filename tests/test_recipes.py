@@ -174,6 +174,8 @@ def smoke_overrides(recipe: Recipe, out: Path, standins: dict[str, Path]) -> lis
         ]
         if recipe.train.toyworld_pool:  # the toy teacher's 8,192-clip pool takes minutes to fill; the path stays
             o += ["train.toyworld_pool=2", "train.toyworld_pool_refresh=1"]
+        if recipe.train.sharding == "fsdp":
+            o.append("train.sharding=none")  # one process here; tests/test_fsdp.py runs FSDP on two
         if recipe.train.optimizer == "adamw8bit":
             o.append("train.optimizer=adamw")  # bitsandbytes is CUDA-only
         if recipe.method.name in ("dmd", "self_forcing"):  # the generator too must take both steps
