@@ -145,7 +145,7 @@ class ODERegression:
                 f"{[round(s, 4) for s in sigmas[0].tolist()]}; regenerate with data.trajectory_steps "
                 "ending at the teacher's last step"
             )
-        num_frames = traj.shape[4]
+        num_frames = traj.shape[3]  # [B, S, C, F, H, W]
         per_block = self.frames_per_block or num_frames
         first = self.first_block_frames if self.frames_per_block else None
         num_chunks = len(chunk_bounds(num_frames, per_block, first))

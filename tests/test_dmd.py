@@ -345,7 +345,7 @@ def test_ode_regression_given_first_chunk_with_an_independent_first_frame(teache
     frame at σ = 0, out of the loss: the zero-velocity student's loss, redrawn by hand."""
     c, _, h, w = SHAPE
     sig = torch.tensor([1.0, 0.75, 0.4, 0.0]).repeat(3, 1)
-    traj = torch.randn(3, 4, c, 4, h, w, generator=torch.Generator().manual_seed(6))
+    traj = torch.randn(3, 4, c, 4, 7, w, generator=torch.Generator().manual_seed(6))  # F = 4, H = 7: distinct
     seen = {}
 
     def zero(x, t, cond):
