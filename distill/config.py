@@ -216,6 +216,10 @@ class EvalConfig:
     interactive_prompts: int = 0
     """Causal students, toy world: grade prompt switches (KV re-cache and old cache) and continuation of rendered
     clips on the first this-many eval prompts (`distill.eval_interactive`); 0: skip."""
+    continuation_chunks: int | None = None
+    """The interactive grading's continuation: chunks of the rendered clip given before the student continues;
+    None: the whole teacher-length clip; 1: its first chunk only (the toy world's image-to-video: its temporal patch
+    of 3 frames has no one-frame chunk)."""
     num_previews: int = 4
     """First prompts rendered as mp4 + GIF previews for the teacher and every student (at most num_prompts;
     0: none)."""
@@ -248,6 +252,8 @@ class EvalConfig:
             raise ValueError(f"num_previews: must be >= 0, got {self.num_previews}")
         if self.interactive_prompts < 0:
             raise ValueError(f"interactive_prompts: must be >= 0 (0: skip), got {self.interactive_prompts}")
+        if self.continuation_chunks is not None and self.continuation_chunks < 1:
+            raise ValueError(f"continuation_chunks: must be >= 1 or null, got {self.continuation_chunks}")
         if self.students is not None and (not self.students or len(set(self.students)) != len(self.students)):
             raise ValueError(f"students: must be null or a non-empty list of distinct names, got {self.students}")
 

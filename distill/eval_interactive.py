@@ -12,8 +12,9 @@ switches at chunk k to a prompt B, with the KV re-cache and with the old cache k
   (against B) of chunks k + 2 .. 3k - 1, beside `fresh_accuracy`, a stream of B from the start graded on the same
   chunks with the same noise.
 Continuation. For the same prompts, a ground-truth clip of the teacher's length is rendered by the toy world (the
-eval row's seed places it), written into the student's cache (`students.causal.CausalStream`'s prefix), and the
-student continues for `eval.long_rollout_factor` times the clip's length. `segment_accuracy`: all-attribute accuracy
+eval row's seed places it), its first `eval.continuation_chunks` chunks (None: all) are written into the student's
+cache (`students.causal.CausalStream`'s prefix), and the student continues for `eval.long_rollout_factor` times the
+teacher's length. `segment_accuracy`: all-attribute accuracy
 (against the clip's slots, motion included) per equal segment of the continuation; `accuracy`: their mean.
 """
 
@@ -92,8 +93,8 @@ class InteractiveEval:
 
     @torch.no_grad()
     def _stream(self, rows, prompts_a, prompts_b, chunks, switch_at, recache, prefix=None) -> np.ndarray:
-        """Decoded uint8 videos [B, F, H, W, 3] of `chunks` generated chunks; `prefix`: the latents of teacher-length
-        clips the stream continues (decoded with it for the VAE's context, then dropped)."""
+        """Decoded uint8 videos [B, F, H, W, 3] of `chunks` generated chunks; `prefix`: the latents of the clips the
+        stream continues (decoded with it for the VAE's context, then dropped)."""
         noise = torch.stack([sample_noise(r["seed"], (self.c, chunks * self.fpb, self.h, self.w)) for r in rows])
         gens = [torch.Generator("cpu").manual_seed(derive_seed(r["seed"], 1)) for r in rows]
         dev = self.teacher.device
@@ -107,9 +108,9 @@ class InteractiveEval:
             out.append(stream.next_chunk())
         if prefix is None:
             return self.teacher.to_uint8(self.teacher.decode(torch.cat(out, dim=2)))
-        # decoded after the prefix (the VAE's causal context); its pixel frames, a teacher-length clip's, are dropped
+        # decoded after the prefix (the VAE's causal context); its pixel frames (1 + t·(P - 1)) are dropped
         videos = self.teacher.to_uint8(self.teacher.decode(torch.cat([prefix, *out], dim=2)))
-        return videos[:, self.teacher.cfg.num_frames :]
+        return videos[:, 1 + self.teacher.pipe.vae_scale_factor_temporal * (prefix.shape[2] - 1) :]
 
     def switches(self) -> dict:
         size, k = self.recipe.eval.batch_size, self.k
@@ -164,6 +165,11 @@ class InteractiveEval:
         if self.f % self.fpb:
             return {"skipped": f"a teacher-length clip ({self.f} latent frames) is not whole chunks of {self.fpb}"}
         chunks = factor * self.k
+        given = (
+            self.k
+            if self.recipe.eval.continuation_chunks is None
+            else min(self.recipe.eval.continuation_chunks, self.k)
+        )
         sums, count = np.zeros(factor), 0
         for s in tqdm(range(0, len(self.rows), size), desc="eval continuation", leave=False):
             rows = self.rows[s : s + size]
@@ -175,10 +181,16 @@ class InteractiveEval:
                 seeds=[r["seed"] % 2**31 for r in rows],
             )
             pixels = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
-            prefix = self.teacher.encode_video(pixels)
+            prefix = self.teacher.encode_video(pixels)[:, :, : given * self.fpb]
             videos = self._stream(rows, [r["prompt"] for r in rows], None, chunks, None, True, prefix=prefix)
             reads = _reads(videos, factor)
             sums += [_all_right(reads, rows, range(seg, seg + 1)) for seg in range(factor)]
             count += len(rows)
         seg = [float(x) for x in sums / count]
-        return {"length_factor": factor, "num_prompts": count, "segment_accuracy": seg, "accuracy": float(np.mean(seg))}
+        return {
+            "length_factor": factor,
+            "given_chunks": given,
+            "num_prompts": count,
+            "segment_accuracy": seg,
+            "accuracy": float(np.mean(seg)),
+        }

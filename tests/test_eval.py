@@ -574,7 +574,17 @@ def test_interactive_metrics_of_a_perfect_stream_are_one_and_of_a_stuck_stream_z
             videos.append(np.concatenate(parts))
         return np.stack(videos)
 
-    monkeypatch.setattr(graded, "_stream", fake_stream)
+    real_stream, given = graded._stream, []
+    with torch.no_grad():  # the real stream drops the prefix's own frames: only the chunks generated come back
+        prefix = teacher.encode_video(torch.zeros(1, 3, 1, 32, 32))
+        video = real_stream(rows[:1], [rows[0]["prompt"]], None, 2, None, True, prefix=prefix)
+    assert video.shape[1] == 2 * teacher.pipe.vae_scale_factor_temporal == 8  # 2 latent frames after the first
+
+    def spy(rows_, prompts_a, prompts_b, chunks, switch_at, recache, prefix=None):
+        given.append(None if prefix is None else prefix.shape[2])
+        return fake_stream(rows_, prompts_a, prompts_b, chunks, switch_at, recache, prefix)
+
+    monkeypatch.setattr(graded, "_stream", spy)
     sw, cont = graded.switches(), graded.continuation()
     for mode in ("recache", "keep_cache"):
         one, every = sw[mode]["one_slot"], sw[mode]["all_slots"]
@@ -582,6 +592,9 @@ def test_interactive_metrics_of_a_perfect_stream_are_one_and_of_a_stuck_stream_z
         assert one["unchanged_kept"] == 1.0 and every == {"num_pairs": pairs, "after_accuracy": 1.0}
     assert sw["fresh_accuracy"] == 1.0
     assert cont["segment_accuracy"] == [1.0, 1.0, 1.0] and cont["accuracy"] == 1.0
+    assert cont["given_chunks"] == graded.k and given[-1] == graded.k * graded.fpb  # the whole clip by default
+    recipe.eval.continuation_chunks = 1  # the first chunk only: the toy world's image-to-video
+    assert graded.continuation()["given_chunks"] == 1 and given[-1] == graded.fpb
     follow = False  # a stream stuck on its first prompt
     sw = graded.switches()
     one, every = sw["recache"]["one_slot"], sw["recache"]["all_slots"]
