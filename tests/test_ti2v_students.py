@@ -76,3 +76,33 @@ def test_image_to_video_stream_from_an_image_file(teacher, tmp_path):
     assert np.abs(np.concatenate(chunks).astype(int) - want.astype(int)).max() <= 1
     with pytest.raises(ValueError, match=r"a whole number of chunks \(3 latent frames each, the first 1\)"):
         list(stream_video(teacher, student, prompt, 1, seed, continue_from=np.zeros((5, SIDE, SIDE, 3), np.uint8)))
+
+
+def test_lora_exports_of_a_ti2v_student_reproduce_it(tmp_path, tiny_ti2v_dir):
+    """The 5B's layout (48 latent channels): diffusers' own loaders take both LoRA exports into a fresh TI2V pipeline
+    (the ComfyUI file through diffusers' converter of Wan-native names) and reproduce the student."""
+    from diffusers import WanPipeline
+    from test_export import recipe_for, run, trained_student
+
+    from distill.export import export_student
+
+    recipe = recipe_for(tmp_path, tiny_ti2v_dir, ["diffusers_lora", "comfyui_lora"])
+    pipe = WanPipeline.from_pretrained(tiny_ti2v_dir)
+    student = trained_student(recipe, pipe)
+    out = export_student(recipe, student, pipe, recipe.student_dir() / "export")
+    g = torch.Generator().manual_seed(1)
+    x, t, ehs = (
+        torch.randn(2, 48, 2, 4, 4, generator=g),
+        torch.tensor([900.0, 250.0]),
+        torch.randn(2, 6, 32, generator=g),
+    )
+    with torch.no_grad():
+        want = student(x, t, ehs)
+    fresh = WanPipeline.from_pretrained(tiny_ti2v_dir)
+    fresh.load_lora_weights(out["diffusers_lora"])
+    assert (run(fresh.transformer, x, t, ehs) - want).abs().max() <= 1e-5
+    fresh = WanPipeline.from_pretrained(tiny_ti2v_dir)
+    fresh.load_lora_weights(out["comfyui_lora"].parent, weight_name=out["comfyui_lora"].name)
+    assert (run(fresh.transformer, x, t, ehs) - want).abs().max() <= 1e-5
+    base = WanPipeline.from_pretrained(tiny_ti2v_dir).transformer
+    assert (run(base, x, t, ehs) - want).abs().max() > 1e-3  # the LoRA changes the output
