@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 
-from distill.memory_plan import WAN21_13B_TRANSFORMER, WAN21_VAE  # noqa: F401  (the released configs)
+from distill.memory_plan import (  # noqa: F401  (the released configs)
+    WAN21_13B_TRANSFORMER,
+    WAN21_VAE,
+    WAN22_TI2V_5B_TRANSFORMER,
+    WAN22_VAE,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +40,14 @@ TEXT_LEN = 512
 
 
 def require_cuda(script: str, tiny_shape: bool) -> torch.device:
-    """The device of a `--size 1.3b` run: CUDA, or the CPU with `--tiny-shape`; otherwise exit with a clear message."""
+    """The device of a `--size 1.3b` / `5b` run: CUDA, or the CPU with `--tiny-shape`; otherwise exit with a clear
+    message."""
     if torch.cuda.is_available():
         return torch.device("cuda")
     if tiny_shape:
         return torch.device("cpu")
     raise SystemExit(
-        f"{script}: --size 1.3b needs a CUDA GPU (the Wan2.1-T2V-1.3B shape in bf16 at 480x832 is hours on a CPU); "
+        f"{script}: --size 1.3b / 5b needs a CUDA GPU (the real Wan shapes in bf16 are hours on a CPU); "
         "run --size tiny here, or add --tiny-shape for a few-layer CPU smoke run of the same code path"
     )
 
@@ -57,27 +63,36 @@ def toy_teacher_dir(tmp: Path) -> tuple[Path, bool]:
     return tmp / "init", False
 
 
-def wan21_pipeline(device: torch.device, dtype: torch.dtype, tiny_shape: bool = False, seed: int = 0):
-    """A random-weight `WanPipeline` of the Wan2.1-T2V-1.3B shape (transformer in `dtype`, VAE in float32 as
-    `teachers.wan` runs it), without tokenizer or text encoder. Built on `device` (no CPU round trip for 1.3B)."""
+def wan21_pipeline(
+    device: torch.device, dtype: torch.dtype, tiny_shape: bool = False, seed: int = 0, model: str = "1.3b"
+):
+    """A random-weight `WanPipeline` of the Wan2.1-T2V-1.3B shape (`model="5b"`: Wan2.2-TI2V-5B's, with the Wan2.2 VAE
+    and `expand_timesteps`), transformer in `dtype`, VAE in float32 as `teachers.wan` runs it, without tokenizer or
+    text encoder. Built on `device` (no CPU round trip)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
-    tcfg = {**WAN21_13B_TRANSFORMER, **(TINY_SHAPE_TRANSFORMER if tiny_shape else {})}
-    vcfg = {**WAN21_VAE, **(TINY_SHAPE_VAE if tiny_shape else {})}
+    ti2v = model == "5b"
+    tcfg = {**(WAN22_TI2V_5B_TRANSFORMER if ti2v else WAN21_13B_TRANSFORMER)}
+    vcfg = {**(WAN22_VAE if ti2v else WAN21_VAE)}
+    if tiny_shape:
+        tcfg.update(TINY_SHAPE_TRANSFORMER)
+        vcfg.update(TINY_SHAPE_VAE, **({"decoder_base_dim": 8} if ti2v else {}))
     torch.manual_seed(seed)
     with torch.device(device):
         transformer = cast_like_from_pretrained(WanTransformer3DModel(**tcfg), dtype).eval()
         vae = AutoencoderKLWan(**vcfg).eval()
-    # Wan2.1's scheduler/scheduler_config.json (UniPC in flow mode, shift 3)
+    # Wan's scheduler/scheduler_config.json (UniPC in flow mode; shift 3 for Wan2.1, 5 for TI2V-5B)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
-        flow_shift=3.0,
+        flow_shift=5.0 if ti2v else 3.0,
         num_train_timesteps=1000,
         solver_order=2,
         final_sigmas_type="zero",
     )
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+    return WanPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler, expand_timesteps=ti2v
+    )
 
 
 def cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

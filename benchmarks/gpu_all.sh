@@ -4,6 +4,7 @@
 # RESULTS.md rows to $OUT/RESULTS.md when $OUT is set (copy them into benchmarks/RESULTS.md), else to
 # benchmarks/RESULTS.md. Order: the cheapest and most wanted figures first, so a timeout still returns them.
 #   1. streaming.py --size 1.3b --profile    (student KV-cache streaming vs bidirectional teacher, 14 chunks)
+#   1b. streaming.py --size 5b               (the same for Wan2.2-TI2V-5B at 1280x704, 121 frames)
 #   2. attention_mask.py --attention          (causal training mask at 480p/720p: dense SDPA vs flex_attention block
 #                                             mask, bytes, one attention layer's fwd+bwd time and peak memory)
 #   3. train_step.py --size 1.3b             (Self-Forcing step, checkpointing on, 8-bit AdamW on/off; peak memory
@@ -78,6 +79,11 @@ bench() {  # bench SECONDS -m MODULE ARGS...: one benchmark under a time limit; 
 }
 
 bench 180 -m benchmarks.streaming --size "$SIZE" --chunks "$CHUNKS" --steps 4 --warmup 1 --profile
+if [ "$SIZE" = 1.3b ]; then  # Wan2.2-TI2V-5B at 1280x704, its 31 latent frames (121 pixel frames)
+    bench 150 -m benchmarks.streaming --size 5b --chunks 11 --steps 4 --warmup 1
+else
+    bench 60 -m benchmarks.streaming --size 5b --tiny-shape --chunks 3 --steps 2 --warmup 1
+fi
 if [ "$SIZE" = 1.3b ]; then
     bench 150 -m benchmarks.attention_mask --attention
 else

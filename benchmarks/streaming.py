@@ -3,6 +3,7 @@
     python -m benchmarks.streaming --size tiny  [--chunks 16] [--steps 4] [--warmup 1] [--profile]
     python -m benchmarks.streaming --size 1.3b  [--chunks 14] [--compile [ffn|blocks]] [--local-window 21]  # CUDA
     python -m benchmarks.streaming --size 1.3b --tiny-shape                                     # CPU smoke run
+    python -m benchmarks.streaming --size 5b   [--chunks 11]                    # Wan2.2-TI2V-5B, 1280x704, CUDA
 
 Both sides make the same video: `--chunks` chunks of `frames_per_block` latent frames from the same noise, decoded
 to pixels (VAE decode included in every figure; text encoding excluded from both).
@@ -23,7 +24,9 @@ Sizes: `tiny` = the toy-world architecture (teachers/toyworld/pipeline if shippe
 student = the teacher's weights wrapped causally with recipes/toyworld_self_forcing.yaml's frames_per_block /
 local_window / sink. `1.3b` = the Wan2.1-T2V-1.3B transformer and Wan2.1 VAE built from config with RANDOM weights
 (bf16 transformer, float32 VAE, 480x832, random [1, 512, 4096] text embeddings; no download) and the student settings
-of recipes/wan21_1.3b_self_forcing.yaml. On a GPU every reading is taken after `torch.cuda.synchronize()`.
+of recipes/wan21_1.3b_self_forcing.yaml. `5b` = Wan2.2-TI2V-5B's transformer and the Wan2.2 VAE the same way at
+1280x704, with recipes/wan22_ti2v_5b_self_forcing.yaml's student (an independent first frame: 11 chunks = its 31
+latent frames, 121 pixel frames, text-to-video). On a GPU every reading is taken after `torch.cuda.synchronize()`.
 Prints one JSON line and appends a row to benchmarks/RESULTS.md. CPU figures are noisy: read the ratios.
 """
 
@@ -58,10 +61,13 @@ ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("benchmarks.streaming")
 
 TOY_RECIPE = ROOT / "recipes" / "toyworld_self_forcing.yaml"
-WAN_RECIPE = ROOT / "recipes" / "wan21_1.3b_self_forcing.yaml"
+WAN_RECIPE = {
+    "1.3b": ROOT / "recipes" / "wan21_1.3b_self_forcing.yaml",
+    "5b": ROOT / "recipes" / "wan22_ti2v_5b_self_forcing.yaml",
+}
 PROMPT, NEGATIVE = "a red circle moving left on a white background", "blurry, noise"
-DEFAULT_CHUNKS = {"tiny": 16, "1.3b": 14}
-"""Long enough that most chunks run with a full cache (toy window: 3 chunks; Wan recipe: 7)."""
+DEFAULT_CHUNKS = {"tiny": 16, "1.3b": 14, "5b": 11}
+"""Long enough that most chunks run with a full cache (toy window: 3 chunks; Wan recipe: 7); the 5B: its video."""
 COMPILE_RECOMPILE_LIMIT = 256
 RATIO_KEYS = [
     "ratio_fps_student_vs_teacher",
@@ -72,7 +78,7 @@ RATIO_KEYS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["tiny", "1.3b"], default="tiny")
+    p.add_argument("--size", choices=["tiny", "1.3b", "5b"], default="tiny")
     p.add_argument(
         "--tiny-shape",
         action="store_true",
@@ -101,8 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--results", type=Path, default=RESULTS, help="Markdown table the row is appended to")
     args = p.parse_args(argv)
-    if args.tiny_shape and args.size != "1.3b":
-        p.error("--tiny-shape: only with --size 1.3b (--size tiny is already CPU-sized)")
+    if args.tiny_shape and args.size == "tiny":
+        p.error("--tiny-shape: only with --size 1.3b or 5b (--size tiny is already CPU-sized)")
     if args.chunks is None:
         args.chunks = DEFAULT_CHUNKS[args.size]
     args.teacher_steps = args.steps if args.teacher_steps is None else args.teacher_steps
@@ -154,9 +160,10 @@ def build(args, tmp: Path, device: torch.device) -> Setup:
         cond = teacher.encode([PROMPT], NEGATIVE)
         info = {"teacher": str(folder), "trained": trained, "dtype": recipe.teacher.dtype}
     else:
-        hw = ["teacher.height=64", "teacher.width=64"] if args.tiny_shape else []
-        recipe = load_recipe(WAN_RECIPE, [f"output_dir={tmp / 'out'}", *hw, *student_overrides(args)])
-        pipe = wan21_pipeline(device, torch.bfloat16, tiny_shape=args.tiny_shape)
+        side = 128 if args.size == "5b" else 64  # the 5B's VAE compresses 16x: 8x8 latents either way
+        hw = [f"teacher.height={side}", f"teacher.width={side}"] if args.tiny_shape else []
+        recipe = load_recipe(WAN_RECIPE[args.size], [f"output_dir={tmp / 'out'}", *hw, *student_overrides(args)])
+        pipe = wan21_pipeline(device, torch.bfloat16, tiny_shape=args.tiny_shape, model=args.size)
         teacher = WanTeacher(pipe, recipe.teacher, device)
         text_dim = pipe.transformer.config.text_dim
         cond = Cond(
@@ -164,12 +171,13 @@ def build(args, tmp: Path, device: torch.device) -> Setup:
             negative_embeds=random_text(1, text_dim, device, seed=1),
         )
         shape = " (tiny shape)" if args.tiny_shape else ""
-        info = {"teacher": f"random weights, Wan2.1-T2V-1.3B config{shape}", "trained": False, "dtype": "bfloat16"}
+        name = "Wan2.2-TI2V-5B" if args.size == "5b" else "Wan2.1-T2V-1.3B"
+        info = {"teacher": f"random weights, {name} config{shape}", "trained": False, "dtype": "bfloat16"}
     causal = CausalWan(teacher.pipe.transformer, recipe.student)  # processors only: the teacher still runs as before
     if args.compile is not None:
         compile_transformer(teacher.pipe.transformer, args.compile)
     t = recipe.teacher
-    frames = args.chunks * causal.frames_per_block
+    frames = causal.first_block_frames + (args.chunks - 1) * causal.frames_per_block
     pixel_frames = 1 + teacher.pipe.vae_scale_factor_temporal * (frames - 1)
     latent_shape = teacher.latent_shape(pixel_frames, t.height, t.width)
     sigmas = student_sigmas(recipe.student, t.shift, t.num_inference_steps)
@@ -371,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = (
-        require_cuda("python -m benchmarks.streaming", args.tiny_shape) if args.size == "1.3b" else torch.device("cpu")
+        require_cuda("python -m benchmarks.streaming", args.tiny_shape) if args.size != "tiny" else torch.device("cpu")
     )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_streaming_") as tmp:
@@ -380,7 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
         noise = torch.randn(1, *setup.latent_shape, generator=torch.Generator().manual_seed(0)).to(device)
         fpb = setup.causal.frames_per_block
         window_chunks = -(-(setup.info["local_window"] or noise.shape[2]) // fpb)
-        warm = noise[:, :, : min(args.chunks, window_chunks + 1) * fpb]  # every cache size the timed run meets
+        warm_chunks = min(args.chunks, window_chunks + 1)  # every cache size the timed run meets
+        warm = noise[:, :, : setup.causal.first_block_frames + (warm_chunks - 1) * fpb]
         for i in range(args.warmup):
             logger.info("warm-up %d/%d", i + 1, args.warmup)
             student_rollout(setup, warm, clock)
