@@ -32,9 +32,10 @@ class DataConfig:
     """x264 constant rate factor of the mp4s (libx264, yuv420p): 0 is the best quality, 51 the worst; 18 is
     visually near-lossless. Training reads `latents`/`trajectory`, so this only affects the `video` column."""
     images: str | None = None
-    """A folder of images (.png, .jpg, .jpeg, .webp) for image-to-video samples from an image-conditioned teacher
-    (Wan2.2 TI2V): row i starts from image i mod n of the sorted files, resized to the teacher's height x width,
-    and the image is stored in the `image` column next to the caption. None: text-to-video."""
+    """Image-to-video samples from an image-conditioned teacher (Wan2.2 TI2V): a folder of images (.png, .jpg, .jpeg,
+    .webp; sorted by name) or a dataset folder made by `generate` (its videos' first frames, in row order). Row i
+    starts from image i mod n, resized to the teacher's height x width, stored in the `image` column next to the
+    caption. None: text-to-video."""
     hub_repo_id: str | None = None
     """Dataset repo for `push` (e.g. `me/wan21-synth`). The token comes from HF_TOKEN or the CLI login."""
     hub_private: bool = True

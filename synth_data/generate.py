@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -42,8 +43,10 @@ from core.wan_lora import lora_digests
 from synth_data.composer import format_coverage, read_prompts
 from synth_data.config import DataConfig
 from synth_data.dataset import (
+    DATA_DIR,
     build_features,
     dataset_card,
+    decode_video,
     encode_video,
     features_of,
     read_parquet,
@@ -65,7 +68,7 @@ NOT_FINGERPRINTED = frozenset(
         "data.vocabulary",  # its effect is fingerprinted: prompts.sha256 and teacher.negative_prompt (resolved)
         "data.hub_repo_id",
         "data.hub_private",  # push only
-        "data.images",  # its effect is fingerprinted: data.images.sha256 (the files' names and bytes)
+        "data.images",  # its effect is fingerprinted: data.images.sha256 (the files' or the dataset's content)
         "teacher.offload",
         "teacher.encode_cache_size",  # memory placement / caching: same numbers
     }
@@ -76,30 +79,74 @@ NOT_FINGERPRINTED = frozenset(
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def image_files(folder: str) -> list[Path]:
-    """The sorted image files of `data.images`; a clear error when there are none."""
-    path = resolve_path(folder)
-    files = sorted(p for p in Path(path).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+@dataclass(frozen=True)
+class ImageItem:
+    """One first frame `data.images` offers: an image file, or the first frame of row `row` of a generated dataset."""
+
+    path: Path
+    row: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The `image_file` column: the file's name, or `<dataset folder>#<row>`."""
+        return self.path.name if self.row is None else f"{self.path.name}#{self.row}"
+
+
+def _is_dataset(path: Path) -> bool:
+    return (path / "COMPLETE").is_file() and (path / DATA_DIR).is_dir()
+
+
+def image_items(spec: str) -> list[ImageItem]:
+    """What `data.images` names, in order: the sorted image files of a folder, or the rows of a dataset folder made
+    by `generate` (its videos' first frames); a clear error when there is none."""
+    path = resolve_path(spec)
+    if path.is_dir() and _is_dataset(path):
+        rows = sum(pq.read_metadata(p).num_rows for p in sorted((path / DATA_DIR).glob("*.parquet")))
+        return [ImageItem(path, r) for r in range(rows)]
+    files = sorted(p for p in path.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
     if not files:
         raise ValueError(
-            f"data.images: {folder} is not a folder with {'/'.join(IMAGE_SUFFIXES)} files; give a folder of the "
-            "first frames to start from, or remove the key for text-to-video"
+            f"data.images: {spec} is not a folder with {'/'.join(IMAGE_SUFFIXES)} files or a generated dataset "
+            "folder; give the first frames to start from, or remove the key for text-to-video"
         )
-    return files
+    return [ImageItem(p) for p in files]
 
 
-def load_image(path: Path, teacher) -> tuple[torch.Tensor, bytes]:
-    """`path` resized to the teacher's video size by diffusers' video processor (as its image-to-video pipeline
-    does) -> ([1, 3, H, W] in [-1, 1] on 8-bit levels, the PNG bytes of exactly those pixels)."""
+def images_digest(spec: str) -> dict:
+    """The fingerprint of `data.images`' content: each image file's sha256, or a dataset's shard checksums."""
+    items = image_items(spec)
+    if items[0].row is not None:
+        return {"dataset": shard_checksums(items[0].path)}
+    return {item.name: hashlib.sha256(item.path.read_bytes()).hexdigest() for item in items}
+
+
+def _first_frame(item: ImageItem):
+    """The PIL image of an item: the file, or the first frame of the dataset row's video."""
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"data.images: {path} is not a readable image ({e}); fix or remove it") from e
+    if item.row is None:
+        try:
+            with Image.open(item.path) as im:
+                return im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"data.images: {item.path} is not a readable image ({e}); fix or remove it") from e
+    offset = item.row
+    for shard in sorted((item.path / DATA_DIR).glob("*.parquet")):
+        rows = pq.read_metadata(shard).num_rows
+        if offset < rows:
+            video = pq.read_table(shard, columns=["video"]).column("video")[offset].as_py()
+            return Image.fromarray(decode_video(video)[0])
+        offset -= rows
+    raise ValueError(f"data.images: {item.path} has no row {item.row}")
+
+
+def load_image(item: ImageItem, teacher) -> tuple[torch.Tensor, bytes]:
+    """An item's image resized to the teacher's video size by diffusers' video processor (as its image-to-video
+    pipeline does) -> ([1, 3, H, W] in [-1, 1] on 8-bit levels, the PNG bytes of exactly those pixels)."""
+    from PIL import Image
+
     cfg = teacher.cfg
-    resized = teacher.pipe.video_processor.preprocess(image, height=cfg.height, width=cfg.width)
+    resized = teacher.pipe.video_processor.preprocess(_first_frame(item), height=cfg.height, width=cfg.width)
     # Quantised to the 8 bits the dataset stores, so the `image` column is exactly the frame the teacher was given.
     rgb = teacher.to_uint8(resized[:, :, None])[0, 0]
     buffer = io.BytesIO()
@@ -120,9 +167,7 @@ def fingerprint(data: DataConfig, teacher: TeacherConfig, prompts_path: Path, ne
     if teacher.lora:
         fp["teacher.lora.sha256"] = lora_digests(teacher.lora, "teacher.lora")
     if data.images:
-        fp["data.images.sha256"] = {
-            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in image_files(data.images)
-        }
+        fp["data.images.sha256"] = images_digest(data.images)
     return json.loads(json.dumps(dict(sorted(fp.items()))))
 
 
@@ -306,8 +351,9 @@ def _render_batch(teacher, batch: list[dict], job: _Job, shape: tuple[int, ...])
     save_at = [*data.trajectory_steps, steps] if data.trajectory_steps else []
     first, images = None, []
     if data.images:
-        files = image_files(data.images)
-        images = [(files[r["index"] % len(files)], *load_image(files[r["index"] % len(files)], teacher)) for r in batch]
+        items = image_items(data.images)
+        picked = [items[r["index"] % len(items)] for r in batch]
+        images = [(item, *load_image(item, teacher)) for item in picked]
         first = teacher.encode_image(torch.cat([pixels for _, pixels, _ in images]))
     out = teacher.sample(cond, noise, save_at=save_at, first_frame=first)
     bad = [r["index"] for r, lat in zip(batch, out.latents) if not torch.isfinite(lat).all()]

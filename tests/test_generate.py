@@ -420,3 +420,18 @@ def test_image_to_video_input_errors(tmp_path, tiny_pipeline_dir, tiny_ti2v_dir)
     with pytest.raises(ValueError, match=r"data.images: .*frame_1.png is not a readable image"):
         run_generate(root, "teacher.height=32", "teacher.width=32")
     assert not list((root / "out" / "dataset").rglob("train-*.parquet"))
+
+
+def test_image_to_video_from_the_first_frames_of_a_generated_dataset(tmp_path, tiny_ti2v_dir):
+    """data.images may name a dataset folder made by generate: row i starts from the first frame of its row i mod n,
+    and its shards' checksums bind the new dataset (a changed source refuses to resume)."""
+    ti2v = ["teacher.height=32", "teacher.width=32"]
+    source = run_generate(make_project(tmp_path / "t2v", tiny_ti2v_dir, num_prompts=2), *ti2v)
+    root = make_project(tmp_path / "i2v", tiny_ti2v_dir, num_prompts=3, images=str(source))
+    ds = load_local(run_generate(root, *ti2v), cache_dir=str(tmp_path / "cache"))
+    assert ds["image_file"] == ["dataset#0", "dataset#1", "dataset#0"]
+    first_frames = [decode_video(v)[0] for v in load_local(source, cache_dir=str(tmp_path / "c2"))["video"]]
+    for row, want in zip(ds, [0, 1, 0]):
+        assert np.abs(np.array(row["image"]).astype(int) - first_frames[want].astype(int)).max() <= 1
+    generation = json.loads((root / "out" / "dataset" / "generation.json").read_text())
+    assert set(generation["data.images.sha256"]["dataset"]) == {"data/train-00000-of-00001.parquet"}
