@@ -216,6 +216,9 @@ class EvalConfig:
     interactive_prompts: int = 0
     """Causal students, toy world: grade prompt switches (KV re-cache and old cache) and continuation of rendered
     clips on the first this-many eval prompts (`distill.eval_interactive`); 0: skip."""
+    switch_keep_chunks: int | None = None
+    """The interactive grading's switches: also grade a re-cache that keeps only the latest this-many chunks
+    (`stream.switch_keep_chunks`), as the mode `recache_last<n>`; None: re-cache and old cache only."""
     continuation_chunks: int | None = None
     """The interactive grading's continuation: chunks of the rendered clip given before the student continues;
     None: the whole teacher-length clip; 1: its first chunk only (the toy world's image-to-video: its temporal patch
@@ -252,6 +255,8 @@ class EvalConfig:
             raise ValueError(f"num_previews: must be >= 0, got {self.num_previews}")
         if self.interactive_prompts < 0:
             raise ValueError(f"interactive_prompts: must be >= 0 (0: skip), got {self.interactive_prompts}")
+        if self.switch_keep_chunks is not None and self.switch_keep_chunks < 1:
+            raise ValueError(f"switch_keep_chunks: must be >= 1 or null, got {self.switch_keep_chunks}")
         if self.continuation_chunks is not None and self.continuation_chunks < 1:
             raise ValueError(f"continuation_chunks: must be >= 1 or null, got {self.continuation_chunks}")
         if self.students is not None and (not self.students or len(set(self.students)) != len(self.students)):
@@ -272,6 +277,9 @@ class StreamConfig:
     """Prompt switches `[[chunk, "prompt"], ...]`: the prompt takes over from that chunk on."""
     recache: bool = True
     """On a switch, recompute the context's KV cache under the new prompt (LongLive's re-cache); false keeps it."""
+    switch_keep_chunks: int | None = None
+    """With `recache`: re-cache only the latest this-many chunks on a switch, dropping older context (a scene change
+    that forgets more of the old scene); None re-caches all the cache holds."""
     continue_from: str | None = None
     """A video file (teacher's size; a whole number of chunks) the stream continues; it is not written again."""
     student: str | None = None
@@ -282,6 +290,11 @@ class StreamConfig:
     def __post_init__(self):
         if self.num_chunks < 1:
             raise ValueError(f"num_chunks: must be >= 1, got {self.num_chunks}")
+        if self.switch_keep_chunks is not None and (self.switch_keep_chunks < 1 or not self.recache):
+            raise ValueError(
+                f"switch_keep_chunks: must be >= 1 and needs recache: true, got {self.switch_keep_chunks} "
+                f"(recache: {self.recache})"
+            )
         for i, item in enumerate(self.switches):
             if len(item) != 2 or not isinstance(item[0], int) or not isinstance(item[1], str) or item[0] < 0:
                 raise ValueError(f'switches[{i}]: expected [chunk >= 0, "prompt"], got {item!r}')

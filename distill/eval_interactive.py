@@ -92,7 +92,7 @@ class InteractiveEval:
         return self.teacher.encode(prompts, None).prompt_embeds
 
     @torch.no_grad()
-    def _stream(self, rows, prompts_a, prompts_b, chunks, switch_at, recache, prefix=None) -> np.ndarray:
+    def _stream(self, rows, prompts_a, prompts_b, chunks, switch_at, recache, prefix=None, keep=None) -> np.ndarray:
         """Decoded uint8 videos [B, F, H, W, 3] of `chunks` generated chunks; `prefix`: the latents of the clips the
         stream continues (decoded with it for the VAE's context, then dropped)."""
         noise = torch.stack([sample_noise(r["seed"], (self.c, chunks * self.fpb, self.h, self.w)) for r in rows])
@@ -104,7 +104,7 @@ class InteractiveEval:
         out = []
         for chunk in range(chunks):
             if switch_at is not None and chunk == switch_at:
-                stream.switch(self._embeds(prompts_b), recache=recache)
+                stream.switch(self._embeds(prompts_b), recache=recache, keep_chunks=keep)
             out.append(stream.next_chunk())
         if prefix is None:
             return self.teacher.to_uint8(self.teacher.decode(torch.cat(out, dim=2)))
@@ -117,8 +117,11 @@ class InteractiveEval:
         one = [one_slot_switch(self.vocab, r["slots"], i) for i, r in enumerate(self.rows)]
         partners = [all_slot_partner(self.rows, i) for i in range(len(self.rows))]
         result: dict = {"chunks": 3 * k, "switch_chunk": k, "num_prompts": len(self.rows)}
-        for recache in (True, False):
-            name = "recache" if recache else "keep_cache"
+        modes = [("recache", True, None), ("keep_cache", False, None)]
+        if self.recipe.eval.switch_keep_chunks is not None:
+            n = self.recipe.eval.switch_keep_chunks
+            modes.append((f"recache_last{n}", True, n))
+        for name, recache, keep in modes:
             changed = np.zeros((len(self.rows), 2 * k))
             kept, kept_n = 0, 0
             after, fresh, n_all = 0.0, 0.0, 0
@@ -126,7 +129,7 @@ class InteractiveEval:
                 rows = self.rows[s : s + size]
                 a = [r["prompt"] for r in rows]
                 b = [_prompt(self.vocab, one[s + i][1]) for i in range(len(rows))]
-                reads = _reads(self._stream(rows, a, b, 3 * k, k, recache), 3 * k)
+                reads = _reads(self._stream(rows, a, b, 3 * k, k, recache, keep=keep), 3 * k)
                 for i, rd in enumerate(reads):
                     slot, new = one[s + i]
                     changed[s + i] = [rd[c][slot] == new[slot] for c in range(k, 3 * k)]
@@ -140,11 +143,13 @@ class InteractiveEval:
                     sub = [rows[i] for i, _ in pairs]
                     b_rows = [p for _, p in pairs]
                     switched = _reads(
-                        self._stream(sub, [r["prompt"] for r in sub], [p["prompt"] for p in b_rows], 3 * k, k, recache),
+                        self._stream(
+                            sub, [r["prompt"] for r in sub], [p["prompt"] for p in b_rows], 3 * k, k, recache, keep=keep
+                        ),
                         3 * k,
                     )
                     after += _all_right(switched, b_rows, range(k + 2, 3 * k))
-                    if recache:  # the fresh stream of B does not depend on the cache mode: run it once
+                    if name == "recache":  # the fresh stream of B does not depend on the cache mode: run it once
                         own = _reads(self._stream(sub, [p["prompt"] for p in b_rows], None, 3 * k, None, True), 3 * k)
                         fresh += _all_right(own, b_rows, range(k + 2, 3 * k))
                     n_all += len(pairs) * (2 * k - 2)  # chunks k + 2 .. 3k - 1 of each pair
@@ -156,7 +161,7 @@ class InteractiveEval:
                 },
                 "all_slots": {"num_pairs": n_all // max(2 * k - 2, 1), "after_accuracy": after / max(n_all, 1)},
             }
-            if recache:
+            if name == "recache":
                 result["fresh_accuracy"] = fresh / max(n_all, 1)
         return result
 

@@ -101,6 +101,7 @@ def stream_stage(recipe: Recipe) -> Path:
             switches=[(int(c), str(p)) for c, p in sc.switches],
             recache=sc.recache,
             continue_from=sc.continue_from,
+            keep_chunks=sc.switch_keep_chunks,
         )
         for frames in tqdm(chunks, total=sc.num_chunks, desc=f"stream {name}", unit="chunk"):
             first = first if first is not None else time.perf_counter() - t0

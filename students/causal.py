@@ -502,11 +502,17 @@ class CausalStream:
         self.written = [(x, s) for x, s in self.written if kept & set(range(s // p_t, (s + x.shape[2]) // p_t))]
 
     @torch.no_grad()
-    def switch(self, cond_embeds: torch.Tensor, recache: bool = True) -> None:
-        """Continue under the prompt `cond_embeds` [B, L, D_text] from the next chunk on (see the class docstring)."""
+    def switch(self, cond_embeds: torch.Tensor, recache: bool = True, keep_chunks: int | None = None) -> None:
+        """Continue under the prompt `cond_embeds` [B, L, D_text] from the next chunk on (see the class docstring).
+        `keep_chunks` (with `recache`): re-cache only the latest this-many finished chunks and drop older context, so
+        the new prompt meets less of the old scene (a finished chunk not yet written counts as the latest)."""
+        if keep_chunks is not None and (not recache or keep_chunks < 1):
+            raise ValueError(f"switch: keep_chunks needs recache and must be >= 1, got {keep_chunks}")
         new = self.model.init_cache(self.batch, cond_embeds)
         if recache:
             old, self.written = self.written, []
+            if keep_chunks is not None:
+                old = old[max(len(old) - keep_chunks + (self.pending is not None), 0) :]
             self.cache = new
             for x0, start in old:
                 self._write(x0, start)

@@ -371,6 +371,33 @@ def test_recache_switch_and_continuation_equal_a_block_causal_forward_under_the_
                 assert (k - want_k).abs().max() <= 1e-6
 
 
+def test_a_switch_that_keeps_only_the_last_chunk_forgets_the_older_context(tiny_transformer):
+    """keep_chunks=1: after two chunks under A, the switch re-caches only chunk 1 under B; the next chunk is one
+    block-causal forward of [chunk 1 clean at t = 0, the chunk's noise] (RoPE is relative: the positions' offset
+    does not matter), and differs from a full re-cache."""
+    from students.causal import CausalStream
+
+    model = CausalWan(tiny_transformer, causal_cfg(frames_per_block=2))
+    noise, ehs_a, ehs_b = _stream_inputs(6)
+    sigma = 0.8
+    stream = CausalStream(model, ehs_a, noise, [sigma])
+    stream.next_chunk()
+    last = stream.next_chunk()
+    stream.switch(ehs_b, recache=True, keep_chunks=1)
+    got = stream.next_chunk()
+    x = torch.cat([last, noise[:, :, 4:6]], dim=2)
+    t = torch.cat([torch.zeros(B, 2), torch.full((B, 2), sigma * 1000)], dim=1)
+    with torch.no_grad():
+        want = noise[:, :, 4:6] - sigma * model(x, t, ehs_b)[:, :, 2:4]
+    assert (got - want).abs().max() <= 1e-4
+    full = CausalStream(model, ehs_a, noise, [sigma])
+    full.next_chunk(), full.next_chunk()
+    full.switch(ehs_b, recache=True)
+    assert (full.next_chunk() - got).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="keep_chunks needs recache"):
+        full.switch(ehs_a, recache=False, keep_chunks=1)
+
+
 def test_a_prefix_must_fit_the_temporal_patch():
     from students.causal import CausalStream
 
