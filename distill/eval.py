@@ -70,6 +70,7 @@ from distill import report as rep
 from distill.accel import make_accelerator
 from distill.checkpoints import COMPLETE, final_dir, is_finished, weights_dir
 from distill.config import Recipe
+from students.causal import chunk_bounds
 from students.sampling import student_sampler
 from students.student import Student, read_student_json
 from synth_data.composer import compose, read_prompts
@@ -334,8 +335,9 @@ def long_rollout(student, teacher, recipe: Recipe, rows: list[dict], grader: str
 
 
 def training_chunks(latent_frames: int, student_cfg) -> int:
-    """Chunks of a causal student in one teacher-length video: ceil(latent frames / student.frames_per_block)."""
-    return -(-latent_frames // student_cfg.frames_per_block)
+    """Chunks of a causal student in one teacher-length video (`students.causal.chunk_bounds`)."""
+    first = 1 if student_cfg.independent_first_frame else None
+    return len(chunk_bounds(latent_frames, student_cfg.frames_per_block, first))
 
 
 def teacher_chunks(students: list[tuple[str, Path]], latent_frames: int) -> int | None:

@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from core.flow import NUM_TRAIN_TIMESTEPS, add_noise, cfg, denoising_sigmas, x0_from_velocity
 from core.seeding import derive_seed
-from students.causal import sample_causal
+from students.causal import chunk_bounds, sample_causal
 from students.config import StudentConfig
 
 SamplingMode = Literal["renoise", "euler"]
@@ -103,12 +103,6 @@ def sample_student(
     raise AssertionError("unreachable")
 
 
-def causal_nfe(steps: int, num_chunks: int) -> float:
-    """Whole-video passes of a causal rollout: `steps` denoising passes over every chunk, plus one cache write
-    per chunk but the last (written lazily before the next chunk), each over 1/num_chunks of the video."""
-    return round(steps + (num_chunks - 1) / num_chunks, 3)
-
-
 def student_sampler(student, teacher_shift: float, teacher_steps: int, latent_frames: int) -> tuple[Callable, dict]:
     """A finished `Student`'s sampler as the eval and the benchmarks run it: `sampler(cond, noise, rows)` -> latents
     [B, C, F, H, W] for `cond` (a teacher's `Cond`), the initial noise [B, C, F, H, W] and one prompt row per video
@@ -142,7 +136,10 @@ def student_sampler(student, teacher_shift: float, teacher_steps: int, latent_fr
         )
 
     if causal:
-        nfe = causal_nfe(steps, -(-latent_frames // student.causal.frames_per_block))
+        bounds = chunk_bounds(latent_frames, student.causal.frames_per_block, student.causal.first_block_frames)
+        # whole-video passes: `steps` denoising passes over every chunk, plus one cache write per chunk but the last
+        # (written lazily before the next chunk), each over its share of the video's frames
+        nfe = round(steps + bounds[-1][0] / latent_frames, 3)
     else:
         nfe = steps * (2 if cfg.guidance_scale != 1 else 1)
     info = {"nfe": nfe, "steps": steps, "guidance_scale": cfg.guidance_scale}
