@@ -312,6 +312,11 @@ class SelfForcing(DMD):
                 "its steps, e.g. [1000, 750, 500, 250]"
             )
         assert critic is not None, "self_forcing needs the critic (build_critic)"
+        if c.normalise_per_chunk and recipe.student.independent_first_frame:
+            raise ValueError(
+                "method.self_forcing.normalise_per_chunk: groups frames in equal chunks, and "
+                "student.independent_first_frame makes the first chunk one frame; set one of them to false"
+            )
         sigmas = student_sigmas(recipe.student, teacher.cfg.shift, teacher.cfg.num_inference_steps)
         rollout = CausalRollout(
             PreparedCausal(student, unwrapped),
