@@ -97,8 +97,10 @@ def dmd_critic_loss(
     critic: Model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor
 ) -> torch.Tensor:
     """L_C = flow matching of the critic on the DETACHED student samples x0 [B, C, F, H, W] (no gradient
-    reaches the student): `flow_matching_loss(critic, sg(x0), ε, σ, c)`; noise like x0, sigma [B]."""
-    return flow_matching_loss(critic, x0.detach(), noise, sigma, embeds)
+    reaches the student): `flow_matching_loss(critic, sg(x0), ε, σ, c)`; noise like x0, sigma [B] or [B, F]. Frames
+    at σ = 0 (a given clean frame, never re-noised: image-to-video) are left out: their target ε cannot be known."""
+    weight = (sigma > 0).float() if sigma.ndim == 2 and bool((sigma == 0).any()) else None
+    return flow_matching_loss(critic, x0.detach(), noise, sigma, embeds, frame_weight=weight)
 
 
 def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:

@@ -26,16 +26,25 @@ Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def flow_matching_loss(
-    model: Model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor
+    model: Model,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+    embeds: torch.Tensor,
+    frame_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L = mean ‖ model(x_σ, 1000σ, c) - (ε - x0) ‖² with x_σ = (1-σ)·x0 + σ·ε.
 
-    x0, noise: [B, C, F, H, W]; sigma: [B]; embeds: [B, L, D]. Returns a float32 scalar (mean over every
-    element, so equal-size batches average exactly like their union).
+    x0, noise: [B, C, F, H, W]; sigma: [B] (or per frame [B, F]); embeds: [B, L, D]. Returns a float32 scalar (mean
+    over every element, so equal-size batches average exactly like their union). `frame_weight` [B, F] of 0/1: the
+    mean over the frames weighted 1 only.
     """
     x_t = add_noise(x0, noise, sigma)
     v = model(x_t, timestep(sigma), embeds)
-    return F.mse_loss(v.float(), velocity_target(x0, noise).float())
+    if frame_weight is None:
+        return F.mse_loss(v.float(), velocity_target(x0, noise).float())
+    w = frame_weight.float()[:, None, :, None, None].expand_as(v)
+    return (((v.float() - velocity_target(x0, noise).float()) ** 2) * w).sum() / w.sum()
 
 
 def draw_sigma_noise(generators: list[torch.Generator], x0: torch.Tensor, shift: float, weighting: str):

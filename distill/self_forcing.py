@@ -33,7 +33,10 @@ under p, chunk 0 is not generated but taken clean from the batch's latents (`tra
 `toyworld`) and written into the cache first, as a stream that starts from given frames does: image-to-video with
 `student.independent_first_frame` (chunk 0 is frame 0 alone), continuation from a first chunk otherwise. It stays
 in the video DMD and the critic see, without a gradient: the generated chunks are judged as the continuation of
-real frames.
+real frames. With an image-conditioned teacher (Wan2.2 TI2V) the given chunk is never re-noised: σ = 0 on its
+frames (per-frame σ, per-token timesteps for the teacher and the critic), so both scores are the conditional ones
+of image-to-video, and the critic's flow-matching loss leaves those frames out; with a text-only teacher it is
+re-noised with the rest and both scores are of the joint video.
 
 Randomness per sample, from its own generator and in this order: the initial noise [C, F, H, W], the
 rollout's fresh noises (chunk by chunk: one per re-noising, then the context noise when σ_ctx > 0), then σ
@@ -335,7 +338,7 @@ class SelfForcing(DMD):
     def __init__(self, config: SelfForcing.Config, *, teacher, critic: Model, rollout: CausalRollout):
         """`teacher`: a frozen `WanTeacher`; `critic`: the fake score (a bidirectional Wan transformer, called as a
         `Model`); `rollout`: the causal student's `CausalRollout`."""
-        if config.frame_wise_timesteps:
+        if config.frame_wise_timesteps or (config.given_first_chunk > 0 and teacher.image_conditioned):
             transformer = teacher.pipe.transformer
             if teacher.boundary is not None or transformer.config.patch_size[0] != 1:
                 raise ValueError(
@@ -350,14 +353,22 @@ class SelfForcing(DMD):
         return self.rollout.frames_per_block if self.config.normalise_per_chunk else None
 
     def draw_sigma_noise(self, generators: list[torch.Generator], x0: torch.Tensor):
-        """Per sample: σ (one, or with frame_wise_timesteps one per chunk, broadcast to [B, F]), then ε' like x0."""
+        """Per sample: σ (one, or with frame_wise_timesteps one per chunk, broadcast to [B, F]), then ε' like x0.
+        A given first chunk under an image-conditioned teacher gets σ = 0 on its frames (module docstring)."""
         if not self.config.frame_wise_timesteps:
-            return super().draw_sigma_noise(generators, x0)
-        c, n, frames = self.config, self.rollout.frames_per_block, x0.shape[2]
-        u = torch.stack([torch.rand(math.ceil(frames / n), generator=g) for g in generators]).to(x0.device)
-        sigma = c.min_sigma + (c.max_sigma - c.min_sigma) * shift_sigma(u, self.shift)
-        sigma = sigma.repeat_interleave(n, dim=1)[:, :frames]
-        return sigma, randn_per_sample(generators, tuple(x0.shape[1:]), x0.device)
+            sigma, noise = super().draw_sigma_noise(generators, x0)
+        else:
+            c, n, frames = self.config, self.rollout.frames_per_block, x0.shape[2]
+            u = torch.stack([torch.rand(math.ceil(frames / n), generator=g) for g in generators]).to(x0.device)
+            sigma = c.min_sigma + (c.max_sigma - c.min_sigma) * shift_sigma(u, self.shift)
+            sigma = sigma.repeat_interleave(n, dim=1)[:, :frames]
+            noise = randn_per_sample(generators, tuple(x0.shape[1:]), x0.device)
+        if self.rollout.last_given and self.rollout.last_window[0] == 0 and self.teacher.image_conditioned:
+            if sigma.ndim == 1:
+                sigma = sigma[:, None].repeat(1, x0.shape[2])
+            sigma = sigma.clone()
+            sigma[:, : self.rollout.model.first_block_frames] = 0.0
+        return sigma, noise
 
     def generator_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # 1-4. DMD.generator_loss: roll out (graph on each chunk's exit step), re-noise, real and fake scores, L_G

@@ -106,3 +106,78 @@ def test_lora_exports_of_a_ti2v_student_reproduce_it(tmp_path, tiny_ti2v_dir):
     assert (run(fresh.transformer, x, t, ehs) - want).abs().max() <= 1e-5
     base = WanPipeline.from_pretrained(tiny_ti2v_dir).transformer
     assert (run(base, x, t, ehs) - want).abs().max() > 1e-3  # the LoRA changes the output
+
+
+def test_self_forcing_scores_a_given_first_frame_as_image_conditioning(tiny_ti2v_dir):
+    """With a TI2V teacher, a step whose first chunk is given (the image) re-noises only the generated frames: σ = 0
+    on frame 0, the teacher and the critic get per-token timesteps with frame 0's tokens at 0, and the critic's
+    flow-matching loss leaves frame 0 out. Redone by hand from each sample's draws."""
+    from core.flow import add_noise, shift_sigma, x0_from_velocity
+    from core.seeding import randn_per_sample, sample_generator
+    from distill.batch import Batch
+    from distill.dmd import dmd_generator_loss
+    from distill.self_forcing import CausalRollout, SelfForcing, draw_exit_steps, draw_given_first_chunk
+
+    teacher = WanTeacher.from_config(
+        TeacherConfig(
+            pretrained=str(tiny_ti2v_dir),
+            dtype="float32",
+            height=SIDE,
+            width=SIDE,
+            num_frames=9,
+            num_inference_steps=4,
+            max_sequence_length=8,
+            shift=5.0,
+        ),
+        "cpu",
+    )
+    shape = (48, 3, 2, 2)  # chunks [0, 1) (the image) and [1, 3)
+    cfg = StudentConfig(
+        name="c", kind="causal", frames_per_block=2, independent_first_frame=True, denoising_steps=[1000, 500]
+    )
+    student = build_student(cfg, teacher.pipe.transformer)
+    sigmas = [1.0, 5 * 0.5 / (1 + 4 * 0.5)]
+    step = next(s for s in range(40) if draw_given_first_chunk(0, s, 0.5))
+    seen = []
+
+    def critic(x, t, c):
+        seen.append(t)
+        return 0.1 * x
+
+    rollout = CausalRollout(student.causal, sigmas, seed=0, samples_per_step=2, last_only=True, given_first_chunk=0.5)
+    config = SelfForcing.Config(guidance_scale=3.0, min_sigma=0.1, max_sigma=0.9, shift=2.0, given_first_chunk=0.5)
+    algo = SelfForcing(config, teacher=teacher, critic=critic, rollout=rollout)
+    captions = ["a red cat moving left", "a blue square"]
+
+    def batch():
+        return Batch(
+            x0=torch.randn(2, *shape, generator=torch.Generator().manual_seed(5)),
+            cond=teacher.encode(captions, "blurry"),
+            generators=[sample_generator(0, i) for i in (2 * step, 2 * step + 1)],
+            indices=[2 * step, 2 * step + 1],
+            captions=captions,
+        )
+
+    loss, _ = algo.generator_loss(batch())
+    b = batch()
+    gens = b.generators
+    with torch.no_grad():
+        noise = randn_per_sample(gens, shape, "cpu")
+        image = b.x0[:, :, :1]
+        x0 = torch.cat(
+            [image, sample_causal(student.causal, b.cond.prompt_embeds, noise[:, :, 1:], sigmas, gens, prefix=image)], 2
+        )
+    u = torch.cat([torch.rand(1, generator=g) for g in gens])
+    sigma = (0.1 + 0.8 * shift_sigma(u, 2.0))[:, None].repeat(1, 3)
+    sigma[:, 0] = 0.0
+    eps = randn_per_sample(gens, shape, "cpu")
+    x_t = add_noise(x0, eps, sigma)
+    assert torch.equal(x_t[:, :, :1], image)  # the image is never re-noised
+    torch.testing.assert_close(seen[0], 1000 * sigma)  # one token per frame (2x2 latent px, patch 2x2)
+    real = x0_from_velocity(x_t, teacher.velocity(x_t, 1000 * sigma, b.cond, 3.0), sigma)
+    torch.testing.assert_close(loss, dmd_generator_loss(x0, real, x0_from_velocity(x_t, 0.1 * x_t, sigma)))
+    c_loss, _ = algo.critic_loss(batch())
+    v = 0.1 * x_t
+    target = eps - x0
+    torch.testing.assert_close(c_loss, ((v - target)[:, :, 1:] ** 2).mean())  # frame 0 left out
+    assert draw_exit_steps(0, step, 2, 2, last_only=True) == [1, 1]
