@@ -85,24 +85,20 @@ WAN22_TI2V_5B_TRANSFORMER = {
     "ffn_dim": 14336,
 }
 """Wan-AI/Wan2.2-TI2V-5B-Diffusers transformer/config.json (dim 3072 = 24 heads x 128, 30 blocks, 48 channels)."""
-WAN22_VAE = dict(
-    base_dim=160,
-    decoder_base_dim=256,
-    z_dim=48,
-    dim_mult=[1, 2, 4, 4],
-    num_res_blocks=2,
-    attn_scales=[],
-    temperal_downsample=[False, True, True],
-    dropout=0.0,
-    is_residual=True,
-    in_channels=12,
-    out_channels=12,
-    patch_size=2,
-    scale_factor_spatial=16,
-    scale_factor_temporal=4,
-    latents_mean=[0.0] * 48,
-    latents_std=[1.0] * 48,
-)
+WAN22_VAE = {
+    **WAN21_VAE,
+    "base_dim": 160,
+    "decoder_base_dim": 256,
+    "z_dim": 48,
+    "is_residual": True,
+    "in_channels": 12,
+    "out_channels": 12,
+    "patch_size": 2,
+    "scale_factor_spatial": 16,
+    "scale_factor_temporal": 4,
+    "latents_mean": [0.0] * 48,
+    "latents_std": [1.0] * 48,
+}
 """Wan2.2-TI2V-5B vae/config.json (the Wan2.2 VAE: 2x2 patchify, residual blocks, 16x spatial / 4x temporal). Its
 latent statistics stand in as 0 / 1 here: they change no byte of the plan."""
 RELEASED = {

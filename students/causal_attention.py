@@ -52,9 +52,12 @@ def chunk_end(pos, block: int, first: int | None, num_pos: int):
     return torch.clamp(torch.where(pos < first, torch.full_like(pos, first), later), max=num_pos)
 
 
-def _chunk_ends(num_pos: int, block: int, first: int | None = None) -> torch.Tensor:
-    """End (exclusive) of the chunk of each temporal position (`chunk_end`)."""
-    return chunk_end(torch.arange(num_pos), block, first, num_pos)
+def _position_visibility(num_pos: int, block: int, window: int | None, sink: int, first: int | None):
+    """[query pos, key pos] bool: what each temporal position sees (`visible` at its chunk's end, `chunk_end`);
+    None when every position sees every position (no mask needed)."""
+    pos = torch.arange(num_pos)
+    vis = visible(pos[None, :], chunk_end(pos, block, first, num_pos)[:, None], window, sink)
+    return None if bool(vis.all()) else vis
 
 
 def block_causal_mask(
@@ -72,9 +75,8 @@ def block_causal_mask(
     A chunk ends at min((c+1)·block, num_pos). None when every token sees every token (no mask needed).
     Dense: S² bytes (1.07 GB at 480×832×81); `block_causal_block_mask` is the flex_attention form.
     """
-    pos = torch.arange(num_pos)
-    vis = visible(pos[None, :], _chunk_ends(num_pos, block, first)[:, None], window, sink)  # [query pos, key pos]
-    if bool(vis.all()):
+    vis = _position_visibility(num_pos, block, window, sink, first)
+    if vis is None:
         return None
     tok = torch.arange(num_pos * tokens_per_pos) // tokens_per_pos
     return vis[tok][:, tok].to(device)
@@ -101,10 +103,8 @@ def block_causal_block_mask(
     then calls the mask function per token), skipped when none are. Written here rather than with
     `create_block_mask`, which evaluates the mask per token pair (40 s and 10 GB of host memory at 480p on CPU).
     """
-    pos = torch.arange(num_pos)
-    ends = _chunk_ends(num_pos, block, first)
-    vis = visible(pos[None, :], ends[:, None], window, sink)
-    if bool(vis.all()):
+    vis = _position_visibility(num_pos, block, window, sink, first)
+    if vis is None:
         return None
     total = num_pos * tokens_per_pos
     n = math.ceil(total / block_size)

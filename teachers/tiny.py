@@ -68,39 +68,28 @@ def tiny_text_encoder(
     return UMT5EncoderModel(cfg).eval()
 
 
-def tiny_vae(z_dim: int = 4, base_dim: int = 3, seed: int = 0) -> AutoencoderKLWan:
-    """A random Wan VAE with the real 4x temporal / 8x spatial compression (like diffusers' tests)."""
+def tiny_vae(z_dim: int = 4, base_dim: int = 3, seed: int = 0, wan22: bool = False) -> AutoencoderKLWan:
+    """A random Wan VAE with the real 4x temporal / 8x spatial compression (like diffusers' tests); `wan22`: the
+    Wan2.2 VAE's layout (the TI2V-5B's: residual blocks, 2x2 pixel patchify in front of the encoder, 16x spatial)."""
     torch.manual_seed(seed)
-    return AutoencoderKLWan(
-        base_dim=base_dim,
-        z_dim=z_dim,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * z_dim,
-        latents_std=[1.0] * z_dim,
-    ).eval()
-
-
-def tiny_wan22_vae(z_dim: int = 48, base_dim: int = 8, seed: int = 0) -> AutoencoderKLWan:
-    """A random Wan2.2 VAE (the TI2V-5B's layout): residual blocks, 2x2 pixel patchify in front of the encoder, 48
-    latent channels, 4x temporal / 16x spatial compression."""
-    torch.manual_seed(seed)
-    return AutoencoderKLWan(
-        base_dim=base_dim,
+    wan22_layout = dict(
         decoder_base_dim=base_dim,
-        z_dim=z_dim,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
         is_residual=True,
         in_channels=12,
         out_channels=12,
         patch_size=2,
         scale_factor_spatial=16,
         scale_factor_temporal=4,
+    )
+    return AutoencoderKLWan(
+        base_dim=base_dim,
+        z_dim=z_dim,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
         latents_mean=[0.0] * z_dim,
         latents_std=[1.0] * z_dim,
+        **(wan22_layout if wan22 else {}),
     ).eval()
 
 
@@ -148,7 +137,7 @@ def tiny_pipeline(
         raise ValueError("tiny_pipeline: TI2V is one expert; pass ti2v or two_experts, not both")
     tokenizer = word_tokenizer(words)
     text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
-    vae = tiny_wan22_vae(seed=seed) if ti2v else tiny_vae(seed=seed)
+    vae = tiny_vae(z_dim=48, base_dim=8, seed=seed, wan22=True) if ti2v else tiny_vae(seed=seed)
     transformer = tiny_transformer(in_channels=vae.config.z_dim, num_layers=num_layers, seed=seed)
     transformer_2 = tiny_transformer(num_layers=num_layers, seed=seed + 1) if two_experts else None
     if ti2v:  # the TI2V-5B folder's scheduler: UniPC in flow mode

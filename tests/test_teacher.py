@@ -34,8 +34,8 @@ def make_cfg(path, **kw) -> TeacherConfig:
     return TeacherConfig(**{**base, **kw})
 
 
-def reference(path, scheduler_cls=FlowMatchEulerDiscreteScheduler, shift_key="shift") -> WanPipeline:
-    pipe = WanPipeline.from_pretrained(path)
+def reference(path, scheduler_cls=FlowMatchEulerDiscreteScheduler, shift_key="shift", pipeline_cls=WanPipeline):
+    pipe = pipeline_cls.from_pretrained(path)
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **{shift_key: SHIFT})
     pipe.set_progress_bar_config(disable=True)
     return pipe

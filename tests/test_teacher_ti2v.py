@@ -9,58 +9,26 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
+from test_teacher import FRAMES, HEIGHT, NEG, PROMPTS, WIDTH, make_cfg, make_noise, pipe_latents, reference
 
-from teachers.config import TeacherConfig
 from teachers.wan import WanTeacher
-
-PROMPTS = ["a red cat moving left", "a blue square on black background"]
-NEG = "blurry noise"
-SEQ, SHIFT, STEPS, GUIDANCE = 16, 5.0, 4, 4.0
-FRAMES, HEIGHT, WIDTH = 9, 64, 64
 
 
 @pytest.fixture(scope="module")
 def teacher(tiny_ti2v_dir):
-    cfg = TeacherConfig(
-        pretrained=str(tiny_ti2v_dir),
-        dtype="float32",
-        max_sequence_length=SEQ,
-        shift=SHIFT,
-        guidance_scale=GUIDANCE,
-        num_inference_steps=STEPS,
-        height=HEIGHT,
-        width=WIDTH,
-        num_frames=FRAMES,
-    )
-    return WanTeacher.from_config(cfg)
+    return WanTeacher.from_config(make_cfg(tiny_ti2v_dir))
 
 
 def _reference(cls, path):
-    pipe = cls.from_pretrained(path)
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=SHIFT)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference(path, UniPCMultistepScheduler, "flow_shift", pipeline_cls=cls)
 
 
 def _call(pipe, noise, **kw):
-    return pipe(
-        prompt=PROMPTS,
-        negative_prompt=NEG,
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        latents=noise,
-        height=HEIGHT,
-        width=WIDTH,
-        num_frames=FRAMES,
-        max_sequence_length=SEQ,
-        output_type="latent",
-        **kw,
-    ).frames
+    return pipe_latents(pipe, noise, 4.0, **kw)  # make_cfg's guidance
 
 
 def _noise(teacher, seed=0):
-    shape = teacher.latent_shape(FRAMES, HEIGHT, WIDTH)
-    return torch.randn(len(PROMPTS), *shape, generator=torch.Generator().manual_seed(seed))
+    return make_noise(teacher, batch=len(PROMPTS), seed=seed)
 
 
 def _image(seed=1):
@@ -105,16 +73,7 @@ def test_the_first_frame_is_the_first_latent_frame_of_a_clip(teacher):
 
 
 def test_a_text_only_teacher_refuses_a_first_frame(tiny_pipeline_dir):
-    cfg = TeacherConfig(
-        pretrained=str(tiny_pipeline_dir),
-        dtype="float32",
-        max_sequence_length=SEQ,
-        height=HEIGHT,
-        width=WIDTH,
-        num_frames=FRAMES,
-        num_inference_steps=2,
-    )
-    teacher = WanTeacher.from_config(cfg)
+    teacher = WanTeacher.from_config(make_cfg(tiny_pipeline_dir))
     noise = torch.randn(1, *teacher.latent_shape(FRAMES, HEIGHT, WIDTH))
     with pytest.raises(ValueError, match="first_frame: this teacher has no image conditioning"):
         teacher.sample(teacher.encode(PROMPTS[:1], NEG), noise, first_frame=noise[:, :, :1])

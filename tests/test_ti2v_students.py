@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_teacher import make_cfg
 
 from core.seeding import derive_seed, sample_noise
 from students.causal import sample_causal
 from students.config import StudentConfig
 from students.student import build_student
-from teachers.config import TeacherConfig
 from teachers.wan import WanTeacher
 
 SIDE, FRAMES = 32, 5  # 2x2 latent px through the 16x VAE; 2 latent frames
@@ -20,17 +20,7 @@ SIDE, FRAMES = 32, 5  # 2x2 latent px through the 16x VAE; 2 latent frames
 
 @pytest.fixture(scope="module")
 def teacher(tiny_ti2v_dir):
-    cfg = TeacherConfig(
-        pretrained=str(tiny_ti2v_dir),
-        dtype="float32",
-        height=SIDE,
-        width=SIDE,
-        num_frames=FRAMES,
-        num_inference_steps=4,
-        max_sequence_length=8,
-        shift=5.0,
-    )
-    return WanTeacher.from_config(cfg, "cpu")
+    return WanTeacher.from_config(make_cfg(tiny_ti2v_dir, height=SIDE, width=SIDE, num_frames=FRAMES), "cpu")
 
 
 def test_the_wan22_vae_streams_chunk_by_chunk_like_the_whole_decode(teacher):
@@ -118,19 +108,7 @@ def test_self_forcing_scores_a_given_first_frame_as_image_conditioning(tiny_ti2v
     from distill.dmd import dmd_generator_loss
     from distill.self_forcing import CausalRollout, SelfForcing, draw_exit_steps, draw_given_first_chunk
 
-    teacher = WanTeacher.from_config(
-        TeacherConfig(
-            pretrained=str(tiny_ti2v_dir),
-            dtype="float32",
-            height=SIDE,
-            width=SIDE,
-            num_frames=9,
-            num_inference_steps=4,
-            max_sequence_length=8,
-            shift=5.0,
-        ),
-        "cpu",
-    )
+    teacher = WanTeacher.from_config(make_cfg(tiny_ti2v_dir, height=SIDE, width=SIDE, num_frames=9), "cpu")
     shape = (48, 3, 2, 2)  # chunks [0, 1) (the image) and [1, 3)
     cfg = StudentConfig(
         name="c", kind="causal", frames_per_block=2, independent_first_frame=True, denoising_steps=[1000, 500]
