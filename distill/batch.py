@@ -29,6 +29,9 @@ class Batch:
     """[B, S]: σ of each stored state (the last is 0)."""
     latent_shape: tuple[int, ...] | None = None
     """[C, F, H, W] of one sample's latents when x0 is None (the teacher's num_frames, height, width)."""
+    given_frames: int = 0
+    """Latent frames at the start of every sample that were given to the teacher clean, not generated (1 for an
+    image-to-video dataset: the image's frame, clean in every stored trajectory state)."""
 
     def __post_init__(self):
         if self.x0 is None and self.latent_shape is None:

@@ -83,6 +83,7 @@ class StoredSamples(torch.utils.data.Dataset):
         )
         self.seed = seed
         self.need_trajectory = need_trajectory
+        self.given_frames = 1 if "image" in has else 0  # an image-to-video dataset: frame 0 is the given image
 
     def __len__(self) -> int:  # only used by DataLoader bookkeeping; indices are unbounded global sample ids
         return len(self.rows)
@@ -92,6 +93,8 @@ class StoredSamples(torch.utils.data.Dataset):
         row = self.rows[int(torch.randint(len(self.rows), (1,), generator=g))]
         x0 = row["latents"] if self.x0_column == "latents" else row["trajectory"][-1]
         item = {"index": index, "rng_state": g.get_state(), "caption": row["caption"], "x0": x0.float()}
+        if self.given_frames:
+            item["given_frames"] = self.given_frames
         if self.need_trajectory:
             item["trajectory"] = row["trajectory"].float()
             item["trajectory_sigmas"] = row["trajectory_sigmas"].float()
@@ -307,6 +310,8 @@ def _collate(items: list[dict]) -> dict:
     for key in ("x0", "trajectory", "trajectory_sigmas", "video"):
         if key in items[0]:
             out[key] = torch.stack([it[key] for it in items])
+    if "given_frames" in items[0]:
+        out["given_frames"] = items[0]["given_frames"]
     return out
 
 
@@ -401,4 +406,5 @@ def _to_batch(raw: dict, teacher, negative: str) -> Batch:
         captions=raw["caption"],
         trajectory=None if trajectory is None else trajectory.to(teacher.device, torch.float32),
         trajectory_sigmas=None if sigmas is None else sigmas.to(teacher.device, torch.float32),
+        given_frames=int(raw.get("given_frames", 0)),
     )

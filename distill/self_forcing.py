@@ -59,7 +59,7 @@ from core.seeding import derive_seed, randn_per_sample
 from distill.batch import Batch
 from distill.dmd import DMD
 from distill.flow_matching import Model
-from students.causal import ChunkModelWrapper, chunk_bounds, sample_causal
+from students.causal import ChunkModelWrapper, chunk_bounds, per_token_timesteps, sample_causal
 from students.config import KINDS
 from students.sampling import student_sigmas
 
@@ -108,17 +108,6 @@ def draw_window_end(seed: int, step: int, num_chunks: int, window: int, min_star
         )
     g = torch.Generator().manual_seed(derive_seed(derive_seed(seed, WINDOW_STREAM), step))
     return int(torch.randint(min_start + window, num_chunks + 1, (1,), generator=g))
-
-
-def per_token_timesteps(t: torch.Tensor, x: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
-    """Per-frame timesteps t [B, F] for latents x [B, C, F, H, W] -> Wan's per-token timesteps [B, S]
-    (S = F/p_t · H/p_h · W/p_w, token order (f, h, w)). The frames of one temporal patch must share t."""
-    p_t, p_h, p_w = patch_size
-    b, f = t.shape
-    pos = t.view(b, f // p_t, p_t)
-    if not torch.equal(pos, pos[..., :1].expand_as(pos)):
-        raise ValueError(f"timesteps: frames of one temporal patch ({p_t} frames) must share a timestep")
-    return pos[..., 0].repeat_interleave((x.shape[3] // p_h) * (x.shape[4] // p_w), dim=1)
 
 
 class PerTokenTimesteps:

@@ -16,6 +16,10 @@ bounds |σ_k - σ_i| so the levels trained are the levels sampled. Pick `data.tr
 student's σ's (e.g. [0, 12, 24, 36] of 48 steps for denoising_steps [1000, 750, 500, 250] at shift 5).
 The student then samples with `students.sampling.sample_student(mode="renoise")`, without CFG (the
 teacher's guidance is baked into its trajectories).
+
+Image-to-video data (a TI2V teacher's, `Batch.given_frames` = 1): frame 0 is the given image, clean in every stored
+state. The student sees it as the teacher did, at t = 0 (per-frame σ, Wan's per-token timesteps), and the loss
+leaves it out; the student then samples image-to-video in diffusers' `WanImageToVideoPipeline` with its LoRA.
 """
 
 from __future__ import annotations
@@ -33,14 +37,24 @@ from students.sampling import student_sigmas
 
 
 def trajectory_loss(
-    model: Model, x_t: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, x0_target: torch.Tensor
+    model: Model,
+    x_t: torch.Tensor,
+    sigma: torch.Tensor,
+    embeds: torch.Tensor,
+    x0_target: torch.Tensor,
+    given_frames: int = 0,
 ) -> torch.Tensor:
     """L = mean ‖ (x_σ - σ·model(x_σ, 1000σ, c)) - x0_T ‖².
 
-    x_t, x0_target: [B, C, F, H, W]; sigma: [B] (> 0); embeds: [B, L, D]. float32 scalar.
+    x_t, x0_target: [B, C, F, H, W]; sigma: [B] (> 0); embeds: [B, L, D]. float32 scalar. `given_frames` > 0: those
+    first frames are clean inputs at σ = 0 (per-frame σ [B, F] to the model) and out of the mean.
     """
+    if given_frames:
+        sigma = sigma[:, None].repeat(1, x_t.shape[2])
+        sigma[:, :given_frames] = 0.0
     v = model(x_t, timestep(sigma), embeds)
-    return F.mse_loss(x0_from_velocity(x_t.float(), v.float(), sigma), x0_target.float())
+    x0 = x0_from_velocity(x_t.float(), v.float(), sigma)
+    return F.mse_loss(x0[:, :, given_frames:], x0_target[:, :, given_frames:].float())
 
 
 def nearest_states(stored_sigmas: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
@@ -107,7 +121,7 @@ class Trajectory:
             )
         x_t, x0_target = batch.trajectory[rows, k], batch.trajectory[:, -1]
         # 3. regress the student's one-jump x0 onto the endpoint
-        loss = trajectory_loss(self.student, x_t, sigma, batch.cond.prompt_embeds, x0_target)
+        loss = trajectory_loss(self.student, x_t, sigma, batch.cond.prompt_embeds, x0_target, batch.given_frames)
         return loss, {"loss/trajectory": loss.detach(), "sigma/gap_max": gap.max()}
 
 

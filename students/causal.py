@@ -291,6 +291,17 @@ class ChunkModelWrapper:
         return self.causal.forward_chunk(x, t, cache, frame_offset, update_cache)
 
 
+def per_token_timesteps(t: torch.Tensor, x: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """Per-frame timesteps t [B, F] for latents x [B, C, F, H, W] -> Wan's per-token timesteps [B, S]
+    (S = F/p_t · H/p_h · W/p_w, token order (f, h, w)). The frames of one temporal patch must share t."""
+    p_t, p_h, p_w = patch_size
+    b, f = t.shape
+    pos = t.view(b, f // p_t, p_t)
+    if not torch.equal(pos, pos[..., :1].expand_as(pos)):
+        raise ValueError(f"timesteps: frames of one temporal patch ({p_t} frames) must share a timestep")
+    return pos[..., 0].repeat_interleave((x.shape[3] // p_h) * (x.shape[4] // p_w), dim=1)
+
+
 # ---- the few-step causal sampler ---------------------------------------------------------------------------
 def chunk_bounds(num_frames: int, frames_per_block: int, first_block_frames: int | None = None, start: int = 0):
     """[(start, end)) latent frames of each chunk of a video of `num_frames` frames, from frame `start` on: a chunk

@@ -36,7 +36,7 @@ from core.lora import (
 )
 from core.recipe_loader import build, to_dict
 from core.wan_lora import LoraImportError, fuse_loras, load_into_adapter
-from students.causal import CausalWan
+from students.causal import CausalWan, per_token_timesteps
 from students.config import StudentConfig
 from students.experts import copied_experts, expert_index_of_timestep, expert_name, lora_experts
 from students.pruned import assert_same_architecture, block_count
@@ -127,7 +127,8 @@ class Student(nn.Module):
     ) -> torch.Tensor:
         """v = ε - x0 for latents x [B, C, F, H, W] at timesteps t [B] (= 1000·σ), text embeds [B, L, D].
 
-        kind=causal: the block-causal parallel forward, t may also be per frame [B, F]. With `chunk`
+        t may also be per frame [B, F] (one expert): kind=causal runs the block-causal parallel forward; other kinds
+        expand it to Wan's per-token timesteps (a given clean first frame at t = 0: TI2V's image-to-video). With `chunk`
         ({"cache", "frame_offset", "update_cache"}): one chunk of the cached rollout,
         `CausalWan.forward_chunk(x, t, **chunk)` (the text is in the cache; pass None). Going through
         `student(...)` lets a DDP wrapper see the call (`distill.self_forcing.PreparedCausal`).
@@ -159,6 +160,8 @@ class Student(nn.Module):
         if self.cfg.spec.causal:
             return self.causal(x, t, ehs)
         module = self.expert_module(i)
+        if t.ndim == 2:  # per frame: Wan's per-token (2-D) timesteps, as TI2V's image-to-video feeds them
+            t = per_token_timesteps(t, x, module.config.patch_size)
         dtype = module.dtype
         v = module(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=ehs.to(dtype), return_dict=False)[0]
         return v.to(x.dtype)

@@ -159,3 +159,73 @@ def test_self_forcing_scores_a_given_first_frame_as_image_conditioning(tiny_ti2v
     target = eps - x0
     torch.testing.assert_close(c_loss, ((v - target)[:, :, 1:] ** 2).mean())  # frame 0 left out
     assert draw_exit_steps(0, step, 2, 2, last_only=True) == [1, 1]
+
+
+def test_a_student_takes_per_frame_timesteps_as_wan_per_token_ones(teacher):
+    """A LoRA student called with t [B, F] runs Wan's 2-D timestep path: the same as the transformer given the
+    per-token timesteps built by hand (4 tokens per frame: 4x4 latent px, patch 2x2)."""
+    from diffusers import WanTransformer3DModel
+
+    student = build_student(StudentConfig(name="l", kind="lora", lora_rank=2), teacher.pipe.transformer)
+    g = torch.Generator().manual_seed(2)
+    x, ehs = torch.randn(2, 48, 3, 4, 4, generator=g), torch.randn(2, 6, 32, generator=g)
+    t = torch.tensor([[0.0, 700.0, 700.0], [0.0, 300.0, 300.0]])
+    per_token = t.repeat_interleave(4, dim=1)
+    with torch.no_grad():
+        got = student(x, t, ehs)
+        want = student.transformer(hidden_states=x, timestep=per_token, encoder_hidden_states=ehs, return_dict=False)[0]
+        uniform = student(x, t[:, 1], ehs)
+    assert isinstance(student.transformer, WanTransformer3DModel)
+    torch.testing.assert_close(got, want)
+    assert (got - uniform).abs().max() > 1e-4  # frame 0 at t = 0 is not the 1-D path
+
+
+def test_trajectory_on_image_to_video_data_sees_the_image_at_t0_and_scores_the_rest(teacher):
+    """Batch.given_frames = 1 (a TI2V teacher's image-to-video dataset): the student gets per-frame t with frame 0
+    at 0, and the loss of a zero-velocity student is the mean over frames 1.. of (x_σ - x0_T)², by hand."""
+    from core.seeding import randint_per_sample, sample_generator
+    from distill.batch import Batch
+    from distill.trajectory import Trajectory
+
+    seen = {}
+
+    def zero(x, t, c):
+        seen["t"] = t
+        return torch.zeros_like(x)
+
+    traj = torch.randn(2, 3, 48, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    traj[:, :, :, :1] = traj[:, -1:, :, :1]  # the image: clean in every stored state
+    sig = torch.tensor([1.0, 0.5, 0.0]).repeat(2, 1)
+    batch = Batch(
+        x0=traj[:, -1],
+        cond=teacher.encode(["a red cat", "a blue square"], "blurry"),
+        generators=[sample_generator(0, i) for i in (0, 1)],
+        indices=[0, 1],
+        captions=["a red cat", "a blue square"],
+        trajectory=traj,
+        trajectory_sigmas=sig,
+        given_frames=1,
+    )
+    method = Trajectory(Trajectory.Config(max_sigma_gap=0.01), student=zero, student_sigmas=[1.0, 0.5])
+    loss, _ = method.loss(batch)
+    k = randint_per_sample([sample_generator(0, i) for i in (0, 1)], 2)  # the student's level per sample
+    want_t = torch.stack([torch.tensor([0.0] + [1000 * float(sig[j, k[j]])] * 2) for j in range(2)])
+    torch.testing.assert_close(seen["t"], want_t)
+    x_t = torch.stack([traj[j, k[j]] for j in range(2)])
+    torch.testing.assert_close(loss, ((x_t - traj[:, -1])[:, :, 1:] ** 2).mean())
+
+
+def test_an_image_to_video_dataset_gives_batches_with_the_given_frame(tmp_path, tiny_ti2v_dir):
+    from test_generate import make_project, run_generate, write_images
+
+    from distill.data import StoredSamples, _collate
+
+    root = make_project(tmp_path / "p", tiny_ti2v_dir, num_prompts=2, images="images")
+    write_images(root / "images", 1)
+    folder = run_generate(root, "teacher.height=32", "teacher.width=32")
+    samples = StoredSamples(folder, seed=0, need_trajectory=True)
+    assert _collate([samples[0], samples[1]])["given_frames"] == 1
+    t2v = run_generate(
+        make_project(tmp_path / "q", tiny_ti2v_dir, num_prompts=2), "teacher.height=32", "teacher.width=32"
+    )
+    assert "given_frames" not in _collate([StoredSamples(t2v, seed=0, need_trajectory=True)[0]])
