@@ -50,9 +50,19 @@ class Batch:
         return len(self.indices)
 
 
+def given_frame_sigmas(sigma: torch.Tensor, num_frames: int, given_frames: int) -> torch.Tensor:
+    """σ [B] (or [B, F]) with the first `given_frames` frames at 0: per frame [B, F], what a TI2V model is fed for
+    an image it was given (clean, timestep 0). Unchanged when `given_frames` is 0."""
+    if not given_frames:
+        return sigma
+    sigma = (sigma[:, None].repeat(1, num_frames) if sigma.ndim == 1 else sigma).clone()
+    sigma[:, :given_frames] = 0.0
+    return sigma
+
+
 def unconditional(cond):
     """The negative-prompt conditioning of a `Cond` as its own `Cond` (prompt_embeds = negative_embeds)."""
     return dataclasses.replace(cond, prompt_embeds=cond.negative_embeds, negative_embeds=None)
 
 
-__all__ = ["Batch", "unconditional"]
+__all__ = ["Batch", "given_frame_sigmas", "unconditional"]

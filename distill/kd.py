@@ -12,6 +12,9 @@ On one noisy point x_σ = (1-σ)·x0 + σ·ε (x0: the batch's clean latents, e.
 h^i is the output of transformer block i ([B, N, D] tokens), collected with forward hooks. The student is
 called once and the teacher once (twice with CFG when features are collected: the features come from the
 conditional branch).
+
+Image-to-video data (`Batch.given_frames` = 1, a TI2V teacher's dataset): the image's frame stays clean at σ = 0
+(per-frame σ: Wan's per-token timesteps for both models) and out of L_out and L_data.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import nn
 
 from core.flow import add_noise, cfg, timestep, velocity_target
 from core.lora import adapters_disabled
-from distill.batch import Batch, unconditional
+from distill.batch import Batch, given_frame_sigmas, unconditional
 from distill.flow_matching import Model, draw_sigma_noise
 
 
@@ -198,6 +201,8 @@ class KD:
         c = self.config
         # 1. draw σ and ε per sample and build the shared noisy point x_σ
         sigma, noise = draw_sigma_noise(batch.generators, batch.x0, self.shift, c.weighting)
+        g = batch.given_frames  # an image-to-video dataset's image: clean at t = 0, out of the output / data terms
+        sigma = given_frame_sigmas(sigma, batch.x0.shape[2], g)
         x_t, t = add_noise(batch.x0, noise, sigma), timestep(sigma)
         # 2. student forward (with its mapped block outputs)
         student_idx = sorted(c.layer_map) if c.feature_weight > 0 else []
@@ -211,13 +216,14 @@ class KD:
             v_t, teacher_feats = self._teacher(x_t, t, batch.cond)
         # 4. the weighted sum of the three terms
         if c.output_weight > 0:
-            logs["loss/kd_output"] = output_kd_loss(v_s, v_t)
+            logs["loss/kd_output"] = output_kd_loss(v_s[:, :, g:], v_t[:, :, g:])
             loss = loss + c.output_weight * logs["loss/kd_output"]
         if c.feature_weight > 0:
             logs["loss/kd_feature"] = feature_kd_loss(student_feats, teacher_feats, c.layer_map)
             loss = loss + c.feature_weight * logs["loss/kd_feature"]
         if c.data_weight > 0:
-            logs["loss/kd_data"] = F.mse_loss(v_s.float(), velocity_target(batch.x0, noise).float())
+            target = velocity_target(batch.x0, noise)[:, :, g:]
+            logs["loss/kd_data"] = F.mse_loss(v_s[:, :, g:].float(), target.float())
             loss = loss + c.data_weight * logs["loss/kd_data"]
         logs = {k: v.detach() for k, v in logs.items()}
         logs["loss"] = loss.detach()

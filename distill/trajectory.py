@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from core.flow import timestep, x0_from_velocity
 from core.seeding import randint_per_sample
-from distill.batch import Batch
+from distill.batch import Batch, given_frame_sigmas
 from distill.flow_matching import Model
 from students.sampling import student_sigmas
 
@@ -49,9 +49,7 @@ def trajectory_loss(
     x_t, x0_target: [B, C, F, H, W]; sigma: [B] (> 0); embeds: [B, L, D]. float32 scalar. `given_frames` > 0: those
     first frames are clean inputs at σ = 0 (per-frame σ [B, F] to the model) and out of the mean.
     """
-    if given_frames:
-        sigma = sigma[:, None].repeat(1, x_t.shape[2])
-        sigma[:, :given_frames] = 0.0
+    sigma = given_frame_sigmas(sigma, x_t.shape[2], given_frames)
     v = model(x_t, timestep(sigma), embeds)
     x0 = x0_from_velocity(x_t.float(), v.float(), sigma)
     return F.mse_loss(x0[:, :, given_frames:], x0_target[:, :, given_frames:].float())

@@ -229,3 +229,40 @@ def test_an_image_to_video_dataset_gives_batches_with_the_given_frame(tmp_path, 
         make_project(tmp_path / "q", tiny_ti2v_dir, num_prompts=2), "teacher.height=32", "teacher.width=32"
     )
     assert "given_frames" not in _collate([StoredSamples(t2v, seed=0, need_trajectory=True)[0]])
+
+
+def test_kd_on_image_to_video_data_keeps_the_image_clean_for_both_models(teacher):
+    """KD with Batch.given_frames = 1: x_σ's frame 0 is the clean image, the student and the TI2V teacher get per-frame
+    t with frame 0 at 0, and L_out / L_data leave frame 0 out; redone by hand from each sample's draws."""
+    from core.flow import add_noise
+    from core.seeding import sample_generator
+    from distill.batch import Batch
+    from distill.flow_matching import draw_sigma_noise
+    from distill.kd import KD
+
+    seen = {}
+
+    def student(x, t, c):
+        seen.update(x=x, t=t)
+        return 0.5 * x
+
+    x0 = torch.randn(2, 48, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    cond = teacher.encode(["a red cat", "a blue square"], "blurry")
+
+    def batch():
+        gens = [sample_generator(0, i) for i in (0, 1)]
+        return Batch(x0=x0, cond=cond, generators=gens, indices=[0, 1], captions=["a", "b"], given_frames=1)
+
+    config = KD.Config(output_weight=1.0, data_weight=0.5, guidance_scale=2.0)
+    loss, logs = KD(config, student=student, teacher=teacher).loss(batch())
+    sigma, noise = draw_sigma_noise(batch().generators, x0, teacher.cfg.shift, "uniform")
+    per_frame = sigma[:, None].repeat(1, 3)
+    per_frame[:, 0] = 0.0
+    x_t = add_noise(x0, noise, per_frame)
+    assert torch.equal(x_t[:, :, 0], x0[:, :, 0]) and torch.equal(seen["x"], x_t)
+    torch.testing.assert_close(seen["t"], 1000 * per_frame)
+    v_t = teacher.velocity(x_t, 1000 * per_frame, cond, 2.0)
+    out = ((0.5 * x_t - v_t)[:, :, 1:] ** 2).mean()
+    data = ((0.5 * x_t - (noise - x0))[:, :, 1:] ** 2).mean()
+    torch.testing.assert_close(logs["loss/kd_output"], out)
+    torch.testing.assert_close(loss, out + 0.5 * data)
