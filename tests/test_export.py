@@ -45,9 +45,10 @@ def trained_student(recipe, pipe, seed=0):
     return student
 
 
-def inputs(t):
+def inputs(t, channels=4):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(len(t), 4, 2, 4, 4, generator=g), torch.tensor(t), torch.randn(len(t), 6, 32, generator=g)
+    x = torch.randn(len(t), channels, 2, 4, 4, generator=g)
+    return x, torch.tensor(t), torch.randn(len(t), 6, 32, generator=g)
 
 
 @torch.no_grad()
@@ -252,13 +253,19 @@ def test_a_failed_export_leaves_the_previous_folder_whole(tmp_path, tiny_pipelin
     assert sorted(p.name for p in out_dir.iterdir()) == ["transformer"]
 
 
-@pytest.mark.parametrize("kind", ["pruned", "full", "causal"])
-def test_comfyui_model_file_is_wan_native_and_diffusers_single_file_reads_it(tmp_path, tiny_pipeline_dir, kind):
+@pytest.mark.parametrize("kind,ti2v", [("pruned", False), ("full", False), ("causal", False), ("causal", True)])
+def test_comfyui_model_file_is_wan_native_and_diffusers_single_file_reads_it(
+    tmp_path, tiny_pipeline_dir, tiny_ti2v_dir, kind, ti2v
+):
     """The single file has the original Wan checkpoint's names with the shapes the transformer's config implies
-    (what ComfyUI's model detection reads), and diffusers' own Wan single-file converter rebuilds the student."""
+    (what ComfyUI's model detection reads: 48 input channels for Wan2.2 TI2V-5B), and diffusers' own Wan single-file
+    converter rebuilds the student."""
     extra = {"keep_blocks": [1]} if kind == "pruned" else {}
-    recipe = recipe_for(tmp_path, tiny_pipeline_dir, ["comfyui_model"], kind=kind, denoising_steps=[1000], **extra)
-    pipe = WanPipeline.from_pretrained(tiny_pipeline_dir)
+    if ti2v:
+        extra["independent_first_frame"] = True
+    pipeline_dir = tiny_ti2v_dir if ti2v else tiny_pipeline_dir
+    recipe = recipe_for(tmp_path, pipeline_dir, ["comfyui_model"], kind=kind, denoising_steps=[1000], **extra)
+    pipe = WanPipeline.from_pretrained(pipeline_dir)
     student = build_student(recipe.student, pipe.transformer)
     with torch.no_grad():
         student.experts[0].proj_out.bias.add_(0.25)
@@ -279,7 +286,7 @@ def test_comfyui_model_file_is_wan_native_and_diffusers_single_file_reads_it(tmp
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text(json.dumps(dict(c)))
     reloaded = WanTransformer3DModel.from_single_file(str(path), config=str(tmp_path / "cfg"), local_files_only=True)
-    x, t, ehs = inputs([800.0])
+    x, t, ehs = inputs([800.0], channels=c.in_channels)
     plain = WanTransformer3DModel.from_config(dict(c))
     plain.load_state_dict(student.experts[0].state_dict())
     with torch.no_grad():  # the bidirectional transformer the file holds (a causal student's weights, no cache)
