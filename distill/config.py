@@ -218,7 +218,11 @@ class EvalConfig:
     clips on the first this-many eval prompts (`distill.eval_interactive`); 0: skip."""
     switch_keep_chunks: int | None = None
     """The interactive grading's switches: also grade a re-cache that keeps only the latest this-many chunks
-    (`stream.switch_keep_chunks`), as the mode `recache_last<n>`; None: re-cache and old cache only."""
+    (`stream.switch_keep_chunks`), as the mode `recache_last<n>`."""
+    switch_context_noise: int | None = None
+    """The interactive grading's switches: also grade a re-cache of the old chunks re-noised to this timestep
+    (`stream.switch_context_noise`), as the mode `recache_t<t>` (with switch_keep_chunks: `recache_last<n>_t<t>`).
+    Both None: re-cache and old cache only."""
     continuation_chunks: int | None = None
     """The interactive grading's continuation: chunks of the rendered clip given before the student continues;
     None: the whole teacher-length clip; 1: its first chunk only (the toy world's image-to-video: its temporal patch
@@ -257,6 +261,8 @@ class EvalConfig:
             raise ValueError(f"interactive_prompts: must be >= 0 (0: skip), got {self.interactive_prompts}")
         if self.switch_keep_chunks is not None and self.switch_keep_chunks < 1:
             raise ValueError(f"switch_keep_chunks: must be >= 1 or null, got {self.switch_keep_chunks}")
+        if self.switch_context_noise is not None and not 0 <= self.switch_context_noise <= 1000:
+            raise ValueError(f"switch_context_noise: must be a timestep in [0, 1000], got {self.switch_context_noise}")
         if self.continuation_chunks is not None and self.continuation_chunks < 1:
             raise ValueError(f"continuation_chunks: must be >= 1 or null, got {self.continuation_chunks}")
         if self.students is not None and (not self.students or len(set(self.students)) != len(self.students)):
@@ -280,6 +286,9 @@ class StreamConfig:
     switch_keep_chunks: int | None = None
     """With `recache`: re-cache only the latest this-many chunks on a switch, dropping older context (a scene change
     that forgets more of the old scene); None re-caches all the cache holds."""
+    switch_context_noise: int | None = None
+    """With `recache`: re-cache the old chunks re-noised to this timestep (0..1000) instead of
+    `student.context_noise`, so the old scene pulls less on the new one; None: as they were written."""
     continue_from: str | None = None
     """A video file (teacher's size; a whole number of chunks) the stream continues; it is not written again."""
     student: str | None = None
@@ -294,6 +303,11 @@ class StreamConfig:
             raise ValueError(
                 f"switch_keep_chunks: must be >= 1 and needs recache: true, got {self.switch_keep_chunks} "
                 f"(recache: {self.recache})"
+            )
+        if self.switch_context_noise is not None and (not 0 <= self.switch_context_noise <= 1000 or not self.recache):
+            raise ValueError(
+                f"switch_context_noise: must be a timestep in [0, 1000] and needs recache: true, got "
+                f"{self.switch_context_noise} (recache: {self.recache})"
             )
         for i, item in enumerate(self.switches):
             if len(item) != 2 or not isinstance(item[0], int) or not isinstance(item[1], str) or item[0] < 0:

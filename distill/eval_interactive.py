@@ -92,7 +92,9 @@ class InteractiveEval:
         return self.teacher.encode(prompts, None).prompt_embeds
 
     @torch.no_grad()
-    def _stream(self, rows, prompts_a, prompts_b, chunks, switch_at, recache, prefix=None, keep=None) -> np.ndarray:
+    def _stream(
+        self, rows, prompts_a, prompts_b, chunks, switch_at, recache, prefix=None, keep=None, noise_t=None
+    ) -> np.ndarray:
         """Decoded uint8 videos [B, F, H, W, 3] of `chunks` generated chunks; `prefix`: the latents of the clips the
         stream continues (decoded with it for the VAE's context, then dropped)."""
         noise = torch.stack([sample_noise(r["seed"], (self.c, chunks * self.fpb, self.h, self.w)) for r in rows])
@@ -104,7 +106,7 @@ class InteractiveEval:
         out = []
         for chunk in range(chunks):
             if switch_at is not None and chunk == switch_at:
-                stream.switch(self._embeds(prompts_b), recache=recache, keep_chunks=keep)
+                stream.switch(self._embeds(prompts_b), recache=recache, keep_chunks=keep, context_noise=noise_t)
             out.append(stream.next_chunk())
         if prefix is None:
             return self.teacher.to_uint8(self.teacher.decode(torch.cat(out, dim=2)))
@@ -117,11 +119,12 @@ class InteractiveEval:
         one = [one_slot_switch(self.vocab, r["slots"], i) for i, r in enumerate(self.rows)]
         partners = [all_slot_partner(self.rows, i) for i in range(len(self.rows))]
         result: dict = {"chunks": 3 * k, "switch_chunk": k, "num_prompts": len(self.rows)}
-        modes = [("recache", True, None), ("keep_cache", False, None)]
-        if self.recipe.eval.switch_keep_chunks is not None:
-            n = self.recipe.eval.switch_keep_chunks
-            modes.append((f"recache_last{n}", True, n))
-        for name, recache, keep in modes:
+        modes = [("recache", True, None, None), ("keep_cache", False, None, None)]
+        n, noise_t = self.recipe.eval.switch_keep_chunks, self.recipe.eval.switch_context_noise
+        if n is not None or noise_t is not None:
+            name = "recache" + (f"_last{n}" if n is not None else "") + (f"_t{noise_t}" if noise_t is not None else "")
+            modes.append((name, True, n, noise_t))
+        for name, recache, keep, noise_t in modes:
             changed = np.zeros((len(self.rows), 2 * k))
             kept, kept_n = 0, 0
             after, fresh, n_all = 0.0, 0.0, 0
@@ -129,7 +132,7 @@ class InteractiveEval:
                 rows = self.rows[s : s + size]
                 a = [r["prompt"] for r in rows]
                 b = [_prompt(self.vocab, one[s + i][1]) for i in range(len(rows))]
-                reads = _reads(self._stream(rows, a, b, 3 * k, k, recache, keep=keep), 3 * k)
+                reads = _reads(self._stream(rows, a, b, 3 * k, k, recache, keep=keep, noise_t=noise_t), 3 * k)
                 for i, rd in enumerate(reads):
                     slot, new = one[s + i]
                     changed[s + i] = [rd[c][slot] == new[slot] for c in range(k, 3 * k)]
@@ -144,7 +147,14 @@ class InteractiveEval:
                     b_rows = [p for _, p in pairs]
                     switched = _reads(
                         self._stream(
-                            sub, [r["prompt"] for r in sub], [p["prompt"] for p in b_rows], 3 * k, k, recache, keep=keep
+                            sub,
+                            [r["prompt"] for r in sub],
+                            [p["prompt"] for p in b_rows],
+                            3 * k,
+                            k,
+                            recache,
+                            keep=keep,
+                            noise_t=noise_t,
                         ),
                         3 * k,
                     )

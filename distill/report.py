@@ -182,7 +182,7 @@ def interactive_tables(report: dict) -> list[str]:
     ]
     for name, s in rows.items():
         sw, cont = s["switch"], s.get("continuation") or {}
-        for mode in [m for m in sw if m == "recache" or m == "keep_cache" or m.startswith("recache_last")]:
+        for mode in [m for m in sw if m == "keep_cache" or m.startswith("recache")]:
             one, every = sw[mode]["one_slot"], sw[mode]["all_slots"]
             lines.append(
                 f"| {name} | {mode} | {one['changed_within_2']:.3f} | {one['unchanged_kept']:.3f} | "

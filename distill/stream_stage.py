@@ -102,6 +102,7 @@ def stream_stage(recipe: Recipe) -> Path:
             recache=sc.recache,
             continue_from=sc.continue_from,
             keep_chunks=sc.switch_keep_chunks,
+            context_noise=sc.switch_context_noise,
         )
         for frames in tqdm(chunks, total=sc.num_chunks, desc=f"stream {name}", unit="chunk"):
             first = first if first is not None else time.perf_counter() - t0

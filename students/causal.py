@@ -416,13 +416,17 @@ def denoise_chunk(
 
 
 @torch.no_grad()
-def write_context(model: CausalWan, cache: KVCache, x0: torch.Tensor, start: int, sigma_ctx: float, generator) -> None:
-    """Append a finished chunk to the cache: its x0 (re-noised to `sigma_ctx` when > 0) at t = context_noise."""
+def write_context(
+    model: CausalWan, cache: KVCache, x0: torch.Tensor, start: int, sigma_ctx: float, generator, t: float | None = None
+) -> None:
+    """Append a finished chunk to the cache: its x0 (re-noised to `sigma_ctx` when > 0) at t = context_noise (or `t`,
+    which should be 1000·sigma_ctx)."""
     context = x0.detach()
     if sigma_ctx > 0:
         eps = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         context = add_noise(context, eps, sigma_ctx)
-    t_ctx = torch.full((x0.shape[0],), float(model.cfg.context_noise), dtype=torch.float32, device=x0.device)
+    t = float(model.cfg.context_noise) if t is None else float(t)
+    t_ctx = torch.full((x0.shape[0],), t, dtype=torch.float32, device=x0.device)
     model.forward_chunk(context, t_ctx, cache, start, update_cache=True)
 
 
@@ -489,6 +493,7 @@ class CausalStream:
         self.sigma_ctx = model.cfg.context_noise / NUM_TRAIN_TIMESTEPS
         self.written: list[tuple[torch.Tensor, int]] = []  # (x0, start) of chunks in the cache
         self.pending: tuple[torch.Tensor, int] | None = None  # finished, not yet written
+        self.pending_t: int | None = None  # the timestep it is written at (None: student.context_noise)
         self.start = 0  # the next chunk's first latent frame
         self.generated = 0  # frames of `noise` used
         if prefix is not None:
@@ -501,8 +506,9 @@ class CausalStream:
         return self.noise.shape[2] - self.generated
 
     @torch.no_grad()
-    def _write(self, x0: torch.Tensor, start: int) -> None:
-        write_context(self.model, self.cache, x0, start, self.sigma_ctx, self.generator)
+    def _write(self, x0: torch.Tensor, start: int, t: float | None = None) -> None:
+        sigma = self.sigma_ctx if t is None else t / NUM_TRAIN_TIMESTEPS
+        write_context(self.model, self.cache, x0, start, sigma, self.generator, t)
         self._remember(x0, start)
 
     def _remember(self, x0: torch.Tensor, start: int) -> None:
@@ -513,12 +519,25 @@ class CausalStream:
         self.written = [(x, s) for x, s in self.written if kept & set(range(s // p_t, (s + x.shape[2]) // p_t))]
 
     @torch.no_grad()
-    def switch(self, cond_embeds: torch.Tensor, recache: bool = True, keep_chunks: int | None = None) -> None:
+    def switch(
+        self,
+        cond_embeds: torch.Tensor,
+        recache: bool = True,
+        keep_chunks: int | None = None,
+        context_noise: int | None = None,
+    ) -> None:
         """Continue under the prompt `cond_embeds` [B, L, D_text] from the next chunk on (see the class docstring).
         `keep_chunks` (with `recache`): re-cache only the latest this-many finished chunks and drop older context, so
-        the new prompt meets less of the old scene (a finished chunk not yet written counts as the latest)."""
-        if keep_chunks is not None and (not recache or keep_chunks < 1):
-            raise ValueError(f"switch: keep_chunks needs recache and must be >= 1, got {keep_chunks}")
+        the new prompt meets less of the old scene (a finished chunk not yet written counts as the latest).
+        `context_noise` (with `recache`): re-cache the old chunks re-noised to this timestep instead of
+        `student.context_noise`, so they pull less on the new scene (the chunk finished before the switch too); chunks
+        made after the switch are written as usual."""
+        if (keep_chunks is not None or context_noise is not None) and not recache:
+            raise ValueError("switch: keep_chunks and context_noise re-cache the context; they need recache=True")
+        if keep_chunks is not None and keep_chunks < 1:
+            raise ValueError(f"switch: keep_chunks must be >= 1, got {keep_chunks}")
+        if context_noise is not None and not 0 <= context_noise <= NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"switch: context_noise must be a timestep in [0, 1000], got {context_noise}")
         new = self.model.init_cache(self.batch, cond_embeds)
         if recache:
             old, self.written = self.written, []
@@ -526,7 +545,8 @@ class CausalStream:
                 old = old[max(len(old) - keep_chunks + (self.pending is not None), 0) :]
             self.cache = new
             for x0, start in old:
-                self._write(x0, start)
+                self._write(x0, start, context_noise)
+            self.pending_t = context_noise  # the old scene's last chunk, written with the next one
         else:
             new.self_k, new.self_v, new.positions, new.grid = (
                 self.cache.self_k,
@@ -542,8 +562,8 @@ class CausalStream:
         if self.frames_left <= 0:
             raise StopIteration
         if self.pending is not None:
-            self._write(*self.pending)
-            self.pending = None
+            self._write(*self.pending, self.pending_t)
+            self.pending, self.pending_t = None, None
         size = self.model.first_block_frames if self.start == 0 else self.model.frames_per_block
         x = self.noise[:, :, self.generated : self.generated + size]
         x0 = denoise_chunk(

@@ -158,13 +158,15 @@ def stream_video(
     recache: bool = True,
     continue_from=None,
     keep_chunks: int | None = None,
+    context_noise: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield the decoded frames of each chunk, uint8 [f, H, W, 3], for `num_chunks` chunks of
     `student.frames_per_block` latent frames at the teacher's height and width (see the module docstring).
 
     `student`: a causal `Student` or the folder of a saved one; `teacher`: a `WanTeacher` (text encoder, VAE).
     `switches`: change the prompt mid-stream (`Switches`); `recache`: on a switch, recompute the context's KV cache
-    under the new prompt (LongLive), else keep it; `keep_chunks`: re-cache only the latest this-many chunks.
+    under the new prompt (LongLive), else keep it; `keep_chunks`: re-cache only the latest this-many chunks;
+    `context_noise`: re-cache them re-noised to this timestep (`CausalStream.switch`).
     `continue_from`: frames (or a video file) the stream continues;
     they are encoded by the teacher's VAE into the cache and not yielded again (`prefix_latents`)."""
     if not isinstance(student, Student):
@@ -202,7 +204,8 @@ def stream_video(
         for chunk in range(num_chunks):
             new = schedule(chunk)
             if new is not None:
-                stream.switch(teacher.encode([new], None).prompt_embeds, recache=recache, keep_chunks=keep_chunks)
+                embeds = teacher.encode([new], None).prompt_embeds
+                stream.switch(embeds, recache=recache, keep_chunks=keep_chunks, context_noise=context_noise)
             yield teacher.to_uint8(decoder(stream.next_chunk()))[0]
     finally:
         decoder.close()

@@ -394,8 +394,36 @@ def test_a_switch_that_keeps_only_the_last_chunk_forgets_the_older_context(tiny_
     full.next_chunk(), full.next_chunk()
     full.switch(ehs_b, recache=True)
     assert (full.next_chunk() - got).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="keep_chunks needs recache"):
+    with pytest.raises(ValueError, match="they need recache=True"):
         full.switch(ehs_a, recache=False, keep_chunks=1)
+
+
+def test_a_switch_can_re_cache_the_old_scene_re_noised(tiny_transformer):
+    """context_noise=500: the re-cached chunks (and the one finished before the switch) are written re-noised to
+    σ = 0.5 at t = 500, with the stream's generator; the next chunk is one block-causal forward of [that noisy
+    context at t = 500, the chunk's noise at σ] under the new prompt."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from students.causal import CausalStream
+
+    model = CausalWan(tiny_transformer, causal_cfg(frames_per_block=2))
+    noise, ehs_a, ehs_b = _stream_inputs(6)
+    sigma = 0.8
+    stream = CausalStream(model, ehs_a, noise, [sigma], generator=torch.Generator().manual_seed(3))
+    context = torch.cat([stream.next_chunk(), stream.next_chunk()], dim=2)
+    stream.switch(ehs_b, recache=True, context_noise=500)
+    got = stream.next_chunk()
+    g = torch.Generator().manual_seed(3)  # one-step chunks draw nothing: the draws are the two re-noisings
+    eps = torch.cat([randn_tensor((B, C, 2, H, W), generator=g) for _ in range(2)], dim=2)
+    x = torch.cat([0.5 * context + 0.5 * eps, noise[:, :, 4:6]], dim=2)
+    t = torch.cat([torch.full((B, 4), 500.0), torch.full((B, 2), sigma * 1000)], dim=1)
+    with torch.no_grad():
+        want = noise[:, :, 4:6] - sigma * model(x, t, ehs_b)[:, :, 4:6]
+    assert (got - want).abs().max() <= 1e-5
+    clean = CausalStream(model, ehs_a, noise, [sigma], generator=torch.Generator().manual_seed(3))
+    clean.next_chunk(), clean.next_chunk()
+    clean.switch(ehs_b, recache=True)
+    assert (clean.next_chunk() - got).abs().max() > 1e-3
 
 
 def test_a_prefix_must_fit_the_temporal_patch():

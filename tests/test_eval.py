@@ -564,7 +564,7 @@ def test_interactive_metrics_of_a_perfect_stream_are_one_and_of_a_stuck_stream_z
     graded = InteractiveEval(student, teacher, recipe, vocab, rows)
     follow = True
 
-    def fake_stream(rows_, prompts_a, prompts_b, chunks, switch_at, recache, prefix=None, keep=None):
+    def fake_stream(rows_, prompts_a, prompts_b, chunks, switch_at, recache, prefix=None, keep=None, noise_t=None):
         videos = []
         for i, a in enumerate(prompts_a):
             parts = []
@@ -580,9 +580,9 @@ def test_interactive_metrics_of_a_perfect_stream_are_one_and_of_a_stuck_stream_z
         video = real_stream(rows[:1], [rows[0]["prompt"]], None, 2, None, True, prefix=prefix)
     assert video.shape[1] == 2 * teacher.pipe.vae_scale_factor_temporal == 8  # 2 latent frames after the first
 
-    def spy(rows_, prompts_a, prompts_b, chunks, switch_at, recache, prefix=None, keep=None):
+    def spy(rows_, prompts_a, prompts_b, chunks, switch_at, recache, prefix=None, keep=None, noise_t=None):
         given.append(None if prefix is None else prefix.shape[2])
-        return fake_stream(rows_, prompts_a, prompts_b, chunks, switch_at, recache, prefix, keep)
+        return fake_stream(rows_, prompts_a, prompts_b, chunks, switch_at, recache, prefix, keep, noise_t)
 
     monkeypatch.setattr(graded, "_stream", spy)
     sw, cont = graded.switches(), graded.continuation()
@@ -593,13 +593,13 @@ def test_interactive_metrics_of_a_perfect_stream_are_one_and_of_a_stuck_stream_z
     assert sw["fresh_accuracy"] == 1.0
     assert cont["segment_accuracy"] == [1.0, 1.0, 1.0] and cont["accuracy"] == 1.0
     assert cont["given_chunks"] == graded.k and given[-1] == graded.k * graded.fpb  # the whole clip by default
-    recipe.eval.switch_keep_chunks = 1  # a third mode: re-cache of the latest chunk only
+    recipe.eval.switch_keep_chunks, recipe.eval.switch_context_noise = 1, 300  # a third mode
     sw = graded.switches()
-    assert sw["recache_last1"]["one_slot"]["changed_within_2"] == 1.0 and set(sw) >= {"recache", "keep_cache"}
+    assert sw["recache_last1_t300"]["one_slot"]["changed_within_2"] == 1.0 and set(sw) >= {"recache", "keep_cache"}
     from distill.report import interactive_tables
 
     table = "\n".join(interactive_tables({"students": {"c": {"switch": sw, "continuation": cont}}}))
-    assert "| c | recache_last1 |" in table
+    assert "| c | recache_last1_t300 |" in table
     recipe.eval.continuation_chunks = 1  # the first chunk only: the toy world's image-to-video
     assert graded.continuation()["given_chunks"] == 1 and given[-1] == graded.fpb
     follow = False  # a stream stuck on its first prompt
