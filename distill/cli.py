@@ -21,7 +21,6 @@ from distill.hub import push_student
 from distill.memory_plan import plan_memory
 from distill.trainer import check_train_recipe, train
 from synth_data.compose_stage import compose_stage
-from synth_data.generate import image_items
 from synth_data.push import PushError, push
 
 logger = logging.getLogger("distill")
@@ -188,6 +187,8 @@ def check_stage(recipe: Recipe, stage: str) -> None:
     if stage == "train" or (stage == "run" and recipe.student is not None):
         check_train_recipe(recipe)
     if stage in ("generate", "run") and recipe.data.images:
+        from synth_data.generate import image_items  # PyAV and datasets: not on GPU images that train only
+
         image_items(recipe.data.images)
     if stage == "stream" and not recipe.stream.prompt:
         raise ValueError('stream.prompt: not set; e.g. stream.prompt="a red cat"')
