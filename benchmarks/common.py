@@ -39,7 +39,7 @@ TEXT_LEN = 512
 """Wan's max_sequence_length: random text embeddings are [B, 512, text_dim]."""
 
 
-def require_cuda(script: str, tiny_shape: bool) -> torch.device:
+def require_cuda(script: str, tiny_shape: bool, size: str = "1.3b") -> torch.device:
     """The device of a `--size 1.3b` / `5b` run: CUDA, or the CPU with `--tiny-shape`; otherwise exit with a clear
     message."""
     if torch.cuda.is_available():
@@ -47,7 +47,7 @@ def require_cuda(script: str, tiny_shape: bool) -> torch.device:
     if tiny_shape:
         return torch.device("cpu")
     raise SystemExit(
-        f"{script}: --size 1.3b / 5b needs a CUDA GPU (the real Wan shapes in bf16 are hours on a CPU); "
+        f"{script}: --size {size} needs a CUDA GPU (the real Wan shape in bf16 is hours on a CPU); "
         "run --size tiny here, or add --tiny-shape for a few-layer CPU smoke run of the same code path"
     )
 

@@ -379,7 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = (
-        require_cuda("python -m benchmarks.streaming", args.tiny_shape) if args.size != "tiny" else torch.device("cpu")
+        require_cuda("python -m benchmarks.streaming", args.tiny_shape, args.size)
+        if args.size != "tiny"
+        else torch.device("cpu")
     )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_streaming_") as tmp:
