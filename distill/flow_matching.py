@@ -41,10 +41,16 @@ def flow_matching_loss(
     """
     x_t = add_noise(x0, noise, sigma)
     v = model(x_t, timestep(sigma), embeds)
+    return frame_mse(v, velocity_target(x0, noise), frame_weight)
+
+
+def frame_mse(pred: torch.Tensor, target: torch.Tensor, frame_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """mean (pred - target)² in float32 over [B, C, F, H, W]; with `frame_weight` [B, F] of 0/1 over the frames
+    weighted 1 only (a given clean frame left out)."""
     if frame_weight is None:
-        return F.mse_loss(v.float(), velocity_target(x0, noise).float())
-    w = frame_weight.float()[:, None, :, None, None].expand_as(v)
-    return (((v.float() - velocity_target(x0, noise).float()) ** 2) * w).sum() / w.sum()
+        return F.mse_loss(pred.float(), target.float())
+    w = frame_weight.float()[:, None, :, None, None].expand_as(pred)
+    return ((pred.float() - target.float()) ** 2 * w).sum() / w.sum()
 
 
 def draw_sigma_noise(generators: list[torch.Generator], x0: torch.Tensor, shift: float, weighting: str):
@@ -118,4 +124,4 @@ class FlowMatching:
         }
 
 
-__all__ = ["FlowMatching", "flow_matching_loss", "draw_sigma_noise", "drop_condition"]
+__all__ = ["FlowMatching", "flow_matching_loss", "frame_mse", "draw_sigma_noise", "drop_condition"]

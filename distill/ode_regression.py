@@ -23,11 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from core.flow import timestep, x0_from_velocity
 from distill.batch import Batch
-from distill.flow_matching import Model
+from distill.flow_matching import Model, frame_mse
 from students.causal import chunk_bounds
 
 
@@ -48,11 +47,7 @@ def ode_regression_loss(
     if sigma.ndim == 2 and bool((sigma == sigma[:, :1]).all()):
         sigma = sigma[:, 0]
     v = model(x_t, timestep(sigma), embeds)
-    x0 = x0_from_velocity(x_t.float(), v.float(), sigma)
-    if frame_weight is None:
-        return F.mse_loss(x0, x0_target.float())
-    w = frame_weight.float()[:, None, :, None, None].expand_as(x0)
-    return ((x0 - x0_target.float()) ** 2 * w).sum() / w.sum()
+    return frame_mse(x0_from_velocity(x_t.float(), v.float(), sigma), x0_target, frame_weight)
 
 
 def chunk_states(
@@ -148,7 +143,8 @@ class ODERegression:
         num_frames = traj.shape[3]  # [B, S, C, F, H, W]
         per_block = self.frames_per_block or num_frames
         first = self.first_block_frames if self.frames_per_block else None
-        num_chunks = len(chunk_bounds(num_frames, per_block, first))
+        bounds = chunk_bounds(num_frames, per_block, first)
+        num_chunks = len(bounds)
         # 1. one stored state per chunk, from each sample's generator (never the clean endpoint)
         picks = torch.stack(
             [torch.randint(traj.shape[1] - 1, (num_chunks,), generator=g) for g in batch.generators]
@@ -159,7 +155,7 @@ class ODERegression:
         if self.config.given_first_chunk > 0:  # 2b. some samples start from their clean first chunk, unscored
             p = self.config.given_first_chunk
             given = torch.stack([torch.rand(1, generator=g)[0] < p for g in batch.generators]).to(traj.device)
-            n = chunk_bounds(num_frames, per_block, first)[0][1]
+            n = bounds[0][1]
             x_t = x_t.clone()
             x_t[given, :, :n] = traj[given, -1, :, :n]
             sigma = sigma.clone()

@@ -56,7 +56,7 @@ import torch
 
 from core.flow import shift_sigma
 from core.seeding import derive_seed, randn_per_sample
-from distill.batch import Batch
+from distill.batch import Batch, given_frame_sigmas
 from distill.dmd import DMD
 from distill.flow_matching import Model
 from students.causal import ChunkModelWrapper, chunk_bounds, per_token_timesteps, sample_causal
@@ -353,10 +353,7 @@ class SelfForcing(DMD):
             sigma = sigma.repeat_interleave(n, dim=1)[:, :frames]
             noise = randn_per_sample(generators, tuple(x0.shape[1:]), x0.device)
         if self.rollout.last_given and self.rollout.last_window[0] == 0 and self.teacher.image_conditioned:
-            if sigma.ndim == 1:
-                sigma = sigma[:, None].repeat(1, x0.shape[2])
-            sigma = sigma.clone()
-            sigma[:, : self.rollout.model.first_block_frames] = 0.0
+            sigma = given_frame_sigmas(sigma, x0.shape[2], self.rollout.model.first_block_frames)
         return sigma, noise
 
     def generator_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -215,7 +215,7 @@ class CausalWan(nn.Module):
         (except the sink) are evicted; call it under `no_grad` unless you mean to keep the graph.
         """
         n_pos, hh, ww = self._grid(x)
-        if frame_offset < 0 or frame_offset % self.p_t or not 1 <= n_pos <= max(self.block, self.first):
+        if frame_offset < 0 or frame_offset % self.p_t or not 1 <= n_pos <= self.block:
             raise ValueError(
                 f"forward_chunk: frame_offset {frame_offset} must be a multiple of {self.p_t} and the "
                 f"chunk 1..{self.cfg.frames_per_block} frames, got {x.shape[2]}"
@@ -316,7 +316,7 @@ def chunk_bounds(num_frames: int, frames_per_block: int, first_block_frames: int
     return bounds
 
 
-def write_prefix(model, cache: KVCache, prefix: torch.Tensor, sigma_ctx: float, generator) -> list[tuple]:
+def write_prefix(model, cache: KVCache, prefix: torch.Tensor, generator) -> list[tuple]:
     """Write clean latents `prefix` [B, C, P, H, W] (a given clip or image) into the cache as finished chunks are
     written, in the model's chunk layout; returns their (x0, start) pairs. P must be a multiple of p_t."""
     p_t = model.p_t
@@ -327,7 +327,7 @@ def write_prefix(model, cache: KVCache, prefix: torch.Tensor, sigma_ctx: float, 
         )
     written = []
     for s, e in chunk_bounds(prefix.shape[2], model.frames_per_block, model.first_block_frames):
-        write_context(model, cache, prefix[:, :, s:e], s, sigma_ctx, generator)
+        write_context(model, cache, prefix[:, :, s:e], s, generator)
         written.append((prefix[:, :, s:e], s))
     return written
 
@@ -364,14 +364,13 @@ def stream_causal(
     bounds = chunk_bounds(p + noise.shape[2], model.frames_per_block, model.first_block_frames, start=p)
     exits = _exit_steps(exit_steps, len(bounds), len(sigmas))
     cache = model.init_cache(batch, cond_embeds)
-    sigma_ctx = model.cfg.context_noise / NUM_TRAIN_TIMESTEPS
     if prefix is not None:
-        write_prefix(model, cache, prefix.to(noise), sigma_ctx, generator)
+        write_prefix(model, cache, prefix.to(noise), generator)
     grad = torch.is_grad_enabled()
     previous = None  # (x0, start) of the chunk whose cache write is still due
     for chunk, (start, end) in enumerate(bounds):
         if previous is not None:
-            write_context(model, cache, *previous, sigma_ctx, generator)
+            write_context(model, cache, *previous, generator)
         x0 = denoise_chunk(
             model,
             noise[:, :, start - p : end - p],
@@ -417,15 +416,15 @@ def denoise_chunk(
 
 @torch.no_grad()
 def write_context(
-    model: CausalWan, cache: KVCache, x0: torch.Tensor, start: int, sigma_ctx: float, generator, t: float | None = None
+    model: CausalWan, cache: KVCache, x0: torch.Tensor, start: int, generator, t: float | None = None
 ) -> None:
-    """Append a finished chunk to the cache: its x0 (re-noised to `sigma_ctx` when > 0) at t = context_noise (or `t`,
-    which should be 1000·sigma_ctx)."""
-    context = x0.detach()
-    if sigma_ctx > 0:
-        eps = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        context = add_noise(context, eps, sigma_ctx)
+    """Append a finished chunk to the cache: its x0 re-noised to σ = t/1000 (when t > 0) at timestep t, t being
+    `student.context_noise` unless given."""
     t = float(model.cfg.context_noise) if t is None else float(t)
+    context = x0.detach()
+    if t > 0:
+        eps = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        context = add_noise(context, eps, t / NUM_TRAIN_TIMESTEPS)
     t_ctx = torch.full((x0.shape[0],), t, dtype=torch.float32, device=x0.device)
     model.forward_chunk(context, t_ctx, cache, start, update_cache=True)
 
@@ -490,14 +489,13 @@ class CausalStream:
         self.model, self.noise, self.sigmas, self.generator = model, noise, sigmas, generator
         self.batch = noise.shape[0]
         self.cache = model.init_cache(self.batch, cond_embeds)
-        self.sigma_ctx = model.cfg.context_noise / NUM_TRAIN_TIMESTEPS
         self.written: list[tuple[torch.Tensor, int]] = []  # (x0, start) of chunks in the cache
         self.pending: tuple[torch.Tensor, int] | None = None  # finished, not yet written
         self.pending_t: int | None = None  # the timestep it is written at (None: student.context_noise)
         self.start = 0  # the next chunk's first latent frame
         self.generated = 0  # frames of `noise` used
         if prefix is not None:
-            for x0, start in write_prefix(model, self.cache, prefix.to(noise), self.sigma_ctx, generator):
+            for x0, start in write_prefix(model, self.cache, prefix.to(noise), generator):
                 self._remember(x0, start)
             self.start = prefix.shape[2]
 
@@ -507,8 +505,7 @@ class CausalStream:
 
     @torch.no_grad()
     def _write(self, x0: torch.Tensor, start: int, t: float | None = None) -> None:
-        sigma = self.sigma_ctx if t is None else t / NUM_TRAIN_TIMESTEPS
-        write_context(self.model, self.cache, x0, start, sigma, self.generator, t)
+        write_context(self.model, self.cache, x0, start, self.generator, t)
         self._remember(x0, start)
 
     def _remember(self, x0: torch.Tensor, start: int) -> None:

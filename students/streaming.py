@@ -29,6 +29,7 @@ from core.seeding import derive_seed, sample_noise
 from students.causal import CausalStream, chunk_bounds
 from students.sampling import student_sigmas
 from students.student import Student
+from teachers.wan import IMAGE_SUFFIXES
 
 
 class StreamingDecoder:
@@ -87,9 +88,6 @@ def load_causal_student(teacher, folder: str | Path) -> Student:
     return student.to(dtype=base.dtype).eval()
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
 def prefix_latents(
     teacher, frames, frames_per_block: int, p_t: int, first_block_frames: int | None = None
 ) -> torch.Tensor:
@@ -107,10 +105,7 @@ def prefix_latents(
             from PIL import Image
 
             with Image.open(path) as im:
-                pixels = teacher.pipe.video_processor.preprocess(
-                    im.convert("RGB"), height=tcfg.height, width=tcfg.width
-                )
-            frames = teacher.to_uint8(pixels[:, :, None])[0]
+                frames = teacher.resize_image(im)[None]
         else:
             import av  # only a continuation from a video file needs PyAV
 

@@ -20,6 +20,7 @@ last bits, and the dataset promises to be exactly reproducible from its recorded
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -57,7 +58,7 @@ from synth_data.dataset import (
 )
 from synth_data.layout import WORK_DIR, is_complete
 from teachers.config import TeacherConfig
-from teachers.wan import WanTeacher
+from teachers.wan import IMAGE_SUFFIXES, WanTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,6 @@ NOT_FINGERPRINTED = frozenset(
 
 
 # ---- image-to-video ------------------------------------------------------------------------------
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
@@ -134,10 +134,19 @@ def _first_frame(item: ImageItem):
     for shard in sorted((item.path / DATA_DIR).glob("*.parquet")):
         rows = pq.read_metadata(shard).num_rows
         if offset < rows:
-            video = pq.read_table(shard, columns=["video"]).column("video")[offset].as_py()
-            return Image.fromarray(decode_video(video)[0])
+            stat = shard.stat()
+            return Image.fromarray(
+                decode_video(_video_column(shard, stat.st_mtime_ns, stat.st_size)[offset].as_py())[0]
+            )
         offset -= rows
     raise ValueError(f"data.images: {item.path} has no row {item.row}")
+
+
+@functools.lru_cache(maxsize=1)
+def _video_column(shard: Path, mtime_ns: int, size: int):
+    """A source shard's `video` column, read once while consecutive rows are taken from it (keyed by the file's
+    mtime and size too, so a rewritten shard is read again)."""
+    return pq.read_table(shard, columns=["video"]).column("video")
 
 
 def load_image(item: ImageItem, teacher) -> tuple[torch.Tensor, bytes]:
@@ -145,10 +154,8 @@ def load_image(item: ImageItem, teacher) -> tuple[torch.Tensor, bytes]:
     pipeline does) -> ([1, 3, H, W] in [-1, 1] on 8-bit levels, the PNG bytes of exactly those pixels)."""
     from PIL import Image
 
-    cfg = teacher.cfg
-    resized = teacher.pipe.video_processor.preprocess(_first_frame(item), height=cfg.height, width=cfg.width)
     # Quantised to the 8 bits the dataset stores, so the `image` column is exactly the frame the teacher was given.
-    rgb = teacher.to_uint8(resized[:, :, None])[0, 0]
+    rgb = teacher.resize_image(_first_frame(item))
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1, buffer.getvalue()
@@ -220,6 +227,8 @@ class _Job:
     negative_prompt: str
     vocab_name: str
     num_shards: int
+    images: list[ImageItem]
+    """`data.images`' first frames, in order (empty: text-to-video)."""
 
     def shard_path(self, shard: int) -> Path:
         return self.dataset_dir / shard_name(shard, self.num_shards)
@@ -302,6 +311,7 @@ def _prepare(data: DataConfig, teacher: TeacherConfig, out: Path) -> tuple[_Job,
         negative_prompt=negative,
         vocab_name=vocab.name,
         num_shards=num_shards,
+        images=image_items(data.images) if data.images else [],
     )
     return job, fingerprint(data, teacher, prompts_path, negative)
 
@@ -350,9 +360,8 @@ def _render_batch(teacher, batch: list[dict], job: _Job, shape: tuple[int, ...])
     cond = teacher.encode([r["prompt"] for r in batch], job.negative_prompt)
     save_at = [*data.trajectory_steps, steps] if data.trajectory_steps else []
     first, images = None, []
-    if data.images:
-        items = image_items(data.images)
-        picked = [items[r["index"] % len(items)] for r in batch]
+    if job.images:
+        picked = [job.images[r["index"] % len(job.images)] for r in batch]
         images = [(item, *load_image(item, teacher)) for item in picked]
         first = teacher.encode_image(torch.cat([pixels for _, pixels, _ in images]))
     out = teacher.sample(cond, noise, save_at=save_at, first_frame=first)

@@ -41,6 +41,8 @@ except ImportError:
     DTYPE_KW = "torch_dtype"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+"""Image files taken where a first frame is given (`data.images`, `stream.continue_from`)."""
 VAE_TEMPORAL_CHUNK = 4
 """`AutoencoderKLWan.encode` reads the first frame, then chunks of 4: it encodes 1 + 4k frames only."""
 
@@ -508,6 +510,14 @@ class WanTeacher:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"encode_image: expected [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
         return self.encode_video(images[:, :, None])
+
+    def resize_image(self, image) -> np.ndarray:
+        """A PIL image at the teacher's height x width, resized by diffusers' video processor as its image-to-video
+        pipeline does -> uint8 [H, W, 3] (the 8-bit frame `encode_image` should be given)."""
+        pixels = self.pipe.video_processor.preprocess(
+            image.convert("RGB"), height=self.cfg.height, width=self.cfg.width
+        )
+        return self.to_uint8(pixels[:, :, None])[0, 0]
 
     @staticmethod
     def to_uint8(video: torch.Tensor) -> np.ndarray:

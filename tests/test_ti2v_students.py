@@ -215,20 +215,23 @@ def test_trajectory_on_image_to_video_data_sees_the_image_at_t0_and_scores_the_r
     torch.testing.assert_close(loss, ((x_t - traj[:, -1])[:, :, 1:] ** 2).mean())
 
 
-def test_an_image_to_video_dataset_gives_batches_with_the_given_frame(tmp_path, tiny_ti2v_dir):
+def test_an_image_to_video_dataset_gives_batches_with_the_given_frame(tmp_path, tiny_ti2v_dir, teacher):
+    """The training batches of an image-to-video dataset carry given_frames = 1 (what trajectory and KD read); a
+    text-to-video dataset's carry 0."""
     from test_generate import make_project, run_generate, write_images
 
-    from distill.data import StoredSamples, _collate
+    from distill.data import StoredSamples, _collate, _to_batch
 
     root = make_project(tmp_path / "p", tiny_ti2v_dir, num_prompts=2, images="images")
     write_images(root / "images", 1)
     folder = run_generate(root, "teacher.height=32", "teacher.width=32")
     samples = StoredSamples(folder, seed=0, need_trajectory=True)
-    assert _collate([samples[0], samples[1]])["given_frames"] == 1
+    assert _to_batch(_collate([samples[0], samples[1]]), teacher, "blurry").given_frames == 1
     t2v = run_generate(
         make_project(tmp_path / "q", tiny_ti2v_dir, num_prompts=2), "teacher.height=32", "teacher.width=32"
     )
-    assert "given_frames" not in _collate([StoredSamples(t2v, seed=0, need_trajectory=True)[0]])
+    t2v_samples = StoredSamples(t2v, seed=0, need_trajectory=True)
+    assert _to_batch(_collate([t2v_samples[0]]), teacher, "blurry").given_frames == 0
 
 
 def test_kd_on_image_to_video_data_keeps_the_image_clean_for_both_models(teacher):
