@@ -42,6 +42,12 @@ Randomness per sample, from its own generator and in this order: the initial noi
 rollout's fresh noises (chunk by chunk: one per re-noising, then the context noise when σ_ctx > 0), then σ
 and ε' of the DMD loss. Hence N processes × batch b equal 1 process × batch N·b.
 
+ODE anchor (`ode_regression_weight` w > 0, DMD's regression loss, Yin et al. 2024, with the teacher's stored ODE
+states as CausVid's initialisation uses them): the generator's loss gains w·L_ode, `distill.ode_regression`'s loss on
+the batch's trajectories (`train.data_source: dataset` with `data.trajectory_steps`), computed with the student's
+block-causal forward. With `exit_step: last` DMD's gradient reaches only the student's last level; the anchor keeps
+every level on the teacher's ODE. Its per-chunk state draws follow the DMD draws in each sample's generator.
+
 `frame_wise_timesteps` (diffusion forcing, Chen et al. 2024; CausVid): σ of the DMD re-noising and of the critic
 loss drawn per CHUNK, σ [B, N] broadcast to its frames [B, F], instead of one σ per video (Self-Forcing's
 default). Frames of one chunk share σ, as the causal student's temporal patches require.
@@ -59,6 +65,7 @@ from core.seeding import derive_seed, randn_per_sample
 from distill.batch import Batch, given_frame_sigmas
 from distill.dmd import DMD
 from distill.flow_matching import Model
+from distill.ode_regression import ODERegression
 from students.causal import ChunkModelWrapper, chunk_bounds, per_token_timesteps, sample_causal
 from students.config import KINDS
 from students.sampling import student_sigmas
@@ -263,6 +270,9 @@ class SelfForcing(DMD):
         """Probability that a trainer step's chunk 0 is given clean from the data instead of generated (the same on
         every rank): image-to-video with `student.independent_first_frame`, continuation from a first chunk
         otherwise (module docstring). Needs train.data_source: dataset or toyworld."""
+        ode_regression_weight: float = 0.0
+        """w > 0 adds w·(ODE regression loss on the batch's stored teacher trajectories) to the generator's loss
+        (module docstring); needs train.data_source: dataset and data.trajectory_steps."""
         frame_wise_timesteps: bool = False
         """Diffusion forcing: one σ per chunk (frames of a chunk share it) in the DMD re-noising and the critic
         loss, instead of one per video. The teacher must take per-frame timesteps (Wan: temporal patch 1)."""
@@ -287,6 +297,10 @@ class SelfForcing(DMD):
                 )
             if not 0.0 <= self.given_first_chunk <= 1.0:
                 raise ValueError(f"given_first_chunk: must be a probability in [0, 1], got {self.given_first_chunk}")
+            if not (self.ode_regression_weight >= 0.0 and math.isfinite(self.ode_regression_weight)):
+                raise ValueError(
+                    f"ode_regression_weight: must be a finite number >= 0, got {self.ode_regression_weight}"
+                )
             if self.dmd_window is not None and not 1 <= self.dmd_window <= (self.num_chunks or self.dmd_window):
                 raise ValueError(
                     f"dmd_window: must be >= 1 and <= num_chunks ({self.num_chunks}), or null; got {self.dmd_window}"
@@ -322,11 +336,39 @@ class SelfForcing(DMD):
             window_min_start=c.dmd_window_min_start,
             given_first_chunk=c.given_first_chunk,
         )
-        return cls(c, teacher=teacher, critic=critic, rollout=rollout)
+        anchor = None
+        if c.ode_regression_weight > 0:
+            if tc.data_source != "dataset":
+                raise ValueError(
+                    "method.self_forcing.ode_regression_weight: the ODE anchor reads the teacher's stored "
+                    f"trajectories, and train.data_source is {tc.data_source}; set it to dataset (with "
+                    "data.trajectory_steps) or the weight to 0"
+                )
+            anchor = ODERegression(
+                ODERegression.Config(),
+                student=student,
+                student_frames_per_block=recipe.student.frames_per_block,
+                first_block_frames=1 if recipe.student.independent_first_frame else None,
+            )
+        return cls(c, teacher=teacher, critic=critic, rollout=rollout, anchor=anchor)
 
-    def __init__(self, config: SelfForcing.Config, *, teacher, critic: Model, rollout: CausalRollout):
+    def __init__(
+        self,
+        config: SelfForcing.Config,
+        *,
+        teacher,
+        critic: Model,
+        rollout: CausalRollout,
+        anchor: ODERegression | None = None,
+    ):
         """`teacher`: a frozen `WanTeacher`; `critic`: the fake score (a bidirectional Wan transformer, called as a
-        `Model`); `rollout`: the causal student's `CausalRollout`."""
+        `Model`); `rollout`: the causal student's `CausalRollout`; `anchor`: the ODE regression loss added with
+        `config.ode_regression_weight` (None: none)."""
+        if config.ode_regression_weight > 0 and anchor is None:
+            raise ValueError("SelfForcing: ode_regression_weight > 0 needs its `anchor` (from_recipe builds it)")
+        self.anchor = anchor
+        self.needs_trajectory = anchor is not None
+        """This instance reads the stored trajectories (the class, as DMD, does not)."""
         if config.frame_wise_timesteps or (config.given_first_chunk > 0 and teacher.image_conditioned):
             transformer = teacher.pipe.transformer
             if teacher.boundary is not None or transformer.config.patch_size[0] != 1:
@@ -363,6 +405,10 @@ class SelfForcing(DMD):
         logs = {**logs, "self_forcing/exit_step_mean": exits.mean()}
         if self.config.given_first_chunk > 0:
             logs["self_forcing/given_first_chunk"] = torch.tensor(float(self.rollout.last_given))
+        if self.anchor is not None:  # 5. the ODE anchor on the batch's stored trajectories
+            ode, _ = self.anchor.loss(batch)
+            loss = loss + self.config.ode_regression_weight * ode
+            logs["loss/ode_anchor"] = ode.detach()
         return loss, logs
 
 

@@ -416,7 +416,7 @@ def _train(recipe: Recipe, accelerator: Accelerator) -> Path:
         start_step=start_step,
         num_processes=world,
         rank=accelerator.process_index,
-        need_trajectory=METHODS[recipe.method.name].needs_trajectory,
+        need_trajectory=algorithm.needs_trajectory,  # a method's class default, or its instance's (an option)
     )
     if accelerator.is_main_process:
         student_dir.mkdir(parents=True, exist_ok=True)

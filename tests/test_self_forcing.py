@@ -24,6 +24,7 @@ from distill.batch import Batch
 from distill.config import load_recipe
 from distill.dmd import dmd_generator_loss
 from distill.flow_matching import flow_matching_loss
+from distill.ode_regression import ODERegression
 from distill.self_forcing import (
     CausalRollout,
     PerTokenTimesteps,
@@ -302,6 +303,44 @@ def test_generator_loss_is_dmd_on_the_whole_rollout(teacher, student):
     real = x0_from_velocity(x_t, teacher.velocity(x_t, 1000 * sigma, batch.cond, 3.0), sigma)
     torch.testing.assert_close(loss, dmd_generator_loss(x0, real, x0_from_velocity(x_t, 0.1 * x_t, sigma)))
     assert float(logs["self_forcing/exit_step_mean"]) == sum(draw_exit_steps(0, 0, 2, 3)) / 2
+
+
+def test_ode_anchor_adds_the_weighted_regression_on_the_stored_states(teacher, student):
+    """generator loss with ode_regression_weight w = the DMD loss + w·mean‖x - σ·v(x, 1000σ) - x0_T‖², x one stored
+    state per chunk (drawn after the DMD draws), v the student's block-causal forward: redone by hand."""
+    w, states = 0.5, torch.tensor([1.0, 0.6, 0.0])
+    traj = torch.randn((2, 3, *SHAPE), generator=torch.Generator().manual_seed(5))  # [B, S, C, F, H, W]
+
+    def batch():
+        b = make_batch(teacher)
+        b.x0, b.trajectory, b.trajectory_sigmas = traj[:, -1], traj, states.repeat(2, 1)
+        return b
+
+    def critic(x, t, c):
+        return 0.1 * x
+
+    plain = self_forcing(teacher, critic, rollout_of(student))
+    data = batch()
+    dmd, _ = plain.generator_loss(data)  # leaves each sample's generator where the anchor draws from
+    picks = torch.stack([torch.randint(2, (2,), generator=g) for g in data.generators])  # [B, chunks of 1 frame]
+    x = torch.stack([torch.stack([traj[i, picks[i, f], :, f] for f in range(2)], dim=1) for i in range(2)])
+    sigma = states[picks]  # [B, F]
+    with torch.no_grad():
+        v = student(x, 1000 * sigma, data.cond.prompt_embeds)
+    by_hand = ((x - sigma[:, None, :, None, None] * v - traj[:, -1]) ** 2).mean()
+    anchored = SelfForcing(
+        SelfForcing.Config(guidance_scale=3.0, min_sigma=0.1, max_sigma=0.9, shift=2.0, ode_regression_weight=w),
+        teacher=teacher,
+        critic=critic,
+        rollout=rollout_of(student),
+        anchor=ODERegression(ODERegression.Config(), student=student, student_frames_per_block=1),
+    )
+    assert anchored.needs_trajectory and not plain.needs_trajectory
+    loss, logs = anchored.generator_loss(batch())
+    torch.testing.assert_close(logs["loss/ode_anchor"], by_hand)
+    torch.testing.assert_close(loss, dmd + w * by_hand)
+    with pytest.raises(ValueError, match="ode_regression_weight: must be a finite number >= 0"):
+        SelfForcing.Config(ode_regression_weight=-1.0)
 
 
 def test_frame_wise_timesteps_draw_one_sigma_per_chunk(teacher, student):
