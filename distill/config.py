@@ -355,6 +355,17 @@ class Recipe:
                 f"student.kind: method {self.method.name} trains only {' or '.join(kinds)} students; set "
                 f"student.kind: {kinds[0]} (got {self.student.kind})"
             )
+        if (
+            self.method is not None
+            and self.method.name == "self_forcing"
+            and self.method.self_forcing.ode_regression_weight > 0
+            and self.train.data_source != "dataset"
+        ):
+            raise ValueError(
+                "method.self_forcing.ode_regression_weight: the ODE anchor reads the teacher's stored trajectories, "
+                f"and train.data_source is {self.train.data_source}; set it to dataset (with data.trajectory_steps) "
+                "or the weight to 0"
+            )
         if self.method is not None and self.train.data_source == "prompts":
             if not METHODS[self.method.name].data_free:
                 free = ", ".join(n for n, m in METHODS.items() if m.data_free)

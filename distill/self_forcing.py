@@ -337,13 +337,7 @@ class SelfForcing(DMD):
             given_first_chunk=c.given_first_chunk,
         )
         anchor = None
-        if c.ode_regression_weight > 0:
-            if tc.data_source != "dataset":
-                raise ValueError(
-                    "method.self_forcing.ode_regression_weight: the ODE anchor reads the teacher's stored "
-                    f"trajectories, and train.data_source is {tc.data_source}; set it to dataset (with "
-                    "data.trajectory_steps) or the weight to 0"
-                )
+        if c.ode_regression_weight > 0:  # (the recipe's check: train.data_source is dataset)
             anchor = ODERegression(
                 ODERegression.Config(),
                 student=student,

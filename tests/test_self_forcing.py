@@ -474,6 +474,30 @@ def test_captions_only_run_equals_the_dataset_run(sf_run, tmp_path, tiny_pipelin
     assert max_diff(weights(final_a), weights(final)) == 0.0
 
 
+def test_trainer_feeds_the_ode_anchor_the_datasets_trajectories(sf_run, tmp_path, tiny_pipeline_dir, monkeypatch):
+    """With ode_regression_weight the trainer loads the trajectory column, the anchor's loss is logged, and the
+    weights differ from the run without it; a dataset without trajectories stops with the anchor's message."""
+    _, _, final_a = sf_run
+    real, seen = SelfForcing.generator_loss, []
+
+    def spy(self, batch):
+        seen.append(batch.trajectory is not None)
+        loss, logs = real(self, batch)
+        seen.append("loss/ode_anchor" in logs)
+        return loss, logs
+
+    monkeypatch.setattr(SelfForcing, "generator_loss", spy)
+    write_dataset(tmp_path / "a" / "dataset", trajectory_sigmas=[1.0, 0.5, 0.0])
+    recipe = write_recipe(tmp_path / "a.yaml", tmp_path / "a", tiny_pipeline_dir, **SF_SECTIONS)
+    final = run_train(recipe, "method.self_forcing.ode_regression_weight=1.0")
+    assert seen and all(seen)
+    assert max_diff(weights(final_a), weights(final)) > 0
+    write_dataset(tmp_path / "b" / "dataset")  # no trajectory column
+    recipe = write_recipe(tmp_path / "b.yaml", tmp_path / "b", tiny_pipeline_dir, **SF_SECTIONS)
+    with pytest.raises(ValueError, match="the dataset has no `trajectory` column; set data.trajectory_steps"):
+        run_train(recipe, "method.self_forcing.ode_regression_weight=1.0")
+
+
 def test_trainer_passes_same_step_across_chunks(tmp_path, tiny_pipeline_dir, monkeypatch):
     import distill.self_forcing as sf
 

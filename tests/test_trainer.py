@@ -532,6 +532,10 @@ def test_prompts_source_draws_lines_and_refuses_what_needs_latents(tmp_path, tin
             ["method.name=self_forcing", "student.kind=causal", "method.self_forcing.given_first_chunk=0.5"],
             "given_first_chunk > 0 needs them",
         ),
+        (
+            ["method.name=self_forcing", "student.kind=causal", "method.self_forcing.ode_regression_weight=0.5"],
+            "the ODE anchor reads the teacher's stored trajectories, and train.data_source is prompts",
+        ),
     ):
         with pytest.raises(RecipeError, match=match):
             load_recipe(path, ["train.data_source=prompts", *override])
