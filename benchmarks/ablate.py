@@ -2,6 +2,7 @@
 
     python -m benchmarks.ablate run RECIPE --arm NAME [--seeds 0,1,2] [--out DIR] [--prompts 128] [--eval-seed 777]
                                  [KEY=VALUE ...]
+    python -m benchmarks.ablate checkpoint RECIPE --arm NAME --step N [--seeds 0,1,2] [--out DIR] [KEY=VALUE ...]
     python -m benchmarks.ablate summary [--out DIR] [--baseline NAME]
 
 `run`: for each seed, trains RECIPE with `student.name=<arm>_s<seed> train.seed=<seed> output_dir=<out>/runs` and the
@@ -10,6 +11,11 @@ grades its weights (`final_ema` when kept) with `distill.eval.eval_student` on `
 `--eval-seed` (never the training prompts' seed): all-attribute accuracy, accuracy per training-length chunk, and the
 long-rollout drift curve. Writes `<out>/<arm>/seed<S>.json`. The teacher is graded once on the same prompts and noise,
 in the same time segments, into `<out>/teacher_<prompts>_<eval seed>.json`.
+
+`checkpoint`: grades the EMA weights that an arm's runs held at `checkpoint-<N>/` (the same RECIPE and KEY=VALUE as
+its `run`), on the same prompts and noise, into `<out>/<arm>@<N>/seed<S>.json`: how far the last N..max_steps
+steps moved the student. The EMA is loaded into diffusers' `EMAModel` over the finished student's trainable
+weights and copied onto them (`EMAModel.copy_to`).
 
 `summary`: one JSON line per arm, then a markdown table: mean and sample standard deviation over the seeds of
 all-attribute accuracy, of each chunk, and of the first and last long-rollout segments; with `--baseline`, each arm's
@@ -148,6 +154,53 @@ def run(args) -> None:
         )
 
 
+def checkpoint(args) -> None:
+    from diffusers.training_utils import EMAModel
+
+    from distill.checkpoints import CHECKPOINT_PREFIX
+    from distill.eval import eval_student
+    from distill.role_state import EMA_WEIGHTS, load_ema
+    from students.student import Student
+    from teachers.wan import WanTeacher
+
+    out = Path(args.out)
+    target = out / f"{args.arm}@{args.step}"
+    target.mkdir(parents=True, exist_ok=True)
+    teacher = ctx = None
+    for seed in args.seeds:
+        name, result = f"{args.arm}_s{seed}", target / f"seed{seed}.json"
+        if result.is_file():
+            print(f"ablate: {result} exists, skipping", flush=True)
+            continue
+        recipe = _recipe(args.recipe, args.overrides, out, name, seed, args.prompts, args.eval_seed)
+        run_dir = recipe.student_dir()
+        ema_dir, final = run_dir / f"{CHECKPOINT_PREFIX}{args.step}", run_dir / "final_ema"
+        for need in (ema_dir / EMA_WEIGHTS, final / "student.json"):
+            if not need.is_file():
+                raise SystemExit(
+                    f"{need}: missing; `checkpoint` grades the EMA of a finished run's kept checkpoint (train.ema: "
+                    f"true, and checkpoint-{args.step} among those kept)"
+                )
+        if teacher is None:
+            teacher = WanTeacher.from_config(recipe.teacher, "cpu")
+            ctx = _grading(recipe, teacher)
+        base = teacher.transformer_for(float(teacher.num_train_timesteps))
+        student = Student.from_pretrained(final, base_transformer=base)
+        params = student.trainable_parameters()
+        ema = EMAModel(params)
+        load_ema(ema, ema_dir)
+        ema.copy_to(params)
+        folder = target / "runs" / name
+        student.save_pretrained(folder)
+        entry, _ = eval_student(f"{name}@{args.step}", folder, teacher, recipe, ctx)
+        keep = {k: entry[k] for k in ("accuracy", "chunk_accuracy", "long_rollout", "weights")}
+        teacher_entry = json.loads((out / f"teacher_{args.prompts}_{args.eval_seed}.json").read_text())
+        body = {"arm": f"{args.arm}@{args.step}", "seed": seed, "recipe": args.recipe, "overrides": args.overrides}
+        body.update({"step": args.step, "prompts": args.prompts, "eval_seed": args.eval_seed, **keep})
+        result.write_text(json.dumps({**body, "teacher": teacher_entry}, indent=2) + "\n")
+        print(f"ablate: {args.arm} seed {seed} at step {args.step}: all {entry['accuracy']['all']:.3f}", flush=True)
+
+
 def _stats(values: list[float]) -> dict:
     return {
         "mean": round(statistics.fmean(values), 4),
@@ -219,16 +272,26 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--out", default="outputs/ablations")
     r.add_argument("--prompts", type=int, default=128)
     r.add_argument("--eval-seed", type=int, default=777)
+    c = sub.add_parser("checkpoint", help="grade the EMA an arm's runs held at an earlier checkpoint")
+    c.add_argument("recipe")
+    c.add_argument("--arm", required=True)
+    c.add_argument("--step", type=int, required=True)
+    c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2])
+    c.add_argument("--out", default="outputs/ablations")
+    c.add_argument("--prompts", type=int, default=128)
+    c.add_argument("--eval-seed", type=int, default=777)
     s = sub.add_parser("summary", help="mean and spread per arm")
     s.add_argument("--out", default="outputs/ablations")
     s.add_argument("--baseline", default=None)
     args, rest = parser.parse_known_args(argv)  # KEY=VALUE overrides may stand anywhere after `run`
     args.overrides = [a for a in rest if a != "--"]
-    bad = [a for a in args.overrides if "=" not in a or a.startswith("-") or args.command != "run"]
+    bad = [a for a in args.overrides if "=" not in a or a.startswith("-") or args.command == "summary"]
     if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (recipe overrides are KEY=VALUE, after `run`)")
+        parser.error(
+            f"unrecognized arguments: {' '.join(bad)} (recipe overrides are KEY=VALUE, after `run` or `checkpoint`)"
+        )
     os.chdir(ROOT)
-    run(args) if args.command == "run" else summary(args)
+    {"run": run, "checkpoint": checkpoint, "summary": summary}[args.command](args)
 
 
 if __name__ == "__main__":

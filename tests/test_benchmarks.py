@@ -332,6 +332,38 @@ def test_ablate_summary_means_and_spreads_by_hand(tmp_path, capsys):
         ablate(["summary", "--out", str(tmp_path), "--baseline", "nope"])
 
 
+def test_ablate_checkpoint_at_the_last_step_grades_as_the_finished_run(tmp_path):
+    """`checkpoint --step <max_steps>` rebuilds the EMA weights from checkpoint-<max_steps>/ (EMAModel.copy_to) and
+    grades them exactly as `run` graded final_ema; an earlier step is graded on the same prompts."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    recipe, out = "recipes/toyworld_self_forcing_long.yaml", str(tmp_path / "abl")
+    overrides = ["student.init=null", "train.max_steps=2", "train.checkpointing_steps=1", "train.batch_size=2"]
+    common = ["--arm", "a", "--seeds", "0", "--out", out, "--prompts", "4", *overrides, "eval.long_rollout_prompts=2"]
+    for command in (["run", recipe], ["checkpoint", recipe, "--step", "2"], ["checkpoint", recipe, "--step", "1"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.ablate", *command, *common],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    finished, last, first = (
+        json.loads((tmp_path / "abl" / arm / "seed0.json").read_text()) for arm in ("a", "a@2", "a@1")
+    )
+    for key in ("accuracy", "chunk_accuracy", "long_rollout"):
+        assert last[key] == finished[key]
+    assert first["step"] == 1 and first["teacher"] == finished["teacher"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ablate", "checkpoint", recipe, "--step", "7", *common],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "checkpoint-7/ema.safetensors: missing" in proc.stderr
+
+
 def test_toy_bench_summary_ratios_by_hand():
     from benchmarks.toy_bench import summarise
 
