@@ -90,7 +90,7 @@ def grade_teacher(recipe, teacher, ctx: dict, chunks: int, path: Path) -> dict:
 
 
 def run(args) -> None:
-    from distill.eval import eval_student, find_students, training_chunks
+    from distill.eval import find_students
     from teachers.wan import WanTeacher
 
     out = Path(args.out)
@@ -124,28 +124,8 @@ def run(args) -> None:
             teacher = WanTeacher.from_config(recipe.teacher, "cpu")
             ctx = _grading(recipe, teacher)
         folder = dict(find_students(recipe))[name]
-        entry, _ = eval_student(name, folder, teacher, recipe, ctx)
-        chunks = training_chunks(ctx["shape"][1], recipe.student)
-        teacher_entry = grade_teacher(
-            recipe, teacher, ctx, chunks, out / f"teacher_{args.prompts}_{args.eval_seed}.json"
-        )
-        keep = {k: entry[k] for k in ("accuracy", "chunk_accuracy", "long_rollout", "weights")}
-        result.write_text(
-            json.dumps(
-                {
-                    "arm": args.arm,
-                    "seed": seed,
-                    "recipe": args.recipe,
-                    "overrides": args.overrides,
-                    "prompts": args.prompts,
-                    "eval_seed": args.eval_seed,
-                    "train_seconds": round(train_seconds, 1),
-                    **keep,
-                    "teacher": teacher_entry,
-                },
-                indent=2,
-            )
-            + "\n"
+        entry = _grade_and_write(
+            args, args.arm, seed, name, folder, recipe, teacher, ctx, result, train_seconds=round(train_seconds, 1)
         )
         print(
             f"ablate: {args.arm} seed {seed}: all {entry['accuracy']['all']:.3f}, chunks "
@@ -154,11 +134,27 @@ def run(args) -> None:
         )
 
 
+def _grade_and_write(args, arm: str, seed: int, name: str, folder: Path, recipe, teacher, ctx, result: Path, **extra):
+    """Grade the student in `folder` and the teacher (cached) on the ablation prompts; write `result` (one seed's
+    JSON: the arm, how it was made, `extra`, the student's figures and the teacher's). Returns the student's entry."""
+    from distill.eval import eval_student, training_chunks
+
+    entry, _ = eval_student(name, folder, teacher, recipe, ctx)
+    chunks = training_chunks(ctx["shape"][1], recipe.student)
+    teacher_entry = grade_teacher(
+        recipe, teacher, ctx, chunks, Path(args.out) / f"teacher_{args.prompts}_{args.eval_seed}.json"
+    )
+    keep = {k: entry[k] for k in ("accuracy", "chunk_accuracy", "long_rollout", "weights")}
+    made = {"arm": arm, "seed": seed, "recipe": args.recipe, "overrides": args.overrides}
+    made.update({"prompts": args.prompts, "eval_seed": args.eval_seed, **extra})
+    result.write_text(json.dumps({**made, **keep, "teacher": teacher_entry}, indent=2) + "\n")
+    return entry
+
+
 def checkpoint(args) -> None:
     from diffusers.training_utils import EMAModel
 
     from distill.checkpoints import CHECKPOINT_PREFIX
-    from distill.eval import eval_student
     from distill.role_state import EMA_WEIGHTS, load_ema
     from students.student import Student
     from teachers.wan import WanTeacher
@@ -192,12 +188,9 @@ def checkpoint(args) -> None:
         ema.copy_to(params)
         folder = target / "runs" / name
         student.save_pretrained(folder)
-        entry, _ = eval_student(f"{name}@{args.step}", folder, teacher, recipe, ctx)
-        keep = {k: entry[k] for k in ("accuracy", "chunk_accuracy", "long_rollout", "weights")}
-        teacher_entry = json.loads((out / f"teacher_{args.prompts}_{args.eval_seed}.json").read_text())
-        body = {"arm": f"{args.arm}@{args.step}", "seed": seed, "recipe": args.recipe, "overrides": args.overrides}
-        body.update({"step": args.step, "prompts": args.prompts, "eval_seed": args.eval_seed, **keep})
-        result.write_text(json.dumps({**body, "teacher": teacher_entry}, indent=2) + "\n")
+        entry = _grade_and_write(
+            args, target.name, seed, f"{name}@{args.step}", folder, recipe, teacher, ctx, result, step=args.step
+        )
         print(f"ablate: {args.arm} seed {seed} at step {args.step}: all {entry['accuracy']['all']:.3f}", flush=True)
 
 
