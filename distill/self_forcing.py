@@ -14,7 +14,8 @@ and DMD is applied to the WHOLE video x0 (`distill.dmd`): x_σ = (1-σ)·sg(x0) 
     grad = (x0_fake - x0_real) / mean|x0 - x0_real|,   L_G = ½·‖x0 - sg(x0 - grad)‖²,
     L_C = flow matching of the critic on sg(x0)   (the rollout re-run without grad).
 Gradients reach the student through each chunk's exit step only (and the text's cross-attention K/V); the
-cache is never differentiated (Self-Forcing's truncated gradient).
+cache is never differentiated (Self-Forcing's truncated gradient). With `grad_through_steps` every step of a chunk
+keeps its graph, so the gradient also reaches the earlier steps through the re-noisings x = (1-σ_{i+1})·x0 + σ_{i+1}·ε.
 
 Exit steps: one per chunk, k_c ~ U{0..S-1} (`exit_step: last`: S-1; `same_step_across_chunks`: k_0 for every
 chunk, as Self-Forcing's configs run), drawn from a generator seeded with
@@ -160,6 +161,7 @@ class CausalRollout:
         same_across_chunks: bool = False,
         window_min_start: int = 0,
         given_first_chunk: float = 0.0,
+        grad_through_steps: bool = False,
     ):
         """`model`: a `CausalWan` or `PreparedCausal`; `sigmas`: the student's levels (all > 0);
         `seed` / `samples_per_step`: train.seed and the global samples per trainer step G (step s holds the sample
@@ -167,7 +169,8 @@ class CausalRollout:
         `window`: None returns the whole rollout, else only `window` consecutive chunks ending at a chunk drawn per
         trainer step (`draw_window_end`): the chunks before them are rolled out as at inference (every step, no
         grad) and only fill the cache; later chunks are not rolled out at all. `given_first_chunk`: the probability
-        that a step's chunk 0 is the batch's clean latents instead of generated (`draw_given_first_chunk`)."""
+        that a step's chunk 0 is the batch's clean latents instead of generated (`draw_given_first_chunk`);
+        `grad_through_steps`: the exit step's graph reaches back through the chunk's earlier steps."""
         if not sigmas or any(s <= 0 for s in sigmas):
             raise ValueError(
                 f"student.denoising_steps: the causal rollout samples the student at every σ, all must "
@@ -179,6 +182,7 @@ class CausalRollout:
         self.window = window  # checked against the chunks rolled out by `draw_window_end`
         self.window_min_start = window_min_start
         self.given_first_chunk = given_first_chunk
+        self.grad_through_steps = grad_through_steps
         self.last_given = False
         """Whether the latest call's chunk 0 was given (for logs and tests)."""
         self.last_exit_steps: list[int] = []
@@ -232,6 +236,7 @@ class CausalRollout:
             exit_steps=exit_steps,
             grad_from_chunk=max(first - int(given), 0),
             prefix=prefix,
+            grad_through_steps=self.grad_through_steps,
         )
         if given:
             x0 = torch.cat([prefix, x0], dim=2)
@@ -273,6 +278,11 @@ class SelfForcing(DMD):
         ode_regression_weight: float = 0.0
         """w > 0 adds w·(ODE regression loss on the batch's stored teacher trajectories) to the generator's loss
         (module docstring); needs train.data_source: dataset and data.trajectory_steps."""
+        grad_through_steps: bool = False
+        """Keep the graph of every student step of a chunk, not only its exit step's: DMD's gradient then reaches
+        the earlier levels (which decide the chunk's content at high noise) back through the re-noisings, instead of
+        Self-Forcing's truncation to the exit step. One graph per step and chunk: memory and backward time grow with
+        the exit step."""
         frame_wise_timesteps: bool = False
         """Diffusion forcing: one σ per chunk (frames of a chunk share it) in the DMD re-noising and the critic
         loss, instead of one per video. The teacher must take per-frame timesteps (Wan: temporal patch 1)."""
@@ -335,6 +345,7 @@ class SelfForcing(DMD):
             same_across_chunks=c.same_step_across_chunks,
             window_min_start=c.dmd_window_min_start,
             given_first_chunk=c.given_first_chunk,
+            grad_through_steps=c.grad_through_steps,
         )
         anchor = None
         if c.ode_regression_weight > 0:  # (the recipe's check: train.data_source is dataset)

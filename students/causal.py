@@ -341,6 +341,7 @@ def stream_causal(
     exit_steps: int | list[int] | None = None,
     grad_from_chunk: int = 0,
     prefix: torch.Tensor | None = None,
+    grad_through_steps: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield each finished chunk's latents x0 [B, C, <=frames_per_block, H, W], chunk by chunk.
 
@@ -352,7 +353,8 @@ def stream_causal(
 
     `exit_steps` (Self-Forcing training): the step index at which each chunk stops (one int for all
     chunks, or one per chunk); steps before it run under `no_grad`, the exit step keeps the caller's grad
-    mode and its x0 is the chunk's output. None runs every step. `grad_from_chunk`: chunks before it run
+    mode and its x0 is the chunk's output (`grad_through_steps`: every step keeps it, so the exit step's graph reaches
+    back through the re-noisings to the chunk's first step). None runs every step. `grad_from_chunk`: chunks before it run
     entirely under `no_grad` (context only: Self-Forcing++'s windowed training). Decoding is the caller's.
     Chunks follow `chunk_bounds` (with `student.independent_first_frame`, the first is one frame).
 
@@ -380,6 +382,7 @@ def stream_causal(
             generator,
             exits[chunk],
             grad=grad and chunk >= grad_from_chunk,
+            through_steps=grad_through_steps,
         )
         previous = (x0, start)
         yield x0
@@ -399,15 +402,16 @@ def denoise_chunk(
     generator,
     exit_step: int,
     grad: bool,
+    through_steps: bool = False,
 ) -> torch.Tensor:
     """One chunk of the few-step sampler: from x at σ_0, predict x0 = x - σ_i·v with the cache as context and
     re-noise it to σ_{i+1} with fresh noise, up to step `exit_step`, whose x0 is returned. Only the exit step may keep
-    a graph (when `grad`)."""
+    a graph (when `grad`), or every step with `through_steps`."""
     batch = x.shape[0]
     for i in range(exit_step + 1):
         last = i == exit_step
         t = torch.full((batch,), sigmas[i], dtype=torch.float32, device=x.device) * NUM_TRAIN_TIMESTEPS
-        with torch.set_grad_enabled(grad and last):
+        with torch.set_grad_enabled(grad and (last or through_steps)):
             x0 = x0_from_velocity(x, model.forward_chunk(x, t, cache, start, update_cache=False), sigmas[i])
         if not last:
             x = add_noise(x0, randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype), sigmas[i + 1])
@@ -438,12 +442,14 @@ def sample_causal(
     exit_steps: int | list[int] | None = None,
     grad_from_chunk: int = 0,
     prefix: torch.Tensor | None = None,
+    grad_through_steps: bool = False,
 ) -> torch.Tensor:
     """The whole causal rollout [B, C, F, H, W] (`stream_causal`'s chunks concatenated on frames; a `prefix` is
     not part of it)."""
-    return torch.cat(
-        list(stream_causal(model, cond_embeds, noise, sigmas, generator, exit_steps, grad_from_chunk, prefix)), dim=2
+    chunks = stream_causal(
+        model, cond_embeds, noise, sigmas, generator, exit_steps, grad_from_chunk, prefix, grad_through_steps
     )
+    return torch.cat(list(chunks), dim=2)
 
 
 def _exit_steps(exit_steps: int | list[int] | None, num_chunks: int, num_steps: int) -> list[int]:

@@ -157,6 +157,27 @@ def test_gradients_flow_only_through_each_chunks_exit_step(teacher, student):
     student.zero_grad(set_to_none=True)
 
 
+def test_grad_through_steps_keeps_every_steps_graph_and_the_same_sample(teacher, student):
+    """`grad_through_steps`: every step of a chunk keeps its graph, so the gradient of chunk 1 (exit step 2) reaches
+    its initial noise through two re-noisings: d out/d x_0 = prod over steps of d x0_i/d x_i · (1 - σ_{i+1})
+    is not zero, where the truncated rollout gives exactly zero. The sample itself is the same."""
+    causal = student.causal
+    batch = make_batch(teacher)
+    runs = {}
+    for through in (False, True):
+        gens = [sample_generator(0, i) for i in (0, 1)]
+        noise = randn_per_sample(gens, SHAPE, "cpu").requires_grad_(True)
+        out = sample_causal(
+            causal, batch.cond.prompt_embeds, noise, SIGMAS, generator=gens, exit_steps=[2, 2], grad_through_steps=through
+        )
+        out[:, :, 1].sum().backward()
+        grad = torch.zeros_like(noise) if noise.grad is None else noise.grad  # None: no path from the noise at all
+        runs[through] = (out.detach(), grad[:, :, 1].clone())
+        student.zero_grad(set_to_none=True)
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=0, atol=0)
+    assert float(runs[False][1].abs().max()) == 0.0 and float(runs[True][1].abs().sum()) > 0
+
+
 def test_given_first_chunk_starts_the_rollout_from_the_datas_first_chunk(teacher, student):
     """given_first_chunk: on the steps drawn (the same for every rank), chunk 0 is the batch's clean latents, written
     into the cache as a stream with a prefix writes it, without a gradient; the rollout generates chunk 1 on."""
