@@ -14,8 +14,9 @@ random exit steps, are timed in every variant.
 Each variant runs in its own process, so its peak memory is its own: on a GPU `torch.cuda.max_memory_allocated`, on a
 CPU the peak RSS (`resource.getrusage`, which includes the ~0.5 GB of the Python process and libraries). `step_mem_mib`
 is the peak while stepping minus what was held before the first step (optimizer states, gradients, activations).
-`planned_mib` is the dry run's memory plan (`distill.memory_plan`: weights, gradients, optimizer states, EMA) of the
-roles the step builds, and `peak_minus_planned_mib` what the plan leaves out (activations, and on a CPU the process).
+`planned_mib` is the dry run's memory plan (`distill.memory_plan`: weights, gradients, optimizer states, EMA and the
+step's activations) of the roles the step builds, and `peak_minus_planned_mib` what the plan misses (on a CPU, the
+process too).
 8-bit AdamW (`train.optimizer: adamw8bit`) needs bitsandbytes and CUDA: elsewhere its variants are "unavailable".
 A variant that runs out of GPU memory is reported as "oom".
 
@@ -220,14 +221,15 @@ def run_variant(args, checkpointing: bool, optimizer: str) -> dict:
 
 
 def planned_mib(args, recipe) -> float | None:
-    """`distill.memory_plan`'s weights and optimizer states for the roles this benchmark builds (`1.3b`: no text
-    encoder); None for `--tiny-shape`, whose shrunken transformer is no released config."""
+    """`distill.memory_plan`'s total for the roles this benchmark builds (`1.3b`: no text encoder); None for
+    `--tiny-shape`, whose shrunken transformer is no released config."""
     from distill.memory_plan import plan_memory
 
     if args.size != "tiny" and args.tiny_shape:
         return None
     skip = set() if args.size == "tiny" else {"text encoder"}
-    return sum(line.bytes for line in plan_memory(recipe).lines if line.role not in skip) / 2**20
+    plan = plan_memory(recipe)
+    return (plan.total - sum(line.bytes for line in plan.lines if line.role in skip)) / 2**20
 
 
 def measure(train_step, warmup: int, steps: int, device: torch.device) -> dict:

@@ -10,8 +10,15 @@ pruned blocks and timestep experts count as they will train:
   their gradients, AdamW's two moments (4 bytes each; `adamw8bit`: 1 byte each), the EMA's float32 copy;
 - `train.sharding: fsdp` divides the teacher's transformers, the student, the critic and their states by the number
   of processes (the VAE and text encoder are not sharded).
-Not planned: activations (they follow the method's graph, checkpointing and the attention kernel; measure them with
-`benchmarks/train_step.py` on the GPU), the CUDA context and the allocator's slack.
+- activations (`_activations`): the step's forwards run on the meta device at the recipe's shapes and dtype, their
+  tensor storage alive at once counted by `LiveBytes` (weights excluded): the student's forward with its graph
+  (checkpointed as the trainer does it), the teacher's guided no-grad forward while that graph lives, the backward
+  with the gradients counted from the moment they accumulate. Attention counts as a fused kernel keeps it (q, k, v,
+  output, log-sum-exp: flash / memory-efficient attention, as GPUs run it), not the [S, S] weights of SDPA's math
+  path. Self-Forcing's rollout is composed from one chunk: a graph per chunk of the DMD window, the KV cache. Under
+  mixed precision, autocast's low-precision copies of the trainable float32 weights. The critic's step is its own
+  phase; the student's gradients live through it unless the critic runs after the generator's update.
+Not planned: the CUDA context, the allocator's slack, the text encoder's and the VAE's transients.
 
 Configs come from `teacher.pretrained` (a local folder, or the Hub: config.json files only). When the Hub is not
 reachable, the released configs of the Wan ids in `RELEASED` are used, and the plan says so.
@@ -20,12 +27,16 @@ reachable, the released configs of the Wan ids in `RELEASED` are used, and the p
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import UMT5Config, UMT5EncoderModel
 
 from distill.config import Recipe
@@ -117,6 +128,9 @@ class Line:
     what: str
     bytes: float
     """Per GPU."""
+    phases: tuple[str, ...] = ()
+    """(): held all step; else the phases of the step ("student": the generator's loss, backward and update;
+    "critic": the critic's) during which it is alive: activations, and gradients, set to None after each update."""
 
 
 @dataclass
@@ -124,24 +138,39 @@ class Plan:
     lines: list[Line] = field(default_factory=list)
     source: str = ""
     processes: int = 1
+    activations: bool = False
+    """Whether the lines include the training step's activations (a `train` plan)."""
+
+    def phase_bytes(self, phase: str) -> float:
+        return sum(line.bytes for line in self.lines if phase in line.phases)
+
+    @property
+    def peak_phase(self) -> str | None:
+        phases = {p for line in self.lines for p in line.phases}
+        return max(sorted(phases), key=self.phase_bytes) if phases else None
 
     @property
     def total(self) -> float:
-        return sum(line.bytes for line in self.lines)
+        """The lines held all step plus those alive in the step's largest phase."""
+        held = sum(line.bytes for line in self.lines if not line.phases)
+        return held + (self.phase_bytes(self.peak_phase) if self.peak_phase else 0.0)
 
-    def add(self, role: str, what: str, nbytes: float) -> None:
-        self.lines.append(Line(role, what, nbytes))
+    def add(self, role: str, what: str, nbytes: float, phases: tuple[str, ...] = ()) -> None:
+        self.lines.append(Line(role, what, nbytes, phases))
 
     def table(self, gpu_memory_gib: float | None = None) -> str:
         rows = [f"memory plan per GPU ({self.processes} process{'es' if self.processes > 1 else ''}; {self.source})"]
-        rows += [f"  {line.role:<13} {line.what:<62} {line.bytes / GIB:8.2f} GiB" for line in self.lines]
-        rows.append(
-            f"  {'total':<13} {'weights and optimizer states (activations not planned)':<62} "
-            f"{self.total / GIB:8.2f} GiB"
-        )
+        for line in self.lines:
+            steps = " and ".join(line.phases) + (" steps" if len(line.phases) > 1 else " step")
+            what = f"[{steps}] {line.what}" if line.phases else line.what
+            rows.append(f"  {line.role:<13} {what:<62} {line.bytes / GIB:8.2f} GiB")
+        planned = "weights, optimizer states and activations" if self.activations else "weights and optimizer states"
+        if len({p for line in self.lines for p in line.phases}) > 1:
+            planned += f" (the {self.peak_phase} step's)"
+        rows.append(f"  {'total':<13} {planned:<62} {self.total / GIB:8.2f} GiB")
         if gpu_memory_gib is not None:
             left = gpu_memory_gib - self.total / GIB
-            verdict = f"{left:.1f} GiB left for activations" if left > 0 else f"does NOT fit: {-left:.1f} GiB over"
+            verdict = f"{left:.1f} GiB left" if left > 0 else f"does NOT fit: {-left:.1f} GiB over"
             rows.append(f"  against --gpu-memory {gpu_memory_gib:g} GiB: {verdict}")
         return "\n".join(rows)
 
@@ -275,8 +304,13 @@ def plan_memory(recipe: Recipe, processes: int = 1, teacher_only: bool = False) 
     student_cfg = copy.deepcopy(recipe.student)
     student_cfg.init, student_cfg.init_lora = None, []  # the plan reads no weights
     student = build_student(student_cfg, base)
-    _trainable(plan, "student", sum(p.numel() for p in student.trainable_parameters()), tc, shard, tc.ema)
-    if METHODS[recipe.method.name].two_player:
+    # the student's gradients live until its update, which comes after the critic's pass unless the method runs the
+    # critic after the generator's update (Self-Forcing's order)
+    two_player = METHODS[recipe.method.name].two_player
+    overlap = two_player and not recipe.method.critic_config().critic_after_generator
+    phases = ("student", "critic") if overlap else ("student",)
+    _trainable(plan, "student", sum(p.numel() for p in student.trainable_parameters()), tc, shard, tc.ema, phases)
+    if two_player:
         c = recipe.method.critic_config()
         critic = build_critic(  # `full` copies the (meta) base; `lora` adds its adapter to it
             base,
@@ -287,18 +321,227 @@ def plan_memory(recipe: Recipe, processes: int = 1, teacher_only: bool = False) 
             gradient_checkpointing=False,
             key=f"method.{recipe.method.name}",
         )
-        _trainable(plan, "critic", sum(p.numel() for p in critic.trainable_parameters()), tc, shard, False)
+        _trainable(plan, "critic", sum(p.numel() for p in critic.trainable_parameters()), tc, shard, False, ("critic",))
+    else:
+        critic = None
+    _activations(plan, recipe, configs, student, critic, base, shard)
     return plan
 
 
-def _trainable(plan: Plan, role: str, n: int, tc, shard: int, ema: bool) -> None:
+def _trainable(plan: Plan, role: str, n: int, tc, shard: int, ema: bool, phases: tuple[str, ...]) -> None:
+    """`phases`: while its gradients are alive (they are set to None after each update), unless micro-batches
+    accumulate them all step."""
     per = f" / {shard} (FSDP)" if shard > 1 else ""
     plan.add(role, f"trainable {_b([n])} params x 4 B (float32 master weights){per}", n * 4 / shard)
-    plan.add(role, f"gradients, float32{per}", n * 4 / shard)
+    plan.add(role, f"gradients, float32{per}", n * 4 / shard, phases if tc.gradient_accumulation_steps == 1 else ())
     moments = 2 if tc.optimizer == "adamw8bit" else 8
     plan.add(role, f"{tc.optimizer} moments, {moments} B per param{per}", n * moments / shard)
     if ema:
         plan.add(role, f"EMA, float32{per}", n * 4 / shard)
+
+
+# ---- activations -----------------------------------------------------------------------------------------------
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of tensor storage on `device` alive, and their peak, over the ops run inside it (on the meta device
+    too, where storages have sizes but no memory): every storage an op reads or writes counts from then until it is
+    freed, except those of `ignore` (tensors whose storages are accounted elsewhere, e.g. weights). torch's MemTracker
+    does this per module but registers gradient hooks on every parameter, which frozen weights refuse."""
+
+    def __init__(self, device: str = "cpu", ignore: tuple[torch.Tensor, ...] = ()):
+        super().__init__()
+        self.device, self.live, self.refs = device, {}, {}
+        self.ignore = {t.untyped_storage()._cdata for t in ignore}
+        self.now = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+        self.refs.pop(key, None)
+
+    def add(self, nbytes: float) -> None:
+        """Count `nbytes` more from now on (memory the ops run here do not allocate themselves)."""
+        self.now += nbytes
+        self.peak = max(self.peak, self.now)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves((out, args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.device.type == self.device:
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self.live and key not in self.ignore:
+                    self.live[key] = storage.nbytes()
+                    self.now += self.live[key]
+                    self.peak = max(self.peak, self.now)
+                    self.refs[key] = weakref.ref(storage, lambda _, k=key: self._free(k))
+        return out
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Attention with a fused kernel's memory: its graph keeps q, k, v, the output and the log-sum-exp per query and
+    head (flash / memory-efficient attention, as GPUs run it), not the [S, S] weights of SDPA's math path, which is
+    what the meta device would dispatch to."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])  # (meta only: the values are not needed, the sizes are)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return _FusedAttention.apply(query, key, value)
+
+
+@dataclass
+class _Measured:
+    held: float
+    """Bytes alive after the forward (its graph and output)."""
+    peak: float
+    """The most alive at once over the forward and, with a graph, its backward (weight gradients excluded: they are
+    planned per role)."""
+
+
+def _run_on_meta(
+    model: WanTransformer3DModel,
+    dtype: torch.dtype,
+    batch: int,
+    latent: tuple[int, ...],
+    text: tuple[int, int],
+    checkpointing: bool,
+    grad: bool,
+    grad_bytes: float = 0.0,
+) -> _Measured:
+    """One forward (and with `grad` its backward) of a copy of the meta module `model` in `dtype` on [batch, *latent]
+    latents and [batch, *text] text embeddings, counted with `LiveBytes` on the meta device. Each trainable weight's
+    gradient counts `grad_bytes` per element from the moment the backward accumulates it (float32 master gradients,
+    whatever `dtype` the forward runs in), as the step holds them until its update."""
+    model = copy.deepcopy(model)
+    torch.nn.Module.to(model, dtype)  # (diffusers' own `to` warns about its float32 modules; autocast keeps them too)
+    if checkpointing and grad:
+        model.enable_gradient_checkpointing()
+        model._gradient_checkpointing_func = functools.partial(
+            torch.utils.checkpoint.checkpoint, use_reentrant=False, preserve_rng_state=False
+        )
+    with torch.device("meta"):
+        x, t = torch.empty(batch, *latent, dtype=dtype), torch.empty(batch)
+        e = torch.empty(batch, *text, dtype=dtype)
+    live = LiveBytes("meta", ignore=(*model.parameters(), *model.buffers()))  # weights: planned per role
+
+    def accumulated(p: torch.Tensor) -> None:
+        live.add(p.numel() * grad_bytes)
+        p.grad = None
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(accumulated)
+    torch.nn.functional.scaled_dot_product_attention = _fused_attention
+    try:
+        with live, torch.set_grad_enabled(grad):
+            out = model(hidden_states=x, timestep=t, encoder_hidden_states=e, return_dict=False)[0]
+            held = live.now
+            if grad:
+                out.float().square().mean().backward()
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = _SDPA
+    return _Measured(held, live.peak)
+
+
+def _autocast_copies(model: torch.nn.Module, nbytes: int, checkpointing: bool) -> float:
+    """Autocast keeps a low-precision copy of each float32 trainable matrix a forward uses until its backward: all
+    of them, or with checkpointing those outside the blocks plus one block's (re-made in the backward)."""
+    blocks, rest = {}, 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.ndim >= 2:
+            parts = name.split(".")
+            if parts[0] == "blocks":
+                blocks[parts[1]] = blocks.get(parts[1], 0) + p.numel() * nbytes
+            else:
+                rest += p.numel() * nbytes
+    return rest + (max(blocks.values(), default=0) if checkpointing else sum(blocks.values()))
+
+
+def _activations(
+    plan: Plan, recipe: Recipe, configs: dict, student, critic, base: WanTransformer3DModel, shard: int
+) -> None:
+    """The activation lines of the step's phases: the generator's (the student's forward with graph, the no-grad
+    forwards of the teacher and the critic while that graph lives, its backward) and the critic's. The backward
+    frees activations while it fills the gradients: each line is the phase's peak less its role's gradient line."""
+    tc, tcfg, scfg = recipe.train, recipe.teacher, recipe.student
+    vae = configs["vae"]
+    spatial = vae.get("scale_factor_spatial", 2 ** len(vae["temperal_downsample"]))
+    temporal = vae.get("scale_factor_temporal", 2 ** sum(vae["temperal_downsample"]))
+    channels, patch = base.config.in_channels, base.config.patch_size
+    frames, h, w = (tcfg.num_frames - 1) // temporal + 1, tcfg.height // spatial, tcfg.width // spatial
+    mixed = tc.mixed_precision in ("bf16", "fp16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision, getattr(torch, tcfg.dtype))
+    nbytes = DTYPE_BYTES[str(dtype).removeprefix("torch.")]
+    text = (tcfg.max_sequence_length, base.config.text_dim)
+    b, ckpt = tc.batch_size, tc.gradient_checkpointing
+    mode = ("checkpointed" if ckpt else "no checkpointing") + f", {str(dtype).removeprefix('torch.')}"
+    name, causal = recipe.method.name, scfg.spec.causal
+    teacher_runs = name not in ("ode_regression",)  # methods whose loss calls the teacher while the graph lives
+    cfg_batch = 2 if tcfg.cfg_batch else 1  # the teacher's guided forward: conditional and unconditional in one batch
+    accumulate = tc.gradient_accumulation_steps > 1  # gradients held all step: their own line, not in the peak
+    grad_bytes = 0.0 if accumulate else 4.0 / shard
+
+    def grads(role: str) -> float:
+        return 0.0 if accumulate else next(x.bytes for x in plan.lines if x.role == role and x.what.startswith("grad"))
+
+    module = (
+        copy.deepcopy(base).requires_grad_(True)
+        if causal
+        else (student.transformer if student.is_lora else student.experts[0])
+    )
+    copies = _autocast_copies(module, nbytes, ckpt) if mixed else 0.0
+    if name == "self_forcing":
+        c = recipe.method.self_forcing
+        n = scfg.frames_per_block // patch[0]
+        first = 1 if scfg.independent_first_frame else n
+        chunks = c.num_chunks or 1 + max(0, -(-(frames // patch[0] - first) // n))
+        window = c.dmd_window or chunks
+        one = _run_on_meta(module, dtype, b, (channels, n * patch[0], h, w), text, ckpt, True, grad_bytes)
+        cap = None if scfg.local_window is None else scfg.local_window // patch[0]
+        ends = [first + k * n for k in range(chunks)]
+        keys = [e if cap is None else min(e, cap) for e in ends]
+        hw, blocks = (h // patch[1]) * (w // patch[2]), len(base.blocks)
+        inner = base.config.num_attention_heads * base.config.attention_head_dim
+        kv = 2 * inner * hw * b * nbytes  # K and V of one temporal position in one block
+        graphs = len(scfg.denoising_steps or [0]) if c.grad_through_steps else 1
+        # each chunk's graph; its attention keeps the cache's K/V concatenated before its own (checkpointing
+        # re-makes that block by block in the backward)
+        held = sum(graphs * (one.held + copies + (0 if ckpt else kv * blocks * (k - n))) for k in keys[-window:])
+        cache = kv * blocks * max(keys) + 2 * inner * text[0] * b * nbytes * blocks  # self and cross K/V
+        clip = (channels, min(window * n, frames // patch[0]) * patch[0], h, w)
+        scores = _run_on_meta(base, dtype, b * cfg_batch, clip, text, False, grad=False).peak
+        backward = one.peak - one.held + (kv * (max(keys) - n) if ckpt else 0)
+        gen = held + cache + max(backward, scores)
+        what = f"generator: {window} chunk graph(s){' x every step' if c.grad_through_steps else ''} + KV cache"
+    else:
+        clip = (channels, frames, h, w)
+        one = _run_on_meta(module, dtype, b, clip, text, ckpt, True, grad_bytes)
+        scores = _run_on_meta(base, dtype, b * cfg_batch, clip, text, False, False).peak if teacher_runs else 0.0
+        gen = max(one.peak, one.held + scores) + copies
+        what = f"{'generator' if critic is not None else 'student'}: forward with graph, batch {b} x {clip[1]} frames"
+    plan.add("activations", f"{what}, {mode}", max(gen - grads("student"), 0.0), ("student",))
+    if critic is not None:
+        ckpt_critic = ckpt and critic.gan_head is None
+        crit = _run_on_meta(critic.transformer, dtype, b, clip, text, ckpt_critic, True, grad_bytes)
+        copies = _autocast_copies(critic.transformer, nbytes, ckpt) if mixed else 0.0
+        plan.add(
+            "activations",
+            f"critic: forward with graph, batch {b} x {clip[1]} frames, {mode}",
+            max(crit.peak + copies - grads("critic"), 0.0),
+            ("critic",),
+        )
+    plan.activations = True
 
 
 def _b(counts: list[int]) -> str:

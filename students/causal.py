@@ -353,9 +353,9 @@ def stream_causal(
 
     `exit_steps` (Self-Forcing training): the step index at which each chunk stops (one int for all
     chunks, or one per chunk); steps before it run under `no_grad`, the exit step keeps the caller's grad
-    mode and its x0 is the chunk's output (`grad_through_steps`: every step keeps it, so the exit step's graph reaches
-    back through the re-noisings to the chunk's first step). None runs every step. `grad_from_chunk`: chunks before it run
-    entirely under `no_grad` (context only: Self-Forcing++'s windowed training). Decoding is the caller's.
+    mode and its x0 is the chunk's output (`grad_through_steps`: every step keeps it, so the exit step's graph
+    reaches back through the re-noisings to the chunk's first step). None runs every step. `grad_from_chunk`: chunks
+    before it run entirely under `no_grad` (context only: Self-Forcing++'s windowed training). Decoding is the caller's.
     Chunks follow `chunk_bounds` (with `student.independent_first_frame`, the first is one frame).
 
     `prefix` [B, C, P, H, W]: clean latents written into the cache first (`write_prefix`: a given first frame for

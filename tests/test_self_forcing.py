@@ -168,7 +168,13 @@ def test_grad_through_steps_keeps_every_steps_graph_and_the_same_sample(teacher,
         gens = [sample_generator(0, i) for i in (0, 1)]
         noise = randn_per_sample(gens, SHAPE, "cpu").requires_grad_(True)
         out = sample_causal(
-            causal, batch.cond.prompt_embeds, noise, SIGMAS, generator=gens, exit_steps=[2, 2], grad_through_steps=through
+            causal,
+            batch.cond.prompt_embeds,
+            noise,
+            SIGMAS,
+            generator=gens,
+            exit_steps=[2, 2],
+            grad_through_steps=through,
         )
         out[:, :, 1].sum().backward()
         grad = torch.zeros_like(noise) if noise.grad is None else noise.grad  # None: no path from the noise at all
