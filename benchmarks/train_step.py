@@ -15,8 +15,8 @@ Each variant runs in its own process, so its peak memory is its own: on a GPU `t
 CPU the peak RSS (`resource.getrusage`, which includes the ~0.5 GB of the Python process and libraries). `step_mem_mib`
 is the peak while stepping minus what was held before the first step (optimizer states, gradients, activations).
 `planned_mib` is the dry run's memory plan (`distill.memory_plan`: weights, gradients, optimizer states, EMA and the
-step's activations) of the roles the step builds, and `peak_minus_planned_mib` what the plan misses (on a CPU, the
-process too).
+step's activations) of the roles the step builds, `peak_minus_planned_mib` what the plan misses (on a CPU, the
+process too) and `ratio_peak_vs_planned` the measured peak over it.
 8-bit AdamW (`train.optimizer: adamw8bit`) needs bitsandbytes and CUDA: elsewhere its variants are "unavailable".
 A variant that runs out of GPU memory is reported as "oom".
 
@@ -206,8 +206,9 @@ def run_variant(args, checkpointing: bool, optimizer: str) -> dict:
         return {
             "status": "ok",
             **figures,
-            "planned_mib": planned,  # the dry run's plan of what this step's roles hold (weights and states)
+            "planned_mib": planned,  # the dry run's plan of this step's roles (states and activations)
             "peak_minus_planned_mib": None if planned is None else figures["peak_mem_mib"] - planned,
+            "ratio_peak_vs_planned": None if planned is None else round(figures["peak_mem_mib"] / planned, 3),
             "student_trainable_params": sum(p.numel() for p in params),
             "critic_trainable_params": sum(p.numel() for p in critic_params),
             "latent_shape": list(shape),
