@@ -156,6 +156,8 @@ class KD:
     """Reads the teacher's stored ODE states (the dataset's `trajectory` column)."""
     data_free = False
     """Can train from captions alone (`train.data_source: prompts`)."""
+    queries_teacher = True
+    """Runs the teacher in its loss while the student's graph is alive (the memory plan counts that forward)."""
     student_kinds = None
     """The student kinds it trains; None: every kind."""
 

@@ -487,7 +487,7 @@ def _activations(
     b, ckpt = tc.batch_size, tc.gradient_checkpointing
     mode = ("checkpointed" if ckpt else "no checkpointing") + f", {str(dtype).removeprefix('torch.')}"
     name, causal = recipe.method.name, scfg.spec.causal
-    teacher_runs = name not in ("ode_regression",)  # methods whose loss calls the teacher while the graph lives
+    teacher_runs = METHODS[name].queries_teacher
     cfg_batch = 2 if tcfg.cfg_batch else 1  # the teacher's guided forward: conditional and unconditional in one batch
     accumulate = tc.gradient_accumulation_steps > 1  # gradients held all step: their own line, not in the peak
     grad_bytes = 0.0 if accumulate else 4.0 / shard

@@ -7,6 +7,7 @@ A method is one file in `distill/` with one class that has:
 - `two_player`: True for a critic beside the student (`generator_loss`, `critic_loss`, `trains_generator(step)`,
   and a `critic_config()` section with the critic's keys, as `distill.dmd.DMD.Config`), else one `loss(batch)`;
 - `needs_trajectory`: it reads the teacher's stored ODE states; `data_free`: it can train from captions alone;
+  `queries_teacher`: its loss runs the teacher while the student's graph is alive;
   `student_kinds`: the student kinds it trains (None: all);
 - `from_recipe(recipe, *, teacher, student, unwrapped, critic, num_processes)`: the loss object, from pieces the
   trainer built (teacher, the prepared student, the unwrapped `Student`, the critic's callable).

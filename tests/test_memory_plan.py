@@ -166,6 +166,7 @@ def test_a_teacher_an_earlier_stage_writes_leaves_the_dry_run_passing(tmp_path, 
     [
         ("kd_lora", "5x64x64", True),
         ("kd_lora", "9x128x128", False),
+        ("trajectory_lora", "9x128x128", False),
         ("dmd_full", "9x128x128", False),
         ("self_forcing", "9x96x96", False),
         ("self_forcing", "9x128x128", True),
