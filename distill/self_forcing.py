@@ -282,7 +282,7 @@ class SelfForcing(DMD):
         """Keep the graph of every student step of a chunk, not only its exit step's: DMD's gradient then reaches
         the earlier levels (which decide the chunk's content at high noise) back through the re-noisings, instead of
         Self-Forcing's truncation to the exit step. One graph per step and chunk: memory and backward time grow with
-        the exit step."""
+        the exit step. Off by default: on the toy it destabilised training (docs/results/self_forcing_ablations.md)."""
         frame_wise_timesteps: bool = False
         """Diffusion forcing: one σ per chunk (frames of a chunk share it) in the DMD re-noising and the critic
         loss, instead of one per video. The teacher must take per-frame timesteps (Wan: temporal patch 1)."""
