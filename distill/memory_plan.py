@@ -309,7 +309,8 @@ def plan_memory(recipe: Recipe, processes: int = 1, teacher_only: bool = False) 
     two_player = METHODS[recipe.method.name].two_player
     overlap = two_player and not recipe.method.critic_config().critic_after_generator
     phases = ("student", "critic") if overlap else ("student",)
-    _trainable(plan, "student", sum(p.numel() for p in student.trainable_parameters()), tc, shard, tc.ema, phases)
+    n = sum(p.numel() for p in student.trainable_parameters())
+    gradients = {"student": _trainable(plan, "student", n, tc, shard, tc.ema, phases)}
     if two_player:
         c = recipe.method.critic_config()
         critic = build_critic(  # `full` copies the (meta) base; `lora` adds its adapter to it
@@ -321,16 +322,17 @@ def plan_memory(recipe: Recipe, processes: int = 1, teacher_only: bool = False) 
             gradient_checkpointing=False,
             key=f"method.{recipe.method.name}",
         )
-        _trainable(plan, "critic", sum(p.numel() for p in critic.trainable_parameters()), tc, shard, False, ("critic",))
+        n = sum(p.numel() for p in critic.trainable_parameters())
+        gradients["critic"] = _trainable(plan, "critic", n, tc, shard, False, ("critic",))
     else:
         critic = None
-    _activations(plan, recipe, configs, student, critic, base, shard)
+    _activations(plan, recipe, configs, student, critic, base, experts[0], shard, gradients)
     return plan
 
 
-def _trainable(plan: Plan, role: str, n: int, tc, shard: int, ema: bool, phases: tuple[str, ...]) -> None:
+def _trainable(plan: Plan, role: str, n: int, tc, shard: int, ema: bool, phases: tuple[str, ...]) -> float:
     """`phases`: while its gradients are alive (they are set to None after each update), unless micro-batches
-    accumulate them all step."""
+    accumulate them all step. Returns the gradients' bytes."""
     per = f" / {shard} (FSDP)" if shard > 1 else ""
     plan.add(role, f"trainable {_b([n])} params x 4 B (float32 master weights){per}", n * 4 / shard)
     plan.add(role, f"gradients, float32{per}", n * 4 / shard, phases if tc.gradient_accumulation_steps == 1 else ())
@@ -338,6 +340,7 @@ def _trainable(plan: Plan, role: str, n: int, tc, shard: int, ema: bool, phases:
     plan.add(role, f"{tc.optimizer} moments, {moments} B per param{per}", n * moments / shard)
     if ema:
         plan.add(role, f"EMA, float32{per}", n * 4 / shard)
+    return n * 4 / shard
 
 
 # ---- activations -----------------------------------------------------------------------------------------------
@@ -469,11 +472,21 @@ def _autocast_copies(model: torch.nn.Module, nbytes: int, checkpointing: bool) -
 
 
 def _activations(
-    plan: Plan, recipe: Recipe, configs: dict, student, critic, base: WanTransformer3DModel, shard: int
+    plan: Plan,
+    recipe: Recipe,
+    configs: dict,
+    student,
+    critic,
+    base: WanTransformer3DModel,
+    teacher: WanTransformer3DModel,
+    shard: int,
+    gradients: dict[str, float],
 ) -> None:
     """The activation lines of the step's phases: the generator's (the student's forward with graph, the no-grad
     forwards of the teacher and the critic while that graph lives, its backward) and the critic's. The backward
-    frees activations while it fills the gradients: each line is the phase's peak less its role's gradient line."""
+    frees activations while it fills the gradients: each line is the phase's peak less its role's `gradients`.
+    `base`: the student's transformer before adapters (the teacher's, or `student.init`'s); `teacher`: the teacher's
+    (high-noise) transformer."""
     tc, tcfg, scfg = recipe.train, recipe.teacher, recipe.student
     vae = configs["vae"]
     spatial = vae.get("scale_factor_spatial", 2 ** len(vae["temperal_downsample"]))
@@ -491,9 +504,6 @@ def _activations(
     cfg_batch = 2 if tcfg.cfg_batch else 1  # the teacher's guided forward: conditional and unconditional in one batch
     accumulate = tc.gradient_accumulation_steps > 1  # gradients held all step: their own line, not in the peak
     grad_bytes = 0.0 if accumulate else 4.0 / shard
-
-    def grads(role: str) -> float:
-        return 0.0 if accumulate else next(x.bytes for x in plan.lines if x.role == role and x.what.startswith("grad"))
 
     module = (
         copy.deepcopy(base).requires_grad_(True)
@@ -520,25 +530,26 @@ def _activations(
         held = sum(graphs * (one.held + copies + (0 if ckpt else kv * blocks * (k - n))) for k in keys[-window:])
         cache = kv * blocks * max(keys) + 2 * inner * text[0] * b * nbytes * blocks  # self and cross K/V
         clip = (channels, min(window * n, frames // patch[0]) * patch[0], h, w)
-        scores = _run_on_meta(base, dtype, b * cfg_batch, clip, text, False, grad=False).peak
+        scores = _run_on_meta(teacher, dtype, b * cfg_batch, clip, text, False, grad=False).peak
         backward = one.peak - one.held + (kv * (max(keys) - n) if ckpt else 0)
         gen = held + cache + max(backward, scores)
         what = f"generator: {window} chunk graph(s){' x every step' if c.grad_through_steps else ''} + KV cache"
     else:
         clip = (channels, frames, h, w)
         one = _run_on_meta(module, dtype, b, clip, text, ckpt, True, grad_bytes)
-        scores = _run_on_meta(base, dtype, b * cfg_batch, clip, text, False, False).peak if teacher_runs else 0.0
+        scores = _run_on_meta(teacher, dtype, b * cfg_batch, clip, text, False, False).peak if teacher_runs else 0.0
         gen = max(one.peak, one.held + scores) + copies
         what = f"{'generator' if critic is not None else 'student'}: forward with graph, batch {b} x {clip[1]} frames"
-    plan.add("activations", f"{what}, {mode}", max(gen - grads("student"), 0.0), ("student",))
+    held_grads = dict.fromkeys(gradients, 0.0) if accumulate else gradients  # (accumulated: their own held lines)
+    plan.add("activations", f"{what}, {mode}", max(gen - held_grads["student"], 0.0), ("student",))
     if critic is not None:
         ckpt_critic = ckpt and critic.gan_head is None
         crit = _run_on_meta(critic.transformer, dtype, b, clip, text, ckpt_critic, True, grad_bytes)
-        copies = _autocast_copies(critic.transformer, nbytes, ckpt) if mixed else 0.0
+        copies = _autocast_copies(critic.transformer, nbytes, ckpt_critic) if mixed else 0.0
         plan.add(
             "activations",
             f"critic: forward with graph, batch {b} x {clip[1]} frames, {mode}",
-            max(crit.peak + copies - grads("critic"), 0.0),
+            max(crit.peak + copies - held_grads["critic"], 0.0),
             ("critic",),
         )
     plan.activations = True
