@@ -430,3 +430,15 @@ def test_toy_bench_runs_end_to_end_at_a_tiny_budget(tmp_path):
         report["students"]["pruned"]["accuracy"]["all"] / report["teacher"]["accuracy"]["all"], abs=1e-4
     )
     assert "make bench-toy" in (tmp_path / "R.md").read_text()
+
+
+def test_rotary_benchmark_equal_rotations_and_ratios():
+    """The complex rotation computes diffusers' strided formula (held in the benchmark as the baseline)."""
+    from benchmarks.rotary import main
+
+    result = main(["--repeats", "2", "--no-record"])
+    for name in ("toy", "wan21_1.3b_480p_frame"):
+        entry = result["rotation"][name]
+        assert entry["max_abs_diff"] <= 1e-6, (name, entry)
+        assert entry["ratio"] > 0
+    assert result["block_causal_forward"]["ratio"] > 0
