@@ -3,6 +3,7 @@
     python -m benchmarks.ablate run RECIPE --arm NAME [--seeds 0,1,2] [--out DIR] [--prompts 128] [--eval-seed 777]
                                  [KEY=VALUE ...]
     python -m benchmarks.ablate checkpoint RECIPE --arm NAME --step N [--seeds 0,1,2] [--out DIR] [KEY=VALUE ...]
+    python -m benchmarks.ablate errors RECIPE --arm NAME [--seeds 0,1,2] [--out DIR] [KEY=VALUE ...]
     python -m benchmarks.ablate summary [--out DIR] [--baseline NAME]
 
 `run`: for each seed, trains RECIPE with `student.name=<arm>_s<seed> train.seed=<seed> output_dir=<out>/runs` and the
@@ -16,6 +17,13 @@ in the same time segments, into `<out>/teacher_<prompts>_<eval seed>.json`.
 its `run`), on the same prompts and noise, into `<out>/<arm>@<N>/seed<S>.json`: how far the last N..max_steps
 steps moved the student. The EMA is loaded into diffusers' `EMAModel` over the finished student's trainable
 weights and copied onto them (`EMAModel.copy_to`).
+
+`errors`: what the oracle read wrong in the finished runs of an arm (the same RECIPE and KEY=VALUE as its `run`) and
+in the teacher's videos, on the same prompts and noise: per slot the wrong reads as `truth -> read` counts, and for
+the two shape slots (subject, props) the mean gap between the best and the second-best template fit
+(`teachers.toyworld.oracle.shape_scores`) over right and over wrong reads: a small gap on the wrong reads means
+ambiguous shapes, a large one shapes drawn clearly but wrong. Writes `<out>/<arm>/errors_seed<S>.json` and
+`<out>/teacher_errors_<prompts>_<eval seed>.json`.
 
 `summary`: one JSON line per arm, then a markdown table: mean and sample standard deviation over the seeds of
 all-attribute accuracy, of each chunk, and of the first and last long-rollout segments; with `--baseline`, each arm's
@@ -194,6 +202,78 @@ def checkpoint(args) -> None:
         print(f"ablate: {args.arm} seed {seed} at step {args.step}: all {entry['accuracy']['all']:.3f}", flush=True)
 
 
+def read_errors(videos, rows: list[dict]) -> dict:
+    """Per slot: the right reads, the wrong ones as {"truth -> read": count}, and for the shape slots the mean gap
+    between the best and the second-best template fit over right and over wrong reads (None: no such read)."""
+    import numpy as np
+
+    from teachers.toyworld.oracle import read_video, shape_scores
+    from teachers.toyworld.render import SLOTS
+
+    table: dict[str, dict] = {slot: {"right": 0, "wrong": {}} for slot in SLOTS}
+    gaps: dict[str, dict[str, list[float]]] = {}
+    for video, row in zip(videos, rows, strict=True):
+        read, scores = read_video(video)[0], shape_scores(video)
+        for slot in SLOTS:
+            truth, ok = row["slots"][slot], read[slot] == row["slots"][slot]
+            if ok:
+                table[slot]["right"] += 1
+            else:
+                key = f"{truth} -> {read[slot]}"
+                table[slot]["wrong"][key] = table[slot]["wrong"].get(key, 0) + 1
+            if slot in scores:
+                best, second = np.sort(scores[slot])[::-1][:2]
+                gaps.setdefault(slot, {"right": [], "wrong": []})["right" if ok else "wrong"].append(best - second)
+    for slot, by in gaps.items():
+        table[slot]["fit_gap"] = {k: round(float(np.mean(v)), 4) if v else None for k, v in by.items()}
+    return table
+
+
+def _teacher_errors(recipe, teacher, ctx: dict) -> dict:
+    from distill.eval import run_model
+
+    run = run_model(
+        "teacher",
+        lambda cond, noise, _rows: teacher.sample(cond, noise).latents,
+        teacher,
+        ctx["batches"],
+        ctx["shape"],
+        ctx["negative"],
+        ctx["grader"],
+        ctx["num_previews"],
+        recipe.eval.decode_batch_size,
+    )
+    return read_errors(run.previews, ctx["rows"])
+
+
+def errors(args) -> None:
+    from distill.eval import eval_student, find_students
+    from teachers.wan import WanTeacher
+
+    out = Path(args.out)
+    (out / args.arm).mkdir(parents=True, exist_ok=True)
+    teacher = ctx = None
+    for seed in args.seeds:
+        name, result = f"{args.arm}_s{seed}", out / args.arm / f"errors_seed{seed}.json"
+        overrides = [*args.overrides, "eval.long_rollout_prompts=1"]  # the drift curve is not read here
+        recipe = _recipe(args.recipe, overrides, out, name, seed, args.prompts, args.eval_seed)
+        folder = dict(find_students(recipe)).get(name)
+        if folder is None:
+            raise SystemExit(f"{recipe.student_dir()}: no finished run; train it with `benchmarks.ablate run`")
+        if teacher is None:
+            teacher = WanTeacher.from_config(recipe.teacher, "cpu")
+            ctx = {**_grading(recipe, teacher), "num_previews": args.prompts}  # previews: every video, to read
+            path = out / f"teacher_errors_{args.prompts}_{args.eval_seed}.json"
+            if not path.is_file():
+                path.write_text(json.dumps(_teacher_errors(recipe, teacher, ctx), indent=2) + "\n")
+            print(f"ablate: teacher errors: {path.read_text()}", flush=True)
+        _, run = eval_student(name, folder, teacher, recipe, ctx)
+        table = read_errors(run.previews, ctx["rows"])
+        made = {"arm": args.arm, "seed": seed, "weights": folder.name}
+        result.write_text(json.dumps({**made, **table}, indent=2) + "\n")
+        print(f"ablate: {args.arm} seed {seed} errors: {json.dumps(table)}", flush=True)
+
+
 def _stats(values: list[float]) -> dict:
     return {
         "mean": round(statistics.fmean(values), 4),
@@ -273,6 +353,13 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--out", default="outputs/ablations")
     c.add_argument("--prompts", type=int, default=128)
     c.add_argument("--eval-seed", type=int, default=777)
+    e = sub.add_parser("errors", help="what the oracle read wrong in an arm's runs and in the teacher's videos")
+    e.add_argument("recipe")
+    e.add_argument("--arm", required=True)
+    e.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2])
+    e.add_argument("--out", default="outputs/ablations")
+    e.add_argument("--prompts", type=int, default=128)
+    e.add_argument("--eval-seed", type=int, default=777)
     s = sub.add_parser("summary", help="mean and spread per arm")
     s.add_argument("--out", default="outputs/ablations")
     s.add_argument("--baseline", default=None)
@@ -281,10 +368,11 @@ def main(argv: list[str] | None = None) -> None:
     bad = [a for a in args.overrides if "=" not in a or a.startswith("-") or args.command == "summary"]
     if bad:
         parser.error(
-            f"unrecognized arguments: {' '.join(bad)} (recipe overrides are KEY=VALUE, after `run` or `checkpoint`)"
+            f"unrecognized arguments: {' '.join(bad)} (recipe overrides are KEY=VALUE, after the recipe; not with "
+            "`summary`)"
         )
     os.chdir(ROOT)
-    {"run": run, "checkpoint": checkpoint, "summary": summary}[args.command](args)
+    {"run": run, "checkpoint": checkpoint, "errors": errors, "summary": summary}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -339,7 +339,12 @@ def test_ablate_checkpoint_at_the_last_step_grades_as_the_finished_run(tmp_path)
     recipe, out = "recipes/toyworld_self_forcing_long.yaml", str(tmp_path / "abl")
     overrides = ["student.init=null", "train.max_steps=2", "train.checkpointing_steps=1", "train.batch_size=2"]
     common = ["--arm", "a", "--seeds", "0", "--out", out, "--prompts", "4", *overrides, "eval.long_rollout_prompts=2"]
-    for command in (["run", recipe], ["checkpoint", recipe, "--step", "2"], ["checkpoint", recipe, "--step", "1"]):
+    for command in (
+        ["run", recipe],
+        ["checkpoint", recipe, "--step", "2"],
+        ["checkpoint", recipe, "--step", "1"],
+        ["errors", recipe],
+    ):
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.ablate", *command, *common],
             cwd=ROOT,
@@ -354,6 +359,13 @@ def test_ablate_checkpoint_at_the_last_step_grades_as_the_finished_run(tmp_path)
     for key in ("accuracy", "chunk_accuracy", "long_rollout"):
         assert last[key] == finished[key]
     assert first["step"] == 1 and first["teacher"] == finished["teacher"]
+    # `errors` reads the same videos again: its right reads per slot are the accuracies `run` graded
+    for name, graded in (("a/errors_seed0.json", finished), ("teacher_errors_4_777.json", finished["teacher"])):
+        table = json.loads((tmp_path / "abl" / name).read_text())
+        for slot, acc in graded["accuracy"].items():
+            if slot != "all":
+                assert table[slot]["right"] / 4 == acc, (name, slot)
+                assert table[slot]["right"] + sum(table[slot]["wrong"].values()) == 4
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.ablate", "checkpoint", recipe, "--step", "7", *common],
         cwd=ROOT,
@@ -362,6 +374,31 @@ def test_ablate_checkpoint_at_the_last_step_grades_as_the_finished_run(tmp_path)
         text=True,
     )
     assert proc.returncode != 0 and "checkpoint-7/ema.safetensors: missing" in proc.stderr
+
+
+def test_read_errors_counts_confusions_and_fit_gaps_by_hand():
+    """Rendered clips fit their own templates exactly (IoU 1); a clip whose prompt names another subject is one
+    `truth -> read` confusion, and the fit gaps are 1 - the best other template's IoU, averaged over frames."""
+    from benchmarks.ablate import read_errors
+    from teachers.toyworld import render_video
+    from teachers.toyworld.oracle import shape_scores
+    from teachers.toyworld.render import PROPS, SUBJECTS
+
+    a = {"subject": "triangle", "clothing": "blue", "props": "ring", "action": "moving right", "background": "teal"}
+    b = {"subject": "circle", "clothing": "red", "props": "bar", "action": "moving up", "background": "navy"}
+    videos = [render_video(a, 9, seed=1), render_video(b, 9, seed=2)]
+    rows = [{"slots": a}, {"slots": {**b, "subject": "square"}}]  # the second video shows a circle
+    table = read_errors(videos, rows)
+    assert table["subject"]["right"] == 1 and table["subject"]["wrong"] == {"square -> circle": 1}
+    for slot in ("clothing", "props", "action", "background"):
+        assert table[slot] == {**table[slot], "right": 2, "wrong": {}}
+    s_a, s_b = shape_scores(videos[0]), shape_scores(videos[1])
+    assert s_a["subject"][SUBJECTS.index("triangle")] == 1.0 and s_b["subject"][SUBJECTS.index("circle")] == 1.0
+    gap_a = 1.0 - max(v for k, v in zip(SUBJECTS, s_a["subject"]) if k != "triangle")
+    gap_b = 1.0 - max(v for k, v in zip(SUBJECTS, s_b["subject"]) if k != "circle")
+    assert table["subject"]["fit_gap"] == {"right": round(gap_a, 4), "wrong": round(gap_b, 4)}
+    prop_gaps = [1.0 - max(v for k, v in zip(PROPS, s["props"]) if k != p) for s, p in ((s_a, "ring"), (s_b, "bar"))]
+    assert table["props"]["fit_gap"] == {"right": round(sum(prop_gaps) / 2, 4), "wrong": None}
 
 
 def test_toy_bench_summary_ratios_by_hand():

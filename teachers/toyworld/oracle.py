@@ -142,6 +142,14 @@ def read_video(video: np.ndarray, num_segments: int = 1) -> list[dict[str, str]]
     return results
 
 
+def shape_scores(video: np.ndarray) -> dict[str, np.ndarray]:
+    """How well each subject and prop template fits uint8 [F, H, W, 3] `video`: the best IoU over positions, averaged
+    over frames, float [4] per slot in SUBJECTS / PROPS order. `read_video` (one segment) reads the argmax; the gap
+    between the best and the second best says whether a shape was drawn clearly or ambiguously."""
+    feats = _frame_features(video)
+    return {"subject": feats["subject_iou"].mean(axis=0), "props": feats["prop_iou"].mean(axis=0)}
+
+
 def grade(videos: np.ndarray, slots: Sequence[dict[str, str]], num_segments: int = 1) -> dict:
     """Oracle accuracy of uint8 [B, F, H, W, 3] `videos` against their prompts' `slots`.
 
