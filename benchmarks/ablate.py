@@ -3,7 +3,7 @@
     python -m benchmarks.ablate run RECIPE --arm NAME [--seeds 0,1,2] [--out DIR] [--prompts 128] [--eval-seed 777]
                                  [KEY=VALUE ...]
     python -m benchmarks.ablate checkpoint RECIPE --arm NAME --step N [--seeds 0,1,2] [--out DIR] [KEY=VALUE ...]
-    python -m benchmarks.ablate errors RECIPE --arm NAME [--seeds 0,1,2] [--out DIR] [KEY=VALUE ...]
+    python -m benchmarks.ablate errors RECIPE --arm NAME [--seeds 0,1,2] [--out DIR] [--refine 0.5,0.75] [KEY=VALUE ...]
     python -m benchmarks.ablate summary [--out DIR] [--baseline NAME]
 
 `run`: for each seed, trains RECIPE with `student.name=<arm>_s<seed> train.seed=<seed> output_dir=<out>/runs` and the
@@ -23,7 +23,9 @@ in the teacher's videos, on the same prompts and noise: per slot the wrong reads
 the two shape slots (subject, props) the mean gap between the best and the second-best template fit
 (`teachers.toyworld.oracle.shape_scores`) over right and over wrong reads: a small gap on the wrong reads means
 ambiguous shapes, a large one shapes drawn clearly but wrong. Writes `<out>/<arm>/errors_seed<S>.json` and
-`<out>/teacher_errors_<prompts>_<eval seed>.json`.
+`<out>/teacher_errors_<prompts>_<eval seed>.json`. `--refine 0.5,0.75`: the same reads of the student's samples
+re-noised to each σ_r and finished by the teacher's sampler (`refined_reads`): at which noise level the student's
+misses are decided.
 
 `summary`: one JSON line per arm, then a markdown table: mean and sample standard deviation over the seeds of
 all-attribute accuracy, of each chunk, and of the first and last long-rollout segments; with `--baseline`, each arm's
@@ -246,6 +248,48 @@ def _teacher_errors(recipe, teacher, ctx: dict) -> dict:
     return read_errors(run.previews, ctx["rows"])
 
 
+def refined_reads(teacher, ctx: dict, folder: Path, levels: list[float]) -> dict[str, dict]:
+    """SDEdit by the teacher, per σ_r in `levels`: the student's samples (its eval noise) re-noised to σ_k, the
+    first level of the teacher's schedule at or below σ_r (noise: sample_noise(derive_seed(seed, 2))), then
+    finished by the teacher's sampler from step k (its CFG). If the teacher fixes from σ_r what the student got
+    wrong, the student loses it below σ_r; if not, above. Returns {"<σ_r>": {"sigma": σ_k, "step": k, reads}}."""
+    import torch
+
+    from core.flow import add_noise
+    from core.seeding import derive_seed, sample_noise
+    from distill.eval import decode_videos
+    from students.sampling import student_sampler
+    from students.student import Student
+
+    scheduler = teacher.make_scheduler()
+    scheduler.set_timesteps(teacher.cfg.num_inference_steps)
+    sigmas = [float(x) for x in scheduler.sigmas]
+    starts = {level: next(k for k, sigma in enumerate(sigmas) if sigma <= level) for level in levels}
+    if max(starts.values()) >= teacher.cfg.num_inference_steps:
+        raise SystemExit(f"--refine: every σ_r must be at least the teacher's last level {sigmas[-2]:.4f}")
+    base = teacher.transformer_for(float(teacher.num_train_timesteps))
+    student = Student.from_pretrained(folder, base_transformer=base)
+    if student.is_lora:
+        raise SystemExit(f"{folder}: --refine reads full and causal students (a LoRA student shares the teacher)")
+    student.to(dtype=base.dtype).eval()
+    sampler, _ = student_sampler(student, teacher.cfg.shift, teacher.cfg.num_inference_steps, ctx["shape"][1])
+    videos: dict[float, list] = {level: [] for level in levels}
+    for rows in ctx["batches"]:
+        prompts = [r["prompt"] for r in rows]
+        noise = torch.stack([sample_noise(r["seed"], ctx["shape"]) for r in rows])
+        x0 = sampler(teacher.encode(prompts, None), noise, rows)
+        cond = teacher.encode(prompts, ctx["negative"])
+        fresh = torch.stack([sample_noise(derive_seed(r["seed"], 2), ctx["shape"]) for r in rows])
+        for level, k in starts.items():
+            latents = teacher.sample(cond, add_noise(x0, fresh, sigmas[k]), start_step=k).latents
+            videos[level].extend(decode_videos(teacher, latents, len(rows)))
+    del student
+    return {
+        str(level): {"sigma": round(sigmas[k], 4), "step": k, **read_errors(videos[level], ctx["rows"])}
+        for level, k in starts.items()
+    }
+
+
 def errors(args) -> None:
     from distill.eval import eval_student, find_students
     from teachers.wan import WanTeacher
@@ -269,6 +313,8 @@ def errors(args) -> None:
             print(f"ablate: teacher errors: {path.read_text()}", flush=True)
         _, run = eval_student(name, folder, teacher, recipe, ctx)
         table = read_errors(run.previews, ctx["rows"])
+        if args.refine:
+            table["refined"] = refined_reads(teacher, ctx, folder, args.refine)
         made = {"arm": args.arm, "seed": seed, "weights": folder.name}
         result.write_text(json.dumps({**made, **table}, indent=2) + "\n")
         print(f"ablate: {args.arm} seed {seed} errors: {json.dumps(table)}", flush=True)
@@ -330,6 +376,13 @@ def summary(args) -> None:
         )
 
 
+def _levels(value: str) -> list[float]:
+    levels = [float(x) for x in value.split(",")]
+    if not all(0.0 < level <= 1.0 for level in levels):
+        raise argparse.ArgumentTypeError(f"noise levels must be in (0, 1], got {value}")
+    return levels
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ablate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -360,6 +413,12 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--out", default="outputs/ablations")
     e.add_argument("--prompts", type=int, default=128)
     e.add_argument("--eval-seed", type=int, default=777)
+    e.add_argument(
+        "--refine",
+        type=_levels,
+        default=[],
+        help="noise levels σ_r, comma-separated: also read the student's samples finished by the teacher from σ_r",
+    )
     s = sub.add_parser("summary", help="mean and spread per arm")
     s.add_argument("--out", default="outputs/ablations")
     s.add_argument("--baseline", default=None)

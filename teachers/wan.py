@@ -431,6 +431,7 @@ class WanTeacher:
         save_at: Sequence[int] = (),
         guidance_2: float | None = None,
         first_frame: torch.Tensor | None = None,
+        start_step: int = 0,
     ) -> SampleOutput:
         """Run the pipeline's sampler from `noise` [B, C, F, H, W]; identical to
         `WanPipeline.__call__(prompt_embeds=..., latents=noise, output_type="latent")` with the same steps,
@@ -439,12 +440,16 @@ class WanTeacher:
         `first_frame` [B, C, 1, H, W] (from `encode_image`; image-conditioned teachers only): image-to-video. The
         first latent frame is that clean frame at timestep 0 in every step's input, in the trajectory and in the
         result, as `WanImageToVideoPipeline(expand_timesteps=True)(image=..., latents=noise)` does.
+        `start_step` k: `noise` is the state at step k of the `steps`-step schedule (e.g. clean latents re-noised to
+        its σ_k, SDEdit-style) and only steps k.. run; `save_at` and `trajectory` count from step k.
         """
         steps = self.cfg.num_inference_steps if steps is None else steps
         scheduler = self.make_scheduler(shift)
         scheduler.set_timesteps(steps, device=self.device)
-        timesteps = scheduler.timesteps
-        scheduler.set_begin_index(0)
+        if not 0 <= start_step < steps:
+            raise ValueError(f"sample: start_step must be in [0, {steps}), got {start_step}")
+        timesteps = scheduler.timesteps[start_step:]
+        scheduler.set_begin_index(start_step)
         save = sorted(set(save_at))
         if save and (save[0] < 0 or save[-1] > len(timesteps)):
             raise ValueError(f"sample: save_at indices must be in [0, {len(timesteps)}], got {list(save_at)}")
@@ -475,7 +480,7 @@ class WanTeacher:
             latents=latents,
             trajectory=traj,
             timesteps=timesteps,
-            sigmas=scheduler.sigmas[: len(timesteps) + 1].to(self.device),
+            sigmas=scheduler.sigmas[start_step : start_step + len(timesteps) + 1].to(self.device),
         )
 
     # ---- pixels --------------------------------------------------------------------------------

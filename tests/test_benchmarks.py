@@ -343,7 +343,7 @@ def test_ablate_checkpoint_at_the_last_step_grades_as_the_finished_run(tmp_path)
         ["run", recipe],
         ["checkpoint", recipe, "--step", "2"],
         ["checkpoint", recipe, "--step", "1"],
-        ["errors", recipe],
+        ["errors", recipe, "--refine", "1.0,0.5"],
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.ablate", *command, *common],
@@ -366,6 +366,17 @@ def test_ablate_checkpoint_at_the_last_step_grades_as_the_finished_run(tmp_path)
             if slot != "all":
                 assert table[slot]["right"] / 4 == acc, (name, slot)
                 assert table[slot]["right"] + sum(table[slot]["wrong"].values()) == 4
+    # --refine: the teacher takes over at its first level at or below σ_r (its 50-step schedule at shift 3, by hand)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(50)
+    sigmas = scheduler.sigmas.tolist()
+    refined = json.loads((tmp_path / "abl" / "a" / "errors_seed0.json").read_text())["refined"]
+    half = next(k for k, s in enumerate(sigmas) if s <= 0.5)
+    assert (refined["1.0"]["step"], refined["1.0"]["sigma"]) == (0, 1.0)
+    assert (refined["0.5"]["step"], refined["0.5"]["sigma"]) == (half, round(sigmas[half], 4))
+    assert refined["0.5"]["subject"]["right"] + sum(refined["0.5"]["subject"]["wrong"].values()) == 4
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.ablate", "checkpoint", recipe, "--step", "7", *common],
         cwd=ROOT,

@@ -91,6 +91,19 @@ def test_sample_matches_pipeline(teacher, ref, guidance):
     assert len(out.timesteps) == 4 and out.timesteps[0] == 1000 and len(out.sigmas) == 5
 
 
+def test_sample_from_a_later_step_continues_the_full_run(teacher, ref):
+    """start_step k from the full run's state before step k ends on the pipeline's latents (the Euler steps need no
+    history); the sigmas returned are the schedule's from k on."""
+    noise = make_noise(teacher)
+    cond = teacher.encode(PROMPTS, NEG)
+    full = teacher.sample(cond, noise, save_at=[2])
+    part = teacher.sample(cond, full.trajectory[:, 0], start_step=2)
+    assert (part.latents - pipe_latents(ref, noise, 4.0)).abs().max() <= 1e-4
+    assert torch.equal(part.timesteps, full.timesteps[2:]) and torch.equal(part.sigmas, full.sigmas[2:])
+    with pytest.raises(ValueError, match="start_step must be in"):
+        teacher.sample(cond, noise, start_step=4)
+
+
 def test_sample_uses_recipe_shift(teacher, ref):
     noise = make_noise(teacher)
     cond = teacher.encode(PROMPTS, NEG)
