@@ -330,13 +330,15 @@ def _stats(values: list[float]) -> dict:
 
 
 def summarise(out: Path) -> dict[str, dict]:
-    """arm -> {"all", "chunk_<k>", "drift_first", "drift_last": stats over seeds, "seeds", "overrides"}."""
+    """arm -> {"all", "chunk_<k>", "drift_first", "drift_last": stats over seeds, "slots": {slot: stats}, "seeds",
+    "overrides"}."""
     arms = {}
     for folder in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "runs"):
         rows = [json.loads(f.read_text()) for f in sorted(folder.glob("seed*.json"))]
         if not rows:
             continue
         s = {"all": _stats([r["accuracy"]["all"] for r in rows])}
+        s["slots"] = {k: _stats([r["accuracy"][k] for r in rows]) for k in rows[0]["accuracy"] if k != "all"}
         for k in range(len(rows[0]["chunk_accuracy"])):
             s[f"chunk_{k}"] = _stats([r["chunk_accuracy"][k] for r in rows])
         s["drift_first"] = _stats([r["long_rollout"]["segment_accuracy"][0] for r in rows])

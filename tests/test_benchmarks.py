@@ -303,7 +303,7 @@ def test_ablate_summary_means_and_spreads_by_hand(tmp_path, capsys):
                     "overrides": [] if arm == "base" else ["k=v"],
                     "prompts": 8,
                     "eval_seed": 3,
-                    "accuracy": {"all": acc},
+                    "accuracy": {"all": acc, "props": 1.0 - acc / 4},
                     "chunk_accuracy": chunks,
                     "long_rollout": {"segment_accuracy": curve},
                     "teacher": {"accuracy": {"all": 0.9}, "chunk_accuracy": [0.8, 0.9]},
@@ -324,6 +324,9 @@ def test_ablate_summary_means_and_spreads_by_hand(tmp_path, capsys):
     assert base["all"]["mean"] == 0.625 and base["all"]["sd"] == round(math.sqrt(2 * 0.125**2), 4)
     assert base["chunk_0"]["mean"] == 0.375 and base["chunk_1"]["sd"] == 0.0
     assert base["drift_first"]["values"] == [0.5, 0.75] and base["drift_last"]["values"] == [0.125, 0.375]
+    assert base["slots"] == {
+        "props": {"mean": 0.8438, "sd": round(math.sqrt(2 * 0.03125**2), 4), "n": 2, "values": [0.875, 0.8125]}
+    }
     mean = (0.5 + 0.625 + 0.875) / 3
     sd = math.sqrt(sum((a - mean) ** 2 for a in (0.5, 0.625, 0.875)) / 2)
     assert other["all"]["mean"] == round(mean, 4) and other["all"]["sd"] == round(sd, 4)
