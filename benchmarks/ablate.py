@@ -76,13 +76,12 @@ def _grading(recipe, teacher):
     return grading_context(recipe, teacher, eval_prompts(recipe), vocab, grader)
 
 
-def grade_teacher(recipe, teacher, ctx: dict, chunks: int, path: Path) -> dict:
-    """The teacher's accuracy on the ablation prompts, graded whole and in `chunks` time segments (cached)."""
-    from distill.eval import _timing, run_model
+def _teacher_run(recipe, teacher, ctx: dict, previews: int, chunks: int | None = None):
+    """The teacher sampled, decoded and graded on the ablation prompts (`distill.eval.run_model`); the first
+    `previews` videos kept."""
+    from distill.eval import run_model
 
-    if path.is_file():
-        return json.loads(path.read_text())
-    run = run_model(
+    return run_model(
         "teacher",
         lambda cond, noise, _rows: teacher.sample(cond, noise).latents,
         teacher,
@@ -90,24 +89,37 @@ def grade_teacher(recipe, teacher, ctx: dict, chunks: int, path: Path) -> dict:
         ctx["shape"],
         ctx["negative"],
         ctx["grader"],
-        0,
+        previews,
         recipe.eval.decode_batch_size,
         num_chunks=chunks,
     )
+
+
+def grade_teacher(recipe, teacher, ctx: dict, chunks: int, path: Path) -> dict:
+    """The teacher's accuracy on the ablation prompts, graded whole and in `chunks` time segments (cached)."""
+    from distill.eval import _timing
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    run = _teacher_run(recipe, teacher, ctx, previews=0, chunks=chunks)
     entry = {k: v for k, v in _timing(run, ctx["grader"]).items() if "accuracy" in k}
     path.write_text(json.dumps(entry, indent=2) + "\n")
     return entry
+
+
+def _seed_files(args, prefix: str) -> list[tuple[int, str, Path]]:
+    """(seed, run name `<arm>_s<seed>`, result file `<out>/<arm>/<prefix><seed>.json`) per seed; makes the folder."""
+    folder = Path(args.out) / args.arm
+    folder.mkdir(parents=True, exist_ok=True)
+    return [(seed, f"{args.arm}_s{seed}", folder / f"{prefix}{seed}.json") for seed in args.seeds]
 
 
 def run(args) -> None:
     from distill.eval import find_students
     from teachers.wan import WanTeacher
 
-    out = Path(args.out)
-    (out / args.arm).mkdir(parents=True, exist_ok=True)
-    teacher = ctx = None
-    for seed in args.seeds:
-        name, result = f"{args.arm}_s{seed}", out / args.arm / f"seed{seed}.json"
+    out, teacher, ctx = Path(args.out), None, None
+    for seed, name, result in _seed_files(args, "seed"):
         if result.is_file():
             print(f"ablate: {result} exists, skipping", flush=True)
             continue
@@ -232,20 +244,7 @@ def read_errors(videos, rows: list[dict]) -> dict:
 
 
 def _teacher_errors(recipe, teacher, ctx: dict) -> dict:
-    from distill.eval import run_model
-
-    run = run_model(
-        "teacher",
-        lambda cond, noise, _rows: teacher.sample(cond, noise).latents,
-        teacher,
-        ctx["batches"],
-        ctx["shape"],
-        ctx["negative"],
-        ctx["grader"],
-        ctx["num_previews"],
-        recipe.eval.decode_batch_size,
-    )
-    return read_errors(run.previews, ctx["rows"])
+    return read_errors(_teacher_run(recipe, teacher, ctx, previews=ctx["num_previews"]).previews, ctx["rows"])
 
 
 def refined_reads(teacher, ctx: dict, folder: Path, levels: list[float]) -> dict[str, dict]:
@@ -294,11 +293,8 @@ def errors(args) -> None:
     from distill.eval import eval_student, find_students
     from teachers.wan import WanTeacher
 
-    out = Path(args.out)
-    (out / args.arm).mkdir(parents=True, exist_ok=True)
-    teacher = ctx = None
-    for seed in args.seeds:
-        name, result = f"{args.arm}_s{seed}", out / args.arm / f"errors_seed{seed}.json"
+    out, teacher, ctx = Path(args.out), None, None
+    for seed, name, result in _seed_files(args, "errors_seed"):
         overrides = [*args.overrides, "eval.long_rollout_prompts=1"]  # the drift curve is not read here
         recipe = _recipe(args.recipe, overrides, out, name, seed, args.prompts, args.eval_seed)
         folder = dict(find_students(recipe)).get(name)
