@@ -243,10 +243,6 @@ def read_errors(videos, rows: list[dict]) -> dict:
     return table
 
 
-def _teacher_errors(recipe, teacher, ctx: dict) -> dict:
-    return read_errors(_teacher_run(recipe, teacher, ctx, previews=ctx["num_previews"]).previews, ctx["rows"])
-
-
 def refined_reads(teacher, ctx: dict, folder: Path, levels: list[float]) -> dict[str, dict]:
     """SDEdit by the teacher, per σ_r in `levels`: the student's samples (its eval noise) re-noised to σ_k, the
     first level of the teacher's schedule at or below σ_r (noise: sample_noise(derive_seed(seed, 2))), then
@@ -276,13 +272,12 @@ def refined_reads(teacher, ctx: dict, folder: Path, levels: list[float]) -> dict
     for rows in ctx["batches"]:
         prompts = [r["prompt"] for r in rows]
         noise = torch.stack([sample_noise(r["seed"], ctx["shape"]) for r in rows])
-        x0 = sampler(teacher.encode(prompts, None), noise, rows)
-        cond = teacher.encode(prompts, ctx["negative"])
+        cond = teacher.encode(prompts, ctx["negative"])  # the teacher's CFG; a student's only when it has one
+        x0 = sampler(cond if student.cfg.guidance_scale != 1 else teacher.encode(prompts, None), noise, rows)
         fresh = torch.stack([sample_noise(derive_seed(r["seed"], 2), ctx["shape"]) for r in rows])
         for level, k in starts.items():
             latents = teacher.sample(cond, add_noise(x0, fresh, sigmas[k]), start_step=k).latents
             videos[level].extend(decode_videos(teacher, latents, len(rows)))
-    del student
     return {
         str(level): {"sigma": round(sigmas[k], 4), "step": k, **read_errors(videos[level], ctx["rows"])}
         for level, k in starts.items()
@@ -305,7 +300,8 @@ def errors(args) -> None:
             ctx = {**_grading(recipe, teacher), "num_previews": args.prompts}  # previews: every video, to read
             path = out / f"teacher_errors_{args.prompts}_{args.eval_seed}.json"
             if not path.is_file():
-                path.write_text(json.dumps(_teacher_errors(recipe, teacher, ctx), indent=2) + "\n")
+                videos = _teacher_run(recipe, teacher, ctx, previews=ctx["num_previews"]).previews
+                path.write_text(json.dumps(read_errors(videos, ctx["rows"]), indent=2) + "\n")
             print(f"ablate: teacher errors: {path.read_text()}", flush=True)
         _, run = eval_student(name, folder, teacher, recipe, ctx)
         table = read_errors(run.previews, ctx["rows"])

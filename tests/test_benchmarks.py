@@ -346,7 +346,7 @@ def test_ablate_checkpoint_at_the_last_step_grades_as_the_finished_run(tmp_path)
         ["run", recipe],
         ["checkpoint", recipe, "--step", "2"],
         ["checkpoint", recipe, "--step", "1"],
-        ["errors", recipe, "--refine", "1.0,0.5"],
+        ["errors", recipe, "--refine", "1.0,0.5,0.06"],
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.ablate", *command, *common],
@@ -380,6 +380,12 @@ def test_ablate_checkpoint_at_the_last_step_grades_as_the_finished_run(tmp_path)
     assert (refined["1.0"]["step"], refined["1.0"]["sigma"]) == (0, 1.0)
     assert (refined["0.5"]["step"], refined["0.5"]["sigma"]) == (half, round(sigmas[half], 4))
     assert refined["0.5"]["subject"]["right"] + sum(refined["0.5"]["subject"]["wrong"].values()) == 4
+    # from the teacher's last level (σ < 0.01) one Euler step barely moves the student's samples: the same reads
+    student = json.loads((tmp_path / "abl" / "a" / "errors_seed0.json").read_text())
+    for slot in ("subject", "clothing", "props", "action", "background"):
+        assert {k: refined["0.06"][slot][k] for k in ("right", "wrong")} == {
+            k: student[slot][k] for k in ("right", "wrong")
+        }, slot
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.ablate", "checkpoint", recipe, "--step", "7", *common],
         cwd=ROOT,
