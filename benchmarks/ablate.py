@@ -4,6 +4,7 @@
                                  [KEY=VALUE ...]
     python -m benchmarks.ablate checkpoint RECIPE --arm NAME --step N [--seeds 0,1,2] [--out DIR] [KEY=VALUE ...]
     python -m benchmarks.ablate errors RECIPE --arm NAME [--seeds 0,1,2] [--out DIR] [--refine 0.5,0.75] [KEY=VALUE ...]
+    python -m benchmarks.ablate soup RECIPE --arm NAME [--seeds 0,1,2] [--out DIR] [KEY=VALUE ...]
     python -m benchmarks.ablate summary [--out DIR] [--baseline NAME]
 
 `run`: for each seed, trains RECIPE with `student.name=<arm>_s<seed> train.seed=<seed> output_dir=<out>/runs` and the
@@ -26,6 +27,11 @@ ambiguous shapes, a large one shapes drawn clearly but wrong. Writes `<out>/<arm
 `<out>/teacher_errors_<prompts>_<eval seed>.json`. `--refine 0.5,0.75`: the same reads of the student's samples
 re-noised to each σ_r and finished by the teacher's sampler (`refined_reads`): at which noise level the student's
 misses are decided.
+
+`soup`: the mean of the finished runs' weights (a model soup over training seeds, Wortsman et al. 2022: every
+weight file of the graded folder averaged tensor by tensor), graded like a seed into `<out>/<arm>/soup.json` (not a
+seed: `summary` leaves it out): whether averaging an arm's runs beats running one. Full-weight students only (the
+mean of LoRA factors is not the mean of their products).
 
 `summary`: one JSON line per arm, then a markdown table: mean and sample standard deviation over the seeds of
 all-attribute accuracy, of each chunk, and of the first and last long-rollout segments; with `--baseline`, each arm's
@@ -312,6 +318,42 @@ def errors(args) -> None:
         print(f"ablate: {args.arm} seed {seed} errors: {json.dumps(table)}", flush=True)
 
 
+def soup(args) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from distill.checkpoints import weights_dir
+    from teachers.wan import WanTeacher
+
+    out, folders, recipe = Path(args.out), [], None
+    for seed, name, _ in _seed_files(args, "seed"):
+        recipe = _recipe(args.recipe, args.overrides, out, name, seed, args.prompts, args.eval_seed)
+        folder = weights_dir(recipe.student_dir(), recipe.eval.use_ema)
+        if not (recipe.student_dir() / "final" / "COMPLETE").is_file():
+            raise SystemExit(f"{recipe.student_dir()}: no finished run; `run` the arm for seed {seed} first")
+        folders.append(folder)
+    if recipe.student.spec.adapters:
+        raise SystemExit(f"student.kind: {recipe.student.kind!r} trains LoRA adapters; `soup` averages full weights")
+    name = f"{args.arm}_soup"
+    target = out / "runs" / "soups" / name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(folders[0], target)
+    for file in sorted(target.rglob("*.safetensors")):
+        rel = file.relative_to(target)
+        tensors = [load_file(f / rel) for f in folders]
+        if any(t.keys() != tensors[0].keys() for t in tensors):
+            raise SystemExit(f"{folders[0] / rel}: the seeds' weight files hold different tensors; not one recipe")
+        mean = {k: (sum(t[k].double() for t in tensors) / len(tensors)).to(tensors[0][k].dtype) for k in tensors[0]}
+        save_file(mean, file)
+    teacher = WanTeacher.from_config(recipe.teacher, "cpu")
+    ctx = _grading(recipe, teacher)
+    result = out / args.arm / "soup.json"
+    entry = _grade_and_write(args, args.arm, None, name, target, recipe, teacher, ctx, result, soup_of=args.seeds)
+    print(f"ablate: {args.arm} soup of seeds {args.seeds}: all {entry['accuracy']['all']:.3f}", flush=True)
+
+
 def _stats(values: list[float]) -> dict:
     return {
         "mean": round(statistics.fmean(values), 4),
@@ -413,6 +455,13 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="noise levels σ_r, comma-separated: also read the student's samples finished by the teacher from σ_r",
     )
+    u = sub.add_parser("soup", help="grade the mean of an arm's finished runs' weights")
+    u.add_argument("recipe")
+    u.add_argument("--arm", required=True)
+    u.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2])
+    u.add_argument("--out", default="outputs/ablations")
+    u.add_argument("--prompts", type=int, default=128)
+    u.add_argument("--eval-seed", type=int, default=777)
     s = sub.add_parser("summary", help="mean and spread per arm")
     s.add_argument("--out", default="outputs/ablations")
     s.add_argument("--baseline", default=None)
@@ -425,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
             "`summary`)"
         )
     os.chdir(ROOT)
-    {"run": run, "checkpoint": checkpoint, "errors": errors, "summary": summary}[args.command](args)
+    {"run": run, "checkpoint": checkpoint, "errors": errors, "soup": soup, "summary": summary}[args.command](args)
 
 
 if __name__ == "__main__":

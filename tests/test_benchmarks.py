@@ -386,6 +386,34 @@ def test_ablate_checkpoint_at_the_last_step_grades_as_the_finished_run(tmp_path)
         assert {k: refined["0.06"][slot][k] for k in ("right", "wrong")} == {
             k: student[slot][k] for k in ("right", "wrong")
         }, slot
+    # `soup`: the mean of two seeds' final EMA weights, tensor by tensor, graded like a seed (seed 1: seed 0's
+    # finished run with its weights moved by known noise)
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    runs, weights = tmp_path / "abl" / "runs" / "students", "final_ema/expert_0/diffusion_pytorch_model.safetensors"
+    shutil.copytree(runs / "a_s0", runs / "a_s1")
+    seeds = [load_file(runs / "a_s0" / weights)]
+    seeds.append({k: v + 0.01 * torch.randn_like(v) for k, v in seeds[0].items()})
+    save_file(seeds[1], runs / "a_s1" / weights)
+    two = [*common[:2], "--seeds", "0,1", *common[4:]]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ablate", "soup", recipe, *two],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    soup = load_file(tmp_path / "abl" / "runs" / "soups" / "a_soup" / weights.removeprefix("final_ema/"))
+    assert soup.keys() == seeds[0].keys()
+    for k in soup:
+        torch.testing.assert_close(soup[k], (seeds[0][k] + seeds[1][k]) / 2, rtol=0, atol=1e-7)
+    graded = json.loads((tmp_path / "abl" / "a" / "soup.json").read_text())
+    assert graded["soup_of"] == [0, 1] and graded["teacher"] == finished["teacher"]
+    assert 0.0 <= graded["accuracy"]["all"] <= 1.0 and len(graded["chunk_accuracy"]) == len(finished["chunk_accuracy"])
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.ablate", "checkpoint", recipe, "--step", "7", *common],
         cwd=ROOT,
