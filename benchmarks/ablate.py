@@ -422,46 +422,34 @@ def _levels(value: str) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ablate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train and grade one arm over seeds")
-    r.add_argument("recipe")
-    r.add_argument("--arm", required=True)
-    r.add_argument(
-        "--seeds",
-        type=lambda v: [int(x) for x in v.split(",")],
-        default=[0, 1, 2],
-        help="training seeds, comma-separated (default 0,1,2)",
+
+    def arm_parser(name: str, what: str) -> argparse.ArgumentParser:
+        """A subcommand over one arm's runs: RECIPE, --arm, --seeds, --out and the grading prompts."""
+        p = sub.add_parser(name, help=what)
+        p.add_argument("recipe")
+        p.add_argument("--arm", required=True)
+        p.add_argument(
+            "--seeds",
+            type=lambda v: [int(x) for x in v.split(",")],
+            default=[0, 1, 2],
+            help="training seeds, comma-separated (default 0,1,2)",
+        )
+        p.add_argument("--out", default="outputs/ablations")
+        p.add_argument("--prompts", type=int, default=128)
+        p.add_argument("--eval-seed", type=int, default=777)
+        return p
+
+    arm_parser("run", "train and grade one arm over seeds")
+    arm_parser("checkpoint", "grade the EMA an arm's runs held at an earlier checkpoint").add_argument(
+        "--step", type=int, required=True
     )
-    r.add_argument("--out", default="outputs/ablations")
-    r.add_argument("--prompts", type=int, default=128)
-    r.add_argument("--eval-seed", type=int, default=777)
-    c = sub.add_parser("checkpoint", help="grade the EMA an arm's runs held at an earlier checkpoint")
-    c.add_argument("recipe")
-    c.add_argument("--arm", required=True)
-    c.add_argument("--step", type=int, required=True)
-    c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2])
-    c.add_argument("--out", default="outputs/ablations")
-    c.add_argument("--prompts", type=int, default=128)
-    c.add_argument("--eval-seed", type=int, default=777)
-    e = sub.add_parser("errors", help="what the oracle read wrong in an arm's runs and in the teacher's videos")
-    e.add_argument("recipe")
-    e.add_argument("--arm", required=True)
-    e.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2])
-    e.add_argument("--out", default="outputs/ablations")
-    e.add_argument("--prompts", type=int, default=128)
-    e.add_argument("--eval-seed", type=int, default=777)
-    e.add_argument(
+    arm_parser("errors", "what the oracle read wrong in an arm's runs and in the teacher's videos").add_argument(
         "--refine",
         type=_levels,
         default=[],
         help="noise levels σ_r, comma-separated: also read the student's samples finished by the teacher from σ_r",
     )
-    u = sub.add_parser("soup", help="grade the mean of an arm's finished runs' weights")
-    u.add_argument("recipe")
-    u.add_argument("--arm", required=True)
-    u.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2])
-    u.add_argument("--out", default="outputs/ablations")
-    u.add_argument("--prompts", type=int, default=128)
-    u.add_argument("--eval-seed", type=int, default=777)
+    arm_parser("soup", "grade the mean of an arm's finished runs' weights")
     s = sub.add_parser("summary", help="mean and spread per arm")
     s.add_argument("--out", default="outputs/ablations")
     s.add_argument("--baseline", default=None)
