@@ -323,16 +323,15 @@ def soup(args) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from distill.checkpoints import weights_dir
+    from distill.checkpoints import is_finished, weights_dir
     from teachers.wan import WanTeacher
 
     out, folders, recipe = Path(args.out), [], None
     for seed, name, _ in _seed_files(args, "seed"):
         recipe = _recipe(args.recipe, args.overrides, out, name, seed, args.prompts, args.eval_seed)
-        folder = weights_dir(recipe.student_dir(), recipe.eval.use_ema)
-        if not (recipe.student_dir() / "final" / "COMPLETE").is_file():
+        if not is_finished(recipe.student_dir()):
             raise SystemExit(f"{recipe.student_dir()}: no finished run; `run` the arm for seed {seed} first")
-        folders.append(folder)
+        folders.append(weights_dir(recipe.student_dir(), recipe.eval.use_ema))
     if recipe.student.spec.adapters:
         raise SystemExit(f"student.kind: {recipe.student.kind!r} trains LoRA adapters; `soup` averages full weights")
     name = f"{args.arm}_soup"

@@ -413,6 +413,7 @@ def test_ablate_checkpoint_at_the_last_step_grades_as_the_finished_run(tmp_path)
         torch.testing.assert_close(soup[k], (seeds[0][k] + seeds[1][k]) / 2, rtol=0, atol=1e-7)
     graded = json.loads((tmp_path / "abl" / "a" / "soup.json").read_text())
     assert graded["soup_of"] == [0, 1] and graded["teacher"] == finished["teacher"]
+    assert graded["weights"] == "a_soup"  # the averaged folder was graded, not a seed's own
     assert 0.0 <= graded["accuracy"]["all"] <= 1.0 and len(graded["chunk_accuracy"]) == len(finished["chunk_accuracy"])
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.ablate", "checkpoint", recipe, "--step", "7", *common],
