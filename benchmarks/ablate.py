@@ -155,9 +155,10 @@ def run(args) -> None:
         entry = _grade_and_write(
             args, args.arm, seed, name, folder, recipe, teacher, ctx, result, train_seconds=round(train_seconds, 1)
         )
+        drift = (entry.get("long_rollout") or {}).get("segment_accuracy")  # None: a bidirectional student
         print(
             f"ablate: {args.arm} seed {seed}: all {entry['accuracy']['all']:.3f}, chunks "
-            f"{entry['chunk_accuracy']}, drift {entry['long_rollout']['segment_accuracy']}",
+            f"{entry['chunk_accuracy']}, drift {drift}",
             flush=True,
         )
 
@@ -172,7 +173,7 @@ def _grade_and_write(args, arm: str, seed: int, name: str, folder: Path, recipe,
     teacher_entry = grade_teacher(
         recipe, teacher, ctx, chunks, Path(args.out) / f"teacher_{args.prompts}_{args.eval_seed}.json"
     )
-    keep = {k: entry[k] for k in ("accuracy", "chunk_accuracy", "long_rollout", "weights")}
+    keep = {k: entry.get(k) for k in ("accuracy", "chunk_accuracy", "long_rollout", "weights")}
     made = {"arm": arm, "seed": seed, "recipe": args.recipe, "overrides": args.overrides}
     made.update({"prompts": args.prompts, "eval_seed": args.eval_seed, **extra})
     result.write_text(json.dumps({**made, **keep, "teacher": teacher_entry}, indent=2) + "\n")
@@ -372,10 +373,12 @@ def summarise(out: Path) -> dict[str, dict]:
             continue
         s = {"all": _stats([r["accuracy"]["all"] for r in rows])}
         s["slots"] = {k: _stats([r["accuracy"][k] for r in rows]) for k in rows[0]["accuracy"] if k != "all"}
-        for k in range(len(rows[0]["chunk_accuracy"])):
-            s[f"chunk_{k}"] = _stats([r["chunk_accuracy"][k] for r in rows])
-        s["drift_first"] = _stats([r["long_rollout"]["segment_accuracy"][0] for r in rows])
-        s["drift_last"] = _stats([r["long_rollout"]["segment_accuracy"][-1] for r in rows])
+        if rows[0]["chunk_accuracy"] is not None:  # causal students only
+            for k in range(len(rows[0]["chunk_accuracy"])):
+                s[f"chunk_{k}"] = _stats([r["chunk_accuracy"][k] for r in rows])
+        if rows[0]["long_rollout"] is not None:
+            s["drift_first"] = _stats([r["long_rollout"]["segment_accuracy"][0] for r in rows])
+            s["drift_last"] = _stats([r["long_rollout"]["segment_accuracy"][-1] for r in rows])
         s["seeds"] = [r["seed"] for r in rows]
         s["overrides"] = rows[0]["overrides"]
         s["teacher"] = {"all": rows[0]["teacher"]["accuracy"]["all"], "chunks": rows[0]["teacher"]["chunk_accuracy"]}
@@ -396,19 +399,26 @@ def summary(args) -> None:
         print(json.dumps({"benchmark": "ablate", "arm": arm, **s, "ratio": ratio}))
 
     def cell(st):
+        if st is None:
+            return ""
         return f"{st['mean']:.3f} ± {st['sd']:.3f}" if st["sd"] is not None else f"{st['mean']:.3f}"
 
-    chunk_keys = [k for k in next(iter(arms.values())) if k.startswith("chunk_")]
-    print("\n| arm | seeds | all | " + " | ".join(chunk_keys) + " | 10x first | 10x last | overrides |")
-    print("|---|---|---:|" + "---:|" * len(chunk_keys) + "---:|---:|---|")
+    chunk_keys = sorted({k for s in arms.values() for k in s if k.startswith("chunk_")})  # none: bidirectional
+    drift = any("drift_first" in s for s in arms.values())
+    extra = ["10x first", "10x last"] if drift else []
+
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    print("\n" + row(["arm", "seeds", "all", *chunk_keys, *extra, "overrides"]))
+    print(row(["---", "---", "---:", *["---:"] * (len(chunk_keys) + len(extra)), "---"]))
     t = next(iter(arms.values()))["teacher"]
-    print(f"| teacher | | {t['all']:.3f} | " + " | ".join(f"{a:.3f}" for a in t["chunks"]) + " | | | |")
+    teacher_chunks = [f"{a:.3f}" for a in (t["chunks"] or [])][: len(chunk_keys)]
+    print(row(["teacher", "", f"{t['all']:.3f}", *teacher_chunks, *[""] * len(extra), ""]))
     for arm, s in arms.items():
-        print(
-            f"| {arm} | {','.join(map(str, s['seeds']))} | {cell(s['all'])} | "
-            + " | ".join(cell(s[k]) for k in chunk_keys)
-            + f" | {cell(s['drift_first'])} | {cell(s['drift_last'])} | {' '.join(s['overrides'])} |"
-        )
+        drifts = [cell(s.get("drift_first")), cell(s.get("drift_last"))] if drift else []
+        seeds = ",".join(map(str, s["seeds"]))
+        print(row([arm, seeds, cell(s["all"]), *[cell(s.get(k)) for k in chunk_keys], *drifts, " ".join(s["overrides"])]))
 
 
 def _levels(value: str) -> list[float]:

@@ -335,6 +335,27 @@ def test_ablate_summary_means_and_spreads_by_hand(tmp_path, capsys):
         ablate(["summary", "--out", str(tmp_path), "--baseline", "nope"])
 
 
+def test_ablate_summary_of_bidirectional_students(tmp_path, capsys):
+    """A LoRA or pruned student has no chunks and no long rollout (null in its seed files): the summary gives its
+    mean and spread, and its table has no chunk or drift columns."""
+    from benchmarks.ablate import main as ablate
+
+    (tmp_path / "lora").mkdir()
+    for seed, acc in enumerate([0.5, 0.75]):
+        row = {"arm": "lora", "seed": seed, "overrides": ["k=v"], "prompts": 8, "eval_seed": 3}
+        row |= {"accuracy": {"all": acc}, "chunk_accuracy": None, "long_rollout": None, "weights": "final"}
+        row["teacher"] = {"accuracy": {"all": 0.9}, "chunk_accuracy": [0.8, 0.9]}
+        (tmp_path / "lora" / f"seed{seed}.json").write_text(json.dumps(row))
+    ablate(["summary", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    (line,) = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert line["all"]["mean"] == 0.625 and line["all"]["values"] == [0.5, 0.75]
+    assert not [k for k in line if k.startswith(("chunk_", "drift_"))]
+    table = [x for x in out.splitlines() if x.startswith("|")]
+    assert table[0] == "| arm | seeds | all | overrides |"
+    assert table[2] == "| teacher |  | 0.900 |  |" and table[3].startswith("| lora | 0,1 | 0.625 ± 0.177 | k=v")
+
+
 def test_ablate_checkpoint_at_the_last_step_grades_as_the_finished_run(tmp_path):
     """`checkpoint --step <max_steps>` rebuilds the EMA weights from checkpoint-<max_steps>/ (EMAModel.copy_to) and
     grades them exactly as `run` graded final_ema; an earlier step is graded on the same prompts."""
