@@ -418,7 +418,8 @@ def summary(args) -> None:
     for arm, s in arms.items():
         drifts = [cell(s.get("drift_first")), cell(s.get("drift_last"))] if drift else []
         seeds = ",".join(map(str, s["seeds"]))
-        print(row([arm, seeds, cell(s["all"]), *[cell(s.get(k)) for k in chunk_keys], *drifts, " ".join(s["overrides"])]))
+        chunks = [cell(s.get(k)) for k in chunk_keys]
+        print(row([arm, seeds, cell(s["all"]), *chunks, *drifts, " ".join(s["overrides"])]))
 
 
 def _levels(value: str) -> list[float]:
