@@ -31,7 +31,7 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m distill run recipes/toyworld.yaml
-	$(BIN)/python -m distill run recipes/toyworld_lora4.yaml
+	$(BIN)/python -m distill run recipes/toyworld_lora4_dmd.yaml
 	$(BIN)/python -m distill run recipes/toyworld_pruned.yaml
 	$(BIN)/python -m distill run recipes/toyworld_causal_init.yaml
 	$(BIN)/python -m distill run recipes/toyworld_self_forcing.yaml

@@ -4,7 +4,8 @@ shipped teacher with a budget that lets it converge, graded on 256 fresh prompts
     python -m benchmarks.toy_bench [--out outputs/toyworld_bench] [--dry-run] [KEY=VALUE ...]
 
 Runs, each as a user would (`python -m distill run RECIPE ...`, so an interrupted bench resumes where it stopped):
-the teacher's dataset (512 prompts), `lora4`, `pruned`, `causal_init` and `self_forcing`
+the teacher's dataset (512 prompts), `lora4_dmd` (recipes/toyworld_lora4_dmd.yaml: a 4-step LoRA by DMD2, data-free),
+`pruned`, `causal_init` and `self_forcing`
 (recipes/toyworld_self_forcing_long.yaml, from this bench's own causal_init), then `python -m distill eval` on 256
 prompts, writing `<out>/eval/report.json` (+ report.md and plots). `make demo` stays the quick tour; the figures
 differ because the budgets do. KEY=VALUE overrides apply to every stage, after the bench's own (e.g.
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 COMMON = ["data.num_prompts=512", "eval.num_prompts=256"]
-"""Every stage: 512 teacher clips (lora4's trajectories, pruned's KD data, causal_init's ODE pairs: Self-Forcing from
+"""Every stage: 512 teacher clips (pruned's KD data, causal_init's ODE pairs: Self-Forcing from
 an init on 512 trajectories scored clearly above one on 48, docs/results/self_forcing_ablations.md) and a 256-prompt
 eval (a 95% interval of about +-4 points near 0.9)."""
 
@@ -37,7 +38,7 @@ def stages(out: str) -> list[tuple[str, str, list[str]]]:
     """(name, recipe, overrides) in order; `name` is the student's folder (None: the dataset)."""
     return [
         ("dataset", "recipes/toyworld.yaml", []),
-        ("lora4", "recipes/toyworld_lora4.yaml", ["train.max_steps=600", "train.checkpointing_steps=200"]),
+        ("lora4_dmd", "recipes/toyworld_lora4_dmd.yaml", ["train.max_steps=600", "train.checkpointing_steps=300"]),
         ("pruned", "recipes/toyworld_pruned.yaml", ["train.max_steps=600", "train.checkpointing_steps=200"]),
         ("causal_init", "recipes/toyworld_causal_init.yaml", ["train.max_steps=600", "train.checkpointing_steps=300"]),
         (
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval",
         "recipes/toyworld.yaml",
         *common,
-        "eval.students=[lora4,pruned,causal_init,self_forcing]",
+        "eval.students=[lora4_dmd,pruned,causal_init,self_forcing]",
     ]
     print("toy_bench:", " ".join(eval_cmd), flush=True)
     if args.dry_run:

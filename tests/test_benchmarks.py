@@ -530,7 +530,7 @@ def test_toy_bench_runs_end_to_end_at_a_tiny_budget(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert set(result["students"]) == {"lora4", "pruned", "causal_init", "self_forcing"}
+    assert set(result["students"]) == {"lora4_dmd", "pruned", "causal_init", "self_forcing"}
     assert result["num_prompts"] == 8 and len(result["students"]["self_forcing"]["chunk_accuracy"]) == 3
     report = json.loads((out / "eval" / "report.json").read_text())
     assert result["ratio_all_pruned_vs_teacher"] == pytest.approx(
