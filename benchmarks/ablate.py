@@ -403,7 +403,8 @@ def summary(args) -> None:
             return ""
         return f"{st['mean']:.3f} ± {st['sd']:.3f}" if st["sd"] is not None else f"{st['mean']:.3f}"
 
-    chunk_keys = sorted({k for s in arms.values() for k in s if k.startswith("chunk_")})  # none: bidirectional
+    chunks_of = (len([k for k in s if k.startswith("chunk_")]) for s in arms.values())
+    chunk_keys = [f"chunk_{k}" for k in range(max(chunks_of))]  # none: bidirectional students only
     drift = any("drift_first" in s for s in arms.values())
     extra = ["10x first", "10x last"] if drift else []
 
